@@ -1,0 +1,132 @@
+"""Opening the database: location, pragmas, schema migrations, and read/write sessions.
+
+Every process shares one SQLite file in WAL mode. Writes run in `BEGIN IMMEDIATE` transactions so two
+writers queue on the busy timeout instead of failing with "database is locked" when a read
+transaction tries to upgrade to a write.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import platformdirs
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from catalog.migrations import MIGRATIONS, SCHEMA_VERSION
+
+BUSY_TIMEOUT_S = 30.0
+DB_FILENAME = "modeldeck.db"
+
+
+class CatalogError(Exception):
+    """A problem with the database or the catalog files, worded for the user."""
+
+
+def home_dir() -> Path:
+    """MODELDECK_HOME, else the platform's user data directory (created, checked writable)."""
+    configured = os.environ.get("MODELDECK_HOME")
+    home = Path(configured).expanduser() if configured else Path(platformdirs.user_data_dir("modeldeck"))
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CatalogError(f"cannot create modeldeck home {home}: {exc.strerror}") from exc
+    if not os.access(home, os.W_OK | os.X_OK):
+        hint = "set MODELDECK_HOME to a writable folder" if not configured else "fix its permissions"
+        raise CatalogError(f"modeldeck home {home} is not writable ({hint})")
+    return home
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(path: Path) -> None:
+    """Bring the file at `path` to SCHEMA_VERSION, backing it up first when it holds data."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            version = _schema_version(conn)
+        except sqlite3.DatabaseError as exc:
+            raise CatalogError(f"{path} is not a modeldeck database ({exc}); move it aside to start afresh") from exc
+        if version > SCHEMA_VERSION:
+            raise CatalogError(
+                f"{path} has schema version {version}, newer than this modeldeck understands "
+                f"({SCHEMA_VERSION}); upgrade modeldeck"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        version = _schema_version(conn)  # another process may have migrated while we waited
+        if version == SCHEMA_VERSION:
+            conn.execute("ROLLBACK")
+            return
+        if version > 0:
+            conn.execute("PRAGMA wal_checkpoint")
+            shutil.copy2(path, path.with_name(f"{path.name}.v{version}.bak"))
+        try:
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            conn.execute("ROLLBACK")
+            raise CatalogError(f"upgrading {path} from schema {version} failed: {exc}") from exc
+    finally:
+        conn.close()
+
+
+class Database:
+    """One SQLite file. `read()` and `write()` give SQLModel sessions; use one per unit of work."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.engine: Engine = create_engine(
+            f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
+        )
+        self._write_engine = self.engine.execution_options(modeldeck_write=True)
+
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            dbapi_conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            dbapi_conn.execute("PRAGMA foreign_keys = ON")
+            dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(conn):
+            immediate = conn.get_execution_options().get("modeldeck_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction, committed on success and rolled back on error."""
+        with Session(self._write_engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_database(path: Path | None = None) -> Database:
+    """Open (creating or migrating as needed) the database at `path` or in the modeldeck home."""
+    path = path or home_dir() / DB_FILENAME
+    if path.exists() and path.is_dir():
+        raise CatalogError(f"{path} is a directory, expected the modeldeck database file")
+    migrate(path)
+    return Database(path)

@@ -1,0 +1,98 @@
+"""Schema versions, kept in SQLite's `PRAGMA user_version`.
+
+Each entry upgrades the database from version N-1 to N with frozen SQL: never edit a released step,
+append a new one. The SQL must agree with catalog/schema.py (a test creates both and compares them).
+"""
+
+MIGRATIONS: list[str] = [
+    # 1: the catalog, custom models, jobs and the event log.
+    """
+    CREATE TABLE community_model (
+        repo_id VARCHAR NOT NULL PRIMARY KEY,
+        name VARCHAR NOT NULL,
+        link VARCHAR NOT NULL,
+        description VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        tags_json VARCHAR NOT NULL,
+        params INTEGER NOT NULL,
+        license VARCHAR NOT NULL,
+        gated BOOLEAN NOT NULL,
+        chat BOOLEAN NOT NULL,
+        finetunable BOOLEAN NOT NULL,
+        position INTEGER NOT NULL,
+        updated_at FLOAT NOT NULL
+    );
+    CREATE TABLE model (
+        id INTEGER NOT NULL PRIMARY KEY,
+        name VARCHAR NOT NULL UNIQUE,
+        kind VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,
+        reason VARCHAR,
+        source VARCHAR NOT NULL,
+        repo_id VARCHAR,
+        revision VARCHAR,
+        path VARCHAR,
+        owns_path BOOLEAN NOT NULL,
+        size_bytes INTEGER,
+        base_id INTEGER REFERENCES model (id),
+        job_id INTEGER,
+        meta_json VARCHAR NOT NULL,
+        created_at FLOAT NOT NULL,
+        updated_at FLOAT NOT NULL
+    );
+    CREATE TABLE job (
+        id INTEGER NOT NULL PRIMARY KEY,
+        kind VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,
+        model_id INTEGER REFERENCES model (id) ON DELETE SET NULL,
+        title VARCHAR NOT NULL,
+        params_json VARCHAR NOT NULL,
+        pid INTEGER,
+        pid_started_at FLOAT,
+        heartbeat_at FLOAT,
+        progress FLOAT,
+        bytes_done INTEGER,
+        bytes_total INTEGER,
+        rate FLOAT,
+        eta_s FLOAT,
+        metrics_json VARCHAR NOT NULL,
+        log_path VARCHAR,
+        error VARCHAR,
+        created_at FLOAT NOT NULL,
+        started_at FLOAT,
+        finished_at FLOAT
+    );
+    CREATE TABLE event (
+        id INTEGER NOT NULL PRIMARY KEY,
+        at FLOAT NOT NULL,
+        subject VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        message VARCHAR NOT NULL,
+        data_json VARCHAR NOT NULL
+    );
+    """,
+    # 2: deployments, cooperative job cancellation, and an index for "what happened to X".
+    """
+    CREATE TABLE deployment (
+        id INTEGER NOT NULL PRIMARY KEY,
+        model_id INTEGER REFERENCES model (id),
+        name VARCHAR NOT NULL,
+        backend VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,
+        phase VARCHAR,
+        reason VARCHAR,
+        endpoint VARCHAR,
+        served_name VARCHAR,
+        api_key VARCHAR,
+        gpus VARCHAR,
+        job_id INTEGER,
+        settings_json VARCHAR NOT NULL,
+        created_at FLOAT NOT NULL,
+        updated_at FLOAT NOT NULL
+    );
+    ALTER TABLE job ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT 0;
+    CREATE INDEX ix_event_subject ON event (subject, id);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
