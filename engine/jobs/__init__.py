@@ -1,0 +1,216 @@
+"""Job lifecycle: create, spawn as a detached process, guarded state transitions, reconcile, cancel.
+
+A job is a separate OS process (`python -m engine.jobs.<kind> DB JOB_ID`) in its own session, writing
+to its own log file, so it survives the dashboard closing or an SSH connection dropping. Whoever reads
+the database reconciles: a job that is not finished and whose process is gone becomes failed (or
+cancelled, if that was asked), with the last lines of its log. No daemon is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlmodel import Session, select
+
+from catalog import Database
+from catalog.schema import JOB_TRANSITIONS, Job, JobKind, JobState, Model, ModelState, now
+from engine.errors import EngineError
+from engine.events import record
+
+STOP_DEADLINE_S = 5.0
+NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
+LOG_TAIL_LINES = 8
+_ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer"}
+
+# Processes this process spawned: polling them reaps zombies and gives us their exit codes.
+_children: dict[int, subprocess.Popen] = {}
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def logs_dir(db: Database) -> Path:
+    path = db.path.parent / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def create(session: Session, kind: JobKind, title: str, model_id: int | None, **params: Any) -> Job:
+    job = Job(kind=kind, title=title, model_id=model_id, params_json=Job.dumps(params))
+    session.add(job)
+    session.flush()
+    record(session, f"job:{job.id}", "created", title, model_id=model_id)
+    return job
+
+
+def transition(session: Session, job: Job, state: JobState, **fields: Any) -> bool:
+    """Move `job` to `state` if allowed; a terminal state is never left. Returns whether it moved."""
+    session.refresh(job)
+    if state not in JOB_TRANSITIONS[job.state]:
+        return False
+    job.state = state
+    stamp = now()
+    if state == JobState.RUNNING:
+        job.started_at = stamp
+    if state.is_terminal():
+        job.finished_at = stamp
+        job.eta_s = None
+        job.rate = None
+    for name, value in fields.items():
+        setattr(job, name, value)
+    session.add(job)
+    message = fields.get("error") or state.value
+    record(session, f"job:{job.id}", "state", message, state=state.value, model_id=job.model_id)
+    return True
+
+
+def fail_model(session: Session, model_id: int | None, reason: str) -> None:
+    if model_id is None:
+        return
+    model = session.get(Model, model_id)
+    if model is not None and model.state == ModelState.PENDING:
+        model.state = ModelState.FAILED
+        model.reason = reason
+        model.updated_at = now()
+        session.add(model)
+        record(session, f"model:{model.id}", "state", reason, state="failed")
+
+
+def spawn(db: Database, job: Job) -> None:
+    """Start the job's process, detached in a new session, its output going to the job's log."""
+    log_path = logs_dir(db) / f"job-{job.id}-{job.kind.value}.log"
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # so `-m engine.jobs.X` imports this tree
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env, cwd=db.path.parent,
+        )
+    _children[job.id] = process
+    with db.write() as session:
+        row = session.get(Job, job.id)
+        row.pid = process.pid
+        row.pid_started_at = _create_time(process.pid)
+        row.log_path = str(log_path)
+        session.add(row)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def process_alive(pid: int | None, started_at: float | None) -> bool:
+    """True if `pid` is still the process we started (same create time) and not a zombie."""
+    if pid is None:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if started_at is not None and abs(process.create_time() - started_at) > 1.0:
+            return False  # the pid was reused by another process
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
+    except OSError:
+        return []
+
+
+def _exit_description(job: Job) -> str:
+    child = _children.pop(job.id, None)
+    code = child.poll() if child is not None else None
+    if code is None:
+        return "the job process ended without reporting"
+    if code < 0:
+        return f"the job process was killed by signal {signal.Signals(-code).name}"
+    return f"the job process exited with code {code}"
+
+
+def reconcile(db: Database) -> list[int]:
+    """Settle every unfinished job whose process is gone. Returns the ids it settled."""
+    for child in list(_children.values()):
+        child.poll()  # reap, keeping the exit code for _exit_description
+    with db.read() as session:
+        open_jobs = session.exec(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all()
+    settled = []
+    for job in open_jobs:
+        if process_alive(job.pid, job.pid_started_at):
+            continue
+        if job.pid is None and now() - job.created_at < NEVER_STARTED_S:
+            continue  # being spawned right now
+        with db.write() as session:
+            job = session.get(Job, job.id)  # re-read under the write lock: it may have just finished
+            if job.state.is_terminal():
+                continue
+            if job.cancel_requested:
+                reason = "cancelled"
+                transition(session, job, JobState.CANCELLED)
+            else:
+                tail = log_tail(job.log_path)
+                reason = _exit_description(job) + (": " + " | ".join(tail[-3:]) if tail else "")
+                transition(session, job, JobState.FAILED, error=reason)
+            fail_model(session, job.model_id, f"{job.kind.value} {reason}")
+        settled.append(job.id)
+    return settled
+
+
+def cancel(db: Database, job_id: int) -> Job:
+    """Stop a job: ask, terminate its process group, wait a deadline, kill. Ends Cancelled."""
+    with db.write() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise EngineError(f"no job {job_id}")
+        if job.state.is_terminal():
+            raise EngineError(f"job {job_id} has already {job.state.value}")
+        job.cancel_requested = True
+        session.add(job)
+        record(session, f"job:{job.id}", "cancel", "cancel requested", model_id=job.model_id)
+    if process_alive(job.pid, job.pid_started_at):
+        stop_process_group(job.pid)
+    reconcile(db)
+    with db.read() as session:
+        return session.get(Job, job_id)
+
+
+def stop_process_group(pid: int, deadline_s: float = STOP_DEADLINE_S) -> None:
+    """SIGTERM the process group led by `pid`, wait up to `deadline_s`, then SIGKILL it."""
+    try:
+        pgid = os.getpgid(pid)
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    child = next((c for c in _children.values() if c.pid == pid), None)
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if child is not None and child.poll() is not None:
+            return
+        if child is None and not process_alive(pid, None):
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if child is not None:
+        child.wait(timeout=5)

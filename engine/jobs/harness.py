@@ -1,0 +1,127 @@
+"""What every job process shares: claim the job, heartbeat, report progress, finish with one state.
+
+A job module defines `work(ctx)` and ends with `harness.main(work)`. `work` raises `JobFailure` with a
+user-facing reason for expected failures; anything else is logged with its traceback and reported by
+type and message.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from catalog import Database
+from catalog.schema import Job, JobState, Model, ModelState, now
+from engine.events import record
+from engine.jobs import fail_model, transition
+
+HEARTBEAT_S = 2.0
+
+
+class JobFailure(Exception):
+    """An expected failure; its message is shown to the user as the reason."""
+
+
+class JobContext:
+    def __init__(self, db: Database, job: Job):
+        self.db = db
+        self.job_id = job.id
+        self.model_id = job.model_id
+        self.params: dict[str, Any] = job.params
+        self._stop = threading.Event()
+
+    def log(self, message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+    def report(self, **fields: Any) -> None:
+        """Write progress fields (bytes_done, bytes_total, rate, eta_s, progress, metrics_json)."""
+        with self.db.write() as session:
+            job = session.get(Job, self.job_id)
+            for name, value in fields.items():
+                setattr(job, name, value)
+            job.heartbeat_at = now()
+            session.add(job)
+            record(session, f"job:{self.job_id}", "progress", model_id=self.model_id,
+                   **{k: v for k, v in fields.items() if k != "metrics_json"})
+
+    def update_model(self, **fields: Any) -> None:
+        with self.db.write() as session:
+            model = session.get(Model, self.model_id)
+            for name, value in fields.items():
+                setattr(model, name, value)
+            model.updated_at = now()
+            session.add(model)
+            record(session, f"model:{self.model_id}", "updated")
+
+    def succeed(self, **model_fields: Any) -> None:
+        """The model becomes Ready (with `model_fields`) and the job Succeeded, in one transaction."""
+        with self.db.write() as session:
+            job = session.get(Job, self.job_id)
+            if self.model_id is not None:
+                model = session.get(Model, self.model_id)
+                for name, value in model_fields.items():
+                    setattr(model, name, value)
+                model.state = ModelState.READY
+                model.reason = None
+                model.updated_at = now()
+                session.add(model)
+                record(session, f"model:{model.id}", "state", "ready", state="ready")
+            transition(session, job, JobState.SUCCEEDED, progress=1.0)
+
+    def fail(self, reason: str) -> None:
+        with self.db.write() as session:
+            job = session.get(Job, self.job_id)
+            if transition(session, job, JobState.FAILED, error=reason):
+                fail_model(session, self.model_id, reason)
+
+    def start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                with self.db.write() as session:
+                    job = session.get(Job, self.job_id)
+                    job.heartbeat_at = now()
+                    session.add(job)
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+
+
+def main(work: Callable[[JobContext], None]) -> None:
+    db_path, job_id = Path(sys.argv[1]), int(sys.argv[2])
+    db = Database(db_path)
+    with db.write() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            sys.exit(f"no job {job_id} in {db_path}")
+        me = psutil.Process()
+        if not transition(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
+                          heartbeat_at=now()):
+            sys.exit(f"job {job_id} is {job.state.value}; not starting")
+    ctx = JobContext(db, job)
+    ctx.log(f"job {job_id} ({job.kind.value}) started: {job.title}")
+    ctx.start_heartbeat()
+    code = 0
+    try:
+        work(ctx)
+        ctx.log("job succeeded")
+    except JobFailure as exc:
+        ctx.log(f"job failed: {exc}")
+        ctx.fail(str(exc))
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the job with its reason
+        traceback.print_exc()
+        ctx.fail(f"{type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        ctx.stop_heartbeat()
+        db.close()
+    sys.exit(code)

@@ -1,0 +1,20 @@
+"""Import job: convert a GGUF file into a safetensors model folder under MODELDECK_HOME/models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import hub
+from engine.jobs.harness import JobContext, main
+from engine.localmodel import convert_gguf
+
+
+def work(ctx: JobContext) -> None:
+    gguf, target = Path(ctx.params["gguf"]), Path(ctx.params["target"])
+    ctx.report(metrics_json='{"phase": "converting GGUF"}')
+    convert_gguf(gguf, target, ctx.log)
+    ctx.succeed(size_bytes=hub.snapshot_size(target))
+
+
+if __name__ == "__main__":
+    main(work)

@@ -1,0 +1,66 @@
+"""Checks on model files that live on this machine (imports and mirrors), without loading them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.errors import EngineError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise EngineError(f"{path}: no such file")
+    if not path.is_file():
+        raise EngineError(f"{path}: not a file")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise EngineError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def check_model_folder(path: Path) -> dict:
+    """A folder in Hugging Face layout: config.json naming the architecture, weights, a tokenizer.
+    Returns the parsed config."""
+    if not path.exists():
+        raise EngineError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise EngineError(f"{path}: not a folder (to import one file, give a .gguf file)")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise EngineError(f"{path}: not a model folder: no config.json")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{config_file}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
+        raise EngineError(f"{config_file}: names no model_type or architectures")
+    weights = [p for p in path.iterdir() if p.suffix == ".safetensors" or (p.suffix == ".bin" and p.name.startswith("pytorch_model"))]
+    if not weights:
+        raise EngineError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        raise EngineError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    return config
+
+
+def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
+    """Load a GGUF file with transformers (dequantized) and save it as safetensors with its tokenizer.
+    Written to a temporary folder first, so a crash never leaves a half model behind. Job processes only."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"loading {gguf} (dequantizing GGUF weights; this takes a while)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are plain tensors after loading; the GGUF marker only blocks saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log(f"writing safetensors to {out_dir}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out_dir)
