@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from catalog.schema import Job
 
 
 def human_bytes(n: float | None) -> str:
@@ -16,7 +20,7 @@ def human_bytes(n: float | None) -> str:
 
 
 def human_params(params: int) -> str:
-    if params >= 1e9:
+    if params >= 999.5e6:
         return f"{params / 1e9:.1f}B"
     return f"{params / 1e6:.0f}M"
 
@@ -38,3 +42,27 @@ def human_time(timestamp: float | None) -> str:
     if timestamp is None:
         return "—"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+BAR_WIDTH = 10
+
+
+def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    filled = fraction * width
+    full = int(filled)
+    partial = " ▏▎▍▌▋▊▉"[int((filled - full) * 8)] if full < width else ""
+    return ("█" * full + partial).ljust(width, "·")
+
+
+def job_progress(job: Job, short: bool) -> str:
+    """'42% 12.3 MB/s 1m02s' (short) or with bytes and a bar (long); a phase when bytes are unknown."""
+    if job.bytes_total:
+        done = job.bytes_done or 0
+        fraction = done / job.bytes_total
+        rate = f" {human_bytes(job.rate)}/s" if job.rate else ""
+        eta = f" ETA {human_duration(job.eta_s)}" if job.eta_s is not None else ""
+        if short:
+            return f"{fraction:.0%}{rate}{eta}"
+        return f"{progress_bar(fraction)} {fraction:.0%}  {human_bytes(done)} of {human_bytes(job.bytes_total)}{rate}{eta}"
+    phase = job.loads(job.metrics_json, {}).get("phase")
+    return phase or ("starting" if job.state.value == "queued" else "working")

@@ -39,9 +39,14 @@ class CommunityRow:
     model: Model | None  # the custom model downloaded from it, if any
 
 
-def community_rows(db: Database) -> list[CommunityRow]:
+def community_entries(db: Database) -> list[CommunityModel]:
     with db.read() as session:
-        entries = session.exec(select(CommunityModel).order_by(CommunityModel.position)).all()
+        return list(session.exec(select(CommunityModel).order_by(CommunityModel.position)))
+
+
+def community_rows(db: Database) -> list[CommunityRow]:
+    entries = community_entries(db)
+    with db.read() as session:
         by_repo = {m.repo_id: m for m in session.exec(select(Model).where(Model.repo_id.is_not(None)))}
     return [CommunityRow(entry, by_repo.get(entry.repo_id)) for entry in entries]
 

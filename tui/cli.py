@@ -18,7 +18,7 @@ from catalog.schema import Job, Model, ModelState
 from engine import jobs, models, start
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
-from engine.format import human_bytes, human_duration, human_params, human_time
+from engine.format import human_bytes, human_params, human_time, job_progress
 
 
 def _model_dict(row: models.ModelRow) -> dict[str, Any]:
@@ -47,21 +47,8 @@ def state_text(row: models.ModelRow) -> str:
     if m.state == ModelState.FAILED:
         return f"Failed: {m.reason}"
     if m.state == ModelState.PENDING and job is not None:
-        return "Pending " + progress_text(job)
+        return "Pending " + job_progress(job, short=True)
     return m.state.value.capitalize()
-
-
-def progress_text(job: Job) -> str:
-    if job.bytes_total:
-        done = job.bytes_done or 0
-        parts = [f"{100 * done / job.bytes_total:.0f}%", f"{human_bytes(done)}/{human_bytes(job.bytes_total)}"]
-        if job.rate:
-            parts.append(f"{human_bytes(job.rate)}/s")
-        if job.eta_s is not None:
-            parts.append(f"ETA {human_duration(job.eta_s)}")
-        return " ".join(parts)
-    phase = Job.loads(job.metrics_json, {}).get("phase")
-    return phase or job.state.value
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -103,7 +90,7 @@ def cmd_show(args, db) -> int:
     lines = [f"{k:>10}: {v}" for k, v in data.items() if k not in ("job", "meta")]
     lines += [f"{k:>10}: {v}" for k, v in row.model.meta.items()]
     if row.job:
-        lines.append(f"{'job':>10}: {row.job.id} {row.job.kind.value} {progress_text(row.job)}")
+        lines.append(f"{'job':>10}: {row.job.id} {row.job.kind.value} {job_progress(row.job, short=False)}")
     _emit(args, data, "\n".join(lines))
     return 0
 
@@ -122,7 +109,7 @@ def _wait(db, model_id: int, quiet: bool) -> int:
                 sys.stderr.write("\r\033[K")
             return 0 if row.model.state == ModelState.READY else 1
         if show and row.job:
-            sys.stderr.write(f"\r\033[K{row.model.name}: {progress_text(row.job)}")
+            sys.stderr.write(f"\r\033[K{row.model.name}: {job_progress(row.job, short=False)}")
             sys.stderr.flush()
         time.sleep(0.5)
 
@@ -168,7 +155,7 @@ def cmd_jobs(args, db) -> int:
     rows = models.job_rows(db)
     table = _table(["id", "kind", "state", "title", "progress", "error", "created"],
                    [[str(j.id), j.kind.value, j.state.value, j.title,
-                     progress_text(j) if not j.state.is_terminal() else "",
+                     job_progress(j, short=True) if not j.state.is_terminal() else "",
                      (j.error or "")[:60], human_time(j.created_at)] for j in rows])
     _emit(args, [_job_dict(j) for j in rows], table)
     return 0

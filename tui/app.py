@@ -1,0 +1,142 @@
+"""The modeldeck App: three tab screens (keys 1 2 3), one worker that follows the event log, dialogs.
+
+The UI thread never touches the database: a thread worker reads it after the first paint, then polls
+the event log every POLL_S and posts the changed rows as messages; screens patch their tables by key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from functools import partial
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from catalog import CatalogError, Database
+from engine import jobs, models
+from engine.deployments import deployment_rows
+from engine.errors import EngineError
+from engine.events import EventFollower
+from tui.messages import CommunityChanged, DataLoaded, DeploymentsChanged, ModelsChanged
+from tui.screens.base import DeckScreen
+from tui.screens.community import CommunityScreen
+from tui.screens.custom import CustomScreen
+from tui.screens.deployments import DeploymentsScreen
+from tui.screens.help import HelpDialog
+from tui.store import Store
+
+POLL_S = 0.1
+RECONCILE_S = 2.0
+TAB_MODES = ("community", "custom", "deployments")
+
+
+class ModelDeckApp(App):
+    TITLE = "modeldeck"
+    CSS_PATH = "app.tcss"
+    SCREENS = {"community": CommunityScreen, "custom": CustomScreen, "deployments": DeploymentsScreen}
+    MODES = {mode: mode for mode in TAB_MODES}
+    DEFAULT_MODE = "community"
+    BINDINGS = [
+        Binding("1", "switch_mode('community')", "Community", id="app.community", tooltip="Curated open models"),
+        Binding("2", "switch_mode('custom')", "Custom", id="app.custom", tooltip="Your downloaded and fine-tuned models"),
+        Binding("3", "switch_mode('deployments')", "Deployed", id="app.deployments", tooltip="Active deployments"),
+        Binding("question_mark", "help", "Keys", id="app.help", tooltip="Show the keys of this screen"),
+        Binding("q", "quit", "Quit", id="app.quit"),
+    ]
+
+    def __init__(self, db: Database, follow: bool = True):
+        super().__init__()
+        self.db = db
+        self.store = Store()
+        self._follow = follow
+
+    def on_mount(self) -> None:
+        self.follow_database()
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="follow", exit_on_error=False)
+    def follow_database(self) -> None:
+        """Load everything once, then patch from the event log until the app exits."""
+        follower = EventFollower(self.db)  # before the load, so no change slips between the two
+        self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db), deployment_rows(self.db)))
+        worker = get_current_worker()
+        last_reconcile = 0.0
+        while self._follow and not worker.is_cancelled:
+            if time.monotonic() - last_reconcile > RECONCILE_S:
+                jobs.reconcile(self.db)
+                last_reconcile = time.monotonic()
+            self.apply_changes(follower)
+            time.sleep(POLL_S)
+
+    def apply_changes(self, follower: EventFollower) -> None:
+        """Read what the new events touched and post it (worker thread)."""
+        changes = follower.poll()
+        if changes.models:
+            rows = models.model_rows(self.db, changes.models)
+            self.post_message(ModelsChanged(rows, changes.models - {r.model.id for r in rows}))
+        if changes.deployments:
+            rows = deployment_rows(self.db, changes.deployments)
+            self.post_message(DeploymentsChanged(rows, changes.deployments - {d.id for d in rows}))
+        if changes.community:
+            self.post_message(CommunityChanged(models.community_entries(self.db)))
+
+    def _tab_screens(self) -> Iterable[DeckScreen]:
+        for mode in TAB_MODES:
+            screen = self.get_screen(mode)
+            if screen.is_mounted:
+                yield screen
+
+    def on_data_loaded(self, message: DataLoaded) -> None:
+        self.store.community = {c.repo_id: c for c in message.community}
+        self.store.apply_models(message.models, set())
+        self.store.apply_deployments(message.deployments, set())
+        self.store.loaded = True
+        for screen in self._tab_screens():
+            screen.reload()
+
+    def on_models_changed(self, message: ModelsChanged) -> None:
+        repos = self.store.apply_models(message.rows, message.gone)
+        for screen in self._tab_screens():
+            screen.models_changed({r.model.id for r in message.rows}, message.gone, repos)
+
+    def on_deployments_changed(self, message: DeploymentsChanged) -> None:
+        self.store.apply_deployments(message.rows, message.gone)
+        for screen in self._tab_screens():
+            screen.deployments_changed({d.id for d in message.rows}, message.gone)
+
+    def on_community_changed(self, message: CommunityChanged) -> None:
+        self.store.community = {c.repo_id: c for c in message.community}
+        for screen in self._tab_screens():
+            screen.reload()
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpDialog):
+            self.push_screen(HelpDialog(self.screen, self.BINDINGS))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette offers every key of the app and of the current screen, calling the same actions."""
+        yield from super().get_system_commands(screen)
+        for owner, bindings in ((self, self.BINDINGS), (screen, getattr(screen, "BINDINGS", []))):
+            for binding in bindings:
+                if isinstance(binding, Binding) and binding.description and binding.id:
+                    help_text = binding.tooltip or f"key: {binding.key}"
+                    yield SystemCommand(binding.description if owner is self else f"{screen.TAB_TITLE}: {binding.description}",
+                                        help_text, partial(owner.run_action, binding.action))
+
+    @on(Worker.StateChanged)
+    def report_worker_error(self, event: Worker.StateChanged) -> None:
+        """One place where a failed background operation becomes a message on screen."""
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        if isinstance(error, (EngineError, CatalogError)):
+            self.notify(str(error), title="Cannot do that", severity="error", timeout=10)
+        else:
+            self.notify(f"{type(error).__name__}: {error}", title="Unexpected error", severity="error", timeout=10)

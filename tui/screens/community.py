@@ -1,0 +1,178 @@
+"""Community: the curated open models. Filter as you type (`/`), narrow by tags (`t`), and take the
+primary action (`enter`): Download, or follow a download already made to Custom."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Input, Static
+
+from catalog.schema import CommunityModel, ModelState
+from engine import models
+from engine.community import haystack, matches, terms
+from engine.format import human_params
+from tui.screens.base import DeckScreen
+from tui.screens.details import DetailsDialog
+from tui.screens.tag_picker import TagPicker
+from tui.widgets.filter_bar import FilterBar
+from tui.widgets.live_table import Column, LiveTable
+from tui.widgets.status import model_status
+
+
+class CommunityScreen(DeckScreen):
+    TAB_TITLE = "Community"
+    MODE = "community"
+    BINDINGS = [
+        Binding("slash", "focus_filter", "Filter", id="community.filter", tooltip="Filter by name, description or tag as you type"),
+        Binding("t", "pick_tags", "Tags", id="community.tags", tooltip="Narrow to models carrying all chosen tags"),
+        Binding("enter", "primary", "Download", id="community.primary", tooltip="Primary action: Download, or open the downloaded model in Custom"),
+        Binding("d", "details", "Details", id="community.details", tooltip="Everything known about the model"),
+        Binding("y", "copy_link", "Copy link", id="community.copy_link", tooltip="Copy the model's Hugging Face link (works over SSH)"),
+    ]
+    COLUMNS = [
+        Column("Name", ratio=3, min_width=14), Column("Size", width=6), Column("Description", ratio=4, min_width=10),
+        Column("Tags", ratio=3, min_width=8), Column("Status", width=14),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self._haystacks: dict[str, str] = {}
+
+    def compose(self) -> ComposeResult:
+        yield from self.compose_nav()
+        yield FilterBar("/ filter by name, description or tag", id="filter")
+        yield Static("", id="tags-line", classes="subtle-line")
+        yield LiveTable(self.COLUMNS, empty_text="Loading the catalog…", id="table")
+        yield Static("", id="preview", classes="preview")
+        yield from self.compose_footer()
+
+    @property
+    def table(self) -> LiveTable:
+        return self.query_one("#table", LiveTable)
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        entries = self.store.community.values()
+        self._haystacks = {e.repo_id: haystack(e) for e in entries}
+        self.table.empty_text = "No model matches the filter and tags."
+        self.table.set_rows((e.repo_id, self._cells(e)) for e in entries)
+        self._apply_filter()
+        self._show_tags()
+
+    def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
+        for repo_id in repos:
+            entry = self.store.community.get(repo_id)
+            if entry is not None:
+                self.table.upsert(repo_id, self._cells(entry))
+        if self.table.cursor_key in repos:
+            self._show_preview(self.table.cursor_key)
+
+    def _cells(self, entry: CommunityModel) -> tuple:
+        return (entry.name, human_params(entry.params), entry.description, ", ".join(entry.tags), self._status(entry))
+
+    def _status(self, entry: CommunityModel) -> Text:
+        row = self.store.model_for_repo(entry.repo_id)
+        if row is None:
+            return Text("Download", style="bold cyan")
+        return model_status(row, short=True)
+
+    # -- filtering ----------------------------------------------------------------------------------
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._apply_filter()
+
+    def _apply_filter(self) -> None:
+        query = terms(self.query_one("#filter", FilterBar).value)
+        wanted, community, haystacks = self.tags, self.store.community, self._haystacks
+        if not query and not wanted:
+            self.table.set_filter(None)
+        else:
+            self.table.set_filter(lambda key: matches(haystacks[key], community[key].tags, query, wanted))
+        self._show_tags()
+
+    def _show_tags(self) -> None:
+        shown, total = len(self.table.visible_keys), self.table.row_count
+        tags = ", ".join(sorted(self.tags)) if self.tags else "any"
+        self.query_one("#tags-line", Static).update(f" Tags: {tags}  ·  {shown} of {total} models  ·  t tags  / filter  ? keys")
+
+    # -- preview of the highlighted row -------------------------------------------------------------
+
+    def on_live_table_highlighted(self, event: LiveTable.Highlighted) -> None:
+        self._show_preview(event.key)
+
+    def _show_preview(self, repo_id: str | None) -> None:
+        preview = self.query_one("#preview", Static)
+        entry = self.store.community.get(repo_id) if repo_id else None
+        if entry is None:
+            preview.update("")
+            return
+        text = Text.assemble((entry.name, "bold"), "  ", (entry.link, "underline"), "\n", entry.description, "\n")
+        text.append(f"{human_params(entry.params)} params · licence {entry.license}" + (" · gated" if entry.gated else ""), style="dim")
+        text.append("  ·  ")
+        text.append_text(self._status(entry))
+        preview.update(text)
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def on_live_table_selected(self, event: LiveTable.Selected) -> None:
+        self.action_primary()
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#filter", FilterBar).focus()
+
+    def action_pick_tags(self) -> None:
+        counts = Counter(tag for entry in self.store.community.values() for tag in entry.tags)
+
+        def chosen(tags: set[str] | None) -> None:
+            if tags is not None:
+                self.tags = tags
+                self._apply_filter()
+
+        self.app.push_screen(TagPicker(dict(counts), self.tags), chosen)
+
+    def _entry(self) -> CommunityModel | None:
+        key = self.table.cursor_key
+        return self.store.community.get(key) if key else None
+
+    def action_primary(self) -> None:
+        entry = self._entry()
+        if entry is None:
+            return
+        row = self.store.model_for_repo(entry.repo_id)
+        if row is None or row.model.state == ModelState.FAILED:
+            self.download(entry.repo_id)
+        else:
+            self.app.switch_mode("custom")
+            self.app.get_screen("custom").focus_model(row.model.id)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def download(self, repo_id: str) -> None:
+        model, _job = models.pull(self.app.db, repo_id)
+        self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; progress in Custom (2)", timeout=4)
+
+    def action_details(self) -> None:
+        entry = self._entry()
+        if entry is None:
+            return
+        row = self.store.model_for_repo(entry.repo_id)
+        fields = [
+            ("Repo", entry.repo_id), ("Link", entry.link), ("Description", entry.description),
+            ("Task", entry.task), ("Parameters", f"{entry.params:,} ({human_params(entry.params)})"),
+            ("Licence", entry.license), ("Gated", "yes: accept the licence on the Hub first" if entry.gated else "no"),
+            ("Chat", "yes" if entry.chat else "no"), ("Fine-tunable", "yes" if entry.finetunable else "no"),
+            ("Tags", ", ".join(entry.tags)),
+            ("Custom model", model_status(row, short=False) if row else Text("not downloaded")),
+        ]
+        self.app.push_screen(DetailsDialog(entry.name, fields, copy_value=entry.link))
+
+    def action_copy_link(self) -> None:
+        entry = self._entry()
+        if entry is not None:
+            self.app.copy_to_clipboard(entry.link)
+            self.notify(f"Copied {entry.link}", timeout=3)

@@ -1,0 +1,257 @@
+"""Custom: downloaded, imported, merged models and adapters, with live state. `enter` opens the action
+menu; delete is confirmed and refused while something depends on the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Input, Static
+
+from catalog.schema import ModelState
+from engine import jobs, models
+from engine.format import human_bytes, human_time, job_progress
+from engine.models import ModelRow
+from tui.screens.action_menu import ActionMenu
+from tui.screens.base import DeckScreen
+from tui.screens.confirm import ConfirmDialog
+from tui.screens.details import DetailsDialog
+from tui.screens.import_dialog import ImportDialog
+from tui.widgets.filter_bar import FilterBar
+from tui.widgets.live_table import Column, LiveTable
+from tui.widgets.status import model_status
+
+EMPTY = ("No custom models yet. Download one from Community (1, then enter), "
+         "or import a local folder or GGUF file with i.")
+
+
+class CustomScreen(DeckScreen):
+    TAB_TITLE = "Custom"
+    MODE = "custom"
+    BINDINGS = [
+        Binding("slash", "focus_filter", "Filter", id="custom.filter", tooltip="Filter by name, kind, state or source"),
+        Binding("enter", "menu", "Actions", id="custom.menu", tooltip="Action menu of the selected model"),
+        Binding("d", "details", "Details", id="custom.details", tooltip="Everything known about the model, lineage included"),
+        Binding("i", "import_model", "Import", id="custom.import", tooltip="Import a local model folder or GGUF file"),
+        Binding("r", "retry", "Retry", id="custom.retry", tooltip="Retry a failed download (resumes partial files)"),
+        Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download or conversion"),
+        Binding("ctrl+d", "delete", "Delete", id="custom.delete", tooltip="Delete the model and free its disk (asks first)"),
+        Binding("y", "copy_path", "Copy path", id="custom.copy_path", tooltip="Copy the model's folder path"),
+    ]
+    COLUMNS = [
+        Column("Name", ratio=3, min_width=10), Column("Kind", width=7), Column("State", ratio=4, min_width=12),
+        Column("Size", width=8), Column("Source", ratio=3, min_width=8), Column("Base", ratio=2, min_width=5),
+        Column("Created", width=10),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._focus_request: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield from self.compose_nav()
+        yield FilterBar("/ filter by name, kind, state or source", id="filter")
+        yield LiveTable(self.COLUMNS, empty_text="Loading…", id="table")
+        yield Static("", id="preview", classes="preview")
+        yield from self.compose_footer()
+
+    @property
+    def table(self) -> LiveTable:
+        return self.query_one("#table", LiveTable)
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        self.table.empty_text = EMPTY
+        self.table.set_rows((model_id, self._cells(row)) for model_id, row in self.store.models.items())
+        self._apply_filter()
+        self._honour_focus_request()
+
+    def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
+        for model_id in gone:
+            self.table.remove(model_id)
+        for model_id in changed:
+            self.table.upsert(model_id, self._cells(self.store.models[model_id]))
+        if self.table.cursor_key in changed | gone:
+            self._show_preview(self.table.cursor_key)
+        self._honour_focus_request()
+
+    def _cells(self, row: ModelRow) -> tuple:
+        m = row.model
+        return (m.name, m.kind.value, model_status(row, short=True), human_bytes(m.size_bytes), m.source,
+                row.base_name or "", human_time(m.created_at)[:10])
+
+    def focus_model(self, model_id: int) -> None:
+        """Put the cursor on a model (now, or as soon as it is listed)."""
+        self._focus_request = model_id
+        if self.is_mounted:
+            self._honour_focus_request()
+
+    def _honour_focus_request(self) -> None:
+        if self._focus_request is not None and self.table.move_to_key(self._focus_request):
+            self._focus_request = None
+            self.table.focus()
+
+    # -- filtering and preview ----------------------------------------------------------------------
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._apply_filter()
+
+    def _apply_filter(self) -> None:
+        words = self.query_one("#filter", FilterBar).value.lower().split()
+        if not words:
+            self.table.set_filter(None)
+            return
+        store = self.store
+
+        def keep(model_id: int) -> bool:
+            m = store.models[model_id].model
+            text = f"{m.name} {m.kind.value} {m.state.value} {m.source} {m.reason or ''}".lower()
+            return all(word in text for word in words)
+
+        self.table.set_filter(keep)
+
+    def on_live_table_highlighted(self, event: LiveTable.Highlighted) -> None:
+        self._show_preview(event.key)
+
+    def _show_preview(self, model_id: int | None) -> None:
+        preview = self.query_one("#preview", Static)
+        row = self.store.models.get(model_id) if model_id is not None else None
+        if row is None:
+            preview.update("")
+            return
+        m = row.model
+        text = Text.assemble((m.name, "bold"), f"  {m.kind.value} · {human_bytes(m.size_bytes)} · {m.source}\n")
+        text.append_text(model_status(row, short=False))
+        if row.job and m.state == ModelState.PENDING:
+            text.append(f"  (job {row.job.id}: x cancels)", style="dim")
+        text.append(f"\n{m.path or 'no files yet'}", style="dim")
+        preview.update(text)
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def _row(self) -> ModelRow | None:
+        key = self.table.cursor_key
+        return self.store.models.get(key) if key is not None else None
+
+    def on_live_table_selected(self, event: LiveTable.Selected) -> None:
+        self.action_menu()
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#filter", FilterBar).focus()
+
+    def action_menu(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        actions = [("details", "Show details  d")]
+        if row.model.state == ModelState.FAILED and row.model.repo_id:
+            actions.append(("retry", "Retry download  r"))
+        if row.job is not None:
+            actions.append(("cancel_job", f"Cancel {row.job.kind.value}  x"))
+        actions.append(("delete", "Delete  ctrl+d"))
+
+        def chosen(action: str | None) -> None:
+            if action:
+                self.run_action(action)
+
+        self.app.push_screen(ActionMenu(row.model.name, actions), chosen)
+
+    def action_details(self) -> None:
+        row = self._row()
+        if row is not None:
+            self.app.push_screen(DetailsDialog(row.model.name, self.details_fields(row), copy_value=row.model.path))
+
+    def details_fields(self, row: ModelRow) -> list[tuple[str, str | Text]]:
+        m = row.model
+        children = [r.model.name for r in self.store.models.values() if r.model.base_id == m.id]
+        deployments = [d.name for d in self.store.deployments_of(m.id)]
+        fields: list[tuple[str, str | Text]] = [
+            ("Kind", m.kind.value), ("State", model_status(row, short=False)), ("Source", m.source),
+        ]
+        if m.repo_id:
+            fields += [("Repo", m.repo_id), ("Link", f"https://huggingface.co/{m.repo_id}")]
+        fields += [
+            ("Revision", m.revision or "—"), ("Path", m.path or "—"),
+            ("Files owned", "yes: deleting frees them" if m.owns_path or m.source.startswith("hub:") else
+             "no: imported in place; deleting leaves the folder"),
+            ("Size on disk", human_bytes(m.size_bytes)),
+            ("Lineage", f"{row.base_name} → {m.name}" if row.base_name else f"{m.name} (a base model)"),
+            ("Built on it", ", ".join(children) or "nothing"),
+            ("Deployments", ", ".join(deployments) or "none"),
+            ("Created", human_time(m.created_at)),
+        ]
+        if row.job:
+            fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, short=False)}"))
+            fields.append(("Job log", row.job.log_path or "—"))
+        fields += [(key.capitalize(), ", ".join(map(str, v)) if isinstance(v, list) else str(v)) for key, v in m.meta.items()]
+        return fields
+
+    def action_import_model(self) -> None:
+        def chosen(result: tuple[Path, str | None] | None) -> None:
+            if result:
+                self.import_model(*result)
+
+        self.app.push_screen(ImportDialog(), chosen)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def import_model(self, path: Path, name: str | None) -> None:
+        model, job = models.import_path(self.app.db, path, name)
+        message = f"Imported {model.name}" if job is None else f"Converting {path.name} into {model.name}…"
+        self.app.call_from_thread(self.focus_model, model.id)
+        self.app.call_from_thread(self.notify, message, timeout=4)
+
+    def action_retry(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        if row.model.state != ModelState.FAILED:
+            self.notify(f"{row.model.name} is {row.model.state.value}; only a failed model can be retried", severity="warning")
+            return
+        self.retry(row.model.name)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def retry(self, name: str) -> None:
+        models.retry(self.app.db, name)
+
+    def action_cancel_job(self) -> None:
+        row = self._row()
+        if row is None or row.job is None:
+            self.notify("Nothing is running for this model", severity="warning")
+            return
+        self.notify(f"Cancelling {row.job.kind.value} of {row.model.name}…", timeout=3)
+        self.cancel_job(row.job.id)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def cancel_job(self, job_id: int) -> None:
+        jobs.cancel(self.app.db, job_id)
+
+    def action_delete(self) -> None:
+        row = self._row()
+        if row is not None:
+            self.check_and_confirm_delete(row.model.name)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def check_and_confirm_delete(self, name: str) -> None:
+        db = self.app.db
+        with db.read() as session:
+            model = models.find_model(session, name)
+            blockers = models.dependents(session, model)
+        if blockers:
+            self.app.call_from_thread(self.notify, f"Cannot delete {name}: " + "; ".join(blockers),
+                                      title="Delete refused", severity="error", timeout=10)
+            return
+        owned = model.owns_path or model.source.startswith("hub:")
+        what = (f"This frees {human_bytes(model.size_bytes)} on disk." if owned else
+                f"Its files in {model.path} are not modeldeck's and stay where they are.")
+        running = " Its running job is cancelled first." if model.state == ModelState.PENDING else ""
+        dialog = ConfirmDialog(f"Delete {name}?", f"{what}{running} This cannot be undone.")
+        self.app.call_from_thread(self.app.push_screen, dialog, lambda yes: yes and self.delete(name))
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def delete(self, name: str) -> None:
+        freed = models.delete_model(self.app.db, name)
+        self.app.call_from_thread(self.notify, f"Deleted {name} (freed {human_bytes(freed)})", timeout=4)

@@ -1,0 +1,115 @@
+"""Active deployments: every deployed model with its live state; filter by text (`/`) and by state
+(`s`); details (`d` or `enter`)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Input, Static
+
+from catalog.schema import Deployment, DeploymentState
+from engine.format import human_duration, human_time
+from tui.screens.base import DeckScreen
+from tui.screens.details import DetailsDialog
+from tui.widgets.filter_bar import FilterBar
+from tui.widgets.live_table import Column, LiveTable
+
+EMPTY = ("No deployments. A deployment serves a Ready model through an OpenAI-compatible endpoint; "
+         "deploy one from its row in Custom (2) and it appears here with its live state.")
+STATE_STYLES = {DeploymentState.PENDING: "yellow", DeploymentState.READY: "bold green",
+                DeploymentState.FAILED: "bold red", DeploymentState.STOPPED: "dim"}
+STATE_FILTERS = (None, *DeploymentState)
+
+
+class DeploymentsScreen(DeckScreen):
+    TAB_TITLE = "Active deployments"
+    MODE = "deployments"
+    BINDINGS = [
+        Binding("slash", "focus_filter", "Filter", id="deployments.filter", tooltip="Filter by model, backend or endpoint"),
+        Binding("s", "cycle_state", "State filter", id="deployments.state", tooltip="Show all, or only pending / ready / failed / stopped"),
+        Binding("d", "details", "Details", id="deployments.details", tooltip="Everything about the deployment"),
+    ]
+    COLUMNS = [
+        Column("Model", ratio=3, min_width=10), Column("Backend", width=12), Column("Endpoint", ratio=3, min_width=10),
+        Column("State", ratio=2, min_width=8), Column("Since", width=16),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state_filter: DeploymentState | None = None
+
+    def compose(self) -> ComposeResult:
+        yield from self.compose_nav()
+        yield FilterBar("/ filter by model, backend or endpoint", id="filter")
+        yield Static("", id="state-line", classes="subtle-line")
+        yield LiveTable(self.COLUMNS, empty_text="Loading…", id="table")
+        yield from self.compose_footer()
+
+    @property
+    def table(self) -> LiveTable:
+        return self.query_one("#table", LiveTable)
+
+    def reload(self) -> None:
+        self.table.empty_text = EMPTY
+        self.table.set_rows((d.id, self._cells(d)) for d in self.store.deployments.values())
+        self._apply_filter()
+
+    def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
+        for dep_id in gone:
+            self.table.remove(dep_id)
+        for dep_id in changed:
+            self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
+
+    def _cells(self, dep: Deployment) -> tuple:
+        state = dep.state.value.capitalize() + (f" ({dep.phase})" if dep.phase and dep.state == DeploymentState.PENDING else "")
+        if dep.state == DeploymentState.FAILED and dep.reason:
+            state += f": {dep.reason}"
+        return (dep.name, dep.backend, dep.endpoint or "—", Text(state, style=STATE_STYLES[dep.state]),
+                human_time(dep.created_at))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._apply_filter()
+
+    def _apply_filter(self) -> None:
+        words = self.query_one("#filter", FilterBar).value.lower().split()
+        wanted, deployments = self.state_filter, self.store.deployments
+
+        def keep(dep_id: int) -> bool:
+            d = deployments[dep_id]
+            text = f"{d.name} {d.backend} {d.endpoint or ''} {d.served_name or ''}".lower()
+            return (wanted is None or d.state == wanted) and all(w in text for w in words)
+
+        self.table.set_filter(keep if words or wanted else None)
+        label = wanted.value if wanted else "all"
+        self.query_one("#state-line", Static).update(
+            f" State: {label}  ·  {len(self.table.visible_keys)} of {self.table.row_count} deployments  ·  s state  / filter  ? keys")
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#filter", FilterBar).focus()
+
+    def action_cycle_state(self) -> None:
+        index = STATE_FILTERS.index(self.state_filter)
+        self.state_filter = STATE_FILTERS[(index + 1) % len(STATE_FILTERS)]
+        self._apply_filter()
+
+    def on_live_table_selected(self, event: LiveTable.Selected) -> None:
+        self.action_details()
+
+    def action_details(self) -> None:
+        key = self.table.cursor_key
+        dep = self.store.deployments.get(key) if key is not None else None
+        if dep is None:
+            return
+        model = self.store.models.get(dep.model_id)
+        fields = [
+            ("Model", model.model.name if model else "—"), ("Backend", dep.backend),
+            ("State", Text(dep.state.value + (f" ({dep.phase})" if dep.phase else ""), style=STATE_STYLES[dep.state])),
+            ("Reason", dep.reason or "—"), ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
+            ("API key", (dep.api_key[:4] + "…" + dep.api_key[-2:]) if dep.api_key else "—"), ("GPUs", dep.gpus or "—"),
+            ("Since", f"{human_time(dep.created_at)} ({human_duration(time.time() - dep.created_at)} ago)"),
+        ]
+        fields += [(k, str(v)) for k, v in dep.loads(dep.settings_json, {}).items()]
+        self.app.push_screen(DetailsDialog(dep.name, fields, copy_value=dep.endpoint))

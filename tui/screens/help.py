@@ -1,0 +1,45 @@
+"""HelpDialog (`?`): the keys of the current screen and of the app, from their bindings."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Label, Static
+
+
+def _key_label(key: str) -> str:
+    names = {"question_mark": "?", "slash": "/", "escape": "esc", "enter": "enter"}
+    return ", ".join(names.get(k, k) for k in key.split(","))
+
+
+class HelpDialog(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def __init__(self, screen: Screen, app_bindings: list[Binding]):
+        super().__init__(classes="dialog")
+        self.for_screen, self.app_bindings = screen, app_bindings
+
+    def compose(self) -> ComposeResult:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column()
+        title = getattr(self.for_screen, "TAB_TITLE", "") or "This screen"
+        table.add_row(title, "", style="bold underline")
+        for binding in getattr(self.for_screen, "BINDINGS", []):
+            if isinstance(binding, Binding) and binding.description:
+                table.add_row(_key_label(binding.key), binding.tooltip or binding.description)
+        for line in getattr(self.for_screen, "HELP_EXTRA", ()):
+            table.add_row(*line)
+        table.add_row("", "")
+        table.add_row("Everywhere", "", style="bold underline")
+        for binding in self.app_bindings:
+            table.add_row(_key_label(binding.key), binding.tooltip or binding.description)
+        table.add_row("ctrl+p", "Command palette: every action by name")
+        with Vertical(id="dialog", classes="wide"):
+            yield Label("Keys", classes="dialog-title")
+            with VerticalScroll(classes="dialog-scroll"):
+                yield Static(table)
+            yield Label("escape close", classes="dialog-hint")

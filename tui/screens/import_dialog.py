@@ -1,0 +1,59 @@
+"""ImportDialog (`i` in Custom): a local model folder or GGUF file, and a name. Checked before it closes:
+a bad path shows its reason here and keeps what was typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Static
+
+from engine.errors import EngineError
+from engine.localmodel import check_gguf, check_model_folder
+
+
+class ImportDialog(ModalScreen[tuple[Path, str | None] | None]):
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Import a local model", classes="dialog-title")
+            yield Static("A folder in Hugging Face layout (config.json, weights, tokenizer) is used where it is. "
+                         "A .gguf file is converted once to safetensors.", classes="dialog-body")
+            yield Input(placeholder="/path/to/model-folder or /path/to/model.gguf", id="path")
+            yield Input(placeholder="name (default: folder or file name)", id="name")
+            yield Static("", id="error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Import", variant="primary", id="import")
+                yield Button("Cancel", id="cancel")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "path":
+            self.query_one("#name", Input).focus()
+        else:
+            self.submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "import":
+            self.submit()
+        else:
+            self.dismiss(None)
+
+    def submit(self) -> None:
+        raw = self.query_one("#path", Input).value.strip()
+        error = self.query_one("#error", Static)
+        if not raw:
+            error.update("Give the path of a model folder or a .gguf file.")
+            self.query_one("#path", Input).focus()
+            return
+        path = Path(raw).expanduser()
+        try:
+            check_gguf(path) if path.suffix.lower() == ".gguf" else check_model_folder(path)
+        except EngineError as exc:
+            error.update(str(exc))
+            self.query_one("#path", Input).focus()
+            return
+        self.dismiss((path, self.query_one("#name", Input).value.strip() or None))

@@ -1,0 +1,46 @@
+"""The dashboard's in-memory copy of the database rows it shows, patched by key as events arrive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from catalog.schema import CommunityModel, Deployment
+from engine.models import ModelRow
+
+
+@dataclass
+class Store:
+    loaded: bool = False
+    community: dict[str, CommunityModel] = field(default_factory=dict)  # by repo id, curated order
+    models: dict[int, ModelRow] = field(default_factory=dict)
+    deployments: dict[int, Deployment] = field(default_factory=dict)
+    _by_repo: dict[str, int] = field(default_factory=dict)
+
+    def apply_models(self, rows: list[ModelRow], gone: set[int]) -> set[str]:
+        """Patch model rows; returns the repo ids whose community row must change too."""
+        touched = set()
+        for model_id in gone:
+            row = self.models.pop(model_id, None)
+            if row is not None and row.model.repo_id:
+                self._by_repo.pop(row.model.repo_id, None)
+                touched.add(row.model.repo_id)
+        for row in rows:
+            self.models[row.model.id] = row
+            if row.model.repo_id:
+                self._by_repo[row.model.repo_id] = row.model.id
+                touched.add(row.model.repo_id)
+        return touched
+
+    def apply_deployments(self, rows: list[Deployment], gone: set[int]) -> None:
+        for dep_id in gone:
+            self.deployments.pop(dep_id, None)
+        for dep in rows:
+            self.deployments[dep.id] = dep
+
+    def model_for_repo(self, repo_id: str) -> ModelRow | None:
+        """The custom model downloaded from `repo_id`, if any."""
+        model_id = self._by_repo.get(repo_id)
+        return self.models.get(model_id) if model_id is not None else None
+
+    def deployments_of(self, model_id: int) -> list[Deployment]:
+        return [d for d in self.deployments.values() if d.model_id == model_id]
