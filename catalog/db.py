@@ -8,7 +8,6 @@ transaction tries to upgrade to a write.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,8 +51,8 @@ def migrate(path: Path) -> None:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
             version = _schema_version(conn)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: fails if corrupt
         except sqlite3.DatabaseError as exc:
             raise CatalogError(f"{path} is not a modeldeck database ({exc}); move it aside to start afresh") from exc
         if version > SCHEMA_VERSION:
@@ -61,16 +60,18 @@ def migrate(path: Path) -> None:
                 f"{path} has schema version {version}, newer than this modeldeck understands "
                 f"({SCHEMA_VERSION}); upgrade modeldeck"
             )
+        conn.execute("PRAGMA journal_mode=WAL")  # persistent; only once we know the file is ours
         if version == SCHEMA_VERSION:
             return
+        if version > 0:  # keep the user's data as it was, whatever happens next
+            backup = sqlite3.connect(path.with_name(f"{path.name}.v{version}.bak"))
+            conn.backup(backup)
+            backup.close()
         conn.execute("BEGIN IMMEDIATE")
         version = _schema_version(conn)  # another process may have migrated while we waited
         if version == SCHEMA_VERSION:
             conn.execute("ROLLBACK")
             return
-        if version > 0:
-            conn.execute("PRAGMA wal_checkpoint")
-            shutil.copy2(path, path.with_name(f"{path.name}.v{version}.bak"))
         try:
             for number in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[number - 1].split(";"):

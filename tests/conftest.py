@@ -1,0 +1,100 @@
+"""Shared fixtures: every test gets its own MODELDECK_HOME and Hugging Face cache, a UTC clock, no
+token and no network but the loopback Hub the tests start."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hubserver import HubServer, Repo
+
+os.environ["TZ"] = "UTC"
+time.tzset()
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# An address nothing listens on: "offline" unless a test points HF_ENDPOINT at its loopback Hub.
+OFFLINE_ENDPOINT = "http://127.0.0.1:9"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("MODELDECK_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", OFFLINE_ENDPOINT)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def db(isolated):
+    import engine
+
+    database = engine.start()
+    yield database
+    _stop_jobs(database)
+    database.close()
+
+
+def _stop_jobs(database) -> None:
+    """Leave nothing running: end every job process a test started."""
+    from sqlmodel import select
+
+    from catalog.schema import Job, JobState
+    from engine import jobs
+
+    with database.read() as session:
+        running = session.exec(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all()
+    for job in running:
+        if jobs.process_alive(job.pid, job.pid_started_at):
+            jobs.stop_process_group(job.pid, deadline_s=2)
+
+
+def weights(size: int, seed: int = 1) -> bytes:
+    return (seed.to_bytes(4, "little") * (size // 4 + 1))[:size]
+
+
+TINY_FILES = {
+    "config.json": b'{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}',
+    "model.safetensors": weights(2_000_000),
+    "pytorch_model.bin": weights(100_000, 2),  # must not be fetched next to safetensors
+    "tokenizer.json": b"{}",
+    "tokenizer_config.json": b"{}",
+    "original/consolidated.00.pth": weights(10_000, 3),
+    "README.md": b"# tiny",
+}
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    server = HubServer({
+        "org/tiny": Repo(dict(TINY_FILES)),
+        "org/big": Repo({"config.json": TINY_FILES["config.json"], "model.safetensors": weights(6_000_000, 4),
+                         "tokenizer.json": b"{}"}),
+        "org/gated": Repo(dict(TINY_FILES), gated=True),
+    }).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    from tests.tinymodel import make_tiny_llama
+
+    return make_tiny_llama(tmp_path / "tiny-llama")

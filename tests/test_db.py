@@ -1,0 +1,146 @@
+"""The database against a real SQLite file: pragmas, migrations, bad files, two writers at once."""
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect
+from sqlmodel import SQLModel, select
+
+from catalog import CatalogError, open_database
+from catalog.db import home_dir
+from catalog.migrations import MIGRATIONS, SCHEMA_VERSION
+from catalog.schema import Job, JobKind, Model, ModelState
+
+
+def test_pragmas_wal_foreign_keys_busy_timeout(isolated):
+    db = open_database()
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+        assert conn.exec_driver_sql("PRAGMA user_version").scalar() == SCHEMA_VERSION
+    assert db.path == isolated / "modeldeck.db"
+
+
+def test_foreign_keys_are_enforced(isolated):
+    db = open_database()
+    with pytest.raises(Exception, match="FOREIGN KEY"):
+        with db.write() as session:
+            session.add(Model(name="orphan", source="x", base_id=999))
+
+
+def test_migrations_agree_with_the_table_definitions(tmp_path):
+    """The frozen SQL and the SQLModel classes describe the same columns."""
+    migrated = open_database(tmp_path / "migrated.db")
+    fresh = create_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    SQLModel.metadata.create_all(fresh)
+    a, b = inspect(migrated.engine), inspect(fresh)
+    assert set(a.get_table_names()) == set(b.get_table_names())
+    for table in b.get_table_names():
+        cols_a = {c["name"]: (str(c["type"]), c["nullable"]) for c in a.get_columns(table)}
+        cols_b = {c["name"]: (str(c["type"]), c["nullable"]) for c in b.get_columns(table)}
+        assert cols_a == cols_b, table
+
+
+def test_upgrade_from_schema_1_keeps_data_and_a_backup(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("INSERT INTO model (name, kind, state, source, owns_path, meta_json, created_at, updated_at) "
+                 "VALUES ('kept', 'base', 'ready', 'import:/x', 0, '{}', 1, 1)")
+    conn.execute("INSERT INTO job (kind, state, title, params_json, metrics_json, created_at) "
+                 "VALUES ('download', 'succeeded', 't', '{}', '{}', 1)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    db = open_database(path)
+    with db.read() as session:
+        assert session.exec(select(Model)).one().name == "kept"
+        job = session.exec(select(Job)).one()
+        assert job.cancel_requested is False  # the column schema 2 added, with its default
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA user_version").scalar() == SCHEMA_VERSION
+    backup = tmp_path / "old.db.v1.bak"
+    assert backup.exists()
+    assert sqlite3.connect(backup).execute("SELECT name FROM model").fetchone() == ("kept",)
+
+
+def test_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE future (x)")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(CatalogError, match=r"future\.db has schema version .*newer.*upgrade modeldeck"):
+        open_database(path)
+    assert path.read_bytes() == before
+
+
+def test_corrupt_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "corrupt.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    before = path.read_bytes()
+    with pytest.raises(CatalogError, match=r"corrupt\.db is not a modeldeck database"):
+        open_database(path)
+    assert path.read_bytes() == before
+
+
+def test_unwritable_home_is_a_clear_error(tmp_path, monkeypatch):
+    if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("a file, not a folder")
+        monkeypatch.setenv("MODELDECK_HOME", str(blocker / "home"))  # root can write anywhere; not under a file
+        with pytest.raises(CatalogError, match="cannot create modeldeck home"):
+            home_dir()
+    else:
+        home = tmp_path / "ro"
+        home.mkdir(mode=0o500)
+        monkeypatch.setenv("MODELDECK_HOME", str(home))
+        with pytest.raises(CatalogError, match="not writable"):
+            home_dir()
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from sqlmodel import select
+    from catalog import open_database
+    from catalog.schema import Job, JobKind
+    db = open_database(Path(sys.argv[1]))
+    for i in range(int(sys.argv[3])):
+        with db.write() as session:
+            # read, then write, in one transaction: the pattern that fails with deferred transactions
+            count = len(session.exec(select(Job.id).where(Job.title == sys.argv[2])).all())
+            session.add(Job(kind=JobKind.DOWNLOAD, title=sys.argv[2], params_json=str(count)))
+""")
+
+
+def test_two_processes_write_at_once_without_locking_errors(tmp_path):
+    path = tmp_path / "shared.db"
+    open_database(path).close()
+    n = 150
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(n)],
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    conn = sqlite3.connect(path)
+    for name in ("a", "b"):
+        counts = [int(r[0]) for r in conn.execute("SELECT params_json FROM job WHERE title=? ORDER BY id", (name,))]
+        assert counts == list(range(n))  # every read saw every earlier write of its own process
+
+
+def test_state_enums_are_stored_as_readable_text(isolated):
+    db = open_database()
+    with db.write() as session:
+        session.add(Model(name="m", source="x", state=ModelState.FAILED, reason="because"))
+        session.add(Job(kind=JobKind.IMPORT, title="t"))
+    conn = sqlite3.connect(Path(db.path))
+    assert conn.execute("SELECT kind, state FROM model").fetchone() == ("base", "failed")
+    assert conn.execute("SELECT kind, state FROM job").fetchone() == ("import", "queued")
