@@ -59,6 +59,8 @@ def weights(size: int, seed: int = 1) -> bytes:
     return (seed.to_bytes(4, "little") * (size // 4 + 1))[:size]
 
 
+# huggingface_hub writes downloads in 10 MiB chunks: "big" spans several, so progress and resume show.
+BIG = 32 * 1024 * 1024
 TINY_FILES = {
     "config.json": b'{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}',
     "model.safetensors": weights(2_000_000),
@@ -74,7 +76,7 @@ TINY_FILES = {
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     server = HubServer({
         "org/tiny": Repo(dict(TINY_FILES)),
-        "org/big": Repo({"config.json": TINY_FILES["config.json"], "model.safetensors": weights(6_000_000, 4),
+        "org/big": Repo({"config.json": TINY_FILES["config.json"], "model.safetensors": weights(BIG, 4),
                          "tokenizer.json": b"{}"}),
         "org/gated": Repo(dict(TINY_FILES), gated=True),
     }).start()

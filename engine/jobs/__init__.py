@@ -139,7 +139,12 @@ def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 def _exit_description(job: Job) -> str:
     child = _children.pop(job.id, None)
-    code = child.poll() if child is not None else None
+    code = None
+    if child is not None:
+        try:  # a zombie leader can wait a moment for its other threads to finish dying
+            code = child.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
     if code is None:
         return "the job process ended without reporting"
     if code < 0:

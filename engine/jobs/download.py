@@ -1,7 +1,6 @@
 """Download job: fetch a Hub repo's weights into the standard Hugging Face cache, with live progress.
 
-Resumes partial files left by an interrupted run (huggingface_hub continues `.incomplete` blobs with
-HTTP range requests). When the Hub cannot be reached and a local mirror of the repo exists, the model
+Resumes partial files left by an interrupted or killed run with HTTP range requests. When the Hub cannot be reached and a local mirror of the repo exists, the model
 is taken from the mirror instead.
 """
 
@@ -48,6 +47,51 @@ class ProgressReporter(threading.Thread):
             self.sample()
 
 
+def fetch_blob(repo_id: str, etag: str, url: str, size: int | None, filename: str) -> None:
+    """Download one file into the cache's blobs, resumably.
+
+    huggingface_hub writes each download to a process-unique temporary file and deletes it on failure,
+    so a killed process restarts from zero. Here the partial file has a stable name
+    (`blobs/<etag>.incomplete`) and the next run continues it with an HTTP range request; once whole it
+    becomes `blobs/<etag>`, where huggingface_hub finds it and links it into the snapshot."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    blobs = hub.repo_cache_dir(repo_id) / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    blob = blobs / etag
+    if blob.exists():
+        return
+    partial = blobs / f"{etag}.incomplete"
+    resume = partial.stat().st_size if partial.exists() else 0
+    if size is not None and resume > size:  # not ours to continue: start again
+        partial.unlink()
+        resume = 0
+    with partial.open("ab") as out:
+        http_get(url, out, resume_size=resume, headers=build_hf_headers(), expected_size=size,
+                 displayed_filename=filename)
+    if size is not None and partial.stat().st_size != size:
+        raise OSError(f"{filename}: got {partial.stat().st_size} bytes, expected {size}")
+    partial.replace(blob)
+
+
+def fetch_blobs(repo_id: str, revision: str, files: list[str]) -> None:
+    """Fetch every file's blob, eight at a time, each distinct content once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    def metadata(name: str):
+        return name, get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision, endpoint=hub.endpoint()),
+                                          endpoint=hub.endpoint())
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        unique = {meta.etag: (name, meta) for name, meta in pool.map(metadata, files)}
+        by_size = sorted(unique.values(), key=lambda item: -(item[1].size or 0))
+        list(pool.map(lambda item: fetch_blob(repo_id, item[1].etag, item[1].location, item[1].size, item[0]),
+                      by_size))
+
+
 def fetch(ctx: JobContext, repo_id: str) -> None:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
@@ -63,11 +107,16 @@ def fetch(ctx: JobContext, repo_id: str) -> None:
                          f"(a GGUF-only repo: download the .gguf file and import it)")
     total = sum(sizes[p] for p in selected)
     ctx.log(f"revision {info.sha}: {len(selected)} files, {total} bytes: {', '.join(selected)}")
-    hub.check_free_space(total - min(hub.bytes_on_disk(repo_id), total))
+    already = min(hub.bytes_on_disk(repo_id), total)
+    if already:
+        ctx.log(f"resuming: {already} bytes already here")
+    hub.check_free_space(total - already)
     reporter = ProgressReporter(ctx, repo_id, total)
     reporter.sample()
     reporter.start()
     try:
+        fetch_blobs(repo_id, info.sha, selected)
+        # huggingface_hub links the blobs into the snapshot and records the revision.
         path = snapshot_download(repo_id, revision=info.sha, allow_patterns=selected,
                                  cache_dir=hub.hub_cache_dir(), endpoint=hub.endpoint())
     finally:

@@ -1,0 +1,221 @@
+"""Downloads as real job processes against the loopback Hub, with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from catalog.schema import Event, Job, JobState, Model, ModelKind, ModelState
+from engine import hub as hubmod
+from engine import jobs, models
+from engine.errors import EngineError
+from tests.conftest import BIG, TINY_FILES, wait_until
+
+
+def settled(db, model_id: int, timeout: float = 60) -> Model:
+    def done():
+        jobs.reconcile(db)
+        with db.read() as session:
+            model = session.get(Model, model_id)
+        return model if model.state != ModelState.PENDING else None
+
+    return wait_until(done, timeout, 0.1, "the model to leave Pending")
+
+
+def job_of(db, job_id: int) -> Job:
+    with db.read() as session:
+        return session.get(Job, job_id)
+
+
+def test_download_fetches_weights_only_into_the_hf_cache(db, hub):
+    model, job = models.pull(db, "org/tiny")
+    assert model.state == ModelState.PENDING and model.kind == ModelKind.BASE
+    model = settled(db, model.id)
+    assert model.state == ModelState.READY, model.reason
+    snapshot = Path(model.path)
+    assert snapshot.parent.parent == hubmod.repo_cache_dir("org/tiny")  # the standard cache, not a copy
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                         "tokenizer_config.json"]
+    assert (snapshot / "model.safetensors").read_bytes() == TINY_FILES["model.safetensors"]
+    assert model.size_bytes == sum(len(TINY_FILES[n]) for n in ("config.json", "model.safetensors",
+                                                               "tokenizer.json", "tokenizer_config.json"))
+    fetched = {path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
+    assert not any(p.endswith((".bin", ".pth", ".md")) for p in fetched)
+    assert job_of(db, job.id).state == JobState.SUCCEEDED
+
+
+def test_progress_is_reported_live_with_bytes_rate_and_eta(db, hub):
+    hub.bytes_per_second = 10_000_000  # 32 MiB: about three seconds
+    model, job = models.pull(db, "org/big")
+    settled(db, model.id)
+    with db.read() as session:
+        events = session.exec(select(Event).where(Event.subject == f"job:{job.id}", Event.kind == "progress")).all()
+    done = [e.loads(e.data_json)["bytes_done"] for e in events]
+    assert len(done) >= 4 and done == sorted(done)
+    assert done[-1] == BIG + len(TINY_FILES["config.json"]) + 2
+    mid = [e.loads(e.data_json) for e in events if 1000 < e.loads(e.data_json)["bytes_done"] < BIG]
+    assert mid, done  # seen part way, not only at the start and the end
+    assert any(d["rate"] and d["eta_s"] is not None for d in mid)
+    rates = [d["rate"] for d in mid if d["rate"]]
+    assert 2e6 < max(rates) < 30e6  # roughly the throttled speed
+
+
+def test_a_download_resumes_after_the_job_is_killed(db, hub):
+    hub.bytes_per_second = 8_000_000
+    model, job = models.pull(db, "org/big")
+    wait_until(lambda: (job_of(db, job.id).bytes_done or 0) > 10_000_000, 30, interval=0.02, what="a partial download")
+    os.kill(job_of(db, job.id).pid, signal.SIGKILL)
+    failed = settled(db, model.id)
+    assert failed.state == ModelState.FAILED
+    assert "killed by signal SIGKILL" in failed.reason
+    partial = list((hubmod.repo_cache_dir("org/big") / "blobs").glob("*.incomplete"))
+    assert partial and partial[0].stat().st_size > 10_000_000
+
+    hub.bytes_per_second = None
+    model, _ = models.pull(db, "org/big")  # retry in place
+    model = settled(db, model.id)
+    assert model.state == ModelState.READY, model.reason
+    ranges = [r for method, path, r in hub.requests if method == "GET" and path.endswith("model.safetensors")]
+    assert ranges[-1] and int(ranges[-1].split("=")[1].rstrip("-")) > 10_000_000  # continued, not restarted
+    data = (Path(model.path) / "model.safetensors").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == hub.repos["org/big"].etag("model.safetensors")
+
+
+def test_cancel_stops_the_process_and_ends_cancelled(db, hub):
+    hub.bytes_per_second = 4_000_000
+    model, job = models.pull(db, "org/big")
+    wait_until(lambda: (job_of(db, job.id).bytes_done or 0) > 0, 30, what="the download to start")
+    pid = job_of(db, job.id).pid
+    cancelled = jobs.cancel(db, job.id)
+    assert cancelled.state == JobState.CANCELLED
+    assert not jobs.process_alive(pid, None)
+    with db.read() as session:
+        model = session.get(Model, model.id)
+    assert model.state == ModelState.FAILED and "cancelled" in model.reason
+    with pytest.raises(EngineError, match="already cancelled"):
+        jobs.cancel(db, job.id)
+
+
+def test_gated_repo_without_token_says_what_to_do_and_where(db, hub):
+    model, _ = models.pull(db, "org/gated")
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert "org/gated is gated" in model.reason
+    assert "https://huggingface.co/org/gated" in model.reason and "HF_TOKEN" in model.reason
+
+
+def test_token_is_used_but_never_written_to_the_database_or_a_log(db, hub, monkeypatch):
+    secret = "hf_secretTOKENvalue12345"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    model, job = models.pull(db, "org/gated")  # the loopback Hub lets any bearer token in
+    model = settled(db, model.id)
+    assert model.state == ModelState.READY, model.reason
+    for path in db.path.parent.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_unknown_repo_is_not_found(db, hub):
+    model, _ = models.pull(db, "org/missing")
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert "org/missing was not found" in model.reason
+
+
+def test_offline_without_a_mirror_fails_with_what_to_do(db):
+    model, _ = models.pull(db, "org/anything")  # HF_ENDPOINT points at a closed port
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert model.reason.startswith("offline: cannot reach")
+    assert "import it from a folder or GGUF file" in model.reason
+
+
+def test_offline_falls_back_to_a_configured_mirror_folder(db, tiny_model_dir, isolated):
+    (isolated / "mirrors.toml").write_text(f'[[mirror]]\nrepo_id = "org/mirrored"\npath = "{tiny_model_dir}"\n')
+    model, _ = models.pull(db, "org/mirrored")
+    model = settled(db, model.id)
+    assert model.state == ModelState.READY, model.reason
+    assert model.path == str(tiny_model_dir) and not model.owns_path
+    assert model.source == f"mirror:{tiny_model_dir}"
+    assert model.repo_id == "org/mirrored"
+
+
+def test_a_second_pull_of_the_same_repo_is_refused(db, hub):
+    model, _ = models.pull(db, "org/tiny")
+    with pytest.raises(EngineError, match="already being downloaded"):
+        models.pull(db, "org/tiny")
+    settled(db, model.id)
+    with pytest.raises(EngineError, match="already downloaded as 'tiny'"):
+        models.pull(db, "org/tiny")
+
+
+@pytest.mark.parametrize("bad", ["nope", "a/b/c", "", "org/has space"])
+def test_bad_repo_ids_are_refused_before_anything_starts(db, bad):
+    with pytest.raises(EngineError, match="invalid repo id"):
+        models.pull(db, bad)
+    assert models.job_rows(db) == []
+
+
+def test_disk_full_is_explained():
+    category, reason = hubmod.explain_error(OSError(errno.ENOSPC, "No space left on device"), "org/x")
+    assert category == "disk-full" and "disk full" in reason and "retry to resume" in reason
+
+
+def test_not_enough_free_space_fails_before_downloading(monkeypatch):
+    import shutil as shutil_module
+
+    usage = shutil_module.disk_usage("/")
+    monkeypatch.setattr(hubmod.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(OSError) as info:
+        hubmod.check_free_space(5000)
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_delete_frees_the_cache_but_never_another_models_files(db, hub):
+    a, _ = models.pull(db, "org/tiny")
+    b, _ = models.pull(db, "org/big")
+    a, b = settled(db, a.id), settled(db, b.id)
+    freed = models.delete_model(db, "tiny")
+    assert freed >= len(TINY_FILES["model.safetensors"])
+    assert not hubmod.repo_cache_dir("org/tiny").exists()
+    assert (Path(b.path) / "model.safetensors").exists()
+    with db.read() as session:
+        assert [m.name for m in session.exec(select(Model))] == ["big"]
+
+
+def test_delete_is_refused_while_something_depends_on_the_model(db, hub):
+    base, _ = models.pull(db, "org/tiny")
+    settled(db, base.id)
+    with db.write() as session:
+        session.add(Model(name="my-adapter", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune",
+                          base_id=base.id))
+    with pytest.raises(EngineError, match="cannot delete 'tiny': adapter 'my-adapter' is built on it"):
+        models.delete_model(db, "tiny")
+    assert hubmod.repo_cache_dir("org/tiny").exists()
+
+
+def test_deleting_a_pending_download_cancels_it_first(db, hub):
+    hub.bytes_per_second = 4_000_000
+    model, job = models.pull(db, "org/big")
+    wait_until(lambda: (job_of(db, job.id).bytes_done or 0) > 0, 30, what="the download to start")
+    models.delete_model(db, "big")
+    assert job_of(db, job.id).state == JobState.CANCELLED
+    assert not hubmod.repo_cache_dir("org/big").exists()
+
+
+def test_a_job_whose_process_vanished_is_failed_by_whoever_reads(db, hub):
+    hub.bytes_per_second = 4_000_000
+    model, job = models.pull(db, "org/big")
+    wait_until(lambda: job_of(db, job.id).state == JobState.RUNNING, 30, what="the job to run")
+    pid = job_of(db, job.id).pid
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    jobs._children.pop(job.id).wait()  # as if another process (a new dashboard) were reading
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert "ended without reporting" in model.reason
