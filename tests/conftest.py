@@ -51,7 +51,7 @@ def _stop_jobs(database) -> None:
     with database.read() as session:
         running = session.exec(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all()
     for job in running:
-        if jobs.process_alive(job.pid, job.pid_started_at):
+        if job.pid != os.getpid() and jobs.process_alive(job.pid, job.pid_started_at):
             jobs.stop_process_group(job.pid, deadline_s=2)
 
 

@@ -156,7 +156,7 @@ class CustomScreen(DeckScreen):
 
         def chosen(action: str | None) -> None:
             if action:
-                self.run_action(action)
+                self.call_next(self.run_action, action)
 
         self.app.push_screen(ActionMenu(row.model.name, actions), chosen)
 

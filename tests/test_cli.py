@@ -1,0 +1,79 @@
+"""The `modeldeck` command as a user runs it: real subprocesses, exit codes, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
+                            env=dict(os.environ), input=stdin, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_catalog_lists_filters_and_prints_json():
+    everything = json.loads(run("catalog", "--json").stdout)
+    assert len(everything) >= 30
+    code = json.loads(run("catalog", "--json", "--tag", "code", "qwen").stdout)
+    assert code and all("code" in m["tags"] and "qwen" in (m["name"] + m["repo_id"]).lower() for m in code)
+    table = run("catalog", "--tag", "embedding").stdout
+    assert table.splitlines()[0].split()[:2] == ["REPO", "ID"] and "BAAI/bge-m3" in table
+
+
+def test_pull_wait_ls_show_rm_round_trip(hub):
+    pulled = run("pull", "org/tiny", "--wait", "--json")
+    model = json.loads(pulled.stdout)
+    assert model["state"] == "ready" and model["repo_id"] == "org/tiny"
+    listed = json.loads(run("ls", "--json").stdout)
+    assert [m["name"] for m in listed] == ["tiny"]
+    assert "tiny" in run("ls").stdout and "Ready" in run("ls").stdout
+    shown = json.loads(run("show", "tiny", "--json").stdout)
+    assert shown["path"].endswith(shown["revision"])
+    jobs = json.loads(run("jobs", "--json").stdout)
+    assert jobs[0]["kind"] == "download" and jobs[0]["state"] == "succeeded"
+    refused = run("rm", "tiny", check=False)  # no terminal to confirm on
+    assert refused.returncode == 1 and "without --yes" in refused.stderr
+    removed = json.loads(run("rm", "tiny", "--yes", "--json").stdout)
+    assert removed["deleted"] == "tiny" and removed["freed_bytes"] > 0
+    assert json.loads(run("ls", "--json").stdout) == []
+
+
+def test_pull_wait_exits_non_zero_with_the_reason_when_it_fails(hub):
+    result = run("pull", "org/gated", "--wait", check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "is gated" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("show", "nothing"), "no custom model named 'nothing'"),
+    (("pull", "not-a-repo"), "invalid repo id"),
+    (("import", "/no/such/path"), "no such folder"),
+    (("rm", "ghost", "--yes"), "no custom model named 'ghost'"),
+    (("cancel", "42"), "no job 42"),
+])
+def test_errors_are_one_line_with_a_non_zero_exit(args, message):
+    result = run(*args, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("modeldeck: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_import_folder_from_the_shell(tiny_model_dir):
+    out = run("import", str(tiny_model_dir), "--name", "local-tiny")
+    assert out.stdout.strip() == "local-tiny: ready"
+    assert json.loads(run("show", "local-tiny", "--json").stdout)["source"] == f"import:{tiny_model_dir}"
+
+
+def test_a_bad_home_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("MODELDECK_HOME", str(blocker / "home"))
+    result = run("ls", check=False)
+    assert result.returncode == 1 and "cannot create modeldeck home" in result.stderr

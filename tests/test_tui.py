@@ -1,0 +1,339 @@
+"""The dashboard driven with Pilot: every key and action of the three screens and their dialogs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from sqlmodel import select
+
+from catalog.schema import Model, ModelKind, ModelState
+from engine import models
+from tests.conftest import weights
+from tests.hubserver import Repo
+from tests.tui_helpers import seed, wait_for
+from tui.app import ModelDeckApp
+from tui.screens.action_menu import ActionMenu
+from tui.screens.community import CommunityScreen
+from tui.screens.confirm import ConfirmDialog
+from tui.screens.custom import CustomScreen
+from tui.screens.deployments import DeploymentsScreen
+from tui.screens.details import DetailsDialog
+from tui.screens.help import HelpDialog
+from tui.screens.import_dialog import ImportDialog
+from tui.screens.tag_picker import TagPicker
+from tui.widgets.live_table import LiveTable
+
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def table(app) -> LiveTable:
+    return app.screen.query_one("#table", LiveTable)
+
+
+async def loaded(pilot):
+    await wait_for(pilot, lambda: pilot.app.store.loaded and table(pilot.app).row_count >= 0, what="first load")
+    await pilot.pause()
+
+
+def plain(cell) -> str:
+    return cell.plain if hasattr(cell, "plain") else str(cell)
+
+
+async def test_keys_1_2_3_switch_between_the_three_screens(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        assert isinstance(app.screen, CommunityScreen)
+        await pilot.press("2")
+        assert isinstance(app.screen, CustomScreen)
+        await pilot.press("3")
+        assert isinstance(app.screen, DeploymentsScreen)
+        await pilot.press("1")
+        assert isinstance(app.screen, CommunityScreen)
+
+
+async def test_filter_matches_name_description_and_tags_as_you_type(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        total = table(app).row_count
+        assert total >= 30 and len(table(app).visible_keys) == total
+        await pilot.press("slash", *"coder")
+        assert "bigcode/starcoder2-3b" in table(app).visible_keys
+        await pilot.press("home", *"qwen ")
+        assert table(app).visible_keys == ["Qwen/Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct"]
+        await pilot.press("end", *" 7b")
+        assert table(app).visible_keys == ["Qwen/Qwen2.5-Coder-7B-Instruct"]
+        await pilot.press("ctrl+u", *"thinking")  # a word from a description
+        assert "Qwen/Qwen3-0.6B" in table(app).visible_keys
+        await pilot.press("ctrl+u", *"embedding")  # a tag
+        assert {app.store.community[k].task for k in table(app).visible_keys} == {"embedding"}
+        await pilot.press("escape")
+        assert len(table(app).visible_keys) == total and app.focused is table(app)
+
+
+async def test_tag_picker_narrows_to_models_with_every_chosen_tag(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("t")
+        picker = app.screen
+        assert isinstance(picker, TagPicker)
+        from textual.widgets import SelectionList
+
+        selection = picker.query_one(SelectionList)
+        selection.select("code")
+        selection.select("4-15B")
+        await pilot.press("enter")
+        keys = table(app).visible_keys
+        assert keys and all({"code", "4-15B"} <= set(app.store.community[k].tags) for k in keys)
+        assert "Qwen/Qwen2.5-Coder-1.5B-Instruct" not in keys
+        assert "Tags: 4-15B, code" in str(app.screen.query_one("#tags-line").render())
+        await pilot.press("t", "c", "enter")  # clear all
+        assert len(keys) < len(table(app).visible_keys) == table(app).row_count
+
+
+async def test_download_from_community_goes_pending_with_progress_then_ready(db, hub):
+    hub.repos[SMOL] = Repo({"config.json": b'{"model_type": "llama"}', "model.safetensors": weights(24 * 1024 * 1024),
+                           "tokenizer.json": b"{}"})
+    hub.bytes_per_second = 8_000_000
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        assert table(app).cursor_key == SMOL
+        assert plain(table(app).cells(SMOL)[-1]) == "Download"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.store.model_for_repo(SMOL), what="the custom model row")
+        await pilot.press("2")
+        custom = table(app)
+        model_id = app.store.model_for_repo(SMOL).model.id
+        await wait_for(pilot, lambda: "%" in plain(custom.cells(model_id)[2]), what="live progress in the row")
+        assert plain(custom.cells(model_id)[2]).startswith("Pending")
+        await wait_for(pilot, lambda: plain(custom.cells(model_id)[2]) == "Ready", timeout=30, what="Ready")
+        await pilot.press("1")
+        assert plain(table(app).cells(SMOL)[-1]) == "Ready"
+        await pilot.press("enter")  # a downloaded model's primary action leads to it in Custom
+        assert isinstance(app.screen, CustomScreen)
+        await wait_for(pilot, lambda: table(app).cursor_key == model_id, what="the cursor on the model")
+
+
+async def test_closing_the_dashboard_does_not_stop_a_download(db, hub):
+    hub.repos[SMOL] = Repo({"config.json": b"{}", "model.safetensors": weights(24 * 1024 * 1024), "tokenizer.json": b"{}"})
+    hub.bytes_per_second = 12_000_000
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.store.model_for_repo(SMOL), what="the download to start")
+    # the dashboard is gone; the job is not
+    reopened = ModelDeckApp(db)
+    async with reopened.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        model_id = reopened.store.model_for_repo(SMOL).model.id
+        await wait_for(pilot, lambda: plain(table(reopened).cells(model_id)[2]) == "Ready", timeout=30, what="Ready")
+
+
+async def test_custom_action_menu_details_and_confirmed_delete(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "local-tiny")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 1)
+        await pilot.press("enter")
+        assert isinstance(app.screen, ActionMenu)
+        await pilot.press("enter")  # first item: Show details
+        details = app.screen
+        assert isinstance(details, DetailsDialog)
+        shown = dict((k, plain(v)) for k, v in details.fields)
+        assert shown["Path"] == str(tiny_model_dir) and shown["Lineage"] == "local-tiny (a base model)"
+        await pilot.press("escape")
+        await pilot.press("ctrl+d")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog) and app.screen)
+        assert "Delete local-tiny?" in dialog.title_text and "stay where they are" in dialog.message
+        await pilot.press("n")  # the safe answer first: nothing happens
+        assert table(app).row_count == 1
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: table(app).row_count == 0, what="the row to go")
+        with db.read() as session:
+            assert session.exec(select(Model)).all() == []
+        assert tiny_model_dir.exists()
+
+
+async def test_delete_is_refused_naming_what_depends_on_the_model(db):
+    ids = seed(db)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 5)
+        assert table(app).move_to_key(ids["base"])
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: app._notifications, what="a notification")
+        message = list(app._notifications)[-1].message
+        assert "adapter 'support-bot-lora' is built on it" in message
+        assert "merged 'support-bot-merged' is built on it" in message
+        assert "deployment 'support-bot' (ready) serves it" in message
+        assert not isinstance(app.screen, ConfirmDialog)
+        with db.read() as session:
+            assert session.get(Model, ids["base"]) is not None
+
+
+async def test_details_show_lineage_of_an_adapter(db):
+    ids = seed(db)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 5)
+        table(app).move_to_key(ids["adapter"])
+        await pilot.press("d")
+        fields = dict((k, plain(v)) for k, v in app.screen.fields)
+        assert fields["Lineage"] == "Qwen2.5-0.5B-Instruct → support-bot-lora"
+        assert fields["Dataset"] == "/data/support.jsonl" and fields["Rank"] == "16"
+
+
+async def test_failed_row_shows_the_reason_and_retry_is_offered(db, hub):
+    ids = seed(db)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 5)
+        table(app).move_to_key(ids["failed"])
+        await pilot.pause()
+        preview = str(app.screen.query_one("#preview").render())
+        assert "Failed: meta-llama/Llama-3.2-1B-Instruct is gated" in preview
+        await pilot.press("enter")
+        labels = [label for _, label in app.screen.actions]
+        assert labels == ["Show details  d", "Retry download  r", "Delete  ctrl+d"]
+
+
+async def test_import_dialog_reports_a_bad_path_and_keeps_what_was_typed(db, tmp_path, tiny_model_dir):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "i")
+        assert isinstance(app.screen, ImportDialog)
+        bad = str(tmp_path / "nothing-here")
+        await pilot.press(*bad, "enter", "enter")
+        error = str(app.screen.query_one("#error").render())
+        assert "no such folder" in error
+        assert app.screen.query_one("#path").value == bad
+        path_input = app.screen.query_one("#path")
+        path_input.value = str(tiny_model_dir)
+        app.screen.query_one("#name").value = "imported"
+        await pilot.press("enter", "enter")  # path field → name field → submit
+        await wait_for(pilot, lambda: isinstance(app.screen, CustomScreen) and table(app).row_count == 1)
+        row = app.store.models[table(app).visible_keys[0]]
+        assert row.model.name == "imported" and row.model.state == ModelState.READY
+
+
+async def test_cancel_from_custom_ends_the_download(db, hub):
+    hub.bytes_per_second = 2_000_000
+    model, job = models.pull(db, "org/big")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: "%" in plain(table(app).cells(model.id)[2]), what="progress")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: plain(table(app).cells(model.id)[2]) == "Failed", timeout=15, what="Failed")
+        assert "cancelled" in app.store.models[model.id].model.reason
+
+
+async def test_help_shows_the_keys_of_the_current_screen(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "question_mark")
+        assert isinstance(app.screen, HelpDialog)
+        assert app.screen.for_screen.TAB_TITLE == "Custom"
+        await pilot.press("escape")
+        assert isinstance(app.screen, CustomScreen)
+
+
+async def test_every_screen_action_is_in_the_command_palette(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        for key, screen_type in (("1", CommunityScreen), ("2", CustomScreen), ("3", DeploymentsScreen)):
+            await pilot.press(key)
+            titles = {c.title for c in app.get_system_commands(app.screen)}
+            for binding in screen_type.BINDINGS:
+                assert f"{screen_type.TAB_TITLE}: {binding.description}" in titles
+            assert {"Community", "Custom", "Deployed", "Keys", "Quit"} <= titles
+
+
+async def test_deployments_table_filters_by_text_and_state(db):
+    seed(db)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("3")
+        await wait_for(pilot, lambda: table(app).row_count == 3)
+        names = lambda: [app.store.deployments[k].name for k in table(app).visible_keys]  # noqa: E731
+        await pilot.press("s")  # pending
+        assert names() == ["qwen-small"]
+        await pilot.press("s", "s")  # failed
+        assert names() == ["broken"]
+        await pilot.press("s", "s")  # all
+        await pilot.press("slash", *"8001", "enter")
+        assert names() == ["support-bot"]
+        await pilot.press("d")
+        fields = dict((k, plain(v)) for k, v in app.screen.fields)
+        assert fields["API key"] == "sk-m…ef" and fields["Endpoint"] == "http://127.0.0.1:8001/v1"
+
+
+async def test_deployments_empty_state_says_how_to_deploy(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("3")
+        assert "deploy one from its row in Custom" in table(app).empty_text
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from catalog import Database
+    from catalog.schema import Model
+    from engine.events import record
+    db = Database(Path(sys.argv[1]))
+    with db.write() as session:
+        model = session.get(Model, int(sys.argv[2]))
+        model.size_bytes = 123_456_789
+        session.add(model)
+        record(session, f"model:{model.id}", "updated")
+""")
+
+
+async def test_a_change_written_by_another_process_shows_up_live(db, tiny_model_dir):
+    model, _ = models.import_path(db, tiny_model_dir, "watched")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 1)
+        subprocess.run([sys.executable, "-c", WRITER, str(db.path), str(model.id)], check=True)
+        await wait_for(pilot, lambda: plain(table(app).cells(model.id)[3]) == "123.5 MB", timeout=3,
+                       what="the row to follow the database")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_every_column_and_the_footer_fit_at_small_and_large_sizes(db, size):
+    seed(db)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=size) as pilot:
+        await loaded(pilot)
+        for key in "123":
+            await pilot.press(key)
+            await pilot.pause()
+            widths = table(app)._column_widths()
+            assert all(w >= 4 for w in widths) and sum(widths) + len(widths) <= size[0]
