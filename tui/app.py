@@ -40,10 +40,11 @@ class ModelDeckApp(App):
     SCREENS = {"community": CommunityScreen, "custom": CustomScreen, "deployments": DeploymentsScreen}
     MODES = {mode: mode for mode in TAB_MODES}
     DEFAULT_MODE = "community"
+    # 1 2 3 are on the nav bar, so the footer keeps its room for the screen's own keys.
     BINDINGS = [
-        Binding("1", "switch_mode('community')", "Community", id="app.community", tooltip="Curated open models"),
-        Binding("2", "switch_mode('custom')", "Custom", id="app.custom", tooltip="Your downloaded and fine-tuned models"),
-        Binding("3", "switch_mode('deployments')", "Deployed", id="app.deployments", tooltip="Active deployments"),
+        Binding("1", "switch_mode('community')", "Community", id="app.community", tooltip="Curated open models", show=False),
+        Binding("2", "switch_mode('custom')", "Custom", id="app.custom", tooltip="Your downloaded and fine-tuned models", show=False),
+        Binding("3", "switch_mode('deployments')", "Deployed", id="app.deployments", tooltip="Active deployments", show=False),
         Binding("question_mark", "help", "Keys", id="app.help", tooltip="Show the keys of this screen"),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
