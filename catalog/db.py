@@ -18,14 +18,11 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from catalog.errors import CatalogError
 from catalog.migrations import MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_S = 30.0
 DB_FILENAME = "modeldeck.db"
-
-
-class CatalogError(Exception):
-    """A problem with the database or the catalog files, worded for the user."""
 
 
 def home_dir() -> Path:

@@ -10,57 +10,18 @@ from typing import Any
 from sqlalchemy.types import String, TypeDecorator
 from sqlmodel import Field, SQLModel
 
+from catalog.states import (  # noqa: F401  (re-exported: the tables' columns use them)
+    JOB_TRANSITIONS,
+    DeploymentState,
+    JobKind,
+    JobState,
+    ModelKind,
+    ModelState,
+)
+
 
 def now() -> float:
     return time.time()
-
-
-class ModelKind(StrEnum):
-    BASE = "base"
-    MERGED = "merged"
-    ADAPTER = "adapter"
-
-
-class ModelState(StrEnum):
-    PENDING = "pending"
-    READY = "ready"
-    FAILED = "failed"
-
-
-class JobKind(StrEnum):
-    DOWNLOAD = "download"
-    IMPORT = "import"
-    FINETUNE = "finetune"
-    MERGE = "merge"
-    SERVE = "serve"
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    def is_terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-# A terminal state is never left (see engine.jobs.transition).
-JOB_TRANSITIONS: dict[JobState, set[JobState]] = {
-    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
-    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
-    JobState.SUCCEEDED: set(),
-    JobState.FAILED: set(),
-    JobState.CANCELLED: set(),
-}
-
-
-class DeploymentState(StrEnum):
-    PENDING = "pending"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 class EnumText(TypeDecorator):

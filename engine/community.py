@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from catalog.schema import CommunityModel
+if TYPE_CHECKING:
+    from catalog.schema import CommunityModel
 
 
 def haystack(entry: CommunityModel) -> str:

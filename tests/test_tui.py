@@ -337,3 +337,21 @@ async def test_every_column_and_the_footer_fit_at_small_and_large_sizes(db, size
             await pilot.pause()
             widths = table(app)._column_widths()
             assert all(w >= 4 for w in widths) and sum(widths) + len(widths) <= size[0]
+
+
+async def test_without_a_database_the_app_opens_the_default_one_after_painting(isolated):
+    app = ModelDeckApp()  # what `modeldeck` with no verb runs
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        assert app.db is not None and app.db.path == isolated / "modeldeck.db"
+        assert table(app).row_count >= 30
+
+
+async def test_a_bad_home_ends_the_app_with_the_reason(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("MODELDECK_HOME", str(blocker / "home"))
+    app = ModelDeckApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.return_code == 1, what="the app to give up")
+    assert app.return_code == 1

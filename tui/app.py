@@ -1,13 +1,16 @@
 """The modeldeck App: three tab screens (keys 1 2 3), one worker that follows the event log, dialogs.
 
-The UI thread never touches the database: a thread worker reads it after the first paint, then polls
-the event log every POLL_S and posts the changed rows as messages; screens patch their tables by key.
+The UI thread never touches the database: a thread worker opens and reads it after the first paint
+(SQLAlchemy is imported there too, so the first frame does not wait for it), then polls the event log
+every POLL_S and posts the changed rows as messages; screens patch their tables by key.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from functools import partial
 
 from textual import on, work
@@ -16,11 +19,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from catalog import CatalogError, Database
-from engine import jobs, models
-from engine.deployments import deployment_rows
+from catalog.errors import CatalogError
 from engine.errors import EngineError
-from engine.events import EventFollower
 from tui.messages import CommunityChanged, DataLoaded, DeploymentsChanged, ModelsChanged
 from tui.screens.base import DeckScreen
 from tui.screens.community import CommunityScreen
@@ -29,6 +29,10 @@ from tui.screens.deployments import DeploymentsScreen
 from tui.screens.help import HelpDialog
 from tui.store import Store
 
+if TYPE_CHECKING:
+    from catalog.db import Database
+    from engine.events import EventFollower
+
 POLL_S = 0.1
 RECONCILE_S = 2.0
 TAB_MODES = ("community", "custom", "deployments")
@@ -36,7 +40,7 @@ TAB_MODES = ("community", "custom", "deployments")
 
 class ModelDeckApp(App):
     TITLE = "modeldeck"
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses (tests, benches) live elsewhere
     SCREENS = {"community": CommunityScreen, "custom": CustomScreen, "deployments": DeploymentsScreen}
     MODES = {mode: mode for mode in TAB_MODES}
     DEFAULT_MODE = "community"
@@ -49,7 +53,8 @@ class ModelDeckApp(App):
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
-    def __init__(self, db: Database, follow: bool = True):
+    def __init__(self, db: Database | None = None, follow: bool = True):
+        """`db`: an open database, or None to open the default one after the first paint."""
         super().__init__()
         self.db = db
         self.store = Store()
@@ -63,6 +68,17 @@ class ModelDeckApp(App):
     @work(thread=True, exclusive=True, group="follow", exit_on_error=False)
     def follow_database(self) -> None:
         """Load everything once, then patch from the event log until the app exits."""
+        import engine
+        from engine import jobs, models
+        from engine.deployments import deployment_rows
+        from engine.events import EventFollower
+
+        if self.db is None:
+            try:
+                self.db = engine.start()
+            except CatalogError as exc:
+                self.call_from_thread(self.exit, return_code=1, message=f"modeldeck: {exc}")
+                return
         follower = EventFollower(self.db)  # before the load, so no change slips between the two
         self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db), deployment_rows(self.db)))
         worker = get_current_worker()
@@ -76,6 +92,9 @@ class ModelDeckApp(App):
 
     def apply_changes(self, follower: EventFollower) -> None:
         """Read what the new events touched and post it (worker thread)."""
+        from engine import models
+        from engine.deployments import deployment_rows
+
         changes = follower.poll()
         if changes.models:
             rows = models.model_rows(self.db, changes.models)

@@ -1,170 +1,16 @@
-"""`modeldeck`: with no verb it opens the dashboard; verbs script the same engine from the shell.
+"""`modeldeck`: with no verb it opens the dashboard; verbs (tui/commands.py) script the same engine.
 
-Every verb prints a readable table, or JSON with --json, and exits non-zero with a one-line message on
-error. No logic lives here that the dashboard lacks: both call engine functions.
+Exit status is non-zero with a one-line message on error. Kept light: the dashboard path imports only
+Textual before its first frame.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
-from typing import Any
 
-from catalog import CatalogError
-from catalog.schema import Job, Model, ModelState
-from engine import jobs, models, start
-from engine.community import haystack, matches, terms
+from catalog.errors import CatalogError
 from engine.errors import EngineError
-from engine.format import human_bytes, human_params, human_time, job_progress
-
-
-def _model_dict(row: models.ModelRow) -> dict[str, Any]:
-    m = row.model
-    data = {
-        "id": m.id, "name": m.name, "kind": m.kind.value, "state": m.state.value, "reason": m.reason,
-        "source": m.source, "repo_id": m.repo_id, "revision": m.revision, "path": m.path,
-        "size_bytes": m.size_bytes, "base": row.base_name, "created_at": m.created_at, "meta": m.meta,
-    }
-    data["job"] = _job_dict(row.job) if row.job else None
-    return data
-
-
-def _job_dict(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id, "kind": job.kind.value, "state": job.state.value, "title": job.title,
-        "model_id": job.model_id, "progress": job.progress, "bytes_done": job.bytes_done,
-        "bytes_total": job.bytes_total, "rate": job.rate, "eta_s": job.eta_s, "error": job.error,
-        "pid": job.pid, "log_path": job.log_path, "created_at": job.created_at, "finished_at": job.finished_at,
-    }
-
-
-def state_text(row: models.ModelRow) -> str:
-    """State with progress or reason, as the Custom table shows it."""
-    m, job = row.model, row.job
-    if m.state == ModelState.FAILED:
-        return f"Failed: {m.reason}"
-    if m.state == ModelState.PENDING and job is not None:
-        return "Pending " + job_progress(job, short=True)
-    return m.state.value.capitalize()
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
-def _emit(args, data: Any, table: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else table)
-
-
-def cmd_catalog(args, db) -> int:
-    wanted, query = set(args.tag or []), terms(" ".join(args.query))
-    rows = [r for r in models.community_rows(db) if matches(haystack(r.entry), r.entry.tags, query, wanted)]
-    data = [{"repo_id": r.entry.repo_id, "name": r.entry.name, "description": r.entry.description,
-             "tags": r.entry.tags, "params": r.entry.params, "license": r.entry.license, "gated": r.entry.gated,
-             "link": r.entry.link, "downloaded_as": r.model.name if r.model else None} for r in rows]
-    table = _table(["repo id", "size", "tags", "custom model"],
-                   [[r.entry.repo_id, human_params(r.entry.params), ",".join(r.entry.tags),
-                     f"{r.model.name} ({r.model.state.value})" if r.model else ""] for r in rows])
-    _emit(args, data, table)
-    return 0
-
-
-def cmd_ls(args, db) -> int:
-    rows = models.model_rows(db)
-    table = _table(["name", "kind", "state", "size", "base", "source", "created"],
-                   [[r.model.name, r.model.kind.value, state_text(r), human_bytes(r.model.size_bytes),
-                     r.base_name or "", r.model.source, human_time(r.model.created_at)] for r in rows])
-    _emit(args, [_model_dict(r) for r in rows], table)
-    return 0
-
-
-def cmd_show(args, db) -> int:
-    row = models.get_model(db, args.name)
-    data = _model_dict(row)
-    lines = [f"{k:>10}: {v}" for k, v in data.items() if k not in ("job", "meta")]
-    lines += [f"{k:>10}: {v}" for k, v in row.model.meta.items()]
-    if row.job:
-        lines.append(f"{'job':>10}: {row.job.id} {row.job.kind.value} {job_progress(row.job, short=False)}")
-    _emit(args, data, "\n".join(lines))
-    return 0
-
-
-def _wait(db, model_id: int, quiet: bool) -> int:
-    """Follow a Pending model until it settles, a progress line on stderr when it is a terminal."""
-    show = sys.stderr.isatty() and not quiet
-    while True:
-        jobs.reconcile(db)
-        row = models.model_rows(db, {model_id})
-        if not row:
-            raise EngineError("the model was deleted while waiting")
-        row = row[0]
-        if row.model.state != ModelState.PENDING:
-            if show:
-                sys.stderr.write("\r\033[K")
-            return 0 if row.model.state == ModelState.READY else 1
-        if show and row.job:
-            sys.stderr.write(f"\r\033[K{row.model.name}: {job_progress(row.job, short=False)}")
-            sys.stderr.flush()
-        time.sleep(0.5)
-
-
-def _started(args, db, model: Model, job: Job | None) -> int:
-    code = _wait(db, model.id, args.json) if args.wait else 0
-    row = models.get_model(db, str(model.id))
-    if row.model.state == ModelState.FAILED:
-        print(f"modeldeck: {row.model.name}: {row.model.reason}", file=sys.stderr)
-    elif not args.json:
-        verb = "ready" if row.model.state == ModelState.READY else f"started (job {job.id}; `modeldeck ls` shows progress)"
-        print(f"{row.model.name}: {verb}")
-    if args.json:
-        _emit(args, _model_dict(row), "")
-    return code
-
-
-def cmd_pull(args, db) -> int:
-    model, job = models.pull(db, args.repo_id, args.name)
-    return _started(args, db, model, job)
-
-
-def cmd_import(args, db) -> int:
-    model, job = models.import_path(db, Path(args.path), args.name)
-    return _started(args, db, model, job)
-
-
-def cmd_rm(args, db) -> int:
-    row = models.get_model(db, args.name)
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise EngineError(f"refusing to delete {row.model.name!r} without --yes (deletion is irreversible)")
-        answer = input(f"Delete {row.model.name!r} ({human_bytes(row.model.size_bytes)})? This cannot be undone [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("kept")
-            return 1
-    freed = models.delete_model(db, row.model.name)
-    _emit(args, {"deleted": row.model.name, "freed_bytes": freed}, f"deleted {row.model.name} (freed {human_bytes(freed)})")
-    return 0
-
-
-def cmd_jobs(args, db) -> int:
-    rows = models.job_rows(db)
-    table = _table(["id", "kind", "state", "title", "progress", "error", "created"],
-                   [[str(j.id), j.kind.value, j.state.value, j.title,
-                     job_progress(j, short=True) if not j.state.is_terminal() else "",
-                     (j.error or "")[:60], human_time(j.created_at)] for j in rows])
-    _emit(args, [_job_dict(j) for j in rows], table)
-    return 0
-
-
-def cmd_cancel(args, db) -> int:
-    job = jobs.cancel(db, args.job)
-    _emit(args, _job_dict(job), f"job {job.id}: {job.state.value}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,45 +18,48 @@ def build_parser() -> argparse.ArgumentParser:
                                      "With no command, opens the dashboard.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def verb(name: str, func, help: str) -> argparse.ArgumentParser:
+    def verb(name: str, func: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func)  # a function of tui.commands, imported only when a verb runs
         return p
 
-    p = verb("catalog", cmd_catalog, "list the curated community models")
+    p = verb("catalog", "cmd_catalog", "list the curated community models")
     p.add_argument("query", nargs="*", help="words to match in name, description and tags")
     p.add_argument("--tag", action="append", help="only models with this tag (repeatable)")
-    verb("ls", cmd_ls, "list custom models (downloaded, imported, fine-tuned)")
-    p = verb("show", cmd_show, "show everything known about a custom model")
+    verb("ls", "cmd_ls", "list custom models (downloaded, imported, fine-tuned)")
+    p = verb("show", "cmd_show", "show everything known about a custom model")
     p.add_argument("name")
-    p = verb("pull", cmd_pull, "download a model from the Hugging Face Hub (retries a failed one)")
+    p = verb("pull", "cmd_pull", "download a model from the Hugging Face Hub (retries a failed one)")
     p.add_argument("repo_id", help="e.g. Qwen/Qwen2.5-0.5B-Instruct")
     p.add_argument("--name", help="custom model name (default: the repo's name)")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
-    p = verb("import", cmd_import, "import a local model folder (Hugging Face layout) or a GGUF file")
+    p = verb("import", "cmd_import", "import a local model folder (Hugging Face layout) or a GGUF file")
     p.add_argument("path")
     p.add_argument("--name", help="custom model name (default: the folder or file name)")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
-    p = verb("rm", cmd_rm, "delete a custom model and free its disk (irreversible)")
+    p = verb("rm", "cmd_rm", "delete a custom model and free its disk (irreversible)")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    verb("jobs", cmd_jobs, "list jobs (downloads, imports, ...)")
-    p = verb("cancel", cmd_cancel, "cancel a running job")
+    verb("jobs", "cmd_jobs", "list jobs (downloads, imports, ...)")
+    p = verb("cancel", "cmd_cancel", "cancel a running job")
     p.add_argument("job", type=int)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        db = start()
-        if args.command is None:
-            from tui.app import ModelDeckApp
+    if args.command is None:
+        from tui.app import ModelDeckApp
 
-            ModelDeckApp(db).run()
-            return 0
-        return args.func(args, db)
+        app = ModelDeckApp()  # opens the database itself, after painting its first frame
+        app.run()
+        return app.return_code or 0
+    try:
+        from engine import start
+        from tui import commands
+
+        return getattr(commands, args.func)(args, start())
     except (EngineError, CatalogError) as exc:
         print(f"modeldeck: {exc}", file=sys.stderr)
         return 1

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.message import Message
 
-from catalog.schema import CommunityModel, Deployment
-from engine.models import ModelRow
+if TYPE_CHECKING:
+    from catalog.schema import CommunityModel, Deployment
+    from engine.models import ModelRow
 
 
 class DataLoaded(Message):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from catalog.schema import CommunityModel, Deployment
-from engine.models import ModelRow
+if TYPE_CHECKING:
+    from catalog.schema import CommunityModel, Deployment
+    from engine.models import ModelRow
 
 
 @dataclass

@@ -4,6 +4,7 @@ primary action (`enter`): Download, or follow a download already made to Custom.
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import work
@@ -11,8 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
-from catalog.schema import CommunityModel, ModelState
-from engine import models
+from catalog.states import ModelState
 from engine.community import haystack, matches, terms
 from engine.format import human_params
 from tui.screens.base import DeckScreen
@@ -21,6 +21,9 @@ from tui.screens.tag_picker import TagPicker
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.live_table import Column, LiveTable
 from tui.widgets.status import model_status
+
+if TYPE_CHECKING:
+    from catalog.schema import CommunityModel
 
 
 class CommunityScreen(DeckScreen):
@@ -153,6 +156,8 @@ class CommunityScreen(DeckScreen):
 
     @work(thread=True, exit_on_error=False, group="engine")
     def download(self, repo_id: str) -> None:
+        from engine import models
+
         model, _job = models.pull(self.app.db, repo_id)
         self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; progress in Custom (2)", timeout=4)
 

@@ -4,6 +4,7 @@ menu; delete is confirmed and refused while something depends on the model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import work
@@ -11,10 +12,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
-from catalog.schema import ModelState
-from engine import jobs, models
+from catalog.states import ModelState
 from engine.format import human_bytes, human_time, job_progress
-from engine.models import ModelRow
 from tui.screens.action_menu import ActionMenu
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
@@ -23,6 +22,9 @@ from tui.screens.import_dialog import ImportDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.live_table import Column, LiveTable
 from tui.widgets.status import model_status
+
+if TYPE_CHECKING:
+    from engine.models import ModelRow
 
 EMPTY = ("No custom models yet. Download one from Community (1, then enter), "
          "or import a local folder or GGUF file with i.")
@@ -199,6 +201,8 @@ class CustomScreen(DeckScreen):
 
     @work(thread=True, exit_on_error=False, group="engine")
     def import_model(self, path: Path, name: str | None) -> None:
+        from engine import models
+
         model, job = models.import_path(self.app.db, path, name)
         message = f"Imported {model.name}" if job is None else f"Converting {path.name} into {model.name}…"
         self.app.call_from_thread(self.focus_model, model.id)
@@ -215,6 +219,8 @@ class CustomScreen(DeckScreen):
 
     @work(thread=True, exit_on_error=False, group="engine")
     def retry(self, name: str) -> None:
+        from engine import models
+
         models.retry(self.app.db, name)
 
     def action_cancel_job(self) -> None:
@@ -227,6 +233,8 @@ class CustomScreen(DeckScreen):
 
     @work(thread=True, exit_on_error=False, group="engine")
     def cancel_job(self, job_id: int) -> None:
+        from engine import jobs
+
         jobs.cancel(self.app.db, job_id)
 
     def action_delete(self) -> None:
@@ -236,6 +244,8 @@ class CustomScreen(DeckScreen):
 
     @work(thread=True, exit_on_error=False, group="engine")
     def check_and_confirm_delete(self, name: str) -> None:
+        from engine import models
+
         db = self.app.db
         with db.read() as session:
             model = models.find_model(session, name)
@@ -253,5 +263,7 @@ class CustomScreen(DeckScreen):
 
     @work(thread=True, exit_on_error=False, group="engine")
     def delete(self, name: str) -> None:
+        from engine import models
+
         freed = models.delete_model(self.app.db, name)
         self.app.call_from_thread(self.notify, f"Deleted {name} (freed {human_bytes(freed)})", timeout=4)

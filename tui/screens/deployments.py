@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
-from catalog.schema import Deployment, DeploymentState
+from catalog.states import DeploymentState
 from engine.format import human_duration, human_time
 from tui.screens.base import DeckScreen
 from tui.screens.details import DetailsDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.live_table import Column, LiveTable
+
+if TYPE_CHECKING:
+    from catalog.schema import Deployment
 
 EMPTY = ("No deployments. A deployment serves a Ready model through an OpenAI-compatible endpoint; "
          "deploy one from its row in Custom (2) and it appears here with its live state.")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from catalog.schema import ModelState
+from typing import TYPE_CHECKING
+
+from catalog.states import ModelState
 from engine.format import job_progress
-from engine.models import ModelRow
+
+if TYPE_CHECKING:
+    from engine.models import ModelRow
 
 def model_status(row: ModelRow, short: bool) -> Text:
     model = row.model

@@ -1,0 +1,2 @@
+class CatalogError(Exception):
+    """A problem with the database or the catalog files, worded for the user."""

@@ -1,0 +1,51 @@
+"""Kinds and states, with no database import: cheap enough for the dashboard's first paint."""
+
+from enum import StrEnum
+
+
+class ModelKind(StrEnum):
+    BASE = "base"
+    MERGED = "merged"
+    ADAPTER = "adapter"
+
+
+class ModelState(StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class JobKind(StrEnum):
+    DOWNLOAD = "download"
+    IMPORT = "import"
+    FINETUNE = "finetune"
+    MERGE = "merge"
+    SERVE = "serve"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+# A terminal state is never left (see engine.jobs.transition).
+JOB_TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.SUCCEEDED: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+
+class DeploymentState(StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"

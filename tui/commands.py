@@ -1,0 +1,162 @@
+"""The `modeldeck` verbs: each prints a readable table, or JSON with --json, and raises EngineError with
+a one-line reason on failure. No logic lives here that the dashboard lacks: both call engine functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from catalog.schema import Job, Model, ModelState
+from engine import jobs, models
+from engine.community import haystack, matches, terms
+from engine.errors import EngineError
+from engine.format import human_bytes, human_params, human_time, job_progress
+
+
+def _model_dict(row: models.ModelRow) -> dict[str, Any]:
+    m = row.model
+    data = {
+        "id": m.id, "name": m.name, "kind": m.kind.value, "state": m.state.value, "reason": m.reason,
+        "source": m.source, "repo_id": m.repo_id, "revision": m.revision, "path": m.path,
+        "size_bytes": m.size_bytes, "base": row.base_name, "created_at": m.created_at, "meta": m.meta,
+    }
+    data["job"] = _job_dict(row.job) if row.job else None
+    return data
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "kind": job.kind.value, "state": job.state.value, "title": job.title,
+        "model_id": job.model_id, "progress": job.progress, "bytes_done": job.bytes_done,
+        "bytes_total": job.bytes_total, "rate": job.rate, "eta_s": job.eta_s, "error": job.error,
+        "pid": job.pid, "log_path": job.log_path, "created_at": job.created_at, "finished_at": job.finished_at,
+    }
+
+
+def state_text(row: models.ModelRow) -> str:
+    """State with progress or reason, as the Custom table shows it."""
+    m, job = row.model, row.job
+    if m.state == ModelState.FAILED:
+        return f"Failed: {m.reason}"
+    if m.state == ModelState.PENDING and job is not None:
+        return "Pending " + job_progress(job, short=True)
+    return m.state.value.capitalize()
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _emit(args, data: Any, table: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else table)
+
+
+def cmd_catalog(args, db) -> int:
+    wanted, query = set(args.tag or []), terms(" ".join(args.query))
+    rows = [r for r in models.community_rows(db) if matches(haystack(r.entry), r.entry.tags, query, wanted)]
+    data = [{"repo_id": r.entry.repo_id, "name": r.entry.name, "description": r.entry.description,
+             "tags": r.entry.tags, "params": r.entry.params, "license": r.entry.license, "gated": r.entry.gated,
+             "link": r.entry.link, "downloaded_as": r.model.name if r.model else None} for r in rows]
+    table = _table(["repo id", "size", "tags", "custom model"],
+                   [[r.entry.repo_id, human_params(r.entry.params), ",".join(r.entry.tags),
+                     f"{r.model.name} ({r.model.state.value})" if r.model else ""] for r in rows])
+    _emit(args, data, table)
+    return 0
+
+
+def cmd_ls(args, db) -> int:
+    rows = models.model_rows(db)
+    table = _table(["name", "kind", "state", "size", "base", "source", "created"],
+                   [[r.model.name, r.model.kind.value, state_text(r), human_bytes(r.model.size_bytes),
+                     r.base_name or "", r.model.source, human_time(r.model.created_at)] for r in rows])
+    _emit(args, [_model_dict(r) for r in rows], table)
+    return 0
+
+
+def cmd_show(args, db) -> int:
+    row = models.get_model(db, args.name)
+    data = _model_dict(row)
+    lines = [f"{k:>10}: {v}" for k, v in data.items() if k not in ("job", "meta")]
+    lines += [f"{k:>10}: {v}" for k, v in row.model.meta.items()]
+    if row.job:
+        lines.append(f"{'job':>10}: {row.job.id} {row.job.kind.value} {job_progress(row.job, short=False)}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _wait(db, model_id: int, quiet: bool) -> int:
+    """Follow a Pending model until it settles, a progress line on stderr when it is a terminal."""
+    show = sys.stderr.isatty() and not quiet
+    while True:
+        jobs.reconcile(db)
+        row = models.model_rows(db, {model_id})
+        if not row:
+            raise EngineError("the model was deleted while waiting")
+        row = row[0]
+        if row.model.state != ModelState.PENDING:
+            if show:
+                sys.stderr.write("\r\033[K")
+            return 0 if row.model.state == ModelState.READY else 1
+        if show and row.job:
+            sys.stderr.write(f"\r\033[K{row.model.name}: {job_progress(row.job, short=False)}")
+            sys.stderr.flush()
+        time.sleep(0.5)
+
+
+def _started(args, db, model: Model, job: Job | None) -> int:
+    code = _wait(db, model.id, args.json) if args.wait else 0
+    row = models.get_model(db, str(model.id))
+    if row.model.state == ModelState.FAILED:
+        print(f"modeldeck: {row.model.name}: {row.model.reason}", file=sys.stderr)
+    elif not args.json:
+        verb = "ready" if row.model.state == ModelState.READY else f"started (job {job.id}; `modeldeck ls` shows progress)"
+        print(f"{row.model.name}: {verb}")
+    if args.json:
+        _emit(args, _model_dict(row), "")
+    return code
+
+
+def cmd_pull(args, db) -> int:
+    model, job = models.pull(db, args.repo_id, args.name)
+    return _started(args, db, model, job)
+
+
+def cmd_import(args, db) -> int:
+    model, job = models.import_path(db, Path(args.path), args.name)
+    return _started(args, db, model, job)
+
+
+def cmd_rm(args, db) -> int:
+    row = models.get_model(db, args.name)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise EngineError(f"refusing to delete {row.model.name!r} without --yes (deletion is irreversible)")
+        answer = input(f"Delete {row.model.name!r} ({human_bytes(row.model.size_bytes)})? This cannot be undone [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept")
+            return 1
+    freed = models.delete_model(db, row.model.name)
+    _emit(args, {"deleted": row.model.name, "freed_bytes": freed}, f"deleted {row.model.name} (freed {human_bytes(freed)})")
+    return 0
+
+
+def cmd_jobs(args, db) -> int:
+    rows = models.job_rows(db)
+    table = _table(["id", "kind", "state", "title", "progress", "error", "created"],
+                   [[str(j.id), j.kind.value, j.state.value, j.title,
+                     job_progress(j, short=True) if not j.state.is_terminal() else "",
+                     (j.error or "")[:60], human_time(j.created_at)] for j in rows])
+    _emit(args, [_job_dict(j) for j in rows], table)
+    return 0
+
+
+def cmd_cancel(args, db) -> int:
+    job = jobs.cancel(db, args.job)
+    _emit(args, _job_dict(job), f"job {job.id}: {job.state.value}")
+    return 0
