@@ -16,7 +16,7 @@ def haystack(entry: CommunityModel) -> str:
 
 def matches(text: str, tags: Iterable[str], query_terms: list[str], wanted_tags: set[str]) -> bool:
     """Every query term appears in `text` and every wanted tag is among `tags`."""
-    return all(term in text for term in query_terms) and wanted_tags.issubset(tags)
+    return all(term in text for term in query_terms) and (not wanted_tags or wanted_tags.issubset(tags))
 
 
 def terms(query: str) -> list[str]:

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Input, Static
+from textual.widgets import Input
 
 from catalog.states import ModelState
 from engine.community import haystack, matches, terms
@@ -19,6 +19,7 @@ from tui.screens.base import DeckScreen
 from tui.screens.details import DetailsDialog
 from tui.screens.tag_picker import TagPicker
 from tui.widgets.filter_bar import FilterBar
+from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
 from tui.widgets.status import model_status
 
@@ -44,14 +45,15 @@ class CommunityScreen(DeckScreen):
     def __init__(self) -> None:
         super().__init__()
         self.tags: set[str] = set()
-        self._haystacks: dict[str, str] = {}
+        self._haystacks: dict[str, str] = {}  # precomputed per row: the filter runs on every keystroke
+        self._tagsets: dict[str, frozenset[str]] = {}
 
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
         yield FilterBar("/ filter by name, description or tag", id="filter")
-        yield Static("", id="tags-line", classes="subtle-line")
+        yield InfoLine(id="tags-line", classes="subtle-line")
         yield LiveTable(self.COLUMNS, empty_text="Loading the catalog…", id="table")
-        yield Static("", id="preview", classes="preview")
+        yield InfoLine(id="preview", classes="preview")
         yield from self.compose_footer()
 
     @property
@@ -63,6 +65,7 @@ class CommunityScreen(DeckScreen):
     def reload(self) -> None:
         entries = self.store.community.values()
         self._haystacks = {e.repo_id: haystack(e) for e in entries}
+        self._tagsets = {e.repo_id: frozenset(e.tags) for e in entries}
         self.table.empty_text = "No model matches the filter and tags."
         self.table.set_rows((e.repo_id, self._cells(e)) for e in entries)
         self._apply_filter()
@@ -92,17 +95,17 @@ class CommunityScreen(DeckScreen):
 
     def _apply_filter(self) -> None:
         query = terms(self.query_one("#filter", FilterBar).value)
-        wanted, community, haystacks = self.tags, self.store.community, self._haystacks
+        wanted, tagsets, haystacks = self.tags, self._tagsets, self._haystacks
         if not query and not wanted:
             self.table.set_filter(None)
         else:
-            self.table.set_filter(lambda key: matches(haystacks[key], community[key].tags, query, wanted))
+            self.table.set_filter(lambda key: matches(haystacks[key], tagsets[key], query, wanted))
         self._show_tags()
 
     def _show_tags(self) -> None:
         shown, total = len(self.table.visible_keys), self.table.row_count
         tags = ", ".join(sorted(self.tags)) if self.tags else "any"
-        self.query_one("#tags-line", Static).update(f" Tags: {tags}  ·  {shown} of {total} models  ·  t tags  / filter  ? keys")
+        self.query_one("#tags-line", InfoLine).update(f" Tags: {tags}  ·  {shown} of {total} models  ·  t tags  / filter  ? keys")
 
     # -- preview of the highlighted row -------------------------------------------------------------
 
@@ -110,7 +113,7 @@ class CommunityScreen(DeckScreen):
         self._show_preview(event.key)
 
     def _show_preview(self, repo_id: str | None) -> None:
-        preview = self.query_one("#preview", Static)
+        preview = self.query_one("#preview", InfoLine)
         entry = self.store.community.get(repo_id) if repo_id else None
         if entry is None:
             preview.update("")

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Input, Static
+from textual.widgets import Input
 
 from catalog.states import ModelState
 from engine.format import human_bytes, human_time, job_progress
@@ -20,6 +20,7 @@ from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import DetailsDialog
 from tui.screens.import_dialog import ImportDialog
 from tui.widgets.filter_bar import FilterBar
+from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
 from tui.widgets.status import model_status
 
@@ -57,7 +58,7 @@ class CustomScreen(DeckScreen):
         yield from self.compose_nav()
         yield FilterBar("/ filter by name, kind, state or source", id="filter")
         yield LiveTable(self.COLUMNS, empty_text="Loading…", id="table")
-        yield Static("", id="preview", classes="preview")
+        yield InfoLine(id="preview", classes="preview")
         yield from self.compose_footer()
 
     @property
@@ -120,7 +121,7 @@ class CustomScreen(DeckScreen):
         self._show_preview(event.key)
 
     def _show_preview(self, model_id: int | None) -> None:
-        preview = self.query_one("#preview", Static)
+        preview = self.query_one("#preview", InfoLine)
         row = self.store.models.get(model_id) if model_id is not None else None
         if row is None:
             preview.update("")

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Input, Static
+from textual.widgets import Input
 
 from catalog.states import DeploymentState
 from engine.format import human_duration, human_time
 from tui.screens.base import DeckScreen
 from tui.screens.details import DetailsDialog
 from tui.widgets.filter_bar import FilterBar
+from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class DeploymentsScreen(DeckScreen):
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
         yield FilterBar("/ filter by model, backend or endpoint", id="filter")
-        yield Static("", id="state-line", classes="subtle-line")
+        yield InfoLine(id="state-line", classes="subtle-line")
         yield LiveTable(self.COLUMNS, empty_text="Loading…", id="table")
         yield from self.compose_footer()
 
@@ -88,7 +89,7 @@ class DeploymentsScreen(DeckScreen):
 
         self.table.set_filter(keep if words or wanted else None)
         label = wanted.value if wanted else "all"
-        self.query_one("#state-line", Static).update(
+        self.query_one("#state-line", InfoLine).update(
             f" State: {label}  ·  {len(self.table.visible_keys)} of {self.table.row_count} deployments  ·  s state  / filter  ? keys")
 
     def action_focus_filter(self) -> None:
