@@ -24,13 +24,16 @@ class Repo:
     sha: str = ""
 
     def __post_init__(self) -> None:
+        # hashed once: hashing large files per request would make the server, not the client, the bottleneck
+        self._sha256 = {path: hashlib.sha256(data).hexdigest() for path, data in self.files.items()}
+        self._sha1 = {path: hashlib.sha1(data).hexdigest() for path, data in self.files.items()}
         digest = hashlib.sha1()
         for path in sorted(self.files):
-            digest.update(path.encode() + hashlib.sha256(self.files[path]).digest())
+            digest.update(path.encode() + bytes.fromhex(self._sha256[path]))
         self.sha = self.sha or digest.hexdigest()
 
     def etag(self, path: str) -> str:
-        return hashlib.sha256(self.files[path]).hexdigest()
+        return self._sha256[path]
 
 
 @dataclass
@@ -44,6 +47,7 @@ class HubServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each keep-alive response waits ~40 ms for a delayed ACK
 
             def log_message(self, *args):  # quiet
                 pass
@@ -84,7 +88,7 @@ class HubServer:
         elif m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
             repo = self._repo(req, m.group(1))
             if repo:
-                tree = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest(),
+                tree = [{"type": "file", "path": p, "size": len(b), "oid": repo._sha1[p],
                          "lfs": {"oid": repo.etag(p), "size": len(b), "pointerSize": 130}}
                         for p, b in sorted(repo.files.items())]
                 self._json(req, tree, head)

@@ -9,7 +9,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url, snapshot_download
+from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers
 
 from engine import hub
 from engine.errors import EngineError
@@ -54,9 +60,6 @@ def fetch_blob(repo_id: str, etag: str, url: str, size: int | None, filename: st
     so a killed process restarts from zero. Here the partial file has a stable name
     (`blobs/<etag>.incomplete`) and the next run continues it with an HTTP range request; once whole it
     becomes `blobs/<etag>`, where huggingface_hub finds it and links it into the snapshot."""
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
     blobs = hub.repo_cache_dir(repo_id) / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
     blob = blobs / etag
@@ -77,10 +80,6 @@ def fetch_blob(repo_id: str, etag: str, url: str, size: int | None, filename: st
 
 def fetch_blobs(repo_id: str, revision: str, files: list[str]) -> None:
     """Fetch every file's blob, eight at a time, each distinct content once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
     def metadata(name: str):
         return name, get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision, endpoint=hub.endpoint()),
                                           endpoint=hub.endpoint())
@@ -93,9 +92,6 @@ def fetch_blobs(repo_id: str, revision: str, files: list[str]) -> None:
 
 
 def fetch(ctx: JobContext, repo_id: str) -> None:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.hf_api import RepoFile
-
     api = HfApi(endpoint=hub.endpoint())
     ctx.log(f"asking {hub.endpoint()} for the files of {repo_id}")
     info = api.repo_info(repo_id, revision=ctx.params.get("revision"))
