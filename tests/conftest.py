@@ -95,6 +95,20 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval:
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+def settled(db, model_id: int, timeout: float = 60):
+    """Wait, reconciling as any reader does, until a model leaves Pending; returns it."""
+    from catalog.schema import Model, ModelState
+    from engine import jobs
+
+    def done():
+        jobs.reconcile(db)
+        with db.read() as session:
+            model = session.get(Model, model_id)
+        return model if model.state != ModelState.PENDING else None
+
+    return wait_until(done, timeout, 0.1, "the model to leave Pending")
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
     from tests.tinymodel import make_tiny_llama

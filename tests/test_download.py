@@ -15,17 +15,7 @@ from catalog.schema import Event, Job, JobState, Model, ModelKind, ModelState
 from engine import hub as hubmod
 from engine import jobs, models
 from engine.errors import EngineError
-from tests.conftest import BIG, TINY_FILES, wait_until
-
-
-def settled(db, model_id: int, timeout: float = 60) -> Model:
-    def done():
-        jobs.reconcile(db)
-        with db.read() as session:
-            model = session.get(Model, model_id)
-        return model if model.state != ModelState.PENDING else None
-
-    return wait_until(done, timeout, 0.1, "the model to leave Pending")
+from tests.conftest import BIG, TINY_FILES, settled, wait_until
 
 
 def job_of(db, job_id: int) -> Job:

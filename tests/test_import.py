@@ -7,20 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from catalog.schema import Model, ModelState
-from engine import jobs, models
+from catalog.schema import ModelState
+from engine import models
 from engine.errors import EngineError
-from tests.conftest import wait_until
-
-
-def settled(db, model_id: int, timeout: float = 120) -> Model:
-    def done():
-        jobs.reconcile(db)
-        with db.read() as session:
-            model = session.get(Model, model_id)
-        return model if model.state != ModelState.PENDING else None
-
-    return wait_until(done, timeout, 0.2, "the import to finish")
+from tests.conftest import settled
 
 
 def test_folder_import_is_ready_at_once_and_left_in_place(db, tiny_model_dir):
@@ -39,7 +29,7 @@ def test_gguf_import_converts_once_to_safetensors_that_load(db, tmp_path):
     original = make_tiny_gguf(gguf)
     model, job = models.import_path(db, gguf, "from-gguf")
     assert model.state == ModelState.PENDING and job is not None
-    model = settled(db, model.id)
+    model = settled(db, model.id, timeout=120)
     assert model.state == ModelState.READY, model.reason
     target = Path(model.path)
     assert target == db.path.parent / "models" / "from-gguf" and model.owns_path

@@ -9,6 +9,12 @@ import pytest
 
 from tests.tui_helpers import seed, wait_for
 from tui.app import ModelDeckApp
+from tui.screens.action_menu import ActionMenu
+from tui.screens.confirm import ConfirmDialog
+from tui.screens.details import DetailsDialog
+from tui.screens.help import HelpDialog
+from tui.screens.import_dialog import ImportDialog
+from tui.screens.tag_picker import TagPicker
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 
@@ -19,16 +25,29 @@ def app_for(db, seeded: bool = True) -> ModelDeckApp:
     return ModelDeckApp(db, follow=False)
 
 
-def keys(*presses: str, then=None):
+def shown(screen_type):
+    """A step for `keys`: wait until a dialog is on top, so the next keys reach it even on a busy machine."""
+    async def wait(pilot) -> None:
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, screen_type), what=screen_type.__name__)
+        await pilot.pause()
+
+    return wait
+
+
+def keys(*presses):
+    """Press keys in order; a callable among them is awaited as a step (see `shown`)."""
     async def run_before(pilot) -> None:
         await wait_for(pilot, lambda: pilot.app.store.loaded, what="data")
         await pilot.pause()
         for press in presses:
+            if callable(press):
+                await press(pilot)
+                continue
             await pilot.press(press)
             await pilot.pause()
-        if then is not None:
-            await then(pilot)
-        await pilot.pause(0.1)
+        # let layout settle: scrollbars appear or go in the refresh after the rows change
+        for _ in range(3):
+            await pilot.pause(0.05)
 
     return run_before
 
@@ -57,32 +76,27 @@ class TestScreens:
 @pytest.mark.parametrize("size", SIZES)
 class TestDialogs:
     def test_help(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("question_mark"))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("question_mark", shown(HelpDialog)))
 
     def test_tag_picker(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("t", "down", "space"))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("t", shown(TagPicker), "down", "space"))
 
     def test_community_details(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("down", "down", "down", "d"))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("down", "down", "down", "d", shown(DetailsDialog)))
 
     def test_custom_action_menu(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "end", "enter"))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "end", "enter", shown(ActionMenu)))
 
     def test_custom_details(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "down", "d"))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "down", "d", shown(DetailsDialog)))
 
     def test_confirm_delete(self, snap_compare, db, size):
-        async def confirm_shown(pilot):
-            from tui.screens.confirm import ConfirmDialog
-
-            await wait_for(pilot, lambda: isinstance(pilot.app.screen, ConfirmDialog), what="the dialog")
-
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "down", "down", "ctrl+d",
-                                                                             then=confirm_shown))
+        assert snap_compare(app_for(db), terminal_size=size,
+                            run_before=keys("2", "down", "down", "ctrl+d", shown(ConfirmDialog)))
 
     def test_import_with_error(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size,
-                            run_before=keys("2", "i", *"/nowhere", "enter", "enter"))
+                            run_before=keys("2", "i", shown(ImportDialog), *"/nowhere", "enter", "enter"))
 
     def test_deployment_details(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "down", "d"))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "down", "d", shown(DetailsDialog)))

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from sqlmodel import select
 
-from catalog.schema import Model, ModelKind, ModelState
+from catalog.schema import Model, ModelState
 from engine import models
 from tests.conftest import weights
 from tests.hubserver import Repo
@@ -246,6 +246,30 @@ async def test_cancel_from_custom_ends_the_download(db, hub):
         await pilot.press("x")
         await wait_for(pilot, lambda: plain(table(app).cells(model.id)[2]) == "Failed", timeout=15, what="Failed")
         assert "cancelled" in app.store.models[model.id].model.reason
+
+
+async def test_copy_keys_put_the_link_or_path_on_the_clipboard(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "local-tiny")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("y")
+        assert app.clipboard == f"https://huggingface.co/{SMOL}"
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 1)
+        await pilot.press("y")
+        assert app.clipboard == str(tiny_model_dir)
+
+
+async def test_every_key_of_every_screen_has_its_action(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        for key in "123":
+            await pilot.press(key)
+            for binding in app.screen.BINDINGS:
+                name = binding.action.split("(")[0]
+                assert callable(getattr(app.screen, f"action_{name}", None)), (app.screen, binding.action)
 
 
 async def test_help_shows_the_keys_of_the_current_screen(db):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Input
 
 from tui.store import Store
+from tui.widgets.filter_bar import FilterBar
+from tui.widgets.live_table import LiveTable
 from tui.widgets.nav import NavBar
 
 
@@ -31,6 +33,32 @@ class DeckScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.query_one(NavBar).refresh()
+
+    @property
+    def table(self) -> LiveTable:
+        return self.query_one("#table", LiveTable)
+
+    @property
+    def filter_words(self) -> list[str]:
+        return self.query_one(FilterBar).value.lower().split()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if isinstance(event.input, FilterBar):
+            self.apply_filter()
+
+    def action_focus_filter(self) -> None:
+        self.query_one(FilterBar).focus()
+
+    def copy(self, text: str | None, what: str) -> None:
+        """To the clipboard through the terminal (OSC 52), so it works over SSH."""
+        if text:
+            self.app.copy_to_clipboard(text)
+            self.notify(f"Copied {text}", timeout=3)
+        else:
+            self.notify(f"No {what} to copy", severity="warning", timeout=3)
+
+    def apply_filter(self) -> None:
+        """Show the rows that the filter bar (and any other filter of the screen) lets through."""
 
     # Data hooks, called by the app on the UI thread; each screen patches what it shows.
     def reload(self) -> None: ...

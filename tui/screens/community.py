@@ -10,7 +10,6 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Input
 
 from catalog.states import ModelState
 from engine.community import haystack, matches, terms
@@ -56,10 +55,6 @@ class CommunityScreen(DeckScreen):
         yield InfoLine(id="preview", classes="preview")
         yield from self.compose_footer()
 
-    @property
-    def table(self) -> LiveTable:
-        return self.query_one("#table", LiveTable)
-
     # -- data ---------------------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -68,7 +63,7 @@ class CommunityScreen(DeckScreen):
         self._tagsets = {e.repo_id: frozenset(e.tags) for e in entries}
         self.table.empty_text = "No model matches the filter and tags."
         self.table.set_rows((e.repo_id, self._cells(e)) for e in entries)
-        self._apply_filter()
+        self.apply_filter()
         self._show_tags()
 
     def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
@@ -90,11 +85,8 @@ class CommunityScreen(DeckScreen):
 
     # -- filtering ----------------------------------------------------------------------------------
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        self._apply_filter()
-
-    def _apply_filter(self) -> None:
-        query = terms(self.query_one("#filter", FilterBar).value)
+    def apply_filter(self) -> None:
+        query = terms(" ".join(self.filter_words))
         wanted, tagsets, haystacks = self.tags, self._tagsets, self._haystacks
         if not query and not wanted:
             self.table.set_filter(None)
@@ -129,16 +121,13 @@ class CommunityScreen(DeckScreen):
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.action_primary()
 
-    def action_focus_filter(self) -> None:
-        self.query_one("#filter", FilterBar).focus()
-
     def action_pick_tags(self) -> None:
         counts = Counter(tag for entry in self.store.community.values() for tag in entry.tags)
 
         def chosen(tags: set[str] | None) -> None:
             if tags is not None:
                 self.tags = tags
-                self._apply_filter()
+                self.apply_filter()
 
         self.app.push_screen(TagPicker(dict(counts), self.tags), chosen)
 
@@ -181,6 +170,4 @@ class CommunityScreen(DeckScreen):
 
     def action_copy_link(self) -> None:
         entry = self._entry()
-        if entry is not None:
-            self.app.copy_to_clipboard(entry.link)
-            self.notify(f"Copied {entry.link}", timeout=3)
+        self.copy(entry.link if entry else None, "link")

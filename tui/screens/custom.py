@@ -10,7 +10,6 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Input
 
 from catalog.states import ModelState
 from engine.format import human_bytes, human_time, job_progress
@@ -61,16 +60,12 @@ class CustomScreen(DeckScreen):
         yield InfoLine(id="preview", classes="preview")
         yield from self.compose_footer()
 
-    @property
-    def table(self) -> LiveTable:
-        return self.query_one("#table", LiveTable)
-
     # -- data ---------------------------------------------------------------------------------------
 
     def reload(self) -> None:
         self.table.empty_text = EMPTY
         self.table.set_rows((model_id, self._cells(row)) for model_id, row in self.store.models.items())
-        self._apply_filter()
+        self.apply_filter()
         self._honour_focus_request()
 
     def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
@@ -100,11 +95,8 @@ class CustomScreen(DeckScreen):
 
     # -- filtering and preview ----------------------------------------------------------------------
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        self._apply_filter()
-
-    def _apply_filter(self) -> None:
-        words = self.query_one("#filter", FilterBar).value.lower().split()
+    def apply_filter(self) -> None:
+        words = self.filter_words
         if not words:
             self.table.set_filter(None)
             return
@@ -143,9 +135,6 @@ class CustomScreen(DeckScreen):
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.action_menu()
 
-    def action_focus_filter(self) -> None:
-        self.query_one("#filter", FilterBar).focus()
-
     def action_menu(self) -> None:
         row = self._row()
         if row is None:
@@ -162,6 +151,10 @@ class CustomScreen(DeckScreen):
                 self.call_next(self.run_action, action)
 
         self.app.push_screen(ActionMenu(row.model.name, actions), chosen)
+
+    def action_copy_path(self) -> None:
+        row = self._row()
+        self.copy(row.model.path if row else None, "path")
 
     def action_details(self) -> None:
         row = self._row()

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Input
 
 from catalog.states import DeploymentState
 from engine.format import human_duration, human_time
@@ -53,14 +52,10 @@ class DeploymentsScreen(DeckScreen):
         yield LiveTable(self.COLUMNS, empty_text="Loading…", id="table")
         yield from self.compose_footer()
 
-    @property
-    def table(self) -> LiveTable:
-        return self.query_one("#table", LiveTable)
-
     def reload(self) -> None:
         self.table.empty_text = EMPTY
         self.table.set_rows((d.id, self._cells(d)) for d in self.store.deployments.values())
-        self._apply_filter()
+        self.apply_filter()
 
     def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
         for dep_id in gone:
@@ -75,11 +70,8 @@ class DeploymentsScreen(DeckScreen):
         return (dep.name, dep.backend, dep.endpoint or "—", Text(state, style=STATE_STYLES[dep.state]),
                 human_time(dep.created_at))
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        self._apply_filter()
-
-    def _apply_filter(self) -> None:
-        words = self.query_one("#filter", FilterBar).value.lower().split()
+    def apply_filter(self) -> None:
+        words = self.filter_words
         wanted, deployments = self.state_filter, self.store.deployments
 
         def keep(dep_id: int) -> bool:
@@ -92,13 +84,10 @@ class DeploymentsScreen(DeckScreen):
         self.query_one("#state-line", InfoLine).update(
             f" State: {label}  ·  {len(self.table.visible_keys)} of {self.table.row_count} deployments  ·  s state  / filter  ? keys")
 
-    def action_focus_filter(self) -> None:
-        self.query_one("#filter", FilterBar).focus()
-
     def action_cycle_state(self) -> None:
         index = STATE_FILTERS.index(self.state_filter)
         self.state_filter = STATE_FILTERS[(index + 1) % len(STATE_FILTERS)]
-        self._apply_filter()
+        self.apply_filter()
 
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.action_details()

@@ -82,6 +82,7 @@ class LiveTable(ScrollView, can_focus=True):
         self._visible: list[Key] = []
         self._predicate: Callable[[Key], bool] | None = None
         self._widths: list[int] = []
+        self._widths_for = 0  # the content width the column widths were computed for
         self._line_cache: dict[Key, Strip] = {}
 
     # -- data -------------------------------------------------------------------------------------
@@ -210,14 +211,16 @@ class LiveTable(ScrollView, can_focus=True):
         self.virtual_size = Size(self.size.width, len(self._visible) + 1)
 
     def on_resize(self, _event: events.Resize) -> None:
-        self._widths = []
-        self._line_cache.clear()
         self._resize()
         self._scroll_to_cursor()
 
     def _column_widths(self) -> list[int]:
+        width = max(self.scrollable_content_region.width, 1)
+        if width != self._widths_for:  # resized, or a scrollbar came or went
+            self._widths = []
+            self._widths_for = width
+            self._line_cache.clear()
         if not self._widths:
-            width = max(self.scrollable_content_region.width, 1)
             gaps = len(self.columns)  # one space before each column
             fixed = sum(c.width for c in self.columns if c.width)
             flexible = [c for c in self.columns if not c.width]
@@ -252,6 +255,7 @@ class LiveTable(ScrollView, can_focus=True):
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
+        self._column_widths()  # drops cached lines drawn for another width
         if y == 0:
             style = self.get_component_rich_style("live-table--header")
             return self._render_cells([c.label for c in self.columns], style).extend_cell_length(width, style).crop(0, width)
