@@ -45,6 +45,10 @@ def select_files(paths: list[str]) -> list[str]:
         weights = [p for p in kept if fnmatch.fnmatch(os.path.basename(p), pattern)]
         if weights:
             break
+    # Mistral repos ship their native consolidated.safetensors beside the transformers shards.
+    transformers_format = [p for p in weights if not os.path.basename(p).startswith("consolidated")]
+    if transformers_format:
+        weights = transformers_format
     support = [
         p for p in kept
         if any(fnmatch.fnmatch(os.path.basename(p), pat) for pat in SUPPORT_FILES)
@@ -53,13 +57,21 @@ def select_files(paths: list[str]) -> list[str]:
     return sorted(set(weights + support))
 
 
-def bytes_on_disk(repo_id: str) -> int:
-    """Bytes in the repo's cache blobs, partial downloads included: the download's progress."""
-    blobs = repo_cache_dir(repo_id) / "blobs"
+def bytes_on_disk(repo_id: str, etags: set[str]) -> int:
+    """Bytes of the wanted blobs in the repo's cache, partial downloads (`<etag>[.x].incomplete`)
+    included: the download's progress. Other revisions' blobs do not count."""
+    total = 0
     try:
-        return sum(entry.stat().st_size for entry in os.scandir(blobs) if entry.is_file())
+        entries = list(os.scandir(repo_cache_dir(repo_id) / "blobs"))
     except FileNotFoundError:
         return 0
+    for entry in entries:
+        if entry.name.split(".", 1)[0] in etags:
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:  # renamed from .incomplete to whole between listing and stat
+                pass
+    return total
 
 
 def snapshot_size(path: Path) -> int:

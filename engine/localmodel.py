@@ -63,4 +63,5 @@ def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
     log(f"writing safetensors to {out_dir}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of an earlier attempt at this same model
     partial.rename(out_dir)

@@ -86,11 +86,26 @@ def get_model(db: Database, name: str) -> ModelRow:
     return model_rows(db, {model_id})[0]
 
 
+def _name_taken(session: Session, name: str) -> bool:
+    return session.exec(select(Model).where(Model.name == name)).first() is not None
+
+
 def _check_name(session: Session, name: str) -> None:
     if not NAME_PATTERN.match(name):
         raise EngineError(f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
-    if session.exec(select(Model).where(Model.name == name)).first() is not None:
+    if _name_taken(session, name):
         raise EngineError(f"a custom model named {name!r} already exists; choose another name with --name")
+
+
+def _free_name(session: Session, candidates: list[str]) -> str:
+    """The first candidate not taken, else the first with a number appended (for names nobody chose)."""
+    for name in candidates:
+        if not _name_taken(session, name):
+            return name
+    number = 2
+    while _name_taken(session, f"{candidates[0]}-{number}"):
+        number += 1
+    return f"{candidates[0]}-{number}"
 
 
 def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Job]:
@@ -108,8 +123,11 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
         if model is not None and model.state == ModelState.PENDING:
             raise EngineError(f"{repo_id} is already being downloaded as {model.name!r}")
         if model is None:
-            name = name or repo_id.split("/")[1]
-            _check_name(session, name)
+            if name:
+                _check_name(session, name)
+            else:  # Download in the dashboard gives no name: never refuse for a clash
+                owner, repo_name = repo_id.split("/")
+                name = _free_name(session, [repo_name, f"{owner}-{repo_name}"])
             model = Model(name=name, kind=ModelKind.BASE, source=f"hub:{repo_id}", repo_id=repo_id)
             session.add(model)
             session.flush()
@@ -125,16 +143,25 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
 
 
 def retry(db: Database, name: str) -> tuple[Model, Job]:
+    """Start a failed download or GGUF conversion again, in place (the row keeps its id and name)."""
     with db.read() as session:
         model = find_model(session, name)
     if model.state != ModelState.FAILED:
         raise EngineError(f"{model.name!r} is {model.state.value}; only a failed model can be retried")
     if model.repo_id and model.source.startswith(("hub:", "mirror:")):
         return pull(db, model.repo_id)
-    if model.source.startswith("import:"):
+    gguf = model.meta.get("gguf")
+    if model.source.startswith("import:") and gguf:
+        check_gguf(Path(gguf))  # before anything changes: a moved file leaves the failed row as it was
         with db.write() as session:
-            session.delete(session.get(Model, model.id))
-        return import_path(db, Path(model.source.removeprefix("import:")), model.name)
+            row = session.get(Model, model.id)
+            row.state, row.reason, row.updated_at = ModelState.PENDING, None, now()
+            job = jobs.create(session, JobKind.IMPORT, f"import {Path(gguf).name}", row.id, gguf=gguf, target=row.path)
+            row.job_id = job.id
+            session.add(row)
+            record(session, f"model:{row.id}", "state", "retrying import", state="pending")
+        jobs.spawn(db, job)
+        return row, job
     raise EngineError(f"{model.name!r} cannot be retried; delete it and start again")
 
 
@@ -150,6 +177,7 @@ def import_path(db: Database, path: Path, name: str | None = None) -> tuple[Mode
     else:
         config = check_model_folder(path)
     name = name or (path.stem if is_gguf else path.name)
+    size = None if is_gguf else hub.snapshot_size(path)  # walks the folder: not under the write lock
     with db.write() as session:
         _check_name(session, name)
         if is_gguf:
@@ -160,7 +188,7 @@ def import_path(db: Database, path: Path, name: str | None = None) -> tuple[Mode
                           meta_json=Model.dumps({"gguf": str(path)}))
         else:
             model = Model(name=name, source=f"import:{path}", path=str(path), owns_path=False,
-                          state=ModelState.READY, size_bytes=hub.snapshot_size(path),
+                          state=ModelState.READY, size_bytes=size,
                           meta_json=Model.dumps({"architectures": config.get("architectures"),
                                                  "model_type": config.get("model_type")}))
         session.add(model)
@@ -196,35 +224,69 @@ def dependents(session: Session, model: Model) -> list[str]:
     return reasons
 
 
+def owns_files(model: Model) -> bool:
+    """Whether deleting the model frees its files: a download's cache revision, or what modeldeck wrote
+    under MODELDECK_HOME/models. An imported folder stays where the user keeps it."""
+    return model.owns_path or model.source.startswith("hub:")
+
+
+@dataclass
+class DeletePlan:
+    model: Model
+    blockers: list[str]  # why it cannot be deleted, if anything
+    frees_bytes: int | None  # None when its files are not modeldeck's to delete
+    running_jobs: list[int]
+
+
+def delete_plan(db: Database, name: str) -> DeletePlan:
+    """What deleting `name` would do: shown in the confirmation before anything happens."""
+    with db.read() as session:
+        model = find_model(session, name)
+        running = session.exec(
+            select(Job.id).where(Job.model_id == model.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        ).all()
+        return DeletePlan(model, dependents(session, model), (model.size_bytes or 0) if owns_files(model) else None,
+                          list(running))
+
+
 def delete_model(db: Database, name: str) -> int:
     """Delete a custom model and the disk it owns; returns the bytes freed.
 
-    Refused while an adapter, merged model or deployment depends on it. An unfinished download or
-    conversion is cancelled first. Files that are not modeldeck's (an imported folder) are left alone."""
-    with db.read() as session:
-        model = find_model(session, name)
-        blockers = dependents(session, model)
-        running = session.exec(
-            select(Job).where(Job.model_id == model.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-        ).all()
-    if blockers:
-        raise EngineError(f"cannot delete {model.name!r}: " + "; ".join(blockers))
-    for job in running:
-        jobs.cancel(db, job.id)
-    freed = 0
-    if model.owns_path and model.path:
-        for folder in (Path(model.path), Path(model.path + ".partial")):
-            if folder.exists():
-                freed += hub.snapshot_size(folder)
-                shutil.rmtree(folder)
-    elif model.source.startswith("hub:") and model.repo_id:
-        freed = hub.delete_from_cache(model.repo_id, model.revision)
+    Refused while an adapter, merged model or deployment depends on it (checked again under the write
+    lock, so nothing can start depending on it in between). An unfinished download or conversion is
+    cancelled first. Files that are not modeldeck's (an imported folder) are left alone."""
+    plan = delete_plan(db, name)
+    model = plan.model
+    if plan.blockers:
+        raise EngineError(f"cannot delete {model.name!r}: " + "; ".join(plan.blockers))
+    for job_id in plan.running_jobs:
+        try:
+            jobs.cancel(db, job_id)
+        except EngineError:
+            pass  # it finished meanwhile
     with db.write() as session:
         row = session.get(Model, model.id)
-        if row is not None:
-            session.delete(row)
-            record(session, f"model:{model.id}", "deleted", f"deleted {model.name}", freed=freed)
-    return freed
+        if row is None:
+            raise EngineError(f"{model.name!r} was deleted meanwhile")
+        if blockers := dependents(session, row):
+            raise EngineError(f"cannot delete {model.name!r}: " + "; ".join(blockers))
+        model = row
+        session.delete(row)
+        record(session, f"model:{model.id}", "deleted", f"deleted {model.name}")
+    # The row is gone first: no record ever points at half-deleted files.
+    try:
+        if model.owns_path and model.path:
+            freed = 0
+            for folder in (Path(model.path), Path(model.path + ".partial")):
+                if folder.exists():
+                    freed += hub.snapshot_size(folder)
+                    shutil.rmtree(folder)
+            return freed
+        if model.source.startswith("hub:") and model.repo_id:
+            return hub.delete_from_cache(model.repo_id, model.revision)
+    except OSError as exc:
+        raise EngineError(f"deleted {model.name!r}, but could not remove all of its files: {exc}") from exc
+    return 0
 
 
 def job_rows(db: Database, limit: int = 200) -> list[Job]:

@@ -41,6 +41,8 @@ class HubServer:
     repos: dict[str, Repo] = field(default_factory=dict)
     bytes_per_second: float | None = None  # throttle file bodies (None: as fast as possible)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
+    cdn: HubServer | None = None  # when set, file resolves redirect there, as the Hub does for LFS files
+    authorizations: list[str | None] = field(default_factory=list)  # Authorization header of each request
 
     def start(self) -> HubServer:
         hub = self
@@ -78,6 +80,7 @@ class HubServer:
         url = urlparse(req.path)
         path = unquote(url.path)
         self.requests.append((req.command, path, req.headers.get("Range")))
+        self.authorizations.append(req.headers.get("Authorization"))
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
             repo = self._repo(req, m.group(1))
             if repo:
@@ -94,7 +97,9 @@ class HubServer:
                 self._json(req, tree, head)
         elif m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             repo = self._repo(req, m.group(1))
-            if repo:
+            if repo and self.cdn is not None and m.group(3) in repo.files:
+                self._redirect(req, repo, m.group(3), f"{self.cdn.url}{path}")
+            elif repo:
                 self._file(req, repo, m.group(3), head)
         else:
             self._error(req, 404, "EntryNotFound", "no such route")
@@ -120,6 +125,15 @@ class HubServer:
         req.end_headers()
         if req.command != "HEAD":
             req.wfile.write(body)
+
+    def _redirect(self, req, repo: Repo, filename: str, location: str) -> None:
+        req.send_response(302)
+        req.send_header("Location", location)
+        req.send_header("X-Repo-Commit", repo.sha)
+        req.send_header("X-Linked-Etag", f'"{repo.etag(filename)}"')
+        req.send_header("X-Linked-Size", str(len(repo.files[filename])))
+        req.send_header("Content-Length", "0")
+        req.end_headers()
 
     def _json(self, req, value, head: bool) -> None:
         body = json.dumps(value).encode()

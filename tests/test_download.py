@@ -16,6 +16,7 @@ from engine import hub as hubmod
 from engine import jobs, models
 from engine.errors import EngineError
 from tests.conftest import BIG, TINY_FILES, settled, wait_until
+from tests.hubserver import HubServer
 
 
 def job_of(db, job_id: int) -> Job:
@@ -33,8 +34,8 @@ def test_download_fetches_weights_only_into_the_hf_cache(db, hub):
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                          "tokenizer_config.json"]
     assert (snapshot / "model.safetensors").read_bytes() == TINY_FILES["model.safetensors"]
-    assert model.size_bytes == sum(len(TINY_FILES[n]) for n in ("config.json", "model.safetensors",
-                                                               "tokenizer.json", "tokenizer_config.json"))
+    contents = {TINY_FILES[n] for n in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")}
+    assert model.size_bytes == sum(len(c) for c in contents)  # on disk: files with equal content share a blob
     fetched = {path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
     assert not any(p.endswith((".bin", ".pth", ".md")) for p in fetched)
     assert job_of(db, job.id).state == JobState.SUCCEEDED
@@ -111,6 +112,21 @@ def test_token_is_used_but_never_written_to_the_database_or_a_log(db, hub, monke
             assert secret.encode() not in path.read_bytes(), path
 
 
+def test_the_token_never_follows_a_redirect_to_a_cdn(db, hub, monkeypatch):
+    cdn = HubServer({"org/tiny": hub.repos["org/tiny"]}).start()
+    hub.cdn = cdn
+    try:
+        monkeypatch.setenv("HF_TOKEN", "hf_secretTOKENvalue12345")
+        model, _ = models.pull(db, "org/tiny")
+        model = settled(db, model.id)
+        assert model.state == ModelState.READY, model.reason
+        assert any(method == "GET" and "/resolve/" in path for method, path, _ in cdn.requests)
+        assert not any(cdn.authorizations), "the token was sent to the CDN"
+        assert any(hub.authorizations), "the Hub itself should get the token"
+    finally:
+        cdn.stop()
+
+
 def test_unknown_repo_is_not_found(db, hub):
     model, _ = models.pull(db, "org/missing")
     model = settled(db, model.id)
@@ -157,16 +173,6 @@ def test_disk_full_is_explained():
     assert category == "disk-full" and "disk full" in reason and "retry to resume" in reason
 
 
-def test_not_enough_free_space_fails_before_downloading(monkeypatch):
-    import shutil as shutil_module
-
-    usage = shutil_module.disk_usage("/")
-    monkeypatch.setattr(hubmod.shutil, "disk_usage", lambda path: usage._replace(free=1000))
-    with pytest.raises(OSError) as info:
-        hubmod.check_free_space(5000)
-    assert info.value.errno == errno.ENOSPC
-
-
 def test_delete_frees_the_cache_but_never_another_models_files(db, hub):
     a, _ = models.pull(db, "org/tiny")
     b, _ = models.pull(db, "org/big")
@@ -209,3 +215,43 @@ def test_a_job_whose_process_vanished_is_failed_by_whoever_reads(db, hub):
     model = settled(db, model.id)
     assert model.state == ModelState.FAILED
     assert "ended without reporting" in model.reason
+
+
+def test_a_job_cancelled_before_its_process_claims_it_never_runs(db, hub):
+    from catalog.schema import JobKind
+
+    with db.write() as session:
+        model = Model(name="queued", source="hub:org/tiny", repo_id="org/tiny")
+        session.add(model)
+        session.flush()
+        job = jobs.create(session, JobKind.DOWNLOAD, "download org/tiny", model.id, repo_id="org/tiny")
+    assert jobs.cancel(db, job.id).state == JobState.CANCELLED
+    jobs.spawn(db, job)  # the process arrives late: it must see the cancellation and stop
+    jobs._children[job.id].wait(timeout=30)
+    assert job_of(db, job.id).state == JobState.CANCELLED
+    with db.read() as session:
+        model = session.get(Model, model.id)
+    assert model.state == ModelState.FAILED and "cancelled" in model.reason
+    assert not hubmod.repo_cache_dir("org/tiny").exists()
+
+
+def test_a_name_clash_on_download_picks_a_free_name(db, hub, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "tiny")  # the name the download would take
+    model, _ = models.pull(db, "org/tiny")
+    assert model.name == "org-tiny"
+    with pytest.raises(EngineError, match="already exists"):
+        models.pull(db, "org/big", name="tiny")  # a name the user chose is never changed
+
+
+def test_disk_full_before_downloading_fails_the_model_with_the_reason(db, hub, tmp_path, monkeypatch):
+    """The job process sees a nearly full disk (shutil.disk_usage patched inside it at start-up)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import shutil\n_real = shutil.disk_usage\n"
+        "shutil.disk_usage = lambda path: _real(path)._replace(free=1000)\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    model, _ = models.pull(db, "org/tiny")
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert model.reason.startswith("disk full while writing to") and "retry to resume" in model.reason

@@ -92,3 +92,33 @@ def test_smollm2_is_obtainable_offline_from_its_packaged_mirror(db):
     out = lm.generate(**prompt, max_new_tokens=12, do_sample=False)
     reply = tokenizer.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+def test_retrying_a_failed_conversion_keeps_the_model_until_it_can_start(db, tmp_path):
+    from tests.tinymodel import make_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    make_tiny_gguf(gguf)
+    model, job = models.import_path(db, gguf, "convert-me")
+    from engine import jobs
+
+    jobs.stop_process_group(jobs._children[job.id].pid, deadline_s=0.1)  # kill the conversion
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+
+    moved = tmp_path / "moved.gguf"
+    gguf.rename(moved)
+    with pytest.raises(EngineError, match="no such file"):
+        models.retry(db, "convert-me")
+    assert models.get_model(db, "convert-me").model.state == ModelState.FAILED  # still there, unchanged
+
+    moved.rename(gguf)
+    retried, _ = models.retry(db, "convert-me")
+    assert retried.id == model.id
+    assert settled(db, model.id, timeout=120).state == ModelState.READY
+
+
+def test_the_delete_plan_says_what_would_be_freed(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "in-place")
+    plan = models.delete_plan(db, "in-place")
+    assert plan.blockers == [] and plan.frees_bytes is None and plan.running_jobs == []

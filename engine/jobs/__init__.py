@@ -148,7 +148,11 @@ def _exit_description(job: Job) -> str:
     if code is None:
         return "the job process ended without reporting"
     if code < 0:
-        return f"the job process was killed by signal {signal.Signals(-code).name}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # real-time signals have no name
+            name = str(-code)
+        return f"the job process was killed by signal {name}"
     return f"the job process exited with code {code}"
 
 
@@ -162,26 +166,28 @@ def reconcile(db: Database) -> list[int]:
     for job in open_jobs:
         if process_alive(job.pid, job.pid_started_at):
             continue
-        if job.pid is None and now() - job.created_at < NEVER_STARTED_S:
+        if job.pid is None and not job.cancel_requested and now() - job.created_at < NEVER_STARTED_S:
             continue  # being spawned right now
+        # Worked out before taking the write lock, which every job's progress writes wait on.
+        if job.cancel_requested:
+            state, reason = JobState.CANCELLED, "cancelled"
+        else:
+            tail = log_tail(job.log_path)
+            state = JobState.FAILED
+            reason = _exit_description(job) + (": " + " | ".join(tail[-3:]) if tail else "")
         with db.write() as session:
             job = session.get(Job, job.id)  # re-read under the write lock: it may have just finished
-            if job.state.is_terminal():
+            if not transition(session, job, state, error=None if state == JobState.CANCELLED else reason):
                 continue
-            if job.cancel_requested:
-                reason = "cancelled"
-                transition(session, job, JobState.CANCELLED)
-            else:
-                tail = log_tail(job.log_path)
-                reason = _exit_description(job) + (": " + " | ".join(tail[-3:]) if tail else "")
-                transition(session, job, JobState.FAILED, error=reason)
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
         settled.append(job.id)
     return settled
 
 
 def cancel(db: Database, job_id: int) -> Job:
-    """Stop a job: ask, terminate its process group, wait a deadline, kill. Ends Cancelled."""
+    """Stop a job: ask, terminate its process group, wait a deadline, kill. Ends Cancelled.
+
+    A job whose process has not claimed it yet is cancelled at once; its process then refuses to start."""
     with db.write() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -191,6 +197,9 @@ def cancel(db: Database, job_id: int) -> Job:
         job.cancel_requested = True
         session.add(job)
         record(session, f"job:{job.id}", "cancel", "cancel requested", model_id=job.model_id)
+        if job.state == JobState.QUEUED and job.pid is None:
+            transition(session, job, JobState.CANCELLED)
+            fail_model(session, job.model_id, f"{job.kind.value} cancelled")
     if process_alive(job.pid, job.pid_started_at):
         stop_process_group(job.pid)
     reconcile(db)

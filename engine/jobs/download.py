@@ -10,7 +10,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url, snapshot_download
 from huggingface_hub.file_download import http_get
@@ -28,22 +30,22 @@ RATE_WINDOW_S = 3.0
 
 
 class ProgressReporter(threading.Thread):
-    """Measures bytes arrived in the repo's cache folder and reports bytes, rate and ETA."""
+    """Measures the bytes of the wanted blobs that have arrived and reports bytes, rate and ETA."""
 
-    def __init__(self, ctx: JobContext, repo_id: str, total: int):
+    def __init__(self, ctx: JobContext, repo_id: str, etags: set[str], total: int):
         super().__init__(name="progress", daemon=True)
-        self.ctx, self.repo_id, self.total = ctx, repo_id, total
+        self.ctx, self.repo_id, self.etags, self.total = ctx, repo_id, etags, total
         self.finished = threading.Event()
         self.samples: deque[tuple[float, int]] = deque()
 
     def sample(self) -> None:
-        done = min(hub.bytes_on_disk(self.repo_id), self.total)
+        done = min(hub.bytes_on_disk(self.repo_id, self.etags), self.total)
         t = time.monotonic()
         self.samples.append((t, done))
         while self.samples and t - self.samples[0][0] > RATE_WINDOW_S:
             self.samples.popleft()
         t0, d0 = self.samples[0]
-        rate = (done - d0) / (t - t0) if t > t0 else None
+        rate = max(done - d0, 0) / (t - t0) if t > t0 else None
         eta = (self.total - done) / rate if rate else None
         self.ctx.report(bytes_done=done, bytes_total=self.total, rate=rate, eta_s=eta,
                         progress=done / self.total if self.total else None)
@@ -52,8 +54,30 @@ class ProgressReporter(threading.Thread):
         while not self.finished.wait(REPORT_EVERY_S):
             self.sample()
 
+    def stop(self) -> None:
+        """Stop and wait, so no late report lands after the job's final state."""
+        self.finished.set()
+        if self.is_alive():
+            self.join()
 
-def fetch_blob(repo_id: str, etag: str, url: str, size: int | None, filename: str) -> None:
+
+@dataclass
+class Blob:
+    filename: str
+    etag: str
+    url: str  # after redirects: the Hub's, or a CDN's
+    size: int | None
+
+
+def blob_headers(url: str) -> dict[str, str]:
+    """The Hub's headers (the token among them) go to Hub hosts only, never to a CDN's signed URL."""
+    headers = build_hf_headers()
+    if urlparse(url).netloc != urlparse(hub.endpoint()).netloc and not urlparse(url).netloc.endswith("huggingface.co"):
+        headers.pop("authorization", None)
+    return headers
+
+
+def fetch_blob(repo_id: str, blob: Blob) -> None:
     """Download one file into the cache's blobs, resumably.
 
     huggingface_hub writes each download to a process-unique temporary file and deletes it on failure,
@@ -62,33 +86,31 @@ def fetch_blob(repo_id: str, etag: str, url: str, size: int | None, filename: st
     becomes `blobs/<etag>`, where huggingface_hub finds it and links it into the snapshot."""
     blobs = hub.repo_cache_dir(repo_id) / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
-    blob = blobs / etag
-    if blob.exists():
+    whole = blobs / blob.etag
+    if whole.exists():
         return
-    partial = blobs / f"{etag}.incomplete"
+    partial = blobs / f"{blob.etag}.incomplete"
     resume = partial.stat().st_size if partial.exists() else 0
-    if size is not None and resume > size:  # not ours to continue: start again
+    if blob.size is not None and resume > blob.size:  # not ours to continue: start again
         partial.unlink()
         resume = 0
     with partial.open("ab") as out:
-        http_get(url, out, resume_size=resume, headers=build_hf_headers(), expected_size=size,
-                 displayed_filename=filename)
-    if size is not None and partial.stat().st_size != size:
-        raise OSError(f"{filename}: got {partial.stat().st_size} bytes, expected {size}")
-    partial.replace(blob)
+        http_get(blob.url, out, resume_size=resume, headers=blob_headers(blob.url), expected_size=blob.size,
+                 displayed_filename=blob.filename)
+    if blob.size is not None and partial.stat().st_size != blob.size:
+        raise OSError(f"{blob.filename}: got {partial.stat().st_size} bytes, expected {blob.size}")
+    partial.replace(whole)
 
 
-def fetch_blobs(repo_id: str, revision: str, files: list[str]) -> None:
-    """Fetch every file's blob, eight at a time, each distinct content once."""
-    def metadata(name: str):
-        return name, get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision, endpoint=hub.endpoint()),
-                                          endpoint=hub.endpoint())
+def blobs_of(pool: ThreadPoolExecutor, repo_id: str, revision: str, files: list[str]) -> list[Blob]:
+    """Each distinct content among `files` once (two files may share a blob), largest first."""
+    def metadata(name: str) -> Blob:
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision, endpoint=hub.endpoint()),
+                                    endpoint=hub.endpoint())
+        return Blob(name, meta.etag, meta.location, meta.size)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        unique = {meta.etag: (name, meta) for name, meta in pool.map(metadata, files)}
-        by_size = sorted(unique.values(), key=lambda item: -(item[1].size or 0))
-        list(pool.map(lambda item: fetch_blob(repo_id, item[1].etag, item[1].location, item[1].size, item[0]),
-                      by_size))
+    unique = {blob.etag: blob for blob in pool.map(metadata, files)}
+    return sorted(unique.values(), key=lambda blob: -(blob.size or 0))
 
 
 def fetch(ctx: JobContext, repo_id: str) -> None:
@@ -101,22 +123,25 @@ def fetch(ctx: JobContext, repo_id: str) -> None:
     if not any(p.endswith((".safetensors", ".bin")) for p in selected):
         raise JobFailure(f"{repo_id} has no weights in safetensors or PyTorch format "
                          f"(a GGUF-only repo: download the .gguf file and import it)")
-    total = sum(sizes[p] for p in selected)
-    ctx.log(f"revision {info.sha}: {len(selected)} files, {total} bytes: {', '.join(selected)}")
-    already = min(hub.bytes_on_disk(repo_id), total)
-    if already:
-        ctx.log(f"resuming: {already} bytes already here")
-    hub.check_free_space(total - already)
-    reporter = ProgressReporter(ctx, repo_id, total)
-    reporter.sample()
-    reporter.start()
-    try:
-        fetch_blobs(repo_id, info.sha, selected)
-        # huggingface_hub links the blobs into the snapshot and records the revision.
-        path = snapshot_download(repo_id, revision=info.sha, allow_patterns=selected,
-                                 cache_dir=hub.hub_cache_dir(), endpoint=hub.endpoint())
-    finally:
-        reporter.finished.set()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        blobs = blobs_of(pool, repo_id, info.sha, selected)
+        etags = {blob.etag for blob in blobs}
+        total = sum(blob.size or 0 for blob in blobs)
+        ctx.log(f"revision {info.sha}: {len(selected)} files, {total} bytes: {', '.join(selected)}")
+        already = min(hub.bytes_on_disk(repo_id, etags), total)
+        if already:
+            ctx.log(f"resuming: {already} bytes already here")
+        hub.check_free_space(total - already)
+        reporter = ProgressReporter(ctx, repo_id, etags, total)
+        reporter.sample()
+        reporter.start()
+        try:
+            list(pool.map(lambda blob: fetch_blob(repo_id, blob), blobs))
+            # huggingface_hub links the blobs into the snapshot and records the revision.
+            path = snapshot_download(repo_id, revision=info.sha, allow_patterns=selected,
+                                     cache_dir=hub.hub_cache_dir(), endpoint=hub.endpoint())
+        finally:
+            reporter.stop()
     reporter.sample()
     ctx.log(f"downloaded to {path}")
     ctx.succeed(path=path, revision=info.sha, size_bytes=total,
@@ -151,6 +176,7 @@ def from_mirror(ctx: JobContext, repo_id: str, home: Path) -> bool:
         name = session.get(Model, ctx.model_id).name
     target = home / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
+    ctx.update_model(path=str(target), owns_path=True)  # so a delete mid-way also frees the partial output
     ctx.report(metrics_json='{"phase": "converting GGUF from local mirror"}')
     convert_gguf(location, target, ctx.log)
     ctx.succeed(path=str(target), owns_path=True, source=source, size_bytes=hub.snapshot_size(target),
@@ -168,8 +194,11 @@ def work(ctx: JobContext) -> None:
         category, reason = hub.explain_error(exc, repo_id)
         ctx.log(f"download failed ({category}): {type(exc).__name__}: {exc}")
         if category == "offline":
-            if from_mirror(ctx, repo_id, ctx.db.path.parent):
-                return
+            try:
+                if from_mirror(ctx, repo_id, ctx.db.path.parent):
+                    return
+            except EngineError as mirror_error:  # e.g. a malformed mirrors.toml
+                raise JobFailure(f"{reason}; and the mirrors cannot be read: {mirror_error}") from mirror_error
             reason += ("; no local mirror of it either: import it from a folder or GGUF file, "
                        "or add a mirror in MODELDECK_HOME/mirrors.toml")
         raise JobFailure(reason) from exc

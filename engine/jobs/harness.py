@@ -103,6 +103,10 @@ def main(work: Callable[[JobContext], None]) -> None:
         if job is None:
             sys.exit(f"no job {job_id} in {db_path}")
         me = psutil.Process()
+        if job.cancel_requested:  # cancelled between spawn and now
+            transition(session, job, JobState.CANCELLED)
+            fail_model(session, job.model_id, f"{job.kind.value} cancelled")
+            sys.exit(f"job {job_id} was cancelled before it started")
         if not transition(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
                           heartbeat_at=now()):
             sys.exit(f"job {job_id} is {job.state.value}; not starting")
