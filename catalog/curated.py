@@ -10,37 +10,13 @@ from sqlmodel import delete, select
 
 from catalog.db import CatalogError, Database
 from catalog.schema import CommunityModel, Event, now
+from catalog.tags import TASKS, license_family, size_class
 
 CURATED_FILE = Path(__file__).with_name("community.toml")
-TASKS = {"chat", "text-generation", "embedding"}
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "repo_id": str, "name": str, "description": str, "task": str, "params": int,
     "license": str, "gated": bool, "chat": bool, "finetunable": bool, "capabilities": list,
 }
-_LICENSE_FAMILIES = {
-    "apache-2.0": "apache", "mit": "mit", "gemma": "gemma", "falcon-llm": "falcon",
-    "bigcode-openrail-m": "openrail",
-}
-
-
-def size_class(params: int) -> str:
-    """The size tag a user filters by, from the parameter count."""
-    billions = params / 1e9
-    if billions < 1:
-        return "<1B"
-    if billions < 4:
-        return "1-4B"
-    if billions < 15:
-        return "4-15B"
-    if billions < 40:
-        return "15-40B"
-    return "40B+"
-
-
-def license_family(license_id: str) -> str:
-    if license_id.startswith("llama"):
-        return "llama"
-    return _LICENSE_FAMILIES.get(license_id, "other")
 
 
 def derive_tags(entry: dict[str, Any]) -> list[str]:
@@ -66,6 +42,8 @@ def load_curated(path: Path = CURATED_FILE) -> list[CommunityModel]:
         raise CatalogError(f"{path}: expected [[model]] entries, found none")
     models, seen = [], set()
     for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{path}: model #{position}: expected a table ([[model]]), got {entry!r}")
         where = f"{path}: model #{position}" + (f" ({entry['repo_id']})" if isinstance(entry.get("repo_id"), str) else "")
         for field, kind in _REQUIRED.items():
             if field not in entry:
@@ -77,6 +55,8 @@ def load_curated(path: Path = CURATED_FILE) -> list[CommunityModel]:
             raise CatalogError(f"{where}: repo_id must look like 'owner/name'")
         if repo_id in seen:
             raise CatalogError(f"{where}: repo_id listed twice")
+        if not all(isinstance(c, str) and c for c in entry["capabilities"]):
+            raise CatalogError(f"{where}: capabilities must be a list of words")
         if entry["task"] not in TASKS:
             raise CatalogError(f"{where}: task must be one of {', '.join(sorted(TASKS))}")
         seen.add(repo_id)

@@ -27,7 +27,7 @@ DB_FILENAME = "modeldeck.db"
 
 def home_dir() -> Path:
     """MODELDECK_HOME, else the platform's user data directory (created, checked writable)."""
-    configured = os.environ.get("MODELDECK_HOME")
+    configured = os.environ.get("MODELDECK_HOME", "").strip()  # empty means unset, as usual
     home = Path(configured).expanduser() if configured else Path(platformdirs.user_data_dir("modeldeck"))
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,9 @@ def migrate(path: Path) -> None:
                 f"{path} has schema version {version}, newer than this modeldeck understands "
                 f"({SCHEMA_VERSION}); upgrade modeldeck"
             )
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise CatalogError(f"{path} is an SQLite database of another program (it has tables but no "
+                               f"modeldeck schema version); point MODELDECK_HOME elsewhere")
         conn.execute("PRAGMA journal_mode=WAL")  # persistent; only once we know the file is ours
         if version == SCHEMA_VERSION:
             return

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from catalog.states import ModelState
+
 if TYPE_CHECKING:
     from catalog.schema import Job
+    from engine.models import DeletePlan
 
 
 def human_bytes(n: float | None) -> str:
@@ -54,15 +57,44 @@ def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return ("█" * full + partial).ljust(width, "·")
 
 
-def job_progress(job: Job, short: bool) -> str:
-    """'42% 12.3 MB/s 1m02s' (short) or with bytes and a bar (long); a phase when bytes are unknown."""
+def job_progress(job: Job, detail: str = "short") -> str:
+    """A job's progress at three levels of detail: "tiny" ('42%'), "short" ('42% 12.3 MB/s ETA 1m02s'),
+    "long" (with a bar and the bytes); its phase (and time in it) when bytes are not counted."""
     if job.bytes_total:
         done = job.bytes_done or 0
         fraction = done / job.bytes_total
+        if detail == "tiny":
+            return f"{fraction:.0%}"
         rate = f" {human_bytes(job.rate)}/s" if job.rate else ""
         eta = f" ETA {human_duration(job.eta_s)}" if job.eta_s is not None else ""
-        if short:
+        if detail == "short":
             return f"{fraction:.0%}{rate}{eta}"
         return f"{progress_bar(fraction)} {fraction:.0%}  {human_bytes(done)} of {human_bytes(job.bytes_total)}{rate}{eta}"
-    phase = job.loads(job.metrics_json, {}).get("phase")
-    return phase or ("starting" if job.state.value == "queued" else "working")
+    metrics = job.loads(job.metrics_json, {})
+    phase = metrics.get("phase") or ("starting" if job.state.value == "queued" else "working")
+    if detail == "tiny":
+        return ""
+    elapsed = metrics.get("elapsed_s")
+    return f"{phase} ({human_duration(elapsed)})" if elapsed is not None else phase
+
+
+def state_text(state: ModelState, reason: str | None, job: Job | None, detail: str = "short") -> str:
+    """How a model's state reads everywhere: 'Ready', 'Failed: <reason>' ('Failed' when tiny),
+    'Pending <progress>'."""
+    if state == ModelState.READY:
+        return "Ready"
+    if state == ModelState.FAILED:
+        return "Failed" if detail == "tiny" else f"Failed: {reason}"
+    progress = job_progress(job, detail) if job is not None else "waiting"
+    return f"Pending {progress}".rstrip()
+
+
+def delete_consequence(plan: DeletePlan) -> str:
+    """What deleting frees, for the confirmation (dashboard and CLI alike)."""
+    model = plan.model
+    if plan.frees_bytes is None:
+        return f"Its files in {model.path} are not modeldeck's and stay where they are."
+    running = " Its running job is cancelled first." if plan.running_jobs else ""
+    if plan.frees_bytes:
+        return f"This frees {human_bytes(plan.frees_bytes)} on disk.{running}"
+    return f"Any partial files are removed.{running}"

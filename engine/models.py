@@ -165,12 +165,14 @@ def retry(db: Database, name: str) -> tuple[Model, Job]:
     raise EngineError(f"{model.name!r} cannot be retried; delete it and start again")
 
 
-def import_path(db: Database, path: Path, name: str | None = None) -> tuple[Model, Job | None]:
+def import_path(db: Database, path: str | Path, name: str | None = None) -> tuple[Model, Job | None]:
     """Import a local model as a Custom base model.
 
     A folder in Hugging Face layout is registered where it is (never copied, never deleted by us) and is
     Ready at once; a GGUF file is converted to safetensors under MODELDECK_HOME/models by a job."""
-    path = path.expanduser().resolve()
+    if isinstance(path, str) and not path.strip():  # Path("") would quietly mean the current folder
+        raise EngineError("give the path of a model folder or a .gguf file")
+    path = Path(path).expanduser().resolve()
     is_gguf = path.suffix.lower() == ".gguf"
     if is_gguf:
         check_gguf(path)

@@ -55,6 +55,7 @@ def test_pull_wait_exits_non_zero_with_the_reason_when_it_fails(hub):
     (("show", "nothing"), "no custom model named 'nothing'"),
     (("pull", "not-a-repo"), "invalid repo id"),
     (("import", "/no/such/path"), "no such folder"),
+    (("import", ""), "give the path of a model folder"),
     (("rm", "ghost", "--yes"), "no custom model named 'ghost'"),
     (("cancel", "42"), "no job 42"),
 ])
@@ -77,3 +78,26 @@ def test_a_bad_home_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELDECK_HOME", str(blocker / "home"))
     result = run("ls", check=False)
     assert result.returncode == 1 and "cannot create modeldeck home" in result.stderr
+
+
+def test_an_unknown_tag_is_an_error_that_lists_the_tags():
+    result = run("catalog", "--tag", "nonsense", check=False)
+    assert result.returncode == 1 and "unknown tag nonsense; tags: chat," in result.stderr
+
+
+def test_output_into_a_closed_pipe_is_not_an_error():
+    result = subprocess.run(f"{sys.executable} -m tui.cli catalog | head -n 1", shell=True, capture_output=True,
+                            text=True, env=dict(os.environ), timeout=60)
+    assert result.stdout.startswith("REPO ID") and "Traceback" not in result.stderr
+
+
+def test_rm_refuses_a_model_with_dependents_before_asking(tiny_model_dir, db):
+    from catalog.schema import Model, ModelKind, ModelState
+    from engine import models
+
+    base, _ = models.import_path(db, tiny_model_dir, "base")
+    with db.write() as session:
+        session.add(Model(name="lora", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune",
+                          base_id=base.id))
+    result = run("rm", "base", check=False)
+    assert result.returncode == 1 and "adapter 'lora' is built on it" in result.stderr

@@ -6,7 +6,8 @@ import pytest
 from sqlmodel import select
 
 from catalog import CatalogError
-from catalog.curated import CURATED_FILE, load_curated, size_class, upsert_curated
+from catalog.curated import CURATED_FILE, load_curated, upsert_curated
+from catalog.tags import size_class
 from catalog.schema import CommunityModel, Event, Model
 
 
@@ -47,12 +48,20 @@ def test_upsert_is_idempotent_and_follows_a_changed_file(db, tmp_path):
         assert session.exec(select(Event).where(Event.subject == "community")).all()
 
 
+def test_size_classes_agree_with_the_size_shown():
+    assert size_class(999_885_952) == "1-4B"  # shown as 1.0B
+    assert size_class(494_032_768) == "<1B" and size_class(70_553_706_496) == "40B+"
+
+
 @pytest.mark.parametrize("content, message", [
     ("[[model]\nname = 1", r"not valid TOML"),
     ("title = 'no models'", r"expected \[\[model\]\] entries"),
     ('[[model]]\nrepo_id = "a/b"\nname = "x"', r"model #1 \(a/b\): missing field 'description'"),
     ('[[model]]\nrepo_id = "a/b"\nname = "x"\ndescription = "d"\ntask = "chat"\nparams = "big"\nlicense = "mit"\n'
      'gated = false\nchat = true\nfinetunable = true\ncapabilities = []', r"field 'params' should be int"),
+    ("model = [1, 2]", r"model #1: expected a table"),
+    ('[[model]]\nrepo_id = "a/b"\nname = "x"\ndescription = "d"\ntask = "chat"\nparams = 5\nlicense = "mit"\n'
+     'gated = false\nchat = true\nfinetunable = true\ncapabilities = [1]', r"capabilities must be a list of words"),
     ('[[model]]\nrepo_id = "nope"\nname = "x"\ndescription = "d"\ntask = "chat"\nparams = 5\nlicense = "mit"\n'
      'gated = false\nchat = true\nfinetunable = true\ncapabilities = []', r"repo_id must look like 'owner/name'"),
 ])

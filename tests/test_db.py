@@ -144,3 +144,21 @@ def test_state_enums_are_stored_as_readable_text(isolated):
     conn = sqlite3.connect(Path(db.path))
     assert conn.execute("SELECT kind, state FROM model").fetchone() == ("base", "failed")
     assert conn.execute("SELECT kind, state FROM job").fetchone() == ("import", "queued")
+
+
+def test_another_programs_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "theirs.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE accounts (id INTEGER, name TEXT)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(CatalogError, match="database of another program"):
+        open_database(path)
+    assert path.read_bytes() == before
+
+
+def test_an_empty_modeldeck_home_means_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELDECK_HOME", "")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert home_dir() == tmp_path / "data" / "modeldeck"

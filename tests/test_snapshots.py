@@ -96,7 +96,7 @@ class TestDialogs:
 
     def test_import_with_error(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size,
-                            run_before=keys("2", "i", shown(ImportDialog), *"/nowhere", "enter", "enter"))
+                            run_before=keys("2", "i", shown(ImportDialog), *"/nowhere", "enter"))
 
     def test_deployment_details(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "down", "d", shown(DetailsDialog)))

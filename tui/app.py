@@ -48,7 +48,7 @@ class ModelDeckApp(App):
     BINDINGS = [
         Binding("1", "switch_mode('community')", "Community", id="app.community", tooltip="Curated open models", show=False),
         Binding("2", "switch_mode('custom')", "Custom", id="app.custom", tooltip="Your downloaded and fine-tuned models", show=False),
-        Binding("3", "switch_mode('deployments')", "Deployed", id="app.deployments", tooltip="Active deployments", show=False),
+        Binding("3", "switch_mode('deployments')", "Active deployments", id="app.deployments", tooltip="Active deployments", show=False),
         Binding("question_mark", "help", "Keys", id="app.help", tooltip="Show the keys of this screen"),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
@@ -82,12 +82,20 @@ class ModelDeckApp(App):
         follower = EventFollower(self.db)  # before the load, so no change slips between the two
         self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db), deployment_rows(self.db)))
         worker = get_current_worker()
-        last_reconcile = 0.0
+        last_reconcile, last_error = 0.0, None
         while self._follow and not worker.is_cancelled:
-            if time.monotonic() - last_reconcile > RECONCILE_S:
-                jobs.reconcile(self.db)
-                last_reconcile = time.monotonic()
-            self.apply_changes(follower)
+            try:
+                if time.monotonic() - last_reconcile > RECONCILE_S:
+                    last_reconcile = time.monotonic()
+                    jobs.reconcile(self.db)
+                self.apply_changes(follower)
+                last_error = None
+            except Exception as exc:  # noqa: BLE001 - a bad moment (disk full, locked file) must not end live updates
+                if repr(exc) != last_error:
+                    last_error = repr(exc)
+                    self.call_from_thread(self.notify, f"{type(exc).__name__}: {exc}",
+                                          title="Live updates paused; retrying", severity="warning", timeout=8)
+                time.sleep(1.0)
             time.sleep(POLL_S)
 
     def apply_changes(self, follower: EventFollower) -> None:
@@ -120,9 +128,24 @@ class ModelDeckApp(App):
             screen.reload()
 
     def on_models_changed(self, message: ModelsChanged) -> None:
+        self.announce_outcomes(message)
         repos = self.store.apply_models(message.rows, message.gone)
         for screen in self._tab_screens():
             screen.models_changed({r.model.id for r in message.rows}, message.gone, repos)
+
+    def announce_outcomes(self, message: ModelsChanged) -> None:
+        """A model that leaves Pending says so, wherever the user is looking."""
+        from catalog.states import ModelState
+
+        for row in message.rows:
+            before = self.store.models.get(row.model.id)
+            if before is None or before.model.state != ModelState.PENDING or row.model.state == ModelState.PENDING:
+                continue
+            if row.model.state == ModelState.READY:
+                self.notify(f"{row.model.name} is ready", timeout=4)
+            else:
+                self.notify(row.model.reason or "no reason given", title=f"{row.model.name} failed",
+                            severity="error", timeout=12)
 
     def on_deployments_changed(self, message: DeploymentsChanged) -> None:
         self.store.apply_deployments(message.rows, message.gone)
@@ -141,14 +164,16 @@ class ModelDeckApp(App):
             self.push_screen(HelpDialog(self.screen, self.BINDINGS))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        """The palette offers every key of the app and of the current screen, calling the same actions."""
+        """The palette offers Textual's own commands (keys, quit, theme), the three screens and every
+        action of the current screen, calling the same actions as the keys."""
         yield from super().get_system_commands(screen)
-        for owner, bindings in ((self, self.BINDINGS), (screen, getattr(screen, "BINDINGS", []))):
-            for binding in bindings:
-                if isinstance(binding, Binding) and binding.description and binding.id:
-                    help_text = binding.tooltip or f"key: {binding.key}"
-                    yield SystemCommand(binding.description if owner is self else f"{screen.TAB_TITLE}: {binding.description}",
-                                        help_text, partial(owner.run_action, binding.action))
+        for mode, title in (("community", "Community"), ("custom", "Custom"), ("deployments", "Active deployments")):
+            yield SystemCommand(f"Go to {title}", f"Switch to the {title} screen",
+                                partial(self.switch_mode, mode))
+        for binding in getattr(screen, "BINDINGS", []):
+            if isinstance(binding, Binding) and binding.description and binding.id:
+                yield SystemCommand(f"{screen.TAB_TITLE}: {binding.description}",
+                                    binding.tooltip or f"key: {binding.key}", partial(screen.run_action, binding.action))
 
     @on(Worker.StateChanged)
     def report_worker_error(self, event: Worker.StateChanged) -> None:

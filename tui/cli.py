@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, CatalogError) as exc:
         print(f"modeldeck: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `modeldeck catalog | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
+    except OSError as exc:
+        print(f"modeldeck: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

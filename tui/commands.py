@@ -13,7 +13,8 @@ from catalog.schema import Job, Model, ModelState
 from engine import jobs, models
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
-from engine.format import human_bytes, human_params, human_time, job_progress
+from catalog.tags import tag_order
+from engine.format import delete_consequence, human_bytes, human_params, human_time, job_progress, state_text
 
 
 def _model_dict(row: models.ModelRow) -> dict[str, Any]:
@@ -36,14 +37,8 @@ def _job_dict(job: Job) -> dict[str, Any]:
     }
 
 
-def state_text(row: models.ModelRow) -> str:
-    """State with progress or reason, as the Custom table shows it."""
-    m, job = row.model, row.job
-    if m.state == ModelState.FAILED:
-        return f"Failed: {m.reason}"
-    if m.state == ModelState.PENDING and job is not None:
-        return "Pending " + job_progress(job, short=True)
-    return m.state.value.capitalize()
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -59,7 +54,11 @@ def _emit(args, data: Any, table: str) -> None:
 
 def cmd_catalog(args, db) -> int:
     wanted, query = set(args.tag or []), terms(" ".join(args.query))
-    rows = [r for r in models.community_rows(db) if matches(haystack(r.entry), r.entry.tags, query, wanted)]
+    every = models.community_rows(db)
+    known = {tag for r in every for tag in r.entry.tags}
+    if unknown := wanted - known:
+        raise EngineError(f"unknown tag {', '.join(sorted(unknown))}; tags: {', '.join(sorted(known, key=tag_order))}")
+    rows = [r for r in every if matches(haystack(r.entry), r.entry.tags, query, wanted)]
     data = [{"repo_id": r.entry.repo_id, "name": r.entry.name, "description": r.entry.description,
              "tags": r.entry.tags, "params": r.entry.params, "license": r.entry.license, "gated": r.entry.gated,
              "link": r.entry.link, "downloaded_as": r.model.name if r.model else None} for r in rows]
@@ -73,7 +72,7 @@ def cmd_catalog(args, db) -> int:
 def cmd_ls(args, db) -> int:
     rows = models.model_rows(db)
     table = _table(["name", "kind", "state", "size", "base", "source", "created"],
-                   [[r.model.name, r.model.kind.value, state_text(r), human_bytes(r.model.size_bytes),
+                   [[r.model.name, r.model.kind.value, _clip(state_text(r.model.state, r.model.reason, r.job), 70), human_bytes(r.model.size_bytes),
                      r.base_name or "", r.model.source, human_time(r.model.created_at)] for r in rows])
     _emit(args, [_model_dict(r) for r in rows], table)
     return 0
@@ -81,12 +80,17 @@ def cmd_ls(args, db) -> int:
 
 def cmd_show(args, db) -> int:
     row = models.get_model(db, args.name)
-    data = _model_dict(row)
-    lines = [f"{k:>10}: {v}" for k, v in data.items() if k not in ("job", "meta")]
-    lines += [f"{k:>10}: {v}" for k, v in row.model.meta.items()]
+    m = row.model
+    fields = [
+        ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long")),
+        ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", m.path),
+        ("size", human_bytes(m.size_bytes)), ("base", row.base_name), ("created", human_time(m.created_at)),
+        *((key, ", ".join(map(str, v)) if isinstance(v, list) else v) for key, v in m.meta.items()),
+    ]
     if row.job:
-        lines.append(f"{'job':>10}: {row.job.id} {row.job.kind.value} {job_progress(row.job, short=False)}")
-    _emit(args, data, "\n".join(lines))
+        fields.append(("job", f"{row.job.id} {row.job.kind.value}, log {row.job.log_path}"))
+    width = max(len(k) for k, _ in fields)
+    _emit(args, _model_dict(row), "\n".join(f"{k:>{width}}: {v}" for k, v in fields if v not in (None, "")))
     return 0
 
 
@@ -104,7 +108,7 @@ def _wait(db, model_id: int, quiet: bool) -> int:
                 sys.stderr.write("\r\033[K")
             return 0 if row.model.state == ModelState.READY else 1
         if show and row.job:
-            sys.stderr.write(f"\r\033[K{row.model.name}: {job_progress(row.job, short=False)}")
+            sys.stderr.write(f"\r\033[K{row.model.name}: {job_progress(row.job, 'long')}")
             sys.stderr.flush()
         time.sleep(0.5)
 
@@ -128,21 +132,24 @@ def cmd_pull(args, db) -> int:
 
 
 def cmd_import(args, db) -> int:
-    model, job = models.import_path(db, Path(args.path), args.name)
+    model, job = models.import_path(db, args.path, args.name)
     return _started(args, db, model, job)
 
 
 def cmd_rm(args, db) -> int:
-    row = models.get_model(db, args.name)
+    plan = models.delete_plan(db, args.name)
+    name = plan.model.name
+    if plan.blockers:
+        raise EngineError(f"cannot delete {name!r}: " + "; ".join(plan.blockers))
     if not args.yes:
         if not sys.stdin.isatty():
-            raise EngineError(f"refusing to delete {row.model.name!r} without --yes (deletion is irreversible)")
-        answer = input(f"Delete {row.model.name!r} ({human_bytes(row.model.size_bytes)})? This cannot be undone [y/N] ")
+            raise EngineError(f"refusing to delete {name!r} without --yes (deletion is irreversible)")
+        answer = input(f"Delete {name!r}? {delete_consequence(plan)} This cannot be undone. [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("kept")
             return 1
-    freed = models.delete_model(db, row.model.name)
-    _emit(args, {"deleted": row.model.name, "freed_bytes": freed}, f"deleted {row.model.name} (freed {human_bytes(freed)})")
+    freed = models.delete_model(db, name)
+    _emit(args, {"deleted": name, "freed_bytes": freed}, f"deleted {name} (freed {human_bytes(freed)})")
     return 0
 
 
@@ -150,8 +157,8 @@ def cmd_jobs(args, db) -> int:
     rows = models.job_rows(db)
     table = _table(["id", "kind", "state", "title", "progress", "error", "created"],
                    [[str(j.id), j.kind.value, j.state.value, j.title,
-                     job_progress(j, short=True) if not j.state.is_terminal() else "",
-                     (j.error or "")[:60], human_time(j.created_at)] for j in rows])
+                     job_progress(j) if not j.state.is_terminal() else "",
+                     _clip(j.error or "", 70), human_time(j.created_at)] for j in rows])
     _emit(args, [_job_dict(j) for j in rows], table)
     return 0
 

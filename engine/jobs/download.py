@@ -177,8 +177,8 @@ def from_mirror(ctx: JobContext, repo_id: str, home: Path) -> bool:
     target = home / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     ctx.update_model(path=str(target), owns_path=True)  # so a delete mid-way also frees the partial output
-    ctx.report(metrics_json='{"phase": "converting GGUF from local mirror"}')
-    convert_gguf(location, target, ctx.log)
+    with ctx.phase("converting GGUF from local mirror"):
+        convert_gguf(location, target, ctx.log)
     ctx.succeed(path=str(target), owns_path=True, source=source, size_bytes=hub.snapshot_size(target),
                 meta_json=_meta(repo_id, "mirror", sorted(p.name for p in target.iterdir())))
     return True

@@ -7,11 +7,13 @@ type and message.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,26 @@ class JobContext:
             session.add(job)
             record(session, f"job:{self.job_id}", "progress", model_id=self.model_id,
                    **{k: v for k, v in fields.items() if k != "metrics_json"})
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Work whose progress cannot be counted: report its name and the time spent, every second."""
+        start, done = time.monotonic(), threading.Event()
+
+        def tick() -> None:
+            while True:
+                elapsed = round(time.monotonic() - start)
+                self.report(metrics_json=json.dumps({"phase": name, "elapsed_s": elapsed}))
+                if done.wait(1.0):
+                    return
+
+        ticker = threading.Thread(target=tick, name="phase", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
 
     def update_model(self, **fields: Any) -> None:
         with self.db.write() as session:

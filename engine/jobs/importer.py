@@ -11,8 +11,8 @@ from engine.localmodel import convert_gguf
 
 def work(ctx: JobContext) -> None:
     gguf, target = Path(ctx.params["gguf"]), Path(ctx.params["target"])
-    ctx.report(metrics_json='{"phase": "converting GGUF"}')
-    convert_gguf(gguf, target, ctx.log)
+    with ctx.phase("converting GGUF"):
+        convert_gguf(gguf, target, ctx.log)
     ctx.succeed(size_bytes=hub.snapshot_size(target))
 
 

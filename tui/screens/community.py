@@ -81,7 +81,7 @@ class CommunityScreen(DeckScreen):
         row = self.store.model_for_repo(entry.repo_id)
         if row is None:
             return Text("Download", style="bold cyan")
-        return model_status(row, short=True)
+        return model_status(row, "tiny")
 
     # -- filtering ----------------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class CommunityScreen(DeckScreen):
             ("Licence", entry.license), ("Gated", "yes: accept the licence on the Hub first" if entry.gated else "no"),
             ("Chat", "yes" if entry.chat else "no"), ("Fine-tunable", "yes" if entry.finetunable else "no"),
             ("Tags", ", ".join(entry.tags)),
-            ("Custom model", model_status(row, short=False) if row else Text("not downloaded")),
+            ("Custom model", model_status(row, "long") if row else Text("not downloaded")),
         ]
         self.app.push_screen(DetailsDialog(entry.name, fields, copy_value=entry.link))
 

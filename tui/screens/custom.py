@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 
 from catalog.states import ModelState
-from engine.format import human_bytes, human_time, job_progress
+from engine.format import delete_consequence, human_bytes, human_time, job_progress
 from tui.screens.action_menu import ActionMenu
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
@@ -44,8 +44,8 @@ class CustomScreen(DeckScreen):
         Binding("y", "copy_path", "Copy path", id="custom.copy_path", tooltip="Copy the model's folder path"),
     ]
     COLUMNS = [
-        Column("Name", ratio=3, min_width=10), Column("Kind", width=7), Column("State", ratio=4, min_width=12),
-        Column("Size", width=8), Column("Source", ratio=3, min_width=8), Column("Base", ratio=2, min_width=5),
+        Column("Name", ratio=4, min_width=12), Column("Kind", width=7), Column("State", ratio=4, min_width=12),
+        Column("Size", width=8), Column("Source", ratio=2, min_width=8), Column("Base", ratio=2, min_width=6),
         Column("Created", width=10),
     ]
 
@@ -79,7 +79,7 @@ class CustomScreen(DeckScreen):
 
     def _cells(self, row: ModelRow) -> tuple:
         m = row.model
-        return (m.name, m.kind.value, model_status(row, short=True), human_bytes(m.size_bytes), m.source,
+        return (m.name, m.kind.value, model_status(row), human_bytes(m.size_bytes), m.source,
                 row.base_name or "", human_time(m.created_at)[:10])
 
     def focus_model(self, model_id: int) -> None:
@@ -120,7 +120,7 @@ class CustomScreen(DeckScreen):
             return
         m = row.model
         text = Text.assemble((m.name, "bold"), f"  {m.kind.value} · {human_bytes(m.size_bytes)} · {m.source}\n")
-        text.append_text(model_status(row, short=False))
+        text.append_text(model_status(row, "long"))
         if row.job and m.state == ModelState.PENDING:
             text.append(f"  (job {row.job.id}: x cancels)", style="dim")
         text.append(f"\n{m.path or 'no files yet'}", style="dim")
@@ -162,17 +162,19 @@ class CustomScreen(DeckScreen):
             self.app.push_screen(DetailsDialog(row.model.name, self.details_fields(row), copy_value=row.model.path))
 
     def details_fields(self, row: ModelRow) -> list[tuple[str, str | Text]]:
+        from engine.models import owns_files  # loaded by now; not at import, to keep the first paint fast
+
         m = row.model
         children = [r.model.name for r in self.store.models.values() if r.model.base_id == m.id]
         deployments = [d.name for d in self.store.deployments_of(m.id)]
         fields: list[tuple[str, str | Text]] = [
-            ("Kind", m.kind.value), ("State", model_status(row, short=False)), ("Source", m.source),
+            ("Kind", m.kind.value), ("State", model_status(row, "long")), ("Source", m.source),
         ]
         if m.repo_id:
             fields += [("Repo", m.repo_id), ("Link", f"https://huggingface.co/{m.repo_id}")]
         fields += [
             ("Revision", m.revision or "—"), ("Path", m.path or "—"),
-            ("Files owned", "yes: deleting frees them" if m.owns_path or m.source.startswith("hub:") else
+            ("Files owned", "yes: deleting frees them" if owns_files(m) else
              "no: imported in place; deleting leaves the folder"),
             ("Size on disk", human_bytes(m.size_bytes)),
             ("Lineage", f"{row.base_name} → {m.name}" if row.base_name else f"{m.name} (a base model)"),
@@ -181,7 +183,7 @@ class CustomScreen(DeckScreen):
             ("Created", human_time(m.created_at)),
         ]
         if row.job:
-            fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, short=False)}"))
+            fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, 'long')}"))
             fields.append(("Job log", row.job.log_path or "—"))
         fields += [(key.capitalize(), ", ".join(map(str, v)) if isinstance(v, list) else str(v)) for key, v in m.meta.items()]
         return fields
@@ -240,19 +242,12 @@ class CustomScreen(DeckScreen):
     def check_and_confirm_delete(self, name: str) -> None:
         from engine import models
 
-        db = self.app.db
-        with db.read() as session:
-            model = models.find_model(session, name)
-            blockers = models.dependents(session, model)
-        if blockers:
-            self.app.call_from_thread(self.notify, f"Cannot delete {name}: " + "; ".join(blockers),
+        plan = models.delete_plan(self.app.db, name)
+        if plan.blockers:
+            self.app.call_from_thread(self.notify, f"Cannot delete {name}: " + "; ".join(plan.blockers),
                                       title="Delete refused", severity="error", timeout=10)
             return
-        owned = model.owns_path or model.source.startswith("hub:")
-        what = (f"This frees {human_bytes(model.size_bytes)} on disk." if owned else
-                f"Its files in {model.path} are not modeldeck's and stay where they are.")
-        running = " Its running job is cancelled first." if model.state == ModelState.PENDING else ""
-        dialog = ConfirmDialog(f"Delete {name}?", f"{what}{running} This cannot be undone.")
+        dialog = ConfirmDialog(f"Delete {name}?", f"{delete_consequence(plan)} This cannot be undone.")
         self.app.call_from_thread(self.app.push_screen, dialog, lambda yes: yes and self.delete(name))
 
     @work(thread=True, exit_on_error=False, group="engine")

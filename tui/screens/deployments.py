@@ -21,8 +21,10 @@ from tui.widgets.live_table import Column, LiveTable
 if TYPE_CHECKING:
     from catalog.schema import Deployment
 
-EMPTY = ("No deployments. A deployment serves a Ready model through an OpenAI-compatible endpoint; "
-         "deploy one from its row in Custom (2) and it appears here with its live state.")
+EMPTY = ("No deployments yet. A deployment serves a Ready model from Custom (2) through an "
+         "OpenAI-compatible endpoint; each one is listed here with its live state, endpoint and uptime. "
+         "This version of modeldeck downloads and imports models; deploying them comes with the serving "
+         "backends (vLLM, or the built-in server on CPU).")
 STATE_STYLES = {DeploymentState.PENDING: "yellow", DeploymentState.READY: "bold green",
                 DeploymentState.FAILED: "bold red", DeploymentState.STOPPED: "dim"}
 STATE_FILTERS = (None, *DeploymentState)

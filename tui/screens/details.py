@@ -15,6 +15,7 @@ Fields = list[tuple[str, str | Text]]
 
 
 class DetailsDialog(ModalScreen[None]):
+    AUTO_FOCUS = ".dialog-scroll"  # arrows and page keys scroll what does not fit
     BINDINGS = [
         Binding("escape,q,d", "dismiss", "Close"),
         Binding("y", "copy", "Copy path/link"),

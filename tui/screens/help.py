@@ -16,6 +16,7 @@ def _key_label(key: str) -> str:
 
 
 class HelpDialog(ModalScreen[None]):
+    AUTO_FOCUS = ".dialog-scroll"  # arrows and page keys scroll what does not fit
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
 
     def __init__(self, screen: Screen, app_bindings: list[Binding]):

@@ -21,20 +21,23 @@ class ImportDialog(ModalScreen[tuple[Path, str | None] | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label("Import a local model", classes="dialog-title")
-            yield Static("A folder in Hugging Face layout (config.json, weights, tokenizer) is used where it is. "
-                         "A .gguf file is converted once to safetensors.", classes="dialog-body")
+            yield Static("A Hugging Face folder is used where it is; a .gguf file is converted once.",
+                         classes="dialog-body")
+            yield Label("Path (enter imports, tab to the name)", classes="field-label")
             yield Input(placeholder="/path/to/model-folder or /path/to/model.gguf", id="path")
-            yield Input(placeholder="name (default: folder or file name)", id="name")
+            yield Label("Name (optional)", classes="field-label")
+            yield Input(placeholder="default: the folder or file name", id="name")
             yield Static("", id="error", classes="dialog-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Import", variant="primary", id="import")
                 yield Button("Cancel", id="cancel")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.submit()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "path":
-            self.query_one("#name", Input).focus()
-        else:
-            self.submit()
+            self.query_one("#error", Static).update("")  # an old error must not describe a new path
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "import":

@@ -8,6 +8,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label, SelectionList
 
+from catalog.tags import tag_order
+
 
 class TagPicker(ModalScreen[set[str] | None]):
     BINDINGS = [
@@ -22,10 +24,12 @@ class TagPicker(ModalScreen[set[str] | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="menu"):
-            yield Label("Tags (space toggles, enter applies, c clears)", classes="dialog-title")
+            yield Label("Tags: a model must have all you tick", classes="dialog-title")
             yield SelectionList[str](
-                *[(f"{tag} ({count})", tag, tag in self.selected) for tag, count in sorted(self.tag_counts.items())]
+                *[(f"{tag} ({self.tag_counts[tag]})", tag, tag in self.selected)
+                  for tag in sorted(self.tag_counts, key=tag_order)]
             )
+            yield Label("space tick · enter apply · c clear · esc cancel", classes="dialog-hint")
 
     def action_apply(self) -> None:
         self.dismiss(set(self.query_one(SelectionList).selected))

@@ -1,22 +1,21 @@
-"""How a model's state reads on screen: Pending with live progress, Ready, Failed with the reason."""
+"""A model's state as the dashboard shows it: the engine's wording, coloured by state."""
 
 from __future__ import annotations
 
-from rich.text import Text
-
 from typing import TYPE_CHECKING
 
+from rich.text import Text
+
 from catalog.states import ModelState
-from engine.format import job_progress
+from engine.format import state_text
 
 if TYPE_CHECKING:
     from engine.models import ModelRow
 
-def model_status(row: ModelRow, short: bool) -> Text:
+STATE_STYLES = {ModelState.READY: "bold green", ModelState.FAILED: "bold red", ModelState.PENDING: "yellow"}
+
+
+def model_status(row: ModelRow, detail: str = "short") -> Text:
+    """`detail`: "tiny" (a narrow column), "short" (a table row), "long" (preview and details)."""
     model = row.model
-    if model.state == ModelState.READY:
-        return Text("Ready", style="bold green")
-    if model.state == ModelState.FAILED:
-        return Text("Failed" if short else f"Failed: {model.reason}", style="bold red")
-    progress = job_progress(row.job, short) if row.job else "waiting"
-    return Text(f"Pending {progress}", style="yellow")
+    return Text(state_text(model.state, model.reason, row.job, detail), style=STATE_STYLES[model.state])
