@@ -19,11 +19,13 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers
 
+from catalog.schema import Model
 from engine import hub
 from engine.errors import EngineError
 from engine.jobs.harness import JobContext, JobFailure, main
 from engine.localmodel import check_gguf, check_model_folder, convert_gguf
 from engine.mirrors import find_mirror
+from engine.models import models_dir
 
 REPORT_EVERY_S = 0.25
 RATE_WINDOW_S = 3.0
@@ -171,11 +173,8 @@ def from_mirror(ctx: JobContext, repo_id: str, home: Path) -> bool:
     except EngineError as exc:
         raise JobFailure(f"the local mirror of {repo_id} is unusable: {exc}") from exc
     with ctx.db.read() as session:
-        from catalog.schema import Model
-
         name = session.get(Model, ctx.model_id).name
-    target = home / "models" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = models_dir(ctx.db) / name
     ctx.update_model(path=str(target), owns_path=True)  # so a delete mid-way also frees the partial output
     with ctx.phase("converting GGUF from local mirror"):
         convert_gguf(location, target, ctx.log)

@@ -141,17 +141,18 @@ class CommunityScreen(DeckScreen):
             return
         row = self.store.model_for_repo(entry.repo_id)
         if row is None or row.model.state == ModelState.FAILED:
-            self.download(entry.repo_id)
+            self.download(entry.repo_id, retrying=row is not None)
         else:
             self.app.switch_mode("custom")
             self.app.get_screen("custom").focus_model(row.model.id)
 
     @work(thread=True, exit_on_error=False, group="engine")
-    def download(self, repo_id: str) -> None:
+    def download(self, repo_id: str, retrying: bool) -> None:
         from engine import models
 
         model, _job = models.pull(self.app.db, repo_id)
-        self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; progress in Custom (2)", timeout=4)
+        verb = "Retrying the download of" if retrying else "Downloading"
+        self.app.call_from_thread(self.notify, f"{verb} {repo_id} as {model.name}; progress in Custom (2)", timeout=4)
 
     def action_details(self) -> None:
         entry = self._entry()
