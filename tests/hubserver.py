@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 @dataclass
 class Repo:
     files: dict[str, bytes]
-    gated: bool = False
+    gated: bool | str = False  # True: a token gets in; "denied": the token's account has not been granted access
     sha: str = ""
 
     def __post_init__(self) -> None:
@@ -112,6 +112,10 @@ class HubServer:
         if repo.gated and not req.headers.get("Authorization"):
             self._error(req, 401, "GatedRepo",
                         f"Access to model {repo_id} is restricted. You must have access to it and be authenticated.")
+            return None
+        if repo.gated == "denied":
+            self._error(req, 403, "GatedRepo",
+                        f"Access to model {repo_id} is restricted and you are not in the authorized list.")
             return None
         return repo
 

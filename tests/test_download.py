@@ -101,6 +101,15 @@ def test_gated_repo_without_token_says_what_to_do_and_where(db, hub):
     assert "https://huggingface.co/org/gated" in model.reason and "HF_TOKEN" in model.reason
 
 
+def test_gated_repo_with_a_token_but_no_access_says_to_accept_the_licence(db, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_someoneWithoutAccess")
+    hub.repos["org/gated"].gated = "denied"
+    model, _ = models.pull(db, "org/gated")
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert "has no access yet: accept its licence at https://huggingface.co/org/gated" in model.reason
+
+
 def test_token_is_used_but_never_written_to_the_database_or_a_log(db, hub, monkeypatch):
     secret = "hf_secretTOKENvalue12345"
     monkeypatch.setenv("HF_TOKEN", secret)
