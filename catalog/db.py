@@ -48,8 +48,10 @@ def migrate(path: Path) -> None:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
         try:
+            conn.execute("BEGIN")  # one snapshot: another process may be migrating this very file
             version = _schema_version(conn)
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: fails if corrupt
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]  # fails if corrupt
+            conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise CatalogError(f"{path} is not a modeldeck database ({exc}); move it aside to start afresh") from exc
         if version > SCHEMA_VERSION:
@@ -57,7 +59,7 @@ def migrate(path: Path) -> None:
                 f"{path} has schema version {version}, newer than this modeldeck understands "
                 f"({SCHEMA_VERSION}); upgrade modeldeck"
             )
-        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        if version == 0 and tables:
             raise CatalogError(f"{path} is an SQLite database of another program (it has tables but no "
                                f"modeldeck schema version); point MODELDECK_HOME elsewhere")
         conn.execute("PRAGMA journal_mode=WAL")  # persistent; only once we know the file is ours

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from engine.errors import EngineError
 
 GGUF_MAGIC = b"GGUF"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a custom model's name
 
 
 def check_gguf(path: Path) -> None:
+    try:
+        _check_gguf(path)
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read it: {exc.strerror}") from exc
+
+
+def _check_gguf(path: Path) -> None:
     if not path.exists():
         raise EngineError(f"{path}: no such file")
     if not path.is_file():
@@ -23,6 +32,13 @@ def check_gguf(path: Path) -> None:
 def check_model_folder(path: Path) -> dict:
     """A folder in Hugging Face layout: config.json naming the architecture, weights, a tokenizer.
     Returns the parsed config."""
+    try:
+        return _check_model_folder(path)
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read it: {exc.strerror}") from exc
+
+
+def _check_model_folder(path: Path) -> dict:
     if not path.exists():
         raise EngineError(f"{path}: no such folder")
     if not path.is_dir():
@@ -32,7 +48,7 @@ def check_model_folder(path: Path) -> dict:
         raise EngineError(f"{path}: not a model folder: no config.json")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         raise EngineError(f"{config_file}: not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
         raise EngineError(f"{config_file}: names no model_type or architectures")

@@ -18,9 +18,8 @@ from catalog.schema import CommunityModel, Deployment, DeploymentState, Job, Job
 from engine import hub, jobs
 from engine.errors import EngineError
 from engine.events import record
-from engine.localmodel import check_gguf, check_model_folder
+from engine.localmodel import NAME_PATTERN, check_gguf, check_model_folder
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -118,6 +117,7 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
         raise EngineError(f"invalid repo id {repo_id!r}: expected 'owner/name', e.g. Qwen/Qwen2.5-0.5B-Instruct")
     with db.write() as session:
         model = session.exec(select(Model).where(Model.repo_id == repo_id)).first()
+        leftover = None
         if model is not None and model.state == ModelState.READY:
             raise EngineError(f"{repo_id} is already downloaded as {model.name!r}")
         if model is not None and model.state == ModelState.PENDING:
@@ -133,11 +133,16 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
             session.flush()
             record(session, f"model:{model.id}", "created", f"download of {repo_id}")
         else:
+            leftover = model.path if model.owns_path else None  # a failed conversion from a mirror
             model.state, model.reason, model.updated_at = ModelState.PENDING, None, now()
+            model.path, model.owns_path = None, False
             session.add(model)
             record(session, f"model:{model.id}", "state", "retrying download", state="pending")
         job = jobs.create(session, JobKind.DOWNLOAD, f"download {repo_id}", model.id, repo_id=repo_id)
         model.job_id = job.id
+    if leftover:  # removed after the commit: not while holding the lock every writer waits on
+        for folder in (Path(leftover), Path(leftover + ".partial")):
+            shutil.rmtree(folder, ignore_errors=True)
     jobs.spawn(db, job)
     return model, job
 
@@ -155,6 +160,8 @@ def retry(db: Database, name: str) -> tuple[Model, Job]:
         check_gguf(Path(gguf))  # before anything changes: a moved file leaves the failed row as it was
         with db.write() as session:
             row = session.get(Model, model.id)
+            if row is None or row.state != ModelState.FAILED:  # another retry won the race
+                raise EngineError(f"{model.name!r} is already being retried")
             row.state, row.reason, row.updated_at = ModelState.PENDING, None, now()
             job = jobs.create(session, JobKind.IMPORT, f"import {Path(gguf).name}", row.id, gguf=gguf, target=row.path)
             row.job_id = job.id

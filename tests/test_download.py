@@ -264,3 +264,20 @@ def test_disk_full_before_downloading_fails_the_model_with_the_reason(db, hub, t
     model = settled(db, model.id)
     assert model.state == ModelState.FAILED
     assert model.reason.startswith("disk full while writing to") and "retry to resume" in model.reason
+
+
+def test_a_job_process_that_finds_a_cancel_request_does_not_start(db, hub):
+    """The cancel came after the spawn recorded its pid, before the process claimed the job."""
+    from catalog.schema import JobKind
+
+    with db.write() as session:
+        model = Model(name="late", source="hub:org/tiny", repo_id="org/tiny")
+        session.add(model)
+        session.flush()
+        job = jobs.create(session, JobKind.DOWNLOAD, "download org/tiny", model.id, repo_id="org/tiny")
+        job.cancel_requested = True  # as cancel() leaves a job whose process exists but has not claimed it
+    jobs.spawn(db, job)
+    assert jobs._children[job.id].wait(timeout=30) != 0
+    assert job_of(db, job.id).state == JobState.CANCELLED  # recorded by the job process itself
+    with db.read() as session:
+        assert session.get(Model, model.id).state == ModelState.FAILED

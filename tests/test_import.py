@@ -122,3 +122,33 @@ def test_the_delete_plan_says_what_would_be_freed(db, tiny_model_dir):
     models.import_path(db, tiny_model_dir, "in-place")
     plan = models.delete_plan(db, "in-place")
     assert plan.blockers == [] and plan.frees_bytes is None and plan.running_jobs == []
+
+
+def test_two_retries_at_once_start_one_conversion(db, tmp_path):
+    import threading
+
+    from tests.tinymodel import make_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    make_tiny_gguf(gguf)
+    model, job = models.import_path(db, gguf, "twice")
+    from engine import jobs
+
+    jobs.stop_process_group(jobs._children[job.id].pid, deadline_s=0.1)
+    settled(db, model.id)
+    outcomes = []
+
+    def retry():
+        try:
+            outcomes.append(models.retry(db, "twice")[1].id)
+        except EngineError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    started = [o for o in outcomes if isinstance(o, int)]
+    assert len(started) == 1, outcomes
+    assert settled(db, model.id, timeout=120).state == ModelState.READY

@@ -401,3 +401,24 @@ async def test_a_bad_home_ends_the_app_with_the_reason(tmp_path, monkeypatch):
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: app.return_code == 1, what="the app to give up")
     assert app.return_code == 1
+
+
+async def test_a_live_update_repaints_its_row_when_the_table_is_scrolled(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("end")  # scrolled to the bottom; the cursor on the last row
+        keys = table(app).visible_keys
+        watched = keys[-3]  # on screen, not under the cursor
+        assert table(app).scroll_y > 0
+        with db.write() as session:
+            from engine.events import record
+
+            model = Model(name="watched", source=f"hub:{watched}", repo_id=watched, state=ModelState.READY)
+            session.add(model)
+            session.flush()
+            record(session, f"model:{model.id}", "created")
+        await wait_for(pilot, lambda: plain(table(app).cells(watched)[-1]) == "Ready", what="the data")
+        await pilot.pause(0.1)
+        screen_text = app.export_screenshot()
+        assert "Ready" in screen_text, "the row's new state was not painted"

@@ -114,7 +114,7 @@ def _wait(db, model_id: int, quiet: bool) -> int:
 
 def _started(args, db, model: Model, job: Job | None) -> int:
     code = _wait(db, model.id, args.json) if args.wait else 0
-    row = models.get_model(db, str(model.id))
+    row = models.model_rows(db, {model.id})[0]
     if row.model.state == ModelState.FAILED:
         print(f"modeldeck: {row.model.name}: {row.model.reason}", file=sys.stderr)
     elif not args.json:

@@ -168,16 +168,17 @@ def reconcile(db: Database) -> list[int]:
             continue
         if job.pid is None and not job.cancel_requested and now() - job.created_at < NEVER_STARTED_S:
             continue  # being spawned right now
-        # Worked out before taking the write lock, which every job's progress writes wait on.
-        if job.cancel_requested:
-            state, reason = JobState.CANCELLED, "cancelled"
-        else:
-            tail = log_tail(job.log_path)
-            state = JobState.FAILED
-            reason = _exit_description(job) + (": " + " | ".join(tail[-3:]) if tail else "")
+        # The slow parts (waiting on the exit code, reading the log) happen before taking the write
+        # lock, which every job's progress writes wait on.
+        tail = log_tail(job.log_path)
+        failure = _exit_description(job) + (": " + " | ".join(tail[-3:]) if tail else "")
         with db.write() as session:
-            job = session.get(Job, job.id)  # re-read under the write lock: it may have just finished
-            if not transition(session, job, state, error=None if state == JobState.CANCELLED else reason):
+            job = session.get(Job, job.id)  # re-read under the lock: it may have finished or been cancelled
+            if job.cancel_requested:
+                moved, reason = transition(session, job, JobState.CANCELLED), "cancelled"
+            else:
+                moved, reason = transition(session, job, JobState.FAILED, error=failure), failure
+            if not moved:
                 continue
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
         settled.append(job.id)
@@ -196,6 +197,7 @@ def cancel(db: Database, job_id: int) -> Job:
             raise EngineError(f"job {job_id} has already {job.state.value}")
         job.cancel_requested = True
         session.add(job)
+        session.flush()  # transition() refreshes the row: the request must be in it
         record(session, f"job:{job.id}", "cancel", "cancel requested", model_id=job.model_id)
         if job.state == JobState.QUEUED and job.pid is None:
             transition(session, job, JobState.CANCELLED)

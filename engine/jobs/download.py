@@ -125,7 +125,9 @@ def fetch(ctx: JobContext, repo_id: str) -> None:
     if not any(p.endswith((".safetensors", ".bin")) for p in selected):
         raise JobFailure(f"{repo_id} has no weights in safetensors or PyTorch format "
                          f"(a GGUF-only repo: download the .gguf file and import it)")
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    pool = ThreadPoolExecutor(max_workers=8)
+    reporter = None
+    try:
         blobs = blobs_of(pool, repo_id, info.sha, selected)
         etags = {blob.etag for blob in blobs}
         total = sum(blob.size or 0 for blob in blobs)
@@ -137,16 +139,19 @@ def fetch(ctx: JobContext, repo_id: str) -> None:
         reporter = ProgressReporter(ctx, repo_id, etags, total)
         reporter.sample()
         reporter.start()
-        try:
-            list(pool.map(lambda blob: fetch_blob(repo_id, blob), blobs))
-            # huggingface_hub links the blobs into the snapshot and records the revision.
-            path = snapshot_download(repo_id, revision=info.sha, allow_patterns=selected,
-                                     cache_dir=hub.hub_cache_dir(), endpoint=hub.endpoint())
-        finally:
+        list(pool.map(lambda blob: fetch_blob(repo_id, blob), blobs))
+        # huggingface_hub links the blobs into the snapshot and records the revision.
+        path = snapshot_download(repo_id, revision=info.sha, allow_patterns=selected,
+                                 cache_dir=hub.hub_cache_dir(), endpoint=hub.endpoint())
+    finally:
+        # On failure, files still queued are dropped and the job ends at once (the harness does not
+        # wait for transfers in flight); their partial files stay for the retry.
+        pool.shutdown(wait=False, cancel_futures=True)
+        if reporter is not None:
             reporter.stop()
     reporter.sample()
     ctx.log(f"downloaded to {path}")
-    ctx.succeed(path=path, revision=info.sha, size_bytes=total,
+    ctx.succeed(path=path, revision=info.sha, size_bytes=total, owns_path=False, source=f"hub:{repo_id}",
                 meta_json=_meta(repo_id, info.sha, selected))
 
 

@@ -8,6 +8,7 @@ type and message.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -120,18 +121,21 @@ class JobContext:
 def main(work: Callable[[JobContext], None]) -> None:
     db_path, job_id = Path(sys.argv[1]), int(sys.argv[2])
     db = Database(db_path)
-    with db.write() as session:
+    refusal = None
+    with db.write() as session:  # decide and record; exit only after the transaction has committed
         job = session.get(Job, job_id)
-        if job is None:
-            sys.exit(f"no job {job_id} in {db_path}")
         me = psutil.Process()
-        if job.cancel_requested:  # cancelled between spawn and now
-            transition(session, job, JobState.CANCELLED)
-            fail_model(session, job.model_id, f"{job.kind.value} cancelled")
-            sys.exit(f"job {job_id} was cancelled before it started")
-        if not transition(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
-                          heartbeat_at=now()):
-            sys.exit(f"job {job_id} is {job.state.value}; not starting")
+        if job is None:
+            refusal = f"no job {job_id} in {db_path}"
+        elif job.cancel_requested:  # cancelled between spawn and now
+            if transition(session, job, JobState.CANCELLED):
+                fail_model(session, job.model_id, f"{job.kind.value} cancelled")
+            refusal = f"job {job_id} was cancelled before it started"
+        elif not transition(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
+                            heartbeat_at=now()):
+            refusal = f"job {job_id} is {job.state.value}; not starting"
+    if refusal:
+        sys.exit(refusal)
     ctx = JobContext(db, job)
     ctx.log(f"job {job_id} ({job.kind.value}) started: {job.title}")
     ctx.start_heartbeat()
@@ -150,4 +154,8 @@ def main(work: Callable[[JobContext], None]) -> None:
     finally:
         ctx.stop_heartbeat()
         db.close()
-    sys.exit(code)
+    # The outcome is recorded. Leave now, without waiting for worker threads still busy with work
+    # that no longer matters (say, other files of a download that has failed).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

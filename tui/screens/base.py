@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
+from engine.errors import EngineError
 from tui.store import Store
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.live_table import LiveTable
 from tui.widgets.nav import NavBar
+
+if TYPE_CHECKING:
+    from catalog.db import Database
 
 
 class DeckScreen(Screen):
@@ -33,6 +39,13 @@ class DeckScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.query_one(NavBar).refresh()
+
+    @property
+    def db(self) -> Database:
+        """The database, for workers; it is opened after the first paint."""
+        if self.app.db is None:
+            raise EngineError("still opening the database; try again in a moment")
+        return self.app.db
 
     @property
     def table(self) -> LiveTable:

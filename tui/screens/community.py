@@ -150,7 +150,7 @@ class CommunityScreen(DeckScreen):
     def download(self, repo_id: str, retrying: bool) -> None:
         from engine import models
 
-        model, _job = models.pull(self.app.db, repo_id)
+        model, _job = models.pull(self.db, repo_id)
         verb = "Retrying the download of" if retrying else "Downloading"
         self.app.call_from_thread(self.notify, f"{verb} {repo_id} as {model.name}; progress in Custom (2)", timeout=4)
 

@@ -140,8 +140,8 @@ class CustomScreen(DeckScreen):
         if row is None:
             return
         actions = [("details", "Show details  d")]
-        if row.model.state == ModelState.FAILED and row.model.repo_id:
-            actions.append(("retry", "Retry download  r"))
+        if row.model.state == ModelState.FAILED and (row.model.repo_id or row.model.meta.get("gguf")):
+            actions.append(("retry", "Retry download  r" if row.model.repo_id else "Retry conversion  r"))
         if row.job is not None:
             actions.append(("cancel_job", f"Cancel {row.job.kind.value}  x"))
         actions.append(("delete", "Delete  ctrl+d"))
@@ -199,7 +199,7 @@ class CustomScreen(DeckScreen):
     def import_model(self, path: Path, name: str | None) -> None:
         from engine import models
 
-        model, job = models.import_path(self.app.db, path, name)
+        model, job = models.import_path(self.db, path, name)
         message = f"Imported {model.name}" if job is None else f"Converting {path.name} into {model.name}…"
         self.app.call_from_thread(self.focus_model, model.id)
         self.app.call_from_thread(self.notify, message, timeout=4)
@@ -217,7 +217,7 @@ class CustomScreen(DeckScreen):
     def retry(self, name: str) -> None:
         from engine import models
 
-        models.retry(self.app.db, name)
+        models.retry(self.db, name)
 
     def action_cancel_job(self) -> None:
         row = self._row()
@@ -231,7 +231,7 @@ class CustomScreen(DeckScreen):
     def cancel_job(self, job_id: int) -> None:
         from engine import jobs
 
-        jobs.cancel(self.app.db, job_id)
+        jobs.cancel(self.db, job_id)
 
     def action_delete(self) -> None:
         row = self._row()
@@ -242,7 +242,7 @@ class CustomScreen(DeckScreen):
     def check_and_confirm_delete(self, name: str) -> None:
         from engine import models
 
-        plan = models.delete_plan(self.app.db, name)
+        plan = models.delete_plan(self.db, name)
         if plan.blockers:
             self.app.call_from_thread(self.notify, f"Cannot delete {name}: " + "; ".join(plan.blockers),
                                       title="Delete refused", severity="error", timeout=10)
@@ -254,5 +254,5 @@ class CustomScreen(DeckScreen):
     def delete(self, name: str) -> None:
         from engine import models
 
-        freed = models.delete_model(self.app.db, name)
+        freed = models.delete_model(self.db, name)
         self.app.call_from_thread(self.notify, f"Deleted {name} (freed {human_bytes(freed)})", timeout=4)

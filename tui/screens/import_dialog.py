@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
 from engine.errors import EngineError
-from engine.localmodel import check_gguf, check_model_folder
+from engine.localmodel import NAME_PATTERN, check_gguf, check_model_folder
 
 
 class ImportDialog(ModalScreen[tuple[Path, str | None] | None]):
@@ -59,4 +59,17 @@ class ImportDialog(ModalScreen[tuple[Path, str | None] | None]):
             error.update(str(exc))
             self.query_one("#path", Input).focus()
             return
-        self.dismiss((path, self.query_one("#name", Input).value.strip() or None))
+        name = self.query_one("#name", Input).value.strip() or None
+        if name is not None and (problem := self.name_problem(name)):
+            error.update(problem)
+            self.query_one("#name", Input).focus()
+            return
+        self.dismiss((path, name))
+
+    def name_problem(self, name: str) -> str | None:
+        """Checked here too, so a bad name is fixed in the dialog instead of lost with it."""
+        if not NAME_PATTERN.match(name):
+            return f"invalid name {name!r}: use letters, digits, '.', '_' or '-'"
+        if any(row.model.name == name for row in self.app.store.models.values()):
+            return f"a custom model named {name!r} already exists"
+        return None

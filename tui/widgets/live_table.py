@@ -249,9 +249,8 @@ class LiveTable(ScrollView, can_focus=True):
             index = self._visible.index(key)
         except ValueError:
             return
-        y = index - round(self.scroll_y) + 1
-        if 1 <= y < self.size.height:
-            self.refresh_line(y)
+        if 1 <= index - round(self.scroll_y) + 1 < self.size.height:  # on screen
+            self.refresh_line(index + 1)  # a virtual line: refresh_line takes the scroll off itself
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
