@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -12,14 +13,20 @@ GGUF_MAGIC = b"GGUF"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a custom model's name
 
 
+def _unreadable_is_a_reason(check):
+    """A permission error or the like is a reason to show, not a crash."""
+    @functools.wraps(check)
+    def checked(path: Path):
+        try:
+            return check(path)
+        except OSError as exc:
+            raise EngineError(f"{path}: cannot read it: {exc.strerror}") from exc
+
+    return checked
+
+
+@_unreadable_is_a_reason
 def check_gguf(path: Path) -> None:
-    try:
-        _check_gguf(path)
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot read it: {exc.strerror}") from exc
-
-
-def _check_gguf(path: Path) -> None:
     if not path.exists():
         raise EngineError(f"{path}: no such file")
     if not path.is_file():
@@ -29,16 +36,10 @@ def _check_gguf(path: Path) -> None:
             raise EngineError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
+@_unreadable_is_a_reason
 def check_model_folder(path: Path) -> dict:
     """A folder in Hugging Face layout: config.json naming the architecture, weights, a tokenizer.
     Returns the parsed config."""
-    try:
-        return _check_model_folder(path)
-    except OSError as exc:
-        raise EngineError(f"{path}: cannot read it: {exc.strerror}") from exc
-
-
-def _check_model_folder(path: Path) -> dict:
     if not path.exists():
         raise EngineError(f"{path}: no such folder")
     if not path.is_dir():
