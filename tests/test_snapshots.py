@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tui_helpers import seed, wait_for
+from tests.tui_helpers import T0, seed, wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
 from tui.screens.confirm import ConfirmDialog
@@ -17,6 +17,14 @@ from tui.screens.import_dialog import ImportDialog
 from tui.screens.tag_picker import TagPicker
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
+
+
+@pytest.fixture(autouse=True)
+def fixed_clock(monkeypatch):
+    """Screens that show "how long ago" read this clock: the seeded rows are an hour old, always."""
+    from tui.screens import deployments
+
+    monkeypatch.setattr(deployments, "clock", lambda: T0 + 3600)
 
 
 def app_for(db, seeded: bool = True) -> ModelDeckApp:

@@ -28,6 +28,7 @@ EMPTY = ("No deployments yet. A deployment serves a Ready model from Custom (2) 
 STATE_STYLES = {DeploymentState.PENDING: "yellow", DeploymentState.READY: "bold green",
                 DeploymentState.FAILED: "bold red", DeploymentState.STOPPED: "dim"}
 STATE_FILTERS = (None, *DeploymentState)
+clock = time.time  # the snapshot tests set a fixed one
 
 
 class DeploymentsScreen(DeckScreen):
@@ -105,7 +106,7 @@ class DeploymentsScreen(DeckScreen):
             ("State", Text(dep.state.value + (f" ({dep.phase})" if dep.phase else ""), style=STATE_STYLES[dep.state])),
             ("Reason", dep.reason or "—"), ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
             ("API key", (dep.api_key[:4] + "…" + dep.api_key[-2:]) if dep.api_key else "—"), ("GPUs", dep.gpus or "—"),
-            ("Since", f"{human_time(dep.created_at)} ({human_duration(time.time() - dep.created_at)} ago)"),
+            ("Since", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
         ]
         fields += [(k, str(v)) for k, v in dep.loads(dep.settings_json, {}).items()]
         self.app.push_screen(DetailsDialog(dep.name, fields, copy_value=dep.endpoint))
