@@ -101,3 +101,13 @@ def test_rm_refuses_a_model_with_dependents_before_asking(tiny_model_dir, db):
                           base_id=base.id))
     result = run("rm", "base", check=False)
     assert result.returncode == 1 and "adapter 'lora' is built on it" in result.stderr
+
+
+def test_logs_prints_and_follows_a_jobs_log(hub):
+    hub.bytes_per_second = 10_000_000
+    started = json.loads(run("pull", "org/big", "--json").stdout)
+    job_id = started["job"]["id"]
+    followed = run("logs", str(job_id), "-f")  # returns when the job has ended
+    assert "started: download org/big" in followed.stdout and "job succeeded" in followed.stdout
+    as_json = json.loads(run("logs", str(job_id), "--json").stdout)
+    assert as_json["job"] == job_id and as_json["lines"][-1].endswith("job succeeded")

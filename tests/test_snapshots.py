@@ -14,6 +14,7 @@ from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import DetailsDialog
 from tui.screens.help import HelpDialog
 from tui.screens.import_dialog import ImportDialog
+from tui.screens.log_dialog import LogDialog
 from tui.screens.tag_picker import TagPicker
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
@@ -105,6 +106,15 @@ class TestDialogs:
     def test_import_with_error(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size,
                             run_before=keys("2", "i", shown(ImportDialog), *"/nowhere", "enter"))
+
+    def test_job_log(self, snap_compare, db, size):
+        async def log_read(pilot):
+            from textual.widgets import Log
+
+            await wait_for(pilot, lambda: pilot.app.screen.query_one(Log).line_count >= 4, what="the log")
+
+        assert snap_compare(app_for(db), terminal_size=size,
+                            run_before=keys("2", "end", "l", shown(LogDialog), log_read))
 
     def test_deployment_details(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "down", "d", shown(DetailsDialog)))

@@ -293,6 +293,28 @@ async def test_every_key_of_every_screen_has_its_action(db):
                 assert callable(getattr(app.screen, f"action_{name}", None)), (app.screen, binding.action)
 
 
+async def test_l_shows_the_log_of_the_models_job_as_it_grows(db, hub):
+    from textual.widgets import Log
+
+    from tui.screens.log_dialog import LogDialog
+
+    hub.bytes_per_second = 8_000_000
+    model, job = models.pull(db, "org/big")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 1)
+        await pilot.press("l")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, LogDialog) and app.screen)
+        log = dialog.query_one(Log)
+        await wait_for(pilot, lambda: any("started: download org/big" in line for line in log.lines), what="the start")
+        await wait_for(pilot, lambda: any("job succeeded" in line for line in log.lines), timeout=30,
+                       what="lines written after the dialog opened")
+        await pilot.press("escape")
+        assert isinstance(app.screen, CustomScreen)
+
+
 async def test_help_shows_the_keys_of_the_current_screen(db):
     app = ModelDeckApp(db)
     async with app.run_test(size=(80, 24)) as pilot:

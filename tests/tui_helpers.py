@@ -24,6 +24,14 @@ async def wait_for(pilot, predicate: Callable[[], object], timeout: float = 10.0
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+LOG_LINES = [
+    "08:26:40 job 1 (download) started: download HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "08:26:40 asking https://huggingface.co for the files of HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "08:26:41 revision 31b70e2e869a7173562077fd711b654946d38674: 6 files, 3422000000 bytes",
+    "Fetching 6 files:  33%|███▎      | 2/6 [00:29<00:58, 14.6s/it]",
+]
+
+
 def seed(db) -> dict[str, int]:
     """A base model, its adapter and merged model, a failed download, a download in progress, and
     deployments in each state: enough for every row style."""
@@ -53,11 +61,17 @@ def seed(db) -> dict[str, int]:
                         created_at=T0 + 9000, updated_at=T0 + 9000)
         session.add_all([adapter, merged, failed, pending])
         session.flush()
+        log_path = db.path.parent / "logs" / "job-1-download.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("\n".join(LOG_LINES) + "\n")
         job = Job(kind=JobKind.DOWNLOAD, state=JobState.RUNNING, model_id=pending.id, title="download",
+                  log_path=str(log_path),
                   # the test process stands in for the job process, so reconciling leaves it running
                   pid=os.getpid(), pid_started_at=psutil.Process().create_time(), bytes_done=1_420_000_000, bytes_total=3_422_000_000, rate=48_500_000.0, eta_s=41.0,
                   progress=0.41, created_at=T0 + 9000)
         session.add(job)
+        session.flush()
+        pending.job_id = job.id
         for name, state, phase, reason, port in [
             ("support-bot", DeploymentState.READY, None, None, 8001),
             ("qwen-small", DeploymentState.PENDING, "loading weights", None, 8002),

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     verb("jobs", "cmd_jobs", "list jobs (downloads, imports, ...)")
+    p = verb("logs", "cmd_logs", "print a job's log")
+    p.add_argument("job", type=int)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     p = verb("cancel", "cmd_cancel", "cancel a running job")
     p.add_argument("job", type=int)
     return parser

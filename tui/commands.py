@@ -12,6 +12,7 @@ from catalog.schema import Job, Model, ModelState
 from engine import jobs, models
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
+from engine.logs import follow
 from catalog.tags import tag_order
 from engine.format import delete_consequence, human_bytes, human_params, human_time, job_progress, state_text
 
@@ -159,6 +160,28 @@ def cmd_jobs(args, db) -> int:
                      job_progress(j) if not j.state.is_terminal() else "",
                      _clip(j.error or "", 70), human_time(j.created_at)] for j in rows])
     _emit(args, [_job_dict(j) for j in rows], table)
+    return 0
+
+
+def cmd_logs(args, db) -> int:
+    job = jobs.get(db, args.job)
+    if not job.log_path:
+        raise EngineError(f"job {job.id} has no log yet")
+
+    def finished() -> bool:  # without --follow: once through the file
+        if not args.follow:
+            return True
+        jobs.reconcile(db)
+        return jobs.get(db, job.id).state.is_terminal()
+
+    collected = []
+    for lines in follow(job.log_path, stop=finished):
+        if args.json:
+            collected += lines
+        else:
+            print("\n".join(lines), flush=True)
+    if args.json:
+        _emit(args, {"job": job.id, "log_path": job.log_path, "lines": collected}, "")
     return 0
 
 

@@ -127,6 +127,20 @@ def process_alive(pid: int | None, started_at: float | None) -> bool:
         return False
 
 
+def get(db: Database, job_id: int) -> Job:
+    with db.read() as session:
+        job = session.get(Job, job_id)
+    if job is None:
+        raise EngineError(f"no job {job_id} (see `modeldeck jobs`)")
+    return job
+
+
+def latest_for_model(db: Database, model_id: int) -> Job | None:
+    """The model's most recent job (running or finished), if any ever ran for it."""
+    with db.read() as session:
+        return session.exec(select(Job).where(Job.model_id == model_id).order_by(Job.id.desc())).first()
+
+
 def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
     if not path:
         return []

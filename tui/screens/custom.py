@@ -18,6 +18,7 @@ from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import DetailsDialog
 from tui.screens.import_dialog import ImportDialog
+from tui.screens.log_dialog import LogDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
@@ -41,6 +42,7 @@ class CustomScreen(DeckScreen):
         Binding("r", "retry", "Retry", id="custom.retry", tooltip="Retry a failed download (resumes partial files)"),
         Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download or conversion"),
         Binding("ctrl+d", "delete", "Delete", id="custom.delete", tooltip="Delete the model and free its disk (asks first)"),
+        Binding("l", "logs", "Logs", id="custom.logs", tooltip="The log of the model's latest job, following it"),
         Binding("y", "copy_path", "Copy path", id="custom.copy_path", tooltip="Copy the model's folder path"),
     ]
     COLUMNS = [
@@ -144,6 +146,8 @@ class CustomScreen(DeckScreen):
             actions.append(("retry", "Retry download  r" if row.model.repo_id else "Retry conversion  r"))
         if row.job is not None:
             actions.append(("cancel_job", f"Cancel {row.job.kind.value}  x"))
+        if row.model.job_id is not None:
+            actions.append(("logs", "Job log  l"))
         actions.append(("delete", "Delete  ctrl+d"))
 
         def chosen(action: str | None) -> None:
@@ -151,6 +155,23 @@ class CustomScreen(DeckScreen):
                 self.call_next(self.run_action, action)
 
         self.app.push_screen(ActionMenu(row.model.name, actions), chosen)
+
+    def action_logs(self) -> None:
+        row = self._row()
+        if row is not None:
+            self.open_logs(row.model.id, row.model.name)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def open_logs(self, model_id: int, name: str) -> None:
+        from engine import jobs
+
+        job = jobs.latest_for_model(self.db, model_id)
+        if job is None or not job.log_path:
+            self.app.call_from_thread(self.notify, f"No job has run for {name} (it was imported in place)",
+                                      severity="warning", timeout=4)
+            return
+        title = f"{name}: job {job.id} ({job.kind.value}, {job.state.value})"
+        self.app.call_from_thread(self.app.push_screen, LogDialog(title, job.log_path))
 
     def action_copy_path(self) -> None:
         row = self._row()

@@ -1,0 +1,32 @@
+"""Following a job's log file as it grows, for `modeldeck logs -f` and the dashboard's log view."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def follow(path: str | Path, stop: Callable[[], bool], interval: float = 0.25) -> Iterator[list[str]]:
+    """Yield the file's lines in batches as they are written, until `stop()` says so (checked between
+    reads; the rest of the file is yielded after it). Progress bars redraw a line with carriage
+    returns: only each line's last state is kept."""
+    offset, pending, path = 0, "", Path(path)
+    while True:
+        stopping = stop()
+        try:
+            with path.open("r", encoding="utf-8", errors="replace") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+        except FileNotFoundError:
+            chunk = ""
+        lines = (pending + chunk).split("\n")
+        pending = lines.pop()
+        if stopping and pending:
+            lines.append(pending)
+        if lines:
+            yield [line.rsplit("\r", 1)[-1] for line in lines]
+        if stopping:
+            return
+        time.sleep(interval)
