@@ -226,7 +226,8 @@ def test_a_job_whose_process_vanished_is_failed_by_whoever_reads(db, hub):
     assert "ended without reporting" in model.reason
 
 
-def test_a_job_cancelled_before_its_process_claims_it_never_runs(db, hub):
+def queued_download(db, cancel_requested: bool = False):
+    """A model and its download job as pull() leaves them just before the spawn."""
     from catalog.schema import JobKind
 
     with db.write() as session:
@@ -234,6 +235,12 @@ def test_a_job_cancelled_before_its_process_claims_it_never_runs(db, hub):
         session.add(model)
         session.flush()
         job = jobs.create(session, JobKind.DOWNLOAD, "download org/tiny", model.id, repo_id="org/tiny")
+        job.cancel_requested = cancel_requested
+    return model, job
+
+
+def test_a_job_cancelled_before_its_process_claims_it_never_runs(db, hub):
+    model, job = queued_download(db)
     assert jobs.cancel(db, job.id).state == JobState.CANCELLED
     jobs.spawn(db, job)  # the process arrives late: it must see the cancellation and stop
     jobs._children[job.id].wait(timeout=30)
@@ -268,14 +275,7 @@ def test_disk_full_before_downloading_fails_the_model_with_the_reason(db, hub, t
 
 def test_a_job_process_that_finds_a_cancel_request_does_not_start(db, hub):
     """The cancel came after the spawn recorded its pid, before the process claimed the job."""
-    from catalog.schema import JobKind
-
-    with db.write() as session:
-        model = Model(name="late", source="hub:org/tiny", repo_id="org/tiny")
-        session.add(model)
-        session.flush()
-        job = jobs.create(session, JobKind.DOWNLOAD, "download org/tiny", model.id, repo_id="org/tiny")
-        job.cancel_requested = True  # as cancel() leaves a job whose process exists but has not claimed it
+    model, job = queued_download(db, cancel_requested=True)  # as cancel() leaves it in that window
     jobs.spawn(db, job)
     assert jobs._children[job.id].wait(timeout=30) != 0
     assert job_of(db, job.id).state == JobState.CANCELLED  # recorded by the job process itself
