@@ -80,6 +80,7 @@ class LiveTable(ScrollView, can_focus=True):
         self.empty_text = empty_text
         self._rows: dict[Key, tuple[Cell, ...]] = {}
         self._visible: list[Key] = []
+        self._position: dict[Key, int] = {}  # key → index in _visible; kept with it by _show()
         self._predicate: Callable[[Key], bool] | None = None
         self._widths: list[int] = []
         self._widths_for = 0  # the content width the column widths were computed for
@@ -113,10 +114,11 @@ class LiveTable(ScrollView, can_focus=True):
         shown = self._predicate is None or self._predicate(key)
         if is_new:
             if shown:
+                self._position[key] = len(self._visible)
                 self._visible.append(key)
                 self._resize()
                 self.refresh()
-        elif shown != (key in self._visible_set()):
+        elif shown != (key in self._position):
             self._refilter(keep=self.cursor_key)
         elif shown:
             self._refresh_key(key)
@@ -125,12 +127,12 @@ class LiveTable(ScrollView, can_focus=True):
         if self._rows.pop(key, None) is None:
             return
         self._line_cache.pop(key, None)
-        if key in self._visible_set():
+        if key in self._position:
             current = self.cursor_key
-            self._visible.remove(key)
+            self._show([k for k in self._visible if k != key])
             self._resize()
-            if current != key and current in self._visible_set():
-                self._move_cursor(self._visible.index(current))
+            if current != key and current in self._position:
+                self._move_cursor(self._position[current])
             else:
                 self._move_cursor(min(self.cursor, len(self._visible) - 1))
             self.refresh()
@@ -139,15 +141,16 @@ class LiveTable(ScrollView, can_focus=True):
         self._predicate = predicate
         self._refilter(keep=self.cursor_key)
 
-    def _visible_set(self) -> set[Key]:
-        return set(self._visible)
+    def _show(self, keys: list[Key]) -> None:
+        """Set the visible rows, in order, with their positions (row updates look keys up per event)."""
+        self._visible = keys
+        self._position = {key: index for index, key in enumerate(keys)}
 
     def _refilter(self, keep: Key | None) -> None:
         predicate = self._predicate
-        self._visible = list(self._rows) if predicate is None else [k for k in self._rows if predicate(k)]
+        self._show(list(self._rows) if predicate is None else [k for k in self._rows if predicate(k)])
         self._resize()
-        index = self._visible.index(keep) if keep is not None and keep in self._rows and keep in self._visible_set() else 0
-        self._move_cursor(index)
+        self._move_cursor(self._position.get(keep, 0))
         self.refresh()
 
     # -- cursor -----------------------------------------------------------------------------------
@@ -159,8 +162,8 @@ class LiveTable(ScrollView, can_focus=True):
         return None
 
     def move_to_key(self, key: Key) -> bool:
-        if key in self._visible_set():
-            self._move_cursor(self._visible.index(key))
+        if key in self._position:
+            self._move_cursor(self._position[key])
             return True
         return False
 
@@ -245,9 +248,8 @@ class LiveTable(ScrollView, can_focus=True):
         return strip.apply_style(style) if style else strip
 
     def _refresh_key(self, key: Key) -> None:
-        try:
-            index = self._visible.index(key)
-        except ValueError:
+        index = self._position.get(key)
+        if index is None:
             return
         if 1 <= index - round(self.scroll_y) + 1 < self.size.height:  # on screen
             self.refresh_line(index + 1)  # a virtual line: refresh_line takes the scroll off itself
