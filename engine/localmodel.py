@@ -61,6 +61,11 @@ def check_model_folder(path: Path) -> dict:
     return config
 
 
+def output_folders(out_dir: Path) -> tuple[Path, Path]:
+    """A converted model's folder and the one it is written to first; both are the model's own."""
+    return out_dir, out_dir.with_name(out_dir.name + ".partial")
+
+
 def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
     """Load a GGUF file with transformers (dequantized) and save it as safetensors with its tokenizer.
     Written to a temporary folder first, so a crash never leaves a half model behind. Job processes only."""
@@ -75,7 +80,7 @@ def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    _, partial = output_folders(out_dir)
     shutil.rmtree(partial, ignore_errors=True)
     log(f"writing safetensors to {out_dir}")
     model.save_pretrained(partial)

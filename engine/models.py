@@ -18,7 +18,7 @@ from catalog.schema import CommunityModel, Deployment, DeploymentState, Job, Job
 from engine import hub, jobs
 from engine.errors import EngineError
 from engine.events import record
-from engine.localmodel import NAME_PATTERN, check_gguf, check_model_folder
+from engine.localmodel import NAME_PATTERN, check_gguf, check_model_folder, output_folders
 
 REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -141,7 +141,7 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
         job = jobs.create(session, JobKind.DOWNLOAD, f"download {repo_id}", model.id, repo_id=repo_id)
         model.job_id = job.id
     if leftover:  # removed after the commit: not while holding the lock every writer waits on
-        for folder in (Path(leftover), Path(leftover + ".partial")):
+        for folder in output_folders(Path(leftover)):
             shutil.rmtree(folder, ignore_errors=True)
     jobs.spawn(db, job)
     return model, job
@@ -286,7 +286,7 @@ def delete_model(db: Database, name: str) -> int:
     try:
         if model.owns_path and model.path:
             freed = 0
-            for folder in (Path(model.path), Path(model.path + ".partial")):
+            for folder in output_folders(Path(model.path)):
                 if folder.exists():
                     freed += hub.snapshot_size(folder)
                     shutil.rmtree(folder)
