@@ -159,6 +159,14 @@ class ModelDeckApp(App):
 
     # -- actions ------------------------------------------------------------------------------------
 
+    def copy_text(self, text: str | None, what: str) -> None:
+        """To the clipboard through the terminal (OSC 52), so it works over SSH; says what it did."""
+        if text:
+            self.copy_to_clipboard(text)
+            self.notify(f"Copied {text}", timeout=3)
+        else:
+            self.notify(f"No {what} to copy", severity="warning", timeout=3)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpDialog):
             self.push_screen(HelpDialog(self.screen, self.BINDINGS))

@@ -62,14 +62,6 @@ class DeckScreen(Screen):
     def action_focus_filter(self) -> None:
         self.query_one(FilterBar).focus()
 
-    def copy(self, text: str | None, what: str) -> None:
-        """To the clipboard through the terminal (OSC 52), so it works over SSH."""
-        if text:
-            self.app.copy_to_clipboard(text)
-            self.notify(f"Copied {text}", timeout=3)
-        else:
-            self.notify(f"No {what} to copy", severity="warning", timeout=3)
-
     def apply_filter(self) -> None:
         """Show the rows that the filter bar (and any other filter of the screen) lets through."""
 

@@ -171,4 +171,4 @@ class CommunityScreen(DeckScreen):
 
     def action_copy_link(self) -> None:
         entry = self._entry()
-        self.copy(entry.link if entry else None, "link")
+        self.app.copy_text(entry.link if entry else None, "link")

@@ -175,7 +175,7 @@ class CustomScreen(DeckScreen):
 
     def action_copy_path(self) -> None:
         row = self._row()
-        self.copy(row.model.path if row else None, "path")
+        self.app.copy_text(row.model.path if row else None, "path")
 
     def action_details(self) -> None:
         row = self._row()

@@ -39,6 +39,4 @@ class DetailsDialog(ModalScreen[None]):
             yield Label(hint, classes="dialog-hint")
 
     def action_copy(self) -> None:
-        if self.copy_value:  # OSC 52: works over SSH
-            self.app.copy_to_clipboard(self.copy_value)
-            self.notify(f"Copied {self.copy_value}", timeout=3)
+        self.app.copy_text(self.copy_value, "path or link")

@@ -43,5 +43,4 @@ class LogDialog(ModalScreen[None]):
             self.app.call_from_thread(log.write_lines, lines)
 
     def action_copy_path(self) -> None:
-        self.app.copy_to_clipboard(self.log_path)
-        self.notify(f"Copied {self.log_path}", timeout=3)
+        self.app.copy_text(self.log_path, "log path")
