@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from engine.format import human_bytes
+
 WEIGHT_FORMATS = ("*.safetensors", "pytorch_model*.bin")  # in order of preference
 SUPPORT_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py")
 SKIPPED_DIRS = ("original/", "onnx/", "openvino/", "coreml/", "gguf/", "flax/", "tf/")
@@ -165,10 +167,12 @@ def _is_offline(exc: BaseException) -> bool:
     return False
 
 
-def check_free_space(needed: int) -> None:
-    """Raise ENOSPC before starting when the cache's disk cannot hold `needed` more bytes."""
-    cache = hub_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(cache).free
+def check_free_space(needed: int, folder: Path | None = None) -> None:
+    """Raise ENOSPC before starting when the disk of `folder` (default: the Hub cache) cannot hold
+    `needed` more bytes."""
+    folder = folder or hub_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
     if needed > free:
-        raise OSError(errno.ENOSPC, f"needs {needed} bytes, {free} free", str(cache))
+        raise OSError(errno.ENOSPC, f"not enough free disk: about {human_bytes(needed)} needed, "
+                                    f"{human_bytes(free)} free", str(folder))

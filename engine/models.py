@@ -147,8 +147,15 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
     return model, job
 
 
+def can_retry(model: Model) -> bool:
+    """Whether a failed model can be started again: a download, a GGUF conversion, a fine-tune, a merge."""
+    return model.state == ModelState.FAILED and bool(
+        model.repo_id or model.meta.get("gguf") or (model.job_id and model.source.startswith(("finetune:", "merge:"))))
+
+
 def retry(db: Database, name: str) -> tuple[Model, Job]:
-    """Start a failed download or GGUF conversion again, in place (the row keeps its id and name)."""
+    """Start a failed download, GGUF conversion, fine-tune (from its last checkpoint) or merge again, in
+    place (the row keeps its id and name)."""
     with db.read() as session:
         model = find_model(session, name)
     if model.state != ModelState.FAILED:
@@ -169,6 +176,10 @@ def retry(db: Database, name: str) -> tuple[Model, Job]:
             record(session, f"model:{row.id}", "state", "retrying import", state="pending")
         jobs.spawn(db, job)
         return row, job
+    if model.job_id and model.source.startswith(("finetune:", "merge:")):
+        from engine import finetune  # it builds on this module
+
+        return finetune.rerun(db, model)
     raise EngineError(f"{model.name!r} cannot be retried; delete it and start again")
 
 

@@ -21,21 +21,30 @@ import psutil
 from sqlmodel import Session, select
 
 from catalog import Database
-from catalog.schema import JOB_TRANSITIONS, Job, JobKind, JobState, Model, ModelState, now
+from catalog.schema import (
+    JOB_TRANSITIONS,
+    Job,
+    JobKind,
+    JobState,
+    Model,
+    ModelState,
+    now,
+)
 from engine.errors import EngineError
 from engine.events import record
 
 STOP_DEADLINE_S = 5.0
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
 LOG_TAIL_LINES = 8
-_ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer"}
+_ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer",
+                 JobKind.FINETUNE: "engine.jobs.finetune", JobKind.MERGE: "engine.jobs.merge"}
 
 # Processes this process spawned: polling them reaps zombies and gives us their exit codes.
 _children: dict[int, subprocess.Popen] = {}
 
 
 class JobCancelled(Exception):
-    pass
+    """Raised in a job process that stops because it was asked to; the job ends Cancelled."""
 
 
 def logs_dir(db: Database) -> Path:
@@ -92,6 +101,8 @@ def spawn(db: Database, job: Job) -> None:
     package_root = str(Path(__file__).resolve().parents[2])  # so `-m engine.jobs.X` imports this tree
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it; none for "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else gpus
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],
@@ -166,7 +177,8 @@ def _exit_description(job: Job) -> str:
             name = signal.Signals(-code).name
         except ValueError:  # real-time signals have no name
             name = str(-code)
-        return f"the job process was killed by signal {name}"
+        hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
+        return f"the job process was killed by signal {name}{hint}"
     return f"the job process exited with code {code}"
 
 

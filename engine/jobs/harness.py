@@ -23,7 +23,7 @@ import psutil
 from catalog import Database
 from catalog.schema import Job, JobState, Model, ModelState, now
 from engine.events import record
-from engine.jobs import fail_model, transition
+from engine.jobs import JobCancelled, fail_model, transition
 
 HEARTBEAT_S = 2.0
 
@@ -38,21 +38,26 @@ class JobContext:
         self.job_id = job.id
         self.model_id = job.model_id
         self.params: dict[str, Any] = job.params
+        self.metrics: dict[str, Any] = {}  # the job's metrics_json: a phase, or a fine-tune's step and losses
         self._stop = threading.Event()
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
-    def report(self, **fields: Any) -> None:
-        """Write progress fields (bytes_done, bytes_total, rate, eta_s, progress, metrics_json)."""
+    def report(self, metrics: dict[str, Any] | None = None, **fields: Any) -> None:
+        """Write progress fields (bytes_done, bytes_total, rate, eta_s, progress), and `metrics` merged into
+        the job's metrics."""
+        if metrics is not None:
+            self.metrics.update(metrics)
         with self.db.write() as session:
             job = session.get(Job, self.job_id)
             for name, value in fields.items():
                 setattr(job, name, value)
+            if metrics is not None:
+                job.metrics_json = json.dumps(self.metrics)
             job.heartbeat_at = now()
             session.add(job)
-            record(session, f"job:{self.job_id}", "progress", model_id=self.model_id,
-                   **{k: v for k, v in fields.items() if k != "metrics_json"})
+            record(session, f"job:{self.job_id}", "progress", model_id=self.model_id, **fields)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -62,7 +67,7 @@ class JobContext:
         def tick() -> None:
             while True:
                 elapsed = round(time.monotonic() - start)
-                self.report(metrics_json=json.dumps({"phase": name, "elapsed_s": elapsed}))
+                self.report(metrics={"phase": name, "elapsed_s": elapsed})
                 if done.wait(1.0):
                     return
 
@@ -73,6 +78,7 @@ class JobContext:
         finally:
             done.set()
             ticker.join()
+            self.metrics.pop("elapsed_s", None)
 
     def update_model(self, **fields: Any) -> None:
         with self.db.write() as session:
@@ -103,6 +109,16 @@ class JobContext:
             job = session.get(Job, self.job_id)
             if transition(session, job, JobState.FAILED, error=reason):
                 fail_model(session, self.model_id, reason)
+
+    def cancelled(self) -> None:
+        with self.db.write() as session:
+            job = session.get(Job, self.job_id)
+            if transition(session, job, JobState.CANCELLED):
+                fail_model(session, self.model_id, f"{job.kind.value} cancelled")
+
+    def cancel_requested(self) -> bool:
+        with self.db.read() as session:
+            return bool(session.get(Job, self.job_id).cancel_requested)
 
     def start_heartbeat(self) -> None:
         def beat() -> None:
@@ -143,6 +159,10 @@ def main(work: Callable[[JobContext], None]) -> None:
     try:
         work(ctx)
         ctx.log("job succeeded")
+    except JobCancelled:
+        ctx.log("job cancelled")
+        ctx.cancelled()
+        code = 1
     except JobFailure as exc:
         ctx.log(f"job failed: {exc}")
         ctx.fail(str(exc))

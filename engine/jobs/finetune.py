@@ -1,0 +1,336 @@
+"""Fine-tune job: LoRA (or QLoRA on a CUDA GPU) with PEFT over the transformers Trainer.
+
+It writes step, epoch, loss, validation loss, learning rate, tokens/s and ETA to the database as it
+goes (at most once a second, plus every logged step), checkpoints periodically into the adapter's
+`.partial` folder, resumes from the newest complete checkpoint when run again after a failure, and stops
+cleanly between steps on SIGTERM (cancel). The adapter's folder appears only once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from catalog.schema import Model, ModelState
+from engine import hub
+from engine.datasets import (
+    chat_template,
+    encode,
+    load_tokenizer,
+    read_dataset,
+    token_stats,
+)
+from engine.finetune import Hyperparameters, latest_checkpoint, model_limits
+from engine.format import human_duration
+from engine.jobs import JobCancelled
+from engine.jobs.harness import JobContext, JobFailure, main
+from engine.localmodel import output_folders
+
+REPORT_EVERY_S = 1.0
+TIMED_CHECKPOINT_S = 15 * 60  # long steps: never lose more than this much work to a crash
+CURVE_POINTS = 400  # the loss curve kept in the job's metrics is thinned to about this many points
+
+
+class Stopping:
+    """SIGTERM (cancel) stops at the next safe point: between training steps, or at once elsewhere."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_training = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if not self.in_training:
+            raise JobCancelled()
+
+
+def wait_for_base(ctx: JobContext, base_id: int) -> Model:
+    """The base model, once Ready: a fine-tune started from Community waits for its download."""
+    with ctx.phase("waiting for the base model's download"):
+        while True:
+            with ctx.db.read() as session:
+                base = session.get(Model, base_id)
+            if base is None:
+                raise JobFailure("the base model was deleted")
+            if base.state == ModelState.READY:
+                return base
+            if base.state == ModelState.FAILED:
+                raise JobFailure(f"the base model {base.name} failed: {base.reason}")
+            time.sleep(1.0)
+
+
+def work(ctx: JobContext) -> None:
+    stopping = Stopping()
+    p = ctx.params
+    hp = Hyperparameters(**p["hyperparameters"])
+    final, partial = output_folders(Path(p["target"]))
+    base = wait_for_base(ctx, p["base_id"])
+    limits = model_limits(base.path)
+    hp = hp.resolved(limits.max_length)
+    if problems := hp.problems(limits.max_length, p["gpus"]):
+        raise JobFailure("; ".join(problems.values()))
+
+    # The run trains on its own copy of the data, so a resumed run sees exactly what the first one saw.
+    partial.mkdir(parents=True, exist_ok=True)
+    copy = partial / ("dataset" + Path(p["dataset"]).suffix)
+    if not copy.exists():
+        try:
+            shutil.copyfile(p["dataset"], copy)
+        except OSError as exc:
+            raise JobFailure(f"cannot read the dataset {p['dataset']}: {exc.strerror}") from exc
+    dataset = read_dataset(copy)
+    train_idx, val_idx = dataset.split(hp.val_split, hp.seed)
+
+    with ctx.phase("loading the base model"):
+        import torch
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import (
+            AutoModelForCausalLM,
+            PrinterCallback,
+            Trainer,
+            TrainerCallback,
+            TrainingArguments,
+        )
+
+        on_gpu = p["gpus"] != "cpu" and torch.cuda.is_available()
+        if p["gpus"] != "cpu" and not on_gpu:
+            raise JobFailure(f"GPU {p['gpus']} was chosen but CUDA is not available to PyTorch")
+        bf16 = on_gpu and torch.cuda.is_bf16_supported()
+        dtype = (torch.bfloat16 if bf16 else torch.float16) if on_gpu else torch.float32
+        tokenizer = load_tokenizer(base.path)
+        load_args = {"dtype": dtype}
+        if on_gpu:
+            load_args["device_map"] = "auto" if "," in p["gpus"] else {"": 0}
+        if hp.method == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            load_args["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True)
+        model = AutoModelForCausalLM.from_pretrained(base.path, **load_args)
+        if hp.method == "qlora":
+            model = prepare_model_for_kbit_training(model)
+        targets = hp.targets_for(limits.model_type)
+        lora = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, bias="none", task_type="CAUSAL_LM",
+                          target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+        torch.manual_seed(hp.seed)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:  # e.g. target modules the model does not have
+            raise JobFailure(f"LoRA cannot be applied: {exc}") from exc
+        trainable, total = model.get_nb_trainable_parameters()
+        ctx.log(f"LoRA r={hp.rank} alpha={hp.alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
+                f"({'GPU ' + p['gpus'] if on_gpu else 'CPU'}, {str(dtype).removeprefix('torch.')})")
+
+    with ctx.phase("tokenizing the dataset"):
+        template, own = chat_template(tokenizer)
+        if dataset.is_chat and not own:
+            ctx.log("the base model has no chat template: using ChatML (saved with the adapter)")
+            tokenizer.chat_template = template
+        stats = token_stats(tokenizer, dataset, hp.max_length)
+        ctx.log(f"dataset: {dataset.format_name}, {stats.describe(hp.max_length)}")
+        encoded = [encode(tokenizer, template, dataset.examples[i], hp.max_length) for i in range(len(dataset.examples))]
+        train = [encoded[i] for i in train_idx if encoded[i] is not None]
+        validation = [encoded[i] for i in val_idx if encoded[i] is not None]
+        if not train:
+            raise JobFailure(f"no training row has anything to learn within the max length of {hp.max_length} tokens")
+
+    total_steps = hp.steps(len(train))
+    every = max(1, total_steps // 10)
+    collator = Collator(tokenizer.pad_token_id)
+    args = TrainingArguments(
+        output_dir=str(partial / "checkpoints"),
+        per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.grad_accum, learning_rate=hp.learning_rate,
+        num_train_epochs=hp.epochs, max_steps=hp.max_steps or -1,
+        lr_scheduler_type="cosine", warmup_steps=0.03,
+        logging_steps=max(1, total_steps // 200),
+        eval_strategy="steps" if validation else "no", eval_steps=every,
+        save_strategy="steps", save_steps=hp.save_steps or every, save_total_limit=2,
+        seed=hp.seed, data_seed=hp.seed, bf16=bf16, fp16=on_gpu and not bf16, use_cpu=not on_gpu,
+        report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
+        dataloader_num_workers=0,
+    )
+    reporter = Reporter(ctx, stopping, collator, total_steps)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=validation or None,
+                      data_collator=collator, callbacks=[reporter.callback(TrainerCallback)])
+    trainer.remove_callback(PrinterCallback)  # the reporter logs each step in one readable line
+    resume = latest_checkpoint(partial / "checkpoints")
+    if resume is not None:
+        ctx.log(f"resuming from {resume.name} (step {resume.name.split('-')[-1]} of {total_steps})")
+    ctx.log(f"training: {len(train)} rows, {len(validation)} validation rows, {total_steps} steps")
+    stopping.in_training = True
+    try:
+        if stopping.requested:
+            raise JobCancelled()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise JobFailure("out of GPU memory: lower the batch size or the max length (or use QLoRA)") from exc
+    finally:
+        stopping.in_training = False
+    if stopping.requested:
+        raise JobCancelled()
+
+    if validation and not (reporter.eval_curve and reporter.eval_curve[-1][0] == trainer.state.global_step):
+        reporter.add_eval(trainer.state.global_step, trainer.evaluate()["eval_loss"])
+    final_eval = reporter.last_eval
+    reporter.report(force=True)
+    with ctx.phase("saving the adapter"):
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        lineage = {
+            "base": base.name, "base_repo": base.repo_id, "dataset": p["dataset"], "format": dataset.format_name,
+            "rows": {"train": len(train), "validation": len(validation)}, "hyperparameters": p["hyperparameters"],
+            "target_modules": targets, "steps": trainer.state.global_step,
+            "final_loss": reporter.last_loss, "final_eval_loss": final_eval,
+            "train_runtime_s": round(result.metrics["train_runtime"], 1),
+            "tokens_per_s": round(reporter.tokens_per_s, 1),
+        }
+        (partial / "modeldeck.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        copy.unlink(missing_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    ctx.log(f"adapter written to {final}")
+    with ctx.db.read() as session:
+        meta = session.get(Model, ctx.model_id).meta
+    meta.update({k: lineage[k] for k in ("target_modules", "steps", "final_loss", "final_eval_loss",
+                                          "train_runtime_s", "tokens_per_s")})
+    ctx.succeed(size_bytes=hub.snapshot_size(final), meta_json=Model.dumps(meta))
+
+
+class Collator:
+    """Pads a batch to its longest row (labels with -100) and counts the real tokens it carries."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            mask[i, :n] = 1
+            self.tokens += n
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class Reporter:
+    """Turns the trainer's steps and logs into the job's progress and metrics, written at most once a
+    second (and on every logged loss), so reporting costs the training loop almost nothing."""
+
+    def __init__(self, ctx: JobContext, stopping: Stopping, collator: Collator, total_steps: int):
+        self.ctx, self.stopping, self.collator, self.total_steps = ctx, stopping, collator, total_steps
+        self.train_curve: list[list[float]] = []
+        self.eval_curve: list[list[float]] = []
+        self.step = 0
+        self.epoch = 0.0
+        self.last_loss: float | None = None
+        self.last_eval: float | None = None
+        self.lr: float | None = None
+        self.tokens_per_s = 0.0
+        self.eta_s: float | None = None
+        self.last_report = 0.0
+        self.last_save = time.monotonic()
+        self.run_start = time.monotonic()
+        self.run_first_step = 0
+        self.tokens_at_start = 0
+
+    def callback(self, base: type):
+        reporter = self
+
+        class ProgressCallback(base):
+            def on_train_begin(self, args, state, control, **kwargs):
+                reporter.begin(state)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                reporter.stepped(state, control)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                reporter.logged(state, logs or {})
+
+            def on_save(self, args, state, control, **kwargs):
+                reporter.last_save = time.monotonic()
+
+        return ProgressCallback()
+
+    def begin(self, state) -> None:
+        """A resumed run starts with the curve the checkpoint remembers."""
+        self.run_start, self.run_first_step = time.monotonic(), state.global_step
+        self.tokens_at_start = self.collator.tokens
+        self.step, self.total_steps = state.global_step, state.max_steps or self.total_steps
+        for entry in state.log_history:
+            if "loss" in entry:
+                self._add(self.train_curve, entry["step"], entry["loss"])
+                self.last_loss = entry["loss"]
+            if "eval_loss" in entry:
+                self.add_eval(entry["step"], entry["eval_loss"])
+        self.report(force=True)
+
+    def stepped(self, state, control) -> None:
+        self.step, self.epoch = state.global_step, state.epoch or 0.0
+        elapsed = time.monotonic() - self.run_start
+        done = self.step - self.run_first_step
+        if done > 0 and elapsed > 0:
+            self.tokens_per_s = (self.collator.tokens - self.tokens_at_start) / elapsed
+            self.eta_s = elapsed / done * (self.total_steps - self.step)
+        if self.stopping.requested:
+            control.should_training_stop = True
+            return
+        if time.monotonic() - self.last_save > TIMED_CHECKPOINT_S:
+            control.should_save = True
+        self.report()
+
+    def logged(self, state, logs: dict) -> None:
+        if "loss" in logs:
+            self.last_loss = logs["loss"]
+            self.lr = logs.get("learning_rate", self.lr)
+            self._add(self.train_curve, state.global_step, logs["loss"])
+            eta = f"  ETA {human_duration(self.eta_s)}" if self.eta_s is not None else ""
+            self.ctx.log(f"step {state.global_step}/{self.total_steps}  epoch {state.epoch or 0:.2f}  "
+                         f"loss {logs['loss']:.4f}  lr {self.lr or 0:.2e}  {self.tokens_per_s:,.0f} tok/s{eta}")
+        if "eval_loss" in logs:
+            self.add_eval(state.global_step, logs["eval_loss"])
+            self.ctx.log(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
+        self.report(force=True)
+
+    def add_eval(self, step: int, loss: float) -> None:
+        self.last_eval = loss
+        self._add(self.eval_curve, step, loss)
+
+    @staticmethod
+    def _add(curve: list, step: int, loss: float) -> None:
+        if curve and curve[-1][0] == step:
+            curve[-1] = [step, round(loss, 5)]
+            return
+        curve.append([step, round(loss, 5)])
+        if len(curve) > CURVE_POINTS:  # thin evenly, keeping the newest point
+            del curve[-2::-2]
+
+    def report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_report < REPORT_EVERY_S:
+            return
+        self.last_report = now
+        metrics = {
+            "phase": "training", "step": self.step, "total_steps": self.total_steps, "epoch": round(self.epoch, 3),
+            "loss": self.last_loss, "eval_loss": self.last_eval, "lr": self.lr,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "curve": {"train": self.train_curve, "eval": self.eval_curve},
+        }
+        self.ctx.report(metrics, progress=self.step / self.total_steps if self.total_steps else None, eta_s=self.eta_s)
+
+
+if __name__ == "__main__":
+    main(work)

@@ -1,0 +1,184 @@
+"""Fine-tuning and merging with real job processes on a tiny Llama the tests build (CPU, no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from catalog.schema import Job, JobState, Model, ModelKind, ModelState
+from engine import finetune, jobs, models
+from engine.errors import EngineError
+from engine.finetune import Hyperparameters
+from tests.conftest import settled, wait_until
+from tests.tinydata import write_dataset, write_jsonl
+
+FAST = dict(batch_size=4, grad_accum=1, learning_rate=1e-2)
+
+
+@pytest.fixture
+def tiny(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "tiny")
+    return tiny_model_dir
+
+
+def start(db, dataset, name=None, base="tiny", **hp):
+    plan = finetune.plan(db, base, dataset, Hyperparameters(**(FAST | hp)), "auto")
+    return finetune.start(db, plan, name)
+
+
+def job_row(db, job_id) -> Job:
+    return jobs.get(db, job_id)
+
+
+def logits(model_dir: Path, adapter: Path | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model(torch.tensor([[5, 6, 7, 8, 9]])).logits
+
+
+@pytest.mark.parametrize("fmt", ["openai", "sharegpt", "alpaca", "text"])
+def test_a_fine_tune_on_each_format_makes_an_adapter_that_changes_the_model(db, tiny, tmp_path, fmt):
+    import torch
+
+    model, job = start(db, write_dataset(tmp_path, fmt), max_steps=4)
+    assert (model.kind, model.state, model.source) == (ModelKind.ADAPTER, ModelState.PENDING, "finetune:tiny")
+    done = settled(db, model.id, timeout=120)
+    finished = job_row(db, job.id)
+    assert done.state == ModelState.READY, (done.reason, jobs.log_tail(finished.log_path, 20))
+    metrics = json.loads(finished.metrics_json)
+    assert metrics["step"] == 4 and metrics["total_steps"] == 4 and metrics["tokens_per_s"] > 0
+    assert [point[0] for point in metrics["curve"]["train"]] == [1, 2, 3, 4]
+    assert metrics["curve"]["eval"][-1][0] == 4  # 30 rows: 2 held out for validation
+    adapter = Path(done.path)
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "checkpoints").exists()
+    assert not adapter.with_name(adapter.name + ".partial").exists()
+    lineage = json.loads((adapter / "modeldeck.json").read_text())
+    assert lineage["base"] == "tiny" and lineage["steps"] == 4 and lineage["final_loss"] > 0
+    assert done.meta["final_eval_loss"] == lineage["final_eval_loss"] and done.meta["rows"] == {"train": 28, "validation": 2}
+    assert done.base_id is not None and done.size_bytes > 0
+    assert not torch.allclose(logits(tiny), logits(tiny, adapter))
+    log = Path(finished.log_path).read_text()
+    assert "step 4/4" in log and "loss" in log and "{'loss'" not in log
+
+
+def test_resume_after_sigkill_continues_from_the_last_checkpoint(db, tiny, tmp_path):
+    model, job = start(db, write_dataset(tmp_path), max_steps=300, save_steps=20, val_split=0)
+    checkpoints = Path(model.path + ".partial") / "checkpoints"
+    wait_until(lambda: (checkpoints / "checkpoint-40" / "trainer_state.json").exists(), 120, what="checkpoint 40")
+    os.kill(job_row(db, job.id).pid, signal.SIGKILL)
+    failed = settled(db, model.id)
+    assert failed.state == ModelState.FAILED and "killed by signal SIGKILL" in failed.reason
+    killed_at = json.loads(job_row(db, job.id).metrics_json)["step"]
+    assert killed_at >= 40
+
+    _, again = models.retry(db, model.name)
+    done = settled(db, model.id, timeout=120)
+    assert done.state == ModelState.READY, done.reason
+    log = Path(job_row(db, again.id).log_path).read_text()
+    resumed_from = int(log.split("resuming from checkpoint-")[1].split()[0])
+    assert 40 <= resumed_from <= killed_at
+    assert f"step {resumed_from + 1}/300" in log and "step 1/300" not in log
+    metrics = json.loads(job_row(db, again.id).metrics_json)
+    assert metrics["step"] == 300 and metrics["curve"]["train"][0][0] == 1  # the curve from before survives
+
+
+def test_cancel_stops_cleanly_between_steps_and_ends_cancelled(db, tiny, tmp_path):
+    model, job = start(db, write_dataset(tmp_path), max_steps=100_000, val_split=0)
+    wait_until(lambda: json.loads(job_row(db, job.id).metrics_json).get("step", 0) >= 2, 120, what="training")
+    cancelled = jobs.cancel(db, job.id)
+    assert cancelled.state == JobState.CANCELLED
+    assert settled(db, model.id).reason == "finetune cancelled"
+    assert "job cancelled" in Path(cancelled.log_path).read_text()  # stopped by itself, not killed
+
+
+def test_a_malformed_dataset_is_refused_before_any_job_starts(db, tiny, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 3
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows + [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(EngineError, match="bad.jsonl, line 4: no assistant turn"):
+        start(db, bad)
+    with db.read() as session:
+        assert session.exec(select(Job)).all() == [] and len(session.exec(select(Model)).all()) == 1
+
+
+@pytest.mark.parametrize("hp, message", [
+    ({"rank": 0}, "LoRA rank must be above 0"), ({"learning_rate": -1}, "learning rate must be above 0"),
+    ({"batch_size": 0}, "batch size must be above 0"), ({"max_length": 4096}, "over the model's limit of 128"),
+    ({"dropout": 1.0}, "dropout must be from 0 to below 1"), ({"method": "qlora"}, "QLoRA needs a CUDA GPU"),
+])
+def test_bad_hyperparameters_are_refused_with_the_reason(db, tiny, tmp_path, hp, message):
+    with pytest.raises(EngineError, match=message):
+        start(db, write_dataset(tmp_path), **hp)
+
+
+def test_bad_bases_and_names_are_refused_and_nothing_is_overwritten(db, tiny, tmp_path):
+    data = write_dataset(tmp_path)
+    with pytest.raises(EngineError, match="no custom model named 'nope'"):
+        start(db, data, base="nope")
+    with pytest.raises(EngineError, match="invalid name"):
+        start(db, data, name="../escape")
+    with pytest.raises(EngineError, match="already exists"):
+        start(db, data, name="tiny")
+    squatter = models.models_dir(db) / "taken"
+    squatter.mkdir()
+    (squatter / "keep.txt").write_text("mine")
+    with pytest.raises(EngineError, match="already exists; choose another name"):
+        start(db, data, name="taken")
+    assert (squatter / "keep.txt").read_text() == "mine"
+    with pytest.raises(EngineError, match="no such file"):
+        start(db, tmp_path / "missing.jsonl")
+
+
+def test_merge_makes_a_model_that_loads_with_plain_transformers(db, tiny, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    adapter, _ = start(db, write_dataset(tmp_path), max_steps=3)
+    adapter = settled(db, adapter.id, timeout=120)
+    assert adapter.state == ModelState.READY, adapter.reason
+    merged, job = finetune.merge(db, adapter.name)
+    merged = settled(db, merged.id, timeout=120)
+    assert merged.state == ModelState.READY, (merged.reason, jobs.log_tail(job_row(db, job.id).log_path, 20))
+    assert merged.kind == ModelKind.MERGED and merged.name == f"{adapter.name}-merged"
+    assert (Path(merged.path) / "model.safetensors").exists()
+    assert torch.allclose(logits(Path(merged.path)), logits(tiny, Path(adapter.path)), atol=1e-5)
+    assert AutoTokenizer.from_pretrained(merged.path).chat_template  # deployable as a chat model
+    # The merged model depends on the adapter, which depends on its base.
+    with pytest.raises(EngineError, match=f"merged '{merged.name}' is built on it"):
+        models.delete_model(db, adapter.name)
+    with pytest.raises(EngineError, match=f"adapter '{adapter.name}' is built on it"):
+        models.delete_model(db, "tiny")
+    # A merged model can itself be fine-tuned; an adapter cannot.
+    with pytest.raises(EngineError, match="is an adapter"):
+        start(db, tmp_path / "openai.jsonl", base=adapter.name)
+    plan = finetune.plan(db, merged.name, tmp_path / "openai.jsonl", Hyperparameters(), "auto")
+    assert plan.base.name == merged.name and plan.hyperparameters.max_length == 128
+
+
+def test_merge_refuses_what_is_not_a_ready_adapter(db, tiny):
+    with pytest.raises(EngineError, match="only an adapter can be merged"):
+        finetune.merge(db, "tiny")
+
+
+def test_a_fine_tune_of_a_base_still_downloading_waits_for_it(db, hub, tmp_path):
+    from tests.conftest import TINY_FILES  # noqa: F401  (the loopback Hub's repos)
+
+    base, _ = models.pull(db, "org/big")
+    plan = finetune.plan(db, base.name, write_dataset(tmp_path), Hyperparameters(**FAST, max_steps=1), "auto")
+    adapter, job = finetune.start(db, plan)
+    wait_until(lambda: "waiting for the base" in (job_row(db, job.id).metrics_json or ""), 30, what="the wait")
+    # The loopback Hub's "big" repo is not a real model: when it turns Ready, loading it fails, and
+    # the reason is the job's; had the download failed, the reason would say so.
+    done = settled(db, adapter.id, timeout=120)
+    assert done.state == ModelState.FAILED and done.reason
