@@ -47,6 +47,17 @@ def human_time(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
+def human_value(value: object) -> str:
+    """A model's recorded detail (lineage, hyperparameters) on one line: lists joined, mappings as k=v."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={human_value(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(human_value, value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
 BAR_WIDTH = 10
 
 
@@ -71,11 +82,33 @@ def job_progress(job: Job, detail: str = "short") -> str:
             return f"{fraction:.0%}{rate}{eta}"
         return f"{progress_bar(fraction)} {fraction:.0%}  {human_bytes(done)} of {human_bytes(job.bytes_total)}{rate}{eta}"
     metrics = job.loads(job.metrics_json, {})
+    if metrics.get("total_steps") and "elapsed_s" not in metrics:
+        return training_progress(metrics, job.eta_s, detail)
     phase = metrics.get("phase") or ("starting" if job.state.value == "queued" else "working")
     if detail == "tiny":
         return ""
     elapsed = metrics.get("elapsed_s")
     return f"{phase} ({human_duration(elapsed)})" if elapsed is not None else phase
+
+
+def training_progress(metrics: dict, eta_s: float | None, detail: str) -> str:
+    """A fine-tune's progress: '42%', '42% loss 1.234 ETA 3m02s', or with a bar, steps, epoch, losses."""
+    step, total = metrics.get("step", 0), metrics["total_steps"]
+    fraction = step / total
+    if detail == "tiny":
+        return f"{fraction:.0%}"
+    loss = f" loss {metrics['loss']:.3f}" if metrics.get("loss") is not None else ""
+    eta = f" ETA {human_duration(eta_s)}" if eta_s is not None and step < total else ""
+    if detail == "short":
+        return f"{fraction:.0%}{loss}{eta}"
+    parts = [f"step {step:,}/{total:,}", f"epoch {metrics.get('epoch', 0):.2f}"]
+    if metrics.get("loss") is not None:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if metrics.get("eval_loss") is not None:
+        parts.append(f"val {metrics['eval_loss']:.4f}")
+    if metrics.get("tokens_per_s"):
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    return f"{progress_bar(fraction)} {fraction:.0%}  " + " · ".join(parts) + eta
 
 
 def state_text(state: ModelState, reason: str | None, job: Job | None, detail: str = "short") -> str:

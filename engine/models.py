@@ -14,11 +14,27 @@ from pathlib import Path
 from sqlmodel import Session, select
 
 from catalog import Database
-from catalog.schema import CommunityModel, Deployment, DeploymentState, Job, JobKind, JobState, Model, ModelKind, ModelState, now
+from catalog.schema import (
+    CommunityModel,
+    Deployment,
+    DeploymentState,
+    Job,
+    JobKind,
+    JobState,
+    Model,
+    ModelKind,
+    ModelState,
+    now,
+)
 from engine import hub, jobs
 from engine.errors import EngineError
 from engine.events import record
-from engine.localmodel import NAME_PATTERN, check_gguf, check_model_folder, output_folders
+from engine.localmodel import (
+    NAME_PATTERN,
+    check_gguf,
+    check_model_folder,
+    output_folders,
+)
 
 REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -111,3 +111,32 @@ def test_logs_prints_and_follows_a_jobs_log(hub):
     assert "started: download org/big" in followed.stdout and "job succeeded" in followed.stdout
     as_json = json.loads(run("logs", str(job_id), "--json").stdout)
     assert as_json["job"] == job_id and as_json["lines"][-1].endswith("job succeeded")
+
+
+def test_finetune_merge_logs_and_retry_from_the_shell(tmp_path, tiny_model_dir):
+    from tests.tinydata import write_dataset, write_jsonl
+
+    run("import", str(tiny_model_dir), "--name", "tiny")
+    data = write_dataset(tmp_path, "alpaca")
+    tuned = run("finetune", "tiny", str(data), "--name", "tuned", "--max-steps", "2", "--lr", "0.01",
+                "--batch-size", "4", "--grad-accum", "1", "--wait", "--json")
+    adapter = json.loads(tuned.stdout)
+    assert adapter["state"] == "ready" and adapter["kind"] == "adapter" and adapter["base"] == "tiny"
+    assert adapter["meta"]["format"] == "Alpaca" and adapter["meta"]["hyperparameters"]["rank"] == 16
+    shown = run("show", "tuned").stdout
+    assert "hyperparameters: alpha=32" in shown and "final loss:" in shown
+    assert "step 2/2" in run("logs", "tuned").stdout
+    merged = json.loads(run("merge", "tuned", "--wait", "--json").stdout)
+    assert merged["state"] == "ready" and merged["kind"] == "merged" and merged["name"] == "tuned-merged"
+    jobs = json.loads(run("jobs", "--json").stdout)
+    assert [j["kind"] for j in jobs[:2]] == ["merge", "finetune"] and jobs[1]["metrics"]["step"] == 2
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"text": "fine"}, "not an object"])
+    refused = run("finetune", "tiny", str(bad), check=False)
+    assert refused.returncode == 1 and "bad.jsonl, line 3: not a JSON object" in refused.stderr
+    refused = run("finetune", "tiny", str(data), "--rank", "0", "--lr", "2", check=False)
+    assert refused.returncode == 1 and "LoRA rank must be above 0" in refused.stderr and "far too high" in refused.stderr
+    refused = run("finetune", "tiny", str(data), "--gpus", "3", check=False)
+    assert refused.returncode == 1 and "no GPU 3 on this machine" in refused.stderr
+    refused = run("retry", "tuned", check=False)
+    assert refused.returncode == 1 and "only a failed model can be retried" in refused.stderr

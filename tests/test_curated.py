@@ -7,8 +7,8 @@ from sqlmodel import select
 
 from catalog import CatalogError
 from catalog.curated import CURATED_FILE, load_curated, upsert_curated
-from catalog.tags import size_class
 from catalog.schema import CommunityModel, Event, Model
+from catalog.tags import size_class
 
 
 def test_the_shipped_catalog_has_at_least_30_complete_entries():

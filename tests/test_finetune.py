@@ -13,7 +13,7 @@ from sqlmodel import select
 from catalog.schema import Job, JobState, Model, ModelKind, ModelState
 from engine import finetune, jobs, models
 from engine.errors import EngineError
-from engine.finetune import Hyperparameters
+from engine.hyperparameters import Hyperparameters
 from tests.conftest import settled, wait_until
 from tests.tinydata import write_dataset, write_jsonl
 

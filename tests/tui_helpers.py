@@ -8,7 +8,16 @@ from collections.abc import Callable
 
 import psutil
 
-from catalog.schema import Deployment, DeploymentState, Job, JobKind, JobState, Model, ModelKind, ModelState
+from catalog.schema import (
+    Deployment,
+    DeploymentState,
+    Job,
+    JobKind,
+    JobState,
+    Model,
+    ModelKind,
+    ModelState,
+)
 from tests.conftest import TINY_FILES  # noqa: F401  (re-exported for tests)
 
 T0 = 1_795_600_000.0  # a fixed clock for rows shown in snapshots (2026-11-25 08:26 UTC)

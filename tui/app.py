@@ -8,10 +8,10 @@ every POLL_S and posts the changed rows as messages; screens patch their tables 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import App, SystemCommand

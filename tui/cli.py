@@ -41,13 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("rm", "cmd_rm", "delete a custom model and free its disk (irreversible)")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    verb("jobs", "cmd_jobs", "list jobs (downloads, imports, ...)")
-    p = verb("logs", "cmd_logs", "print a job's log")
-    p.add_argument("job", type=int)
+    p = verb("retry", "cmd_retry", "start a failed download, conversion, fine-tune (resuming) or merge again")
+    p.add_argument("name")
+    p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
+    p = verb("finetune", "cmd_finetune", "fine-tune a model with LoRA on a JSONL dataset (OpenAI chat, ShareGPT, "
+             "Alpaca or text); unset hyperparameters get sound defaults")
+    p.add_argument("base", help="a Ready base or merged custom model (or one still downloading)")
+    p.add_argument("dataset", help="a .jsonl file (or a .json list of records)")
+    p.add_argument("--name", help="the adapter's name (default: BASE-DATASET-lora)")
+    p.add_argument("--gpus", default="auto", help="auto (the first GPU, else the CPU), cpu, or GPU numbers like 0,1")
+    _hyperparameter_flags(p)
+    p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed, showing progress")
+    p = verb("merge", "cmd_merge", "merge a Ready adapter into its base: a standalone Merged model")
+    p.add_argument("adapter")
+    p.add_argument("--name", help="the merged model's name (default: ADAPTER-merged)")
+    p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
+    verb("jobs", "cmd_jobs", "list jobs (downloads, imports, fine-tunes, merges)")
+    p = verb("logs", "cmd_logs", "print a job's log (by job id, or a model's latest job by its name)")
+    p.add_argument("job", help="a job id, or a custom model's name")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     p = verb("cancel", "cmd_cancel", "cancel a running job")
     p.add_argument("job", type=int)
     return parser
+
+
+def _hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per fine-tune hyperparameter, from the same table the dashboard's dialog is built from."""
+    from engine.hyperparameters import Hyperparameters, field_type  # light: no database, no torch
+
+    group = parser.add_argument_group("hyperparameters")
+    for f in Hyperparameters.fields():
+        group.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), dest=f.name, type=field_type(f),
+                           metavar=f.type.upper(), help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,20 @@ import time
 from typing import Any
 
 from catalog.schema import Job, Model, ModelState
+from catalog.tags import tag_order
 from engine import jobs, models
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
+from engine.format import (
+    delete_consequence,
+    human_bytes,
+    human_params,
+    human_time,
+    human_value,
+    job_progress,
+    state_text,
+)
 from engine.logs import follow
-from catalog.tags import tag_order
-from engine.format import delete_consequence, human_bytes, human_params, human_time, job_progress, state_text
 
 
 def _model_dict(row: models.ModelRow) -> dict[str, Any]:
@@ -34,6 +42,7 @@ def _job_dict(job: Job) -> dict[str, Any]:
         "model_id": job.model_id, "progress": job.progress, "bytes_done": job.bytes_done,
         "bytes_total": job.bytes_total, "rate": job.rate, "eta_s": job.eta_s, "error": job.error,
         "pid": job.pid, "log_path": job.log_path, "created_at": job.created_at, "finished_at": job.finished_at,
+        "metrics": job.loads(job.metrics_json, {}),
     }
 
 
@@ -85,7 +94,7 @@ def cmd_show(args, db) -> int:
         ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long")),
         ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", m.path),
         ("size", human_bytes(m.size_bytes)), ("base", row.base_name), ("created", human_time(m.created_at)),
-        *((key, ", ".join(map(str, v)) if isinstance(v, list) else v) for key, v in m.meta.items()),
+        *((key.replace("_", " "), human_value(v)) for key, v in m.meta.items()),
     ]
     if row.job:
         fields.append(("job", f"{row.job.id} {row.job.kind.value}, log {row.job.log_path}"))
@@ -136,6 +145,30 @@ def cmd_import(args, db) -> int:
     return _started(args, db, model, job)
 
 
+def cmd_retry(args, db) -> int:
+    model, job = models.retry(db, args.name)
+    return _started(args, db, model, job)
+
+
+def cmd_finetune(args, db) -> int:
+    from engine import finetune
+
+    values = {f.name: getattr(args, f.name) for f in finetune.Hyperparameters.fields()
+              if getattr(args, f.name) is not None}
+    plan = finetune.plan(db, args.base, args.dataset, finetune.Hyperparameters(**values), args.gpus)
+    if not args.json:
+        print(plan.summary(), file=sys.stderr)
+    model, job = finetune.start(db, plan, args.name)
+    return _started(args, db, model, job)
+
+
+def cmd_merge(args, db) -> int:
+    from engine import finetune
+
+    model, job = finetune.merge(db, args.adapter, args.name)
+    return _started(args, db, model, job)
+
+
 def cmd_rm(args, db) -> int:
     plan = models.delete_plan(db, args.name)
     name = plan.model.name
@@ -164,7 +197,14 @@ def cmd_jobs(args, db) -> int:
 
 
 def cmd_logs(args, db) -> int:
-    job = jobs.get(db, args.job)
+    if args.job.isdigit():
+        job = jobs.get(db, int(args.job))
+    else:  # a model's name: its latest job
+        with db.read() as session:
+            model = models.find_model(session, args.job)
+        job = jobs.latest_for_model(db, model.id)
+        if job is None:
+            raise EngineError(f"no job has run for {model.name!r} (it was imported in place)")
     if not job.log_path:
         raise EngineError(f"job {job.id} has no log yet")
 

@@ -23,8 +23,9 @@ from engine.datasets import (
     read_dataset,
     token_stats,
 )
-from engine.finetune import Hyperparameters, latest_checkpoint, model_limits
+from engine.finetune import latest_checkpoint, model_limits
 from engine.format import human_duration
+from engine.hyperparameters import Hyperparameters
 from engine.jobs import JobCancelled
 from engine.jobs.harness import JobContext, JobFailure, main
 from engine.localmodel import output_folders

@@ -183,7 +183,9 @@ class CustomScreen(DeckScreen):
             self.app.push_screen(DetailsDialog(row.model.name, self.details_fields(row), copy_value=row.model.path))
 
     def details_fields(self, row: ModelRow) -> list[tuple[str, str | Text]]:
-        from engine.models import owns_files  # loaded by now; not at import, to keep the first paint fast
+        from engine.models import (
+            owns_files,  # loaded by now; not at import, to keep the first paint fast
+        )
 
         m = row.model
         children = [r.model.name for r in self.store.models.values() if r.model.base_id == m.id]

@@ -8,7 +8,6 @@ over row keys that the owning screen supplies.
 from __future__ import annotations
 
 import textwrap
-
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
