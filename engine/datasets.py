@@ -300,6 +300,25 @@ def load_tokenizer(model_path: str | Path):
     return tokenizer
 
 
+def token_stats_in_subprocess(model_path: str | Path, dataset: str | Path, max_length: int) -> str:
+    """Token counts for the dashboard's dialog, from a short child process (the tokenizer needs
+    transformers, which the dashboard never imports). Raises DatasetError with the reason."""
+    import subprocess
+    import sys
+
+    from engine.jobs import child_env
+
+    try:
+        out = subprocess.run([sys.executable, "-m", "engine.datasets", str(model_path), str(dataset), str(max_length)],
+                             capture_output=True, text=True, timeout=300, env=child_env())
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        raise DatasetError(f"could not count tokens: {exc}") from exc
+    if "error" in result:
+        raise DatasetError(result["error"])
+    return result["summary"]
+
+
 def main(argv: list[str]) -> int:
     """`python -m engine.datasets MODEL_PATH DATASET MAX_LENGTH`: print token statistics as JSON."""
     import dataclasses

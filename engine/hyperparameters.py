@@ -45,12 +45,12 @@ class Hyperparameters:
     max_steps: int = field(default=0, metadata=knob("Max steps", "optimizer steps; 0: run the epochs"))
     learning_rate: float = field(default=2e-4, metadata=knob("Learning rate", "peak learning rate (cosine, 3% warm-up)", "--lr"))
     batch_size: int = field(default=4, metadata=knob("Batch size", "rows per device and step"))
-    grad_accum: int = field(default=4, metadata=knob("Grad accumulation", "batches per optimizer step"))
+    grad_accum: int = field(default=4, metadata=knob("Grad accum.", "batches per optimizer step"))
     max_length: int = field(default=0, metadata=knob(
         "Max length", f"tokens per row, longer rows are cut; 0: {DEFAULT_MAX_LENGTH:,} or the model's limit if lower"))
-    val_split: float = field(default=0.05, metadata=knob("Validation split", "fraction held out (none under 20 rows)"))
+    val_split: float = field(default=0.05, metadata=knob("Val. split", "fraction held out (none under 20 rows)"))
     seed: int = field(default=42, metadata=knob("Seed", "for the split, the shuffle and the LoRA init"))
-    save_steps: int = field(default=0, metadata=knob("Checkpoint every", "steps between checkpoints; 0: about ten per run"))
+    save_steps: int = field(default=0, metadata=knob("Save every", "steps between checkpoints; 0: about ten per run"))
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -16,6 +14,7 @@ from engine.datasets import (
     chat_template,
     encode,
     read_dataset,
+    token_stats_in_subprocess,
     validation_count,
 )
 from tests.tinydata import records, write_dataset, write_jsonl
@@ -120,13 +119,10 @@ def test_validation_rows_are_held_out_only_when_there_are_enough():
 
 def test_token_counts_come_from_the_base_models_tokenizer_in_a_subprocess(tmp_path, tiny_model_dir):
     data = write_dataset(tmp_path, "openai", rows=8)
-    out = subprocess.run([sys.executable, "-m", "engine.datasets", str(tiny_model_dir), str(data), "16"],
-                         capture_output=True, text=True, timeout=120)
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
-    assert out.returncode == 0, out.stderr
-    assert stats["rows"] == 8 and stats["max_tokens"] > 16 and stats["over_max_length"] == 8
-    assert "8 over 16 (cut)" in stats["summary"]
+    summary = token_stats_in_subprocess(tiny_model_dir, data, 16)
+    assert re.match(r"\d+ tokens, mean \d+, longest \d+; 8 over 16 \(cut\); 8 left out", summary), summary
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"text": "x"}, {"messages": 1}])
-    out = subprocess.run([sys.executable, "-m", "engine.datasets", str(tiny_model_dir), str(broken), "16"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "line 2: missing field 'text'" in json.loads(out.stdout)["error"]
+    with pytest.raises(DatasetError, match="line 2: missing field 'text'"):
+        token_stats_in_subprocess(tiny_model_dir, broken, 16)
+    with pytest.raises(DatasetError, match="OSError|Can't load|not"):
+        token_stats_in_subprocess(tmp_path / "no-model", data, 16)

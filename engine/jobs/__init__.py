@@ -94,13 +94,19 @@ def fail_model(session: Session, model_id: int | None, reason: str) -> None:
         record(session, f"model:{model.id}", "state", reason, state="failed")
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a `python -m engine...` child: it imports this very tree, unbuffered."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def spawn(db: Database, job: Job) -> None:
     """Start the job's process, detached in a new session, its output going to the job's log."""
     log_path = logs_dir(db) / f"job-{job.id}-{job.kind.value}.log"
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])  # so `-m engine.jobs.X` imports this tree
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_env()
     if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it; none for "cpu"
         env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else gpus
     with open(log_path, "ab") as log:
