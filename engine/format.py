@@ -100,7 +100,7 @@ def training_progress(metrics: dict, eta_s: float | None, detail: str) -> str:
     loss = f" loss {metrics['loss']:.3f}" if metrics.get("loss") is not None else ""
     eta = f" ETA {human_duration(eta_s)}" if eta_s is not None and step < total else ""
     if detail == "short":
-        return f"{fraction:.0%}{loss}{eta}"
+        return f"{progress_bar(fraction, 6)} {fraction:.0%}{loss}{eta}"
     parts = [f"step {step:,}/{total:,}", f"epoch {metrics.get('epoch', 0):.2f}"]
     if metrics.get("loss") is not None:
         parts.append(f"loss {metrics['loss']:.4f}")

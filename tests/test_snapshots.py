@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tui_helpers import T0, seed, wait_for
+from tests.tui_helpers import T0, seed, seed_training, wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
 from tui.screens.confirm import ConfirmDialog
-from tui.screens.details import DetailsDialog
+from tui.screens.details import DetailsDialog, TrainingDetails
+from tui.screens.file_picker import FilePicker
+from tui.screens.finetune_dialog import FinetuneDialog
 from tui.screens.help import HelpDialog
 from tui.screens.import_dialog import ImportDialog
 from tui.screens.log_dialog import LogDialog
@@ -28,9 +30,11 @@ def fixed_clock(monkeypatch):
     monkeypatch.setattr(deployments, "clock", lambda: T0 + 3600)
 
 
-def app_for(db, seeded: bool = True) -> ModelDeckApp:
+def app_for(db, seeded: bool = True, training: bool = False) -> ModelDeckApp:
     if seeded:
-        seed(db)
+        ids = seed(db)
+        if training:
+            seed_training(db, ids)
     return ModelDeckApp(db, follow=False)
 
 
@@ -75,6 +79,10 @@ class TestScreens:
     def test_custom_empty(self, snap_compare, db, size):
         assert snap_compare(app_for(db, seeded=False), terminal_size=size, run_before=keys("2"))
 
+    def test_custom_with_a_fine_tune_running(self, snap_compare, db, size):
+        assert snap_compare(app_for(db, training=True), terminal_size=size,
+                            run_before=keys("2", "down", "down", "down", "down"))
+
     def test_deployments(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3"))
 
@@ -118,3 +126,25 @@ class TestDialogs:
 
     def test_deployment_details(self, snap_compare, db, size):
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "down", "d", shown(DetailsDialog)))
+
+    def test_finetune_dialog_with_a_bad_dataset_and_a_bad_rank(self, snap_compare, db, size):
+        async def dataset_read(pilot):
+            await wait_for(pilot, lambda: "line 3" in str(pilot.app.screen.query_one("#dataset-summary").render()),
+                           what="the dataset's error")
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
+            "2", "f", shown(FinetuneDialog), *"tests/data/support-chat-broken.jsonl", dataset_read,
+            *["tab"] * 5, "0"))
+
+    def test_dataset_file_picker(self, snap_compare, db, size):
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
+            "2", "f", shown(FinetuneDialog), *"tests/data/", "ctrl+o", shown(FilePicker)))
+
+    def test_training_details_with_loss_curve_and_log(self, snap_compare, db, size):
+        async def log_read(pilot):
+            from textual.widgets import Log
+
+            await wait_for(pilot, lambda: pilot.app.screen.query_one(Log).line_count >= 5, what="the log")
+
+        assert snap_compare(app_for(db, training=True), terminal_size=size,
+                            run_before=keys("2", "down", "d", shown(TrainingDetails), log_read))

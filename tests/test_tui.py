@@ -444,3 +444,78 @@ async def test_a_live_update_repaints_its_row_when_the_table_is_scrolled(db):
         await pilot.pause(0.1)
         screen_text = app.export_screenshot()
         assert "Ready" in screen_text, "the row's new state was not painted"
+
+
+def set_input(app, widget_id: str, value: str) -> None:
+    from textual.widgets import Input
+
+    app.screen.query_one(f"#{widget_id}", Input).value = value
+
+
+async def test_finetune_from_the_dialog_runs_live_in_custom_then_merges(db, tiny_model_dir, tmp_path):
+    """A real fine-tune of the tiny model, started from the dialog: the adapter is Pending at once with
+    its progress and loss in its row, its details draw the loss curve, then it is Ready and merges."""
+    from tests.tinydata import write_dataset
+    from tui.screens.details import TrainingDetails
+    from tui.screens.finetune_dialog import FinetuneDialog
+    from tui.widgets.loss_chart import LossChart
+
+    models.import_path(db, tiny_model_dir, "tiny")
+    data = write_dataset(tmp_path, "sharegpt")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "f")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog) and app.screen)
+        assert dialog.query_one("#base").value == app.store.models[1].model.id  # the only eligible base
+        set_input(app, "dataset", str(data))
+        await wait_for(pilot, lambda: "30 rows, ShareGPT: 28 train, 2 validation" in str(dialog.query_one("#dataset-summary").render()),
+                       what="the dataset summary")
+        await wait_for(pilot, lambda: "over 128 (cut)" in str(dialog.query_one("#token-summary").render()), 60,
+                       what="token counts with the model's own limit")
+        for name, value in {"name": "sharegpt-lora", "max_steps": "400", "batch_size": "4", "grad_accum": "1",
+                            "learning_rate": "0.01", "val_split": "0"}.items():
+            set_input(app, name, value)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, CustomScreen), 30, what="the dialog to close")
+        adapter = next(r.model for r in app.store.models.values() if r.model.name == "sharegpt-lora")
+        assert table(app).cursor_key == adapter.id
+
+        def state_cell() -> str:
+            return plain(table(app).cells(adapter.id)[2])
+
+        await wait_for(pilot, lambda: "loss" in state_cell() and "%" in state_cell(), 60, what="live loss in the row")
+        await pilot.press("d")
+        details = await wait_for(pilot, lambda: isinstance(app.screen, TrainingDetails) and app.screen)
+        chart = details.query_one(LossChart)
+        await wait_for(pilot, lambda: len(chart.curves[0]) >= 3, 60, what="the curve to grow")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: state_cell() == "Ready", 120, what="the adapter to be Ready")
+        await pilot.press("m")
+        await wait_for(pilot, lambda: any(r.model.name == "sharegpt-lora-merged" and r.model.state == ModelState.READY
+                                          for r in app.store.models.values()), 120, what="the merged model")
+
+
+async def test_finetune_dialog_shows_the_bad_line_and_keeps_everything_typed(db, tiny_model_dir, tmp_path):
+    from tests.tinydata import write_jsonl
+    from tui.screens.finetune_dialog import FinetuneDialog
+
+    models.import_path(db, tiny_model_dir, "tiny")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "f")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog) and app.screen)
+        set_input(app, "dataset", str(bad))
+        set_input(app, "rank", "8")
+        await wait_for(pilot, lambda: "line 2: missing field 'output'" in str(dialog.query_one("#dataset-summary").render()),
+                       what="the bad line")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: "line 2" in str(dialog.query_one("#error").render()), 30, what="the refusal")
+        assert app.screen is dialog and dialog.query_one("#rank").value == "8"
+        set_input(app, "rank", "-1")
+        await pilot.pause()
+        assert dialog.query_one("#rank").has_class("-invalid") and "above 0" in str(dialog.query_one("#error").render())
+        with db.read() as session:
+            assert [m.name for m in session.exec(select(Model))] == ["tiny"]

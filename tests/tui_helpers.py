@@ -90,3 +90,61 @@ def seed(db) -> dict[str, int]:
                                    reason=reason, endpoint=f"http://127.0.0.1:{port}/v1", served_name=name,
                                    api_key="sk-md-0123456789abcdef", created_at=T0, updated_at=T0))
     return {"base": base.id, "adapter": adapter.id, "pending": pending.id, "failed": failed.id}
+
+
+TRAINING_LOG = [
+    "09:40:02 job 3 (finetune) started: fine-tune Qwen2.5-0.5B-Instruct on support-chat.jsonl",
+    "09:40:09 LoRA r=16 alpha=32 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: 8,798,208 trainable",
+    "09:40:10 training: 1,900 rows, 100 validation rows, 400 steps",
+    "09:52:31 step 120/400  epoch 1.20  loss 1.3412  lr 1.71e-04  2,346 tok/s  ETA 12m34s",
+]
+
+
+def loss_curve(steps: int, every: int, start: float, floor: float) -> list[list[float]]:
+    """A deterministic, decaying and slightly noisy loss curve."""
+    import math
+
+    return [[s, round(floor + (start - floor) * math.exp(-s / (steps / 4)) + 0.04 * math.sin(s), 4)]
+            for s in range(every, steps + 1, every)]
+
+
+def seed_training(db, ids: dict[str, int]) -> dict[str, int]:
+    """On top of `seed`: the Ready adapter gets the finished fine-tune that made it (its curve and lineage),
+    and a second fine-tune is running (step 120 of 400)."""
+    logs = db.path.parent / "logs"
+    done_log, live_log = logs / "job-2-finetune.log", logs / "job-3-finetune.log"
+    done_log.write_text("\n".join(TRAINING_LOG[:3] + ["10:05:12 adapter written", "10:05:12 job succeeded"]) + "\n")
+    live_log.write_text("\n".join(TRAINING_LOG) + "\n")
+    with db.write() as session:
+        adapter = session.get(Model, ids["adapter"])
+        finished = Job(kind=JobKind.FINETUNE, state=JobState.SUCCEEDED, model_id=adapter.id, title="fine-tune",
+                       log_path=str(done_log), progress=1.0, created_at=T0 + 1000, finished_at=T0 + 3600,
+                       metrics_json=Job.dumps({"step": 300, "total_steps": 300, "epoch": 3.0, "loss": 0.9123,
+                                               "eval_loss": 1.0412, "tokens_per_s": 2311.0,
+                                               "curve": {"train": loss_curve(300, 5, 2.6, 0.9),
+                                                         "eval": loss_curve(300, 30, 2.5, 1.04)}}))
+        session.add(finished)
+        session.flush()
+        adapter.job_id = finished.id
+        adapter.source = "finetune:Qwen2.5-0.5B-Instruct"
+        adapter.meta_json = Model.dumps({
+            "dataset": "/data/support.jsonl", "format": "OpenAI chat", "rows": {"train": 1900, "validation": 100},
+            "hyperparameters": {"rank": 16, "alpha": 32, "learning_rate": 0.0002, "epochs": 3.0},
+            "final_loss": 0.9123, "final_eval_loss": 1.0412, "tokens_per_s": 2311.0})
+        session.add(adapter)
+        running = Model(name="support-bot-v2", kind=ModelKind.ADAPTER, state=ModelState.PENDING,
+                        source="finetune:Qwen2.5-0.5B-Instruct", base_id=ids["base"], owns_path=True,
+                        path="/data/modeldeck/models/support-bot-v2", created_at=T0 + 8500, updated_at=T0 + 8500)
+        session.add(running)
+        session.flush()
+        job = Job(kind=JobKind.FINETUNE, state=JobState.RUNNING, model_id=running.id, title="fine-tune",
+                  log_path=str(live_log), pid=os.getpid(), pid_started_at=psutil.Process().create_time(),
+                  progress=0.3, eta_s=754.0, created_at=T0 + 8500,
+                  metrics_json=Job.dumps({"phase": "training", "step": 120, "total_steps": 400, "epoch": 1.2,
+                                          "loss": 1.3412, "eval_loss": 1.4021, "lr": 0.000171, "tokens_per_s": 2345.6,
+                                          "curve": {"train": loss_curve(120, 2, 2.6, 1.2),
+                                                    "eval": loss_curve(120, 40, 2.5, 1.35)}}))
+        session.add(job)
+        session.flush()
+        running.job_id = job.id
+    return ids | {"training": running.id}

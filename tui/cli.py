@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per fine-tune hyperparameter, from the same table the dashboard's dialog is built from."""
-    from engine.hyperparameters import Hyperparameters, field_type  # light: no database, no torch
+    from engine.hyperparameters import (  # light: no database, no torch
+        Hyperparameters,
+        field_type,
+    )
 
     group = parser.add_argument_group("hyperparameters")
     for f in Hyperparameters.fields():

@@ -16,6 +16,7 @@ from engine.community import haystack, matches, terms
 from engine.format import human_params
 from tui.screens.base import DeckScreen
 from tui.screens.details import DetailsDialog
+from tui.screens.finetune_dialog import FinetuneDialog
 from tui.screens.tag_picker import TagPicker
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
@@ -33,6 +34,7 @@ class CommunityScreen(DeckScreen):
         Binding("slash", "focus_filter", "Filter", id="community.filter", tooltip="Filter by name, description or tag as you type"),
         Binding("t", "pick_tags", "Tags", id="community.tags", tooltip="Narrow to models carrying all chosen tags"),
         Binding("enter", "primary", "Download", id="community.primary", tooltip="Primary action: Download, or open the downloaded model in Custom"),
+        Binding("f", "finetune", "Fine-tune", id="community.finetune", tooltip="Fine-tune the model (downloading it first if needed)"),
         Binding("d", "details", "Details", id="community.details", tooltip="Everything known about the model"),
         Binding("y", "copy_link", "Copy link", id="community.copy_link", tooltip="Copy the model's Hugging Face link (works over SSH)"),
     ]
@@ -153,6 +155,41 @@ class CommunityScreen(DeckScreen):
         model, _job = models.pull(self.db, repo_id)
         verb = "Retrying the download of" if retrying else "Downloading"
         self.app.call_from_thread(self.notify, f"{verb} {repo_id} as {model.name}; progress in Custom (2)", timeout=4)
+
+    def action_finetune(self) -> None:
+        entry = self._entry()
+        if entry is None:
+            return
+        if not entry.finetunable:
+            self.notify(f"{entry.name} is not fine-tunable ({entry.task} model)", severity="warning")
+            return
+        row = self.store.model_for_repo(entry.repo_id)
+        if row is None or row.model.state == ModelState.FAILED:
+            self.download_then_finetune(entry.repo_id)
+        else:
+            self.open_finetune(row.model.id)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def download_then_finetune(self, repo_id: str) -> None:
+        from engine import models
+
+        model, _job = models.pull(self.db, repo_id)
+        self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; the fine-tune starts once it is Ready",
+                                  timeout=5)
+        self.app.call_from_thread(self.open_finetune, model.id)
+
+    def open_finetune(self, model_id: int, tries: int = 50) -> None:
+        """The fine-tune dialog with this base chosen, once the live updates have listed the model."""
+        if model_id not in self.store.models and tries > 0:
+            self.set_timer(0.1, lambda: self.open_finetune(model_id, tries - 1))
+            return
+
+        def started(adapter_id: int | None) -> None:
+            if adapter_id is not None:
+                self.app.switch_mode("custom")
+                self.app.get_screen("custom").focus_model(adapter_id)
+
+        self.app.push_screen(FinetuneDialog(model_id), started)
 
     def action_details(self) -> None:
         entry = self._entry()

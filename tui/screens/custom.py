@@ -11,12 +11,19 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 
-from catalog.states import ModelState
-from engine.format import delete_consequence, human_bytes, human_time, job_progress
+from catalog.states import ModelKind, ModelState
+from engine.format import (
+    delete_consequence,
+    human_bytes,
+    human_time,
+    human_value,
+    job_progress,
+)
 from tui.screens.action_menu import ActionMenu
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
-from tui.screens.details import DetailsDialog
+from tui.screens.details import DetailsDialog, TrainingDetails
+from tui.screens.finetune_dialog import FinetuneDialog
 from tui.screens.import_dialog import ImportDialog
 from tui.screens.log_dialog import LogDialog
 from tui.widgets.filter_bar import FilterBar
@@ -31,23 +38,30 @@ EMPTY = ("No custom models yet. Download one from Community (1, then enter), "
          "or import a local folder or GGUF file with i.")
 
 
+# What a retry starts again, by the model's source.
+RETRIED = {"hub": "download", "mirror": "download", "import": "conversion", "finetune": "fine-tune (resumes)",
+           "merge": "merge"}
+
+
 class CustomScreen(DeckScreen):
     TAB_TITLE = "Custom"
     MODE = "custom"
     BINDINGS = [
         Binding("slash", "focus_filter", "Filter", id="custom.filter", tooltip="Filter by name, kind, state or source"),
         Binding("enter", "menu", "Actions", id="custom.menu", tooltip="Action menu of the selected model"),
+        Binding("f", "finetune", "Fine-tune model", id="custom.finetune", tooltip="Fine-tune a model with LoRA on your dataset"),
         Binding("d", "details", "Details", id="custom.details", tooltip="Everything known about the model, lineage included"),
         Binding("i", "import_model", "Import", id="custom.import", tooltip="Import a local model folder or GGUF file"),
-        Binding("r", "retry", "Retry", id="custom.retry", tooltip="Retry a failed download (resumes partial files)"),
-        Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download or conversion"),
+        Binding("m", "merge", "Merge", id="custom.merge", tooltip="Merge the selected adapter into its base: a standalone model"),
+        Binding("r", "retry", "Retry", id="custom.retry", tooltip="Retry a failed download, conversion, fine-tune (resuming) or merge"),
+        Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download, conversion, fine-tune or merge"),
         Binding("ctrl+d", "delete", "Delete", id="custom.delete", tooltip="Delete the model and free its disk (asks first)"),
         Binding("l", "logs", "Logs", id="custom.logs", tooltip="The log of the model's latest job, following it"),
         Binding("y", "copy_path", "Copy path", id="custom.copy_path", tooltip="Copy the model's folder path"),
     ]
     COLUMNS = [
-        Column("Name", ratio=4, min_width=12), Column("Kind", width=7), Column("State", ratio=4, min_width=12),
-        Column("Size", width=8), Column("Source", ratio=2, min_width=8), Column("Base", ratio=2, min_width=6),
+        Column("Name", ratio=3, min_width=12), Column("Kind", width=7), Column("State", ratio=5, min_width=12),
+        Column("Size", width=8), Column("Source", ratio=1, min_width=8), Column("Base", ratio=2, min_width=6),
         Column("Created", width=10),
     ]
 
@@ -141,9 +155,18 @@ class CustomScreen(DeckScreen):
         row = self._row()
         if row is None:
             return
+        from engine.models import (
+            can_retry,  # loaded by now; not at import, to keep the first paint fast
+        )
+
+        m = row.model
         actions = [("details", "Show details  d")]
-        if row.model.state == ModelState.FAILED and (row.model.repo_id or row.model.meta.get("gguf")):
-            actions.append(("retry", "Retry download  r" if row.model.repo_id else "Retry conversion  r"))
+        if m.state == ModelState.READY and m.kind != ModelKind.ADAPTER:
+            actions.append(("finetune", "Fine-tune  f"))
+        if m.state == ModelState.READY and m.kind == ModelKind.ADAPTER:
+            actions.append(("merge", "Merge into base  m"))
+        if can_retry(m):
+            actions.append(("retry", f"Retry {RETRIED[m.source.split(':')[0]]}  r"))
         if row.job is not None:
             actions.append(("cancel_job", f"Cancel {row.job.kind.value}  x"))
         if row.model.job_id is not None:
@@ -179,8 +202,43 @@ class CustomScreen(DeckScreen):
 
     def action_details(self) -> None:
         row = self._row()
-        if row is not None:
+        if row is None:
+            return
+        if row.model.kind == ModelKind.ADAPTER and row.model.job_id is not None:
+            self.open_training_details(row.model.id)
+        else:
             self.app.push_screen(DetailsDialog(row.model.name, self.details_fields(row), copy_value=row.model.path))
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def open_training_details(self, model_id: int) -> None:
+        """A fine-tuned adapter's details: its facts, loss curve and log, following the job while it runs."""
+        from engine import jobs
+
+        finished = jobs.latest_for_model(self.db, model_id)  # the curve of a run that is over
+        seen = {"row": self.store.models[model_id], "job": finished}
+
+        def live():
+            row = self.store.models.get(model_id)
+            if row is not None:
+                seen["row"] = row
+                if row.job is not None:
+                    seen["job"] = row.job
+            job = seen["job"]
+            curves = job.loads(job.metrics_json, {}).get("curve", {}) if job else {}
+            return self.details_fields(seen["row"]), curves, job.log_path if job else None
+
+        name = seen["row"].model.name
+        self.app.call_from_thread(self.app.push_screen, TrainingDetails(name, live, copy_value=seen["row"].model.path))
+
+    def lineage(self, row: ModelRow) -> list[str]:
+        """Names from the first base model to this one: base → adapter → merged."""
+        chain, cursor = [], row
+        while cursor is not None and len(chain) < 20:
+            chain.insert(0, cursor.model.name)
+            cursor = self.store.models.get(cursor.model.base_id) if cursor.model.base_id else None
+        if cursor is None and chain and row.base_name and chain[0] == row.model.name:
+            chain.insert(0, row.base_name)  # the base is not listed (yet)
+        return chain
 
     def details_fields(self, row: ModelRow) -> list[tuple[str, str | Text]]:
         from engine.models import (
@@ -200,7 +258,7 @@ class CustomScreen(DeckScreen):
             ("Files owned", "yes: deleting frees them" if owns_files(m) else
              "no: imported in place; deleting leaves the folder"),
             ("Size on disk", human_bytes(m.size_bytes)),
-            ("Lineage", f"{row.base_name} → {m.name}" if row.base_name else f"{m.name} (a base model)"),
+            ("Lineage", " → ".join(self.lineage(row)) if m.base_id else f"{m.name} (a base model)"),
             ("Built on it", ", ".join(children) or "nothing"),
             ("Deployments", ", ".join(deployments) or "none"),
             ("Created", human_time(m.created_at)),
@@ -208,7 +266,7 @@ class CustomScreen(DeckScreen):
         if row.job:
             fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, 'long')}"))
             fields.append(("Job log", row.job.log_path or "—"))
-        fields += [(key.capitalize(), ", ".join(map(str, v)) if isinstance(v, list) else str(v)) for key, v in m.meta.items()]
+        fields += [(key.replace("_", " ").capitalize(), human_value(v)) for key, v in m.meta.items()]
         return fields
 
     def action_import_model(self) -> None:
@@ -226,6 +284,34 @@ class CustomScreen(DeckScreen):
         message = f"Imported {model.name}" if job is None else f"Converting {path.name} into {model.name}…"
         self.app.call_from_thread(self.focus_model, model.id)
         self.app.call_from_thread(self.notify, message, timeout=4)
+
+    def action_finetune(self) -> None:
+        row = self._row()
+        base_id = row.model.id if row is not None and row.model.kind != ModelKind.ADAPTER else None
+        self.app.push_screen(FinetuneDialog(base_id), self._started)
+
+    def _started(self, model_id: int | None) -> None:
+        if model_id is not None:
+            self.focus_model(model_id)
+            self.notify("Fine-tune started: its progress shows in its row; d for the loss curve, l for the log",
+                        timeout=5)
+
+    def action_merge(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        if row.model.kind != ModelKind.ADAPTER or row.model.state != ModelState.READY:
+            self.notify("Merge works on a Ready adapter (a fine-tune's result)", severity="warning")
+            return
+        self.merge(row.model.name)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def merge(self, name: str) -> None:
+        from engine import finetune
+
+        model, _job = finetune.merge(self.db, name)
+        self.app.call_from_thread(self.focus_model, model.id)
+        self.app.call_from_thread(self.notify, f"Merging {name} into its base as {model.name}…", timeout=4)
 
     def action_retry(self) -> None:
         row = self._row()

@@ -1,7 +1,12 @@
 """DetailsDialog: everything known about one thing (a custom or community model, a deployment),
-as aligned key/value lines that scroll; `escape` closes, `y` copies the first path or link."""
+as aligned key/value lines that scroll; `escape` closes, `y` copies the first path or link.
+
+TrainingDetails adds what a fine-tuned adapter has: its loss curve (train and validation) and its
+job's log, both live while the job runs."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from rich.table import Table
 from rich.text import Text
@@ -11,7 +16,20 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
+from tui.widgets.log_view import FollowingLog
+from tui.widgets.loss_chart import LossChart
+
 Fields = list[tuple[str, str | Text]]
+LIVE_REFRESH_S = 0.5
+
+
+def fields_table(fields: Fields) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in fields:
+        table.add_row(key, value)
+    return table
 
 
 class DetailsDialog(ModalScreen[None]):
@@ -20,23 +38,60 @@ class DetailsDialog(ModalScreen[None]):
         Binding("escape,q,d", "dismiss", "Close"),
         Binding("y", "copy", "Copy path/link"),
     ]
+    CLASSES = "wide"
 
     def __init__(self, title: str, fields: Fields, copy_value: str | None = None):
         super().__init__(classes="dialog")
         self.title_text, self.fields, self.copy_value = title, fields, copy_value
 
     def compose(self) -> ComposeResult:
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
-        for key, value in self.fields:
-            table.add_row(key, value)
-        with Vertical(id="dialog", classes="wide"):
+        with Vertical(id="dialog", classes=self.CLASSES):
             yield Label(self.title_text, classes="dialog-title")
             with VerticalScroll(classes="dialog-scroll"):
-                yield Static(table)
-            hint = "escape close" + ("  ·  y copy " + ("link" if "://" in self.copy_value else "path") if self.copy_value else "")
-            yield Label(hint, classes="dialog-hint")
+                yield Static(fields_table(self.fields), id="fields")
+            yield from self.compose_extra()
+            yield Label(self.hint(), classes="dialog-hint")
+
+    def compose_extra(self) -> ComposeResult:
+        yield from ()
+
+    def hint(self) -> str:
+        return "escape close" + ("  ·  y copy " + ("link" if "://" in self.copy_value else "path") if self.copy_value else "")
 
     def action_copy(self) -> None:
         self.app.copy_text(self.copy_value, "path or link")
+
+
+class TrainingDetails(DetailsDialog):
+    """An adapter's details with its loss curve and job log. `live()` returns the current fields, curves
+    and log path; it is asked again twice a second, so the dialog follows a running fine-tune."""
+
+    CLASSES = "wide training"
+
+    def __init__(self, title: str, live: Callable[[], tuple[Fields, dict, str | None]], copy_value: str | None = None):
+        fields, self.curves, self.log_path = live()
+        super().__init__(title, fields, copy_value)
+        self.live = live
+
+    def compose_extra(self) -> ComposeResult:
+        yield LossChart(id="chart")
+        yield FollowingLog(self.log_path, id="log")
+
+    def on_mount(self) -> None:
+        self._show_curves()
+        self.set_interval(LIVE_REFRESH_S, self.refresh_live)
+
+    def refresh_live(self) -> None:
+        fields, self.curves, log_path = self.live()
+        if fields != self.fields:
+            self.fields = fields
+            self.query_one("#fields", Static).update(fields_table(fields))
+        self._show_curves()
+        if log_path:
+            self.query_one(FollowingLog).show(log_path)
+
+    def _show_curves(self) -> None:
+        self.query_one(LossChart).set_curves(self.curves.get("train", []), self.curves.get("eval", []))
+
+    def hint(self) -> str:
+        return super().hint() + "  ·  live while it trains"

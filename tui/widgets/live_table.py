@@ -227,8 +227,19 @@ class LiveTable(ScrollView, can_focus=True):
             fixed = sum(c.width for c in self.columns if c.width)
             flexible = [c for c in self.columns if not c.width]
             spare = max(width - fixed - gaps, 0)
-            total_ratio = sum(c.ratio for c in flexible) or 1
-            widths = [c.width or max(c.min_width, spare * c.ratio // total_ratio) for c in self.columns]
+            # A column whose share falls below its minimum gets the minimum, and the others share
+            # what is left, so the minimums never push the row past the width.
+            floored: set[int] = set()
+            while True:
+                left = spare - sum(self.columns[i].min_width for i in floored)
+                total_ratio = sum(c.ratio for i, c in enumerate(self.columns) if not c.width and i not in floored) or 1
+                share = {i: max(left, 0) * c.ratio // total_ratio for i, c in enumerate(self.columns)
+                         if not c.width and i not in floored}
+                short = {i for i, w in share.items() if w < self.columns[i].min_width}
+                if not short:
+                    break
+                floored |= short
+            widths = [c.width or (c.min_width if i in floored else share[i]) for i, c in enumerate(self.columns)]
             if flexible:  # give rounding leftovers to the last flexible column
                 last = max(i for i, c in enumerate(self.columns) if not c.width)
                 widths[last] += max(width - gaps - sum(widths), 0)

@@ -1,0 +1,285 @@
+"""FinetuneDialog (`f`): base model, dataset, output name, GPUs, method and the LoRA hyperparameters.
+
+Empty fields take the sound defaults shown in grey, so picking a base model and a dataset is enough.
+The dataset is read and checked as soon as it is named (its first bad line shown here), with token
+counts from the base model's tokenizer. Nothing is lost on an error: the dialog closes only once the
+fine-tune has started, and returns the new adapter's id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static
+
+from catalog.states import ModelKind, ModelState
+from engine.errors import EngineError
+from engine.format import job_progress
+from engine.hyperparameters import DEFAULT_MAX_LENGTH, Hyperparameters
+from tui.screens.file_picker import FilePicker
+from tui.widgets.info import InfoLine
+
+# Shown on their own rows above the grid of numbers.
+WIDE_FIELDS = ("method", "target_modules")
+CHECK_DELAY_S = 0.4  # wait for typing to pause before reading the dataset again
+
+
+class FinetuneDialog(ModalScreen[int | None]):
+    AUTO_FOCUS = "#dataset"
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Cancel"),
+        Binding("ctrl+o", "browse", "Browse datasets"),
+        Binding("ctrl+s", "start", "Start"),
+    ]
+
+    def __init__(self, base_id: int | None = None, dataset: str = ""):
+        super().__init__(classes="dialog")
+        self.base_id, self.initial_dataset = base_id, dataset
+        self._check_timer = None
+
+    # -- layout -------------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        defaults = Hyperparameters()
+        with Vertical(id="dialog", classes="wide finetune"):
+            yield Label("Fine-tune a model (LoRA)", classes="dialog-title")
+            with VerticalScroll(classes="dialog-scroll"):
+                with Horizontal(classes="form-row"):
+                    yield Label("Base model", classes="form-label")
+                    yield Select(self._base_options(), prompt="no Ready base model: download one (1)",
+                                 value=self._initial_base(), id="base", compact=True)
+                with Horizontal(classes="form-row"):
+                    yield Label("Dataset", classes="form-label")
+                    yield Input(self.initial_dataset, placeholder="path to a .jsonl file (ctrl+o browses)",
+                                id="dataset", compact=True)
+                yield Static("JSONL: OpenAI chat, ShareGPT, Alpaca or text (detected)",
+                             id="dataset-summary", classes="form-note")
+                yield Static("", id="token-summary", classes="form-note")
+                with Horizontal(classes="form-row"):
+                    yield Label("Output name", classes="form-label")
+                    yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
+                with Horizontal(classes="form-row"):
+                    yield Label("GPUs", classes="form-label")
+                    yield Select([("auto: the first GPU, else the CPU", "auto"), ("CPU", "cpu")], value="auto",
+                                 allow_blank=False, id="gpus", compact=True)
+                with Horizontal(classes="form-row"):
+                    yield Label("Method", classes="form-label")
+                    yield Select([("LoRA", "lora")], value="lora", allow_blank=False, id="method", compact=True)
+                with Horizontal(classes="form-row"):
+                    yield Label("Target modules", classes="form-label")
+                    yield Input(placeholder="the architecture's default", id="target_modules", compact=True)
+                with Grid(id="knobs"):
+                    for f in Hyperparameters.fields():
+                        if f.name in WIDE_FIELDS:
+                            continue
+                        default = getattr(defaults, f.name)
+                        shown = f"auto ({DEFAULT_MAX_LENGTH})" if f.name == "max_length" else (
+                            "auto" if f.name == "save_steps" else ("by epochs" if f.name == "max_steps" else f"{default:g}"))
+                        with Horizontal(classes="knob"):
+                            yield Label(f.metadata["label"], classes="knob-label")
+                            yield Input(placeholder=shown, id=f.name, compact=True, tooltip=f.metadata["help"])
+            yield Static("", id="error", classes="dialog-error")
+            yield InfoLine("", id="field-help", classes="form-note")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Start fine-tune", variant="primary", id="start", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def _eligible(self):
+        return [row for row in self.app.store.models.values()
+                if row.model.kind in (ModelKind.BASE, ModelKind.MERGED)
+                and (row.model.state == ModelState.READY
+                     or (row.model.state == ModelState.PENDING and row.model.repo_id and row.job is not None))]
+
+    def _base_options(self) -> list[tuple[str, int]]:
+        options = []
+        for row in sorted(self._eligible(), key=lambda r: r.model.name.lower()):
+            m = row.model
+            state = "Ready" if m.state == ModelState.READY else f"downloading {job_progress(row.job, 'tiny')}".rstrip()
+            options.append((f"{m.name}  ({m.kind.value}, {state})", m.id))
+        return options
+
+    def _initial_base(self):
+        ids = [row.model.id for row in self._eligible()]
+        if self.base_id in ids:
+            return self.base_id
+        return ids[0] if len(ids) == 1 else Select.NULL
+
+    def on_mount(self) -> None:
+        self.load_gpus()
+        if self.initial_dataset:
+            self.check_dataset()
+
+    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
+    def load_gpus(self) -> None:
+        """GPUs come from nvidia-smi, which can take a moment: asked in a thread."""
+        from engine.gpus import has_bitsandbytes, list_gpus
+
+        gpus = list_gpus()
+        if gpus:
+            options = [("auto: the first GPU", "auto"), *((gpu.describe(), str(gpu.index)) for gpu in gpus),
+                       ("all GPUs", ",".join(str(g.index) for g in gpus)), ("CPU", "cpu")]
+            self.app.call_from_thread(self.query_one("#gpus", Select).set_options, options)
+        if gpus and has_bitsandbytes():
+            self.app.call_from_thread(self.query_one("#method", Select).set_options,
+                                      [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora")])
+
+    # -- reading what was typed ---------------------------------------------------------------------
+
+    def _value(self, widget_id: str) -> str:
+        return self.query_one(f"#{widget_id}", Input).value.strip()
+
+    def _base(self):
+        value = self.query_one("#base", Select).value
+        return self.app.store.models.get(value) if isinstance(value, int) else None
+
+    def _hyperparameters(self) -> tuple[Hyperparameters, dict[str, str]]:
+        values = {f.name: self._value(f.name) for f in Hyperparameters.fields() if f.name != "method"}
+        values["method"] = str(self.query_one("#method", Select).value)
+        hp, errors = Hyperparameters.from_strings(values)
+        if not errors:  # the model's own limits are checked when the run is planned
+            errors = hp.problems(None, str(self.query_one("#gpus", Select).value))
+        return hp, errors
+
+    def _show_problems(self, errors: dict[str, str]) -> None:
+        for f in Hyperparameters.fields():
+            if f.name != "method":
+                self.query_one(f"#{f.name}", Input).set_class(f.name in errors, "-invalid")
+        self.query_one("#error", Static).update(Text("; ".join(errors.values())))
+
+    # -- live checks --------------------------------------------------------------------------------
+
+    @on(Input.Changed)
+    def input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "dataset":
+            self._schedule_check()
+        elif event.input.id != "name":
+            self._show_problems(self._hyperparameters()[1])
+        if event.input.id in ("max_length", "dataset"):
+            self.query_one("#token-summary", Static).update("")
+
+    @on(Select.Changed)
+    def select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "base":
+            self._schedule_check()
+        self._show_problems(self._hyperparameters()[1])
+
+    def on_descendant_focus(self, event) -> None:
+        tooltip = getattr(event.widget, "tooltip", None)
+        self.query_one("#field-help", InfoLine).update(Text(tooltip if isinstance(tooltip, str) else ""))
+
+    def _schedule_check(self) -> None:
+        if self._check_timer is not None:
+            self._check_timer.stop()
+        self._check_timer = self.set_timer(CHECK_DELAY_S, self.check_dataset)
+
+    def check_dataset(self) -> None:
+        path = self._value("dataset")
+        summary = self.query_one("#dataset-summary", Static)
+        self.query_one("#token-summary", Static).update("")
+        if not path:
+            summary.update("JSONL: OpenAI chat, ShareGPT, Alpaca or text (detected)")
+            return
+        summary.update("Reading the dataset…")
+        base = self._base()
+        self._read_dataset(path, base.model.id if base else None, self._hyperparameters()[0])
+
+    @work(thread=True, exclusive=True, group="dataset", exit_on_error=False)
+    def _read_dataset(self, path: str, base_id: int | None, hp: Hyperparameters) -> None:
+        from catalog.schema import Model
+        from engine.datasets import (
+            read_dataset,
+            token_stats_in_subprocess,
+            validation_count,
+        )
+        from engine.finetune import default_name, model_limits
+
+        summary, tokens = self.query_one("#dataset-summary", Static), self.query_one("#token-summary", Static)
+        try:
+            dataset = read_dataset(path)
+        except EngineError as exc:
+            self.app.call_from_thread(summary.update, Text.assemble(("✗ ", "bold red"), str(exc)))
+            return
+        rows = len(dataset.examples)
+        val = validation_count(rows, hp.val_split)
+        self.app.call_from_thread(summary.update, Text.assemble(
+            ("✓ ", "bold green"), f"{rows:,} rows, {dataset.format_name}: {rows - val:,} train, {val:,} validation, "
+                                 f"{hp.steps(rows - val):,} steps"))
+        with self.app.db.read() as session:
+            base = session.get(Model, base_id) if base_id is not None else None
+            if base is not None:
+                name = default_name(session, base, dataset.path)
+                self.app.call_from_thread(setattr, self.query_one("#name", Input), "placeholder", name)
+        if base is None or base.state != ModelState.READY:
+            self.app.call_from_thread(tokens.update, "Token counts once the base model is Ready.")
+            return
+        self.app.call_from_thread(tokens.update, "Counting tokens with the base model's tokenizer…")
+        max_length = hp.resolved(model_limits(base.path).max_length).max_length
+        try:
+            text = Text(token_stats_in_subprocess(base.path, path, max_length))
+        except EngineError as exc:
+            text = Text(str(exc), style="red")
+        if self._value("dataset") == path:  # still the dataset on screen
+            self.app.call_from_thread(tokens.update, text)
+
+    # -- starting -----------------------------------------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_start()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "start":
+            self.action_start()
+        else:
+            self.dismiss(None)
+
+    def action_browse(self) -> None:
+        current = Path(self._value("dataset") or ".").expanduser()
+
+        def picked(path: Path | None) -> None:
+            if path is not None:
+                self.query_one("#dataset", Input).value = str(path)
+                self.query_one("#name", Input).focus()
+
+        self.app.push_screen(FilePicker(current if current.is_dir() else current.parent), picked)
+
+    def action_start(self) -> None:
+        error = self.query_one("#error", Static)
+        base, dataset = self._base(), self._value("dataset")
+        if base is None:
+            error.update("Choose a base model (a Ready base or merged model).")
+            self.query_one("#base", Select).focus()
+            return
+        if not dataset:
+            error.update("Name a dataset file (ctrl+o browses).")
+            self.query_one("#dataset", Input).focus()
+            return
+        hp, errors = self._hyperparameters()
+        if errors:
+            self._show_problems(errors)
+            return
+        error.update("Checking and starting…")
+        self.query_one("#start", Button).disabled = True
+        self._start(base.model.name, dataset, hp, str(self.query_one("#gpus", Select).value),
+                    self._value("name") or None)
+
+    @work(thread=True, exclusive=True, group="start", exit_on_error=False)
+    def _start(self, base: str, dataset: str, hp: Hyperparameters, gpus: str, name: str | None) -> None:
+        from engine import finetune
+
+        try:
+            plan = finetune.plan(self.app.db, base, dataset, hp, gpus)
+            model, _job = finetune.start(self.app.db, plan, name)
+        except EngineError as exc:
+            self.app.call_from_thread(self._refused, str(exc))
+            return
+        self.app.call_from_thread(self.dismiss, model.id)
+
+    def _refused(self, reason: str) -> None:
+        self.query_one("#error", Static).update(Text(reason))
+        self.query_one("#start", Button).disabled = False
