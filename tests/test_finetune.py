@@ -59,7 +59,8 @@ def test_a_fine_tune_on_each_format_makes_an_adapter_that_changes_the_model(db, 
     assert done.state == ModelState.READY, (done.reason, jobs.log_tail(finished.log_path, 20))
     metrics = json.loads(finished.metrics_json)
     assert metrics["step"] == 4 and metrics["total_steps"] == 4 and metrics["tokens_per_s"] > 0
-    assert [point[0] for point in metrics["curve"]["train"]] == [1, 2, 3, 4]
+    steps = [point[0] for point in metrics["curve"]["train"]]  # a loss a second, the first and last steps
+    assert steps[0] == 1 and steps[-1] == 4 and steps == sorted(set(steps))
     assert metrics["curve"]["eval"][-1][0] == 4  # 30 rows: 2 held out for validation
     adapter = Path(done.path)
     assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "checkpoints").exists()
@@ -80,15 +81,15 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(db, tiny, tmp_p
     os.kill(job_row(db, job.id).pid, signal.SIGKILL)
     failed = settled(db, model.id)
     assert failed.state == ModelState.FAILED and "killed by signal SIGKILL" in failed.reason
-    killed_at = json.loads(job_row(db, job.id).metrics_json)["step"]
-    assert killed_at >= 40
+    newest = int(finetune.latest_checkpoint(checkpoints).name.split("-")[1])
+    assert newest >= 40
 
     _, again = models.retry(db, model.name)
     done = settled(db, model.id, timeout=120)
     assert done.state == ModelState.READY, done.reason
     log = Path(job_row(db, again.id).log_path).read_text()
     resumed_from = int(log.split("resuming from checkpoint-")[1].split()[0])
-    assert 40 <= resumed_from <= killed_at
+    assert resumed_from == newest
     assert f"step {resumed_from + 1}/300" in log and "step 1/300" not in log
     metrics = json.loads(job_row(db, again.id).metrics_json)
     assert metrics["step"] == 300 and metrics["curve"]["train"][0][0] == 1  # the curve from before survives
