@@ -283,10 +283,9 @@ def token_stats(tokenizer, dataset: Dataset, max_length: int) -> TokenStats:
     lengths, unlearnable = [], 0
     for example in dataset.examples:
         full = encode(tokenizer, template, example, 10**9)
-        length = len(full["input_ids"]) if full else 0
-        lengths.append(length)
-        if full is None or encode(tokenizer, template, example, max_length) is None:
-            unlearnable += 1
+        lengths.append(len(full["input_ids"]) if full else 0)
+        if full is None or all(label == IGNORE for label in full["labels"][:max_length]):
+            unlearnable += 1  # what encode() would drop once the row is cut to max_length
     return TokenStats(len(lengths), sum(lengths), round(sum(lengths) / len(lengths)), max(lengths),
                       sum(1 for n in lengths if n > max_length), unlearnable, own)
 

@@ -169,6 +169,13 @@ def merge(db: Database, adapter_name: str, name: str | None = None) -> tuple[Mod
         raise EngineError(f"the base model of {adapter.name!r} is missing or not Ready")
     _check_space(int((base.size_bytes or 0) * 1.1), models_dir(db))
     with db.write() as session:
+        adapter = session.get(Model, adapter.id)  # again under the lock: it may have gone meanwhile
+        if adapter is None:
+            raise EngineError(f"{adapter_name!r} was deleted meanwhile")
+        merging = session.exec(select(Model).where(Model.base_id == adapter.id, Model.kind == ModelKind.MERGED,
+                                                   Model.state == ModelState.PENDING)).first()
+        if merging is not None:
+            raise EngineError(f"{adapter.name!r} is already being merged as {merging.name!r}")
         if name:
             _check_name(session, name)
         else:
@@ -176,7 +183,7 @@ def merge(db: Database, adapter_name: str, name: str | None = None) -> tuple[Mod
         target = models_dir(db) / name
         if any(folder.exists() for folder in output_folders(target)):
             raise EngineError(f"{target} already exists; choose another name")
-        meta = {"adapter": adapter.name, "base": base.name}
+        meta = {"adapter": adapter.name, "base_model": base.name}
         model = Model(name=name, kind=ModelKind.MERGED, source=f"merge:{adapter.name}", path=str(target),
                       owns_path=True, base_id=adapter.id, meta_json=Model.dumps(meta))
         session.add(model)
@@ -195,7 +202,9 @@ def rerun(db: Database, model: Model) -> tuple[Model, Job]:
     with db.write() as session:
         row = session.get(Model, model.id)
         last = session.get(Job, row.job_id) if row and row.job_id else None
-        if row is None or row.state != ModelState.FAILED or last is None:
+        if row is None:
+            raise EngineError(f"{model.name!r} was deleted meanwhile")
+        if row.state != ModelState.FAILED or last is None:
             raise EngineError(f"{model.name!r} is already being retried")
         if last.kind == JobKind.FINETUNE:
             base = session.get(Model, last.params["base_id"])
@@ -203,7 +212,8 @@ def rerun(db: Database, model: Model) -> tuple[Model, Job]:
                 raise EngineError(f"the base model of {model.name!r} was deleted; delete this adapter")
             check_base(base)
         row.state, row.reason = ModelState.PENDING, None
-        job = jobs.create(session, last.kind, last.title, row.id, **last.params)
+        job = jobs.create(session, last.kind, last.title, row.id,
+                          **(last.params | {"attempt": last.params.get("attempt", 1) + 1}))
         row.job_id = job.id
         session.add(row)
         record(session, f"model:{row.id}", "state", f"retrying {last.kind.value}", state="pending")

@@ -47,6 +47,16 @@ def human_time(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
+# How a model's recorded details are labelled (anything else: its key, in words).
+META_LABELS = {"gpus": "GPUs", "tokens_per_s": "Tokens/s", "train_runtime_s": "Training time (s)",
+               "final_loss": "Final loss", "final_eval_loss": "Final validation loss", "gguf": "GGUF file",
+               "base_model": "Base model", "target_modules": "Target modules"}
+
+
+def meta_label(key: str) -> str:
+    return META_LABELS.get(key, key.replace("_", " ").capitalize())
+
+
 def human_value(value: object) -> str:
     """A model's recorded detail (lineage, hyperparameters) on one line: lists joined, mappings as k=v."""
     if isinstance(value, dict):

@@ -62,8 +62,17 @@ def check_model_folder(path: Path) -> dict:
 
 
 def output_folders(out_dir: Path) -> tuple[Path, Path]:
-    """A converted model's folder and the one it is written to first; both are the model's own."""
+    """A written model's folder and the one it is written to first; both are the model's own."""
     return out_dir, out_dir.with_name(out_dir.name + ".partial")
+
+
+def publish(out_dir: Path) -> None:
+    """Make the finished `.partial` folder the model's folder: a crash never leaves half a model behind."""
+    import shutil
+
+    final, partial = output_folders(out_dir)
+    shutil.rmtree(final, ignore_errors=True)  # a leftover of an earlier attempt at this same model
+    partial.rename(final)
 
 
 def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
@@ -85,5 +94,4 @@ def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
     log(f"writing safetensors to {out_dir}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a leftover of an earlier attempt at this same model
-    partial.rename(out_dir)
+    publish(out_dir)

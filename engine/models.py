@@ -109,7 +109,7 @@ def _check_name(session: Session, name: str) -> None:
     if not NAME_PATTERN.match(name):
         raise EngineError(f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
     if _name_taken(session, name):
-        raise EngineError(f"a custom model named {name!r} already exists; choose another name with --name")
+        raise EngineError(f"a custom model named {name!r} already exists; choose another name")
 
 
 def _free_name(session: Session, candidates: list[str]) -> str:
@@ -163,10 +163,24 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
     return model, job
 
 
-def can_retry(model: Model) -> bool:
-    """Whether a failed model can be started again: a download, a GGUF conversion, a fine-tune, a merge."""
-    return model.state == ModelState.FAILED and bool(
-        model.repo_id or model.meta.get("gguf") or (model.job_id and model.source.startswith(("finetune:", "merge:"))))
+# What a retry starts again, by the model's source (see `retry`).
+RETRIED = {"hub": "download", "mirror": "download", "import": "conversion", "finetune": "fine-tune (resumes)",
+           "merge": "merge"}
+
+
+def retry_label(model: Model) -> str | None:
+    """What retrying a failed model would start again ("download", "conversion", ...), or None when it
+    cannot be retried."""
+    if model.state != ModelState.FAILED:
+        return None
+    origin = model.source.split(":")[0]
+    if origin in ("hub", "mirror") and model.repo_id:
+        return RETRIED[origin]
+    if origin == "import" and model.meta.get("gguf"):
+        return RETRIED[origin]
+    if origin in ("finetune", "merge") and model.job_id:
+        return RETRIED[origin]
+    return None
 
 
 def retry(db: Database, name: str) -> tuple[Model, Job]:

@@ -75,14 +75,14 @@ def test_a_fine_tune_on_each_format_makes_an_adapter_that_changes_the_model(db, 
 
 
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(db, tiny, tmp_path):
-    model, job = start(db, write_dataset(tmp_path), max_steps=300, save_steps=20, val_split=0)
+    model, job = start(db, write_dataset(tmp_path), max_steps=120, save_steps=10, val_split=0)
     checkpoints = Path(model.path + ".partial") / "checkpoints"
-    wait_until(lambda: (checkpoints / "checkpoint-40" / "trainer_state.json").exists(), 120, what="checkpoint 40")
+    wait_until(lambda: (checkpoints / "checkpoint-20" / "trainer_state.json").exists(), 120, what="checkpoint 20")
     os.kill(job_row(db, job.id).pid, signal.SIGKILL)
     failed = settled(db, model.id)
     assert failed.state == ModelState.FAILED and "killed by signal SIGKILL" in failed.reason
     newest = int(finetune.latest_checkpoint(checkpoints).name.split("-")[1])
-    assert newest >= 40
+    assert 20 <= newest < 120
 
     _, again = models.retry(db, model.name)
     done = settled(db, model.id, timeout=120)
@@ -90,9 +90,9 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(db, tiny, tmp_p
     log = Path(job_row(db, again.id).log_path).read_text()
     resumed_from = int(log.split("resuming from checkpoint-")[1].split()[0])
     assert resumed_from == newest
-    assert f"step {resumed_from + 1}/300" in log and "step 1/300" not in log
+    assert f"step {resumed_from + 1}/120" in log and "step 1/120" not in log
     metrics = json.loads(job_row(db, again.id).metrics_json)
-    assert metrics["step"] == 300 and metrics["curve"]["train"][0][0] == 1  # the curve from before survives
+    assert metrics["step"] == 120 and metrics["curve"]["train"][0][0] == 1  # the curve from before survives
 
 
 def test_cancel_stops_cleanly_between_steps_and_ends_cancelled(db, tiny, tmp_path):
@@ -102,6 +102,8 @@ def test_cancel_stops_cleanly_between_steps_and_ends_cancelled(db, tiny, tmp_pat
     assert cancelled.state == JobState.CANCELLED
     assert settled(db, model.id).reason == "finetune cancelled"
     assert "job cancelled" in Path(cancelled.log_path).read_text()  # stopped by itself, not killed
+    # The work up to the cancel is kept: a retry resumes from it (no periodic checkpoint was due yet).
+    assert finetune.latest_checkpoint(Path(model.path + ".partial") / "checkpoints") is not None
 
 
 def test_a_malformed_dataset_is_refused_before_any_job_starts(db, tiny, tmp_path):
@@ -183,3 +185,32 @@ def test_a_fine_tune_of_a_base_still_downloading_waits_for_it(db, hub, tmp_path)
     # the reason is the job's; had the download failed, the reason would say so.
     done = settled(db, adapter.id, timeout=120)
     assert done.state == ModelState.FAILED and done.reason
+
+
+def test_a_disk_too_full_for_the_run_is_refused_before_it_starts(db, tiny, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from engine import hub
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(EngineError, match=r"not enough free disk: about .* needed, 1.0 KB free in .*models"):
+        start(db, write_dataset(tmp_path))
+    monkeypatch.setattr(hub.shutil, "disk_usage", shutil.disk_usage)
+    with db.read() as session:
+        assert session.exec(select(Job)).all() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_fine_tune_on_the_gpu(db, tiny, tmp_path, method):
+    from engine.gpus import has_bitsandbytes
+
+    if method == "qlora" and not has_bitsandbytes():
+        pytest.skip("QLoRA needs the bitsandbytes package")
+    model, job = start(db, write_dataset(tmp_path), max_steps=4, method=method)
+    done = settled(db, model.id, timeout=300)
+    log = Path(job_row(db, job.id).log_path).read_text()
+    assert done.state == ModelState.READY, (done.reason, log[-2000:])
+    assert "GPU 0" in log and ("bfloat16" in log or "float16" in log)

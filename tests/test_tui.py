@@ -519,3 +519,28 @@ async def test_finetune_dialog_shows_the_bad_line_and_keeps_everything_typed(db,
         assert dialog.query_one("#rank").has_class("-invalid") and "above 0" in str(dialog.query_one("#error").render())
         with db.read() as session:
             assert [m.name for m in session.exec(select(Model))] == ["tiny"]
+
+
+async def test_a_failing_operation_of_a_screen_is_shown_not_swallowed(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "tiny")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        app.screen.merge("tiny")  # the worker behind `m`, on a model that is not an adapter
+        await wait_for(pilot, lambda: any("only an adapter can be merged" in n.message for n in app._notifications),
+                       what="the refusal on screen")
+
+
+async def test_finetune_from_community_asks_before_downloading(db):
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("f")  # the first row: SmolLM2 135M, not downloaded
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog) and app.screen)
+        assert dialog.title_text.startswith("Download SmolLM2")
+        await pilot.press("n")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmDialog)
+        with db.read() as session:
+            assert session.exec(select(Model)).all() == []  # nothing started

@@ -143,6 +143,8 @@ class ModelDeckApp(App):
                 continue
             if row.model.state == ModelState.READY:
                 self.notify(f"{row.model.name} is ready", timeout=4)
+            elif (row.model.reason or "").endswith(" cancelled"):  # asked for: not an error
+                self.notify(row.model.reason, title=row.model.name, severity="warning", timeout=5)
             else:
                 self.notify(row.model.reason or "no reason given", title=f"{row.model.name} failed",
                             severity="error", timeout=12)
@@ -185,7 +187,8 @@ class ModelDeckApp(App):
 
     @on(Worker.StateChanged)
     def report_worker_error(self, event: Worker.StateChanged) -> None:
-        """One place where a failed background operation becomes a message on screen."""
+        """One place where a failed background operation becomes a message on screen (screens and
+        dialogs forward their workers' changes here: see ReportsWorkerErrors)."""
         if event.state != WorkerState.ERROR:
             return
         error = event.worker.error

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("logs", "cmd_logs", "print a job's log (by job id, or a model's latest job by its name)")
     p.add_argument("job", help="a job id, or a custom model's name")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
-    p = verb("cancel", "cmd_cancel", "cancel a running job")
-    p.add_argument("job", type=int)
+    p = verb("cancel", "cmd_cancel", "cancel a running job (by job id, or a model's running job by its name)")
+    p.add_argument("job", help="a job id, or a custom model's name")
     return parser
 
 

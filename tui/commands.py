@@ -4,9 +4,12 @@ a one-line reason on failure. No logic lives here that the dashboard lacks: both
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from typing import Any
+
+from sqlmodel import select
 
 from catalog.schema import Job, Model, ModelState
 from catalog.tags import tag_order
@@ -20,6 +23,7 @@ from engine.format import (
     human_time,
     human_value,
     job_progress,
+    meta_label,
     state_text,
 )
 from engine.logs import follow
@@ -94,7 +98,7 @@ def cmd_show(args, db) -> int:
         ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long")),
         ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", m.path),
         ("size", human_bytes(m.size_bytes)), ("base", row.base_name), ("created", human_time(m.created_at)),
-        *((key.replace("_", " "), human_value(v)) for key, v in m.meta.items()),
+        *((meta_label(key).lower(), human_value(v)) for key, v in m.meta.items()),
     ]
     if row.job:
         fields.append(("job", f"{row.job.id} {row.job.kind.value}, log {row.job.log_path}"))
@@ -117,7 +121,8 @@ def _wait(db, model_id: int, quiet: bool) -> int:
                 sys.stderr.write("\r\033[K")
             return 0 if row.model.state == ModelState.READY else 1
         if show and row.job:
-            sys.stderr.write(f"\r\033[K{row.model.name}: {job_progress(row.job, 'long')}")
+            line = f"{row.model.name}: {job_progress(row.job, 'long')}"
+            sys.stderr.write("\r\033[K" + _clip(line, shutil.get_terminal_size().columns - 1))
             sys.stderr.flush()
         time.sleep(0.5)
 
@@ -188,23 +193,18 @@ def cmd_rm(args, db) -> int:
 
 def cmd_jobs(args, db) -> int:
     rows = models.job_rows(db)
-    table = _table(["id", "kind", "state", "title", "progress", "error", "created"],
-                   [[str(j.id), j.kind.value, j.state.value, j.title,
+    with db.read() as session:
+        names = dict(session.exec(select(Model.id, Model.name)).all())
+    table = _table(["id", "kind", "state", "model", "progress", "error", "created"],
+                   [[str(j.id), j.kind.value, j.state.value, names.get(j.model_id, "—"),
                      job_progress(j) if not j.state.is_terminal() else "",
-                     _clip(j.error or "", 70), human_time(j.created_at)] for j in rows])
+                     _clip(j.error or "", 60), human_time(j.created_at)] for j in rows])
     _emit(args, [_job_dict(j) for j in rows], table)
     return 0
 
 
 def cmd_logs(args, db) -> int:
-    if args.job.isdigit():
-        job = jobs.get(db, int(args.job))
-    else:  # a model's name: its latest job
-        with db.read() as session:
-            model = models.find_model(session, args.job)
-        job = jobs.latest_for_model(db, model.id)
-        if job is None:
-            raise EngineError(f"no job has run for {model.name!r} (it was imported in place)")
+    job = _job_of(db, args.job)
     if not job.log_path:
         raise EngineError(f"job {job.id} has no log yet")
 
@@ -225,7 +225,19 @@ def cmd_logs(args, db) -> int:
     return 0
 
 
+def _job_of(db, ref: str) -> Job:
+    """A job by its id, or a custom model's latest job by the model's name."""
+    if ref.isdigit():
+        return jobs.get(db, int(ref))
+    with db.read() as session:
+        model = models.find_model(session, ref)
+    job = jobs.latest_for_model(db, model.id)
+    if job is None:
+        raise EngineError(f"no job has run for {model.name!r} (it was imported in place)")
+    return job
+
+
 def cmd_cancel(args, db) -> int:
-    job = jobs.cancel(db, args.job)
+    job = jobs.cancel(db, _job_of(db, args.job).id)
     _emit(args, _job_dict(job), f"job {job.id}: {job.state.value}")
     return 0

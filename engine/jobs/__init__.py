@@ -109,6 +109,7 @@ def spawn(db: Database, job: Job) -> None:
     env = child_env()
     if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it; none for "cpu"
         env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else gpus
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number GPUs as nvidia-smi does (CUDA's default is fastest first)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],

@@ -9,6 +9,7 @@ cleanly between steps on SIGTERM (cancel). The adapter's folder appears only onc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -28,7 +29,7 @@ from engine.format import human_duration
 from engine.hyperparameters import Hyperparameters
 from engine.jobs import JobCancelled
 from engine.jobs.harness import JobContext, JobFailure, main
-from engine.localmodel import output_folders
+from engine.localmodel import output_folders, publish
 
 REPORT_EVERY_S = 1.0
 LOG_EVERY_S = 1.0  # a loss point (and a log line) at most this often, and on the first and last steps
@@ -37,23 +38,27 @@ CURVE_POINTS = 400  # the loss curve kept in the job's metrics is thinned to abo
 
 
 class Stopping:
-    """SIGTERM (cancel) stops at the next safe point: between training steps, or at once elsewhere."""
+    """SIGTERM (cancel) is a request, honoured at the next safe point: between training steps, or between
+    phases. A phase that outlasts the canceller's deadline is killed, which also ends Cancelled. Once
+    training has finished, the adapter is saved whatever comes: the work is done."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.in_training = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        if not self.in_training:
+
+    def check(self) -> None:
+        if self.requested:
             raise JobCancelled()
 
 
-def wait_for_base(ctx: JobContext, base_id: int) -> Model:
+def wait_for_base(ctx: JobContext, base_id: int, stopping: Stopping) -> Model:
     """The base model, once Ready: a fine-tune started from Community waits for its download."""
     with ctx.phase("waiting for the base model's download"):
         while True:
+            stopping.check()
             with ctx.db.read() as session:
                 base = session.get(Model, base_id)
             if base is None:
@@ -70,7 +75,7 @@ def work(ctx: JobContext) -> None:
     p = ctx.params
     hp = Hyperparameters(**p["hyperparameters"])
     final, partial = output_folders(Path(p["target"]))
-    base = wait_for_base(ctx, p["base_id"])
+    base = wait_for_base(ctx, p["base_id"], stopping)
     limits = model_limits(base.path)
     hp = hp.resolved(limits.max_length)
     if problems := hp.problems(limits.max_length, p["gpus"]):
@@ -79,9 +84,10 @@ def work(ctx: JobContext) -> None:
     # The run trains on its own copy of the data, so a resumed run sees exactly what the first one saw.
     partial.mkdir(parents=True, exist_ok=True)
     copy = partial / ("dataset" + Path(p["dataset"]).suffix)
-    if not copy.exists():
+    if not copy.exists():  # copied whole or not at all: a killed copy must not be reused as the data
         try:
-            shutil.copyfile(p["dataset"], copy)
+            shutil.copyfile(p["dataset"], copy.with_name(copy.name + ".tmp"))
+            os.replace(copy.with_name(copy.name + ".tmp"), copy)
         except OSError as exc:
             raise JobFailure(f"cannot read the dataset {p['dataset']}: {exc.strerror}") from exc
     dataset = read_dataset(copy)
@@ -128,6 +134,7 @@ def work(ctx: JobContext) -> None:
         ctx.log(f"LoRA r={hp.rank} alpha={hp.alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
                 f"({'GPU ' + p['gpus'] if on_gpu else 'CPU'}, {str(dtype).removeprefix('torch.')})")
 
+    stopping.check()
     with ctx.phase("tokenizing the dataset"):
         template, own = chat_template(tokenizer)
         if dataset.is_chat and not own:
@@ -158,25 +165,24 @@ def work(ctx: JobContext) -> None:
         report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0,
     )
-    reporter = Reporter(ctx, stopping, collator, total_steps)
+    reporter = Reporter(ctx, stopping, collator, total_steps, sum(len(row["input_ids"]) for row in validation))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=validation or None,
                       data_collator=collator, callbacks=[reporter.callback(TrainerCallback)])
     trainer.remove_callback(PrinterCallback)  # the reporter logs each step in one readable line
     resume = latest_checkpoint(partial / "checkpoints")
     if resume is not None:
         ctx.log(f"resuming from {resume.name} (step {resume.name.split('-')[-1]} of {total_steps})")
-    ctx.log(f"training: {len(train)} rows, {len(validation)} validation rows, {total_steps} steps")
-    stopping.in_training = True
+    elif p.get("attempt", 1) > 1:
+        ctx.log("no checkpoint was saved before the last run stopped: starting from step 0")
+    ctx.log(f"training: {len(train)} rows, {len(validation)} validation, {total_steps} steps"
+            + (f" ({len(dataset.examples) - len(train) - len(validation)} left out: nothing to learn "
+               f"within {hp.max_length} tokens)" if len(train) + len(validation) < len(dataset.examples) else ""))
+    stopping.check()
     try:
-        if stopping.requested:
-            raise JobCancelled()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError as exc:
         raise JobFailure("out of GPU memory: lower the batch size or the max length (or use QLoRA)") from exc
-    finally:
-        stopping.in_training = False
-    if stopping.requested:
-        raise JobCancelled()
+    stopping.check()  # stopped between steps
 
     if validation and not (reporter.eval_curve and reporter.eval_curve[-1][0] == trainer.state.global_step):
         reporter.add_eval(trainer.state.global_step, trainer.evaluate()["eval_loss"])
@@ -191,14 +197,13 @@ def work(ctx: JobContext) -> None:
             "target_modules": targets, "steps": trainer.state.global_step,
             "final_loss": reporter.last_loss, "final_eval_loss": final_eval,
             "train_runtime_s": round(result.metrics["train_runtime"], 3),
-            "train_tokens": collator.tokens - reporter.tokens_at_start,
+            "train_tokens": reporter.trained_tokens,
             "tokens_per_s": round(reporter.tokens_per_s, 1),
         }
         (partial / "modeldeck.json").write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(partial / "checkpoints", ignore_errors=True)
         copy.unlink(missing_ok=True)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        publish(final)
     ctx.log(f"adapter written to {final}")
     with ctx.db.read() as session:
         meta = session.get(Model, ctx.model_id).meta
@@ -234,8 +239,11 @@ class Reporter:
     """Turns the trainer's steps and logs into the job's progress and metrics, written at most once a
     second (and on every validation), so reporting costs the training loop almost nothing."""
 
-    def __init__(self, ctx: JobContext, stopping: Stopping, collator: Collator, total_steps: int):
+    def __init__(self, ctx: JobContext, stopping: Stopping, collator: Collator, total_steps: int,
+                 validation_tokens: int):
         self.ctx, self.stopping, self.collator, self.total_steps = ctx, stopping, collator, total_steps
+        self.validation_tokens = validation_tokens  # what one evaluation puts through the collator
+        self.evaluated_tokens = 0
         self.train_curve: list[list[float]] = []
         self.eval_curve: list[list[float]] = []
         self.step = 0
@@ -265,6 +273,9 @@ class Reporter:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 reporter.logged(state, logs or {})
 
+            def on_evaluate(self, args, state, control, **kwargs):
+                reporter.evaluated_tokens += reporter.validation_tokens
+
             def on_save(self, args, state, control, **kwargs):
                 reporter.last_save = time.monotonic()
 
@@ -288,10 +299,11 @@ class Reporter:
         elapsed = time.monotonic() - self.run_start
         done = self.step - self.run_first_step
         if done > 0 and elapsed > 0:
-            self.tokens_per_s = (self.collator.tokens - self.tokens_at_start) / elapsed
+            self.tokens_per_s = self.trained_tokens / elapsed
             self.eta_s = elapsed / done * (self.total_steps - self.step)
-        if self.stopping.requested:
+        if self.stopping.requested:  # stop, keeping this step's work for a retry to resume from
             control.should_training_stop = True
+            control.should_save = True
             return
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY_S or self.step in (1, self.total_steps):
@@ -300,6 +312,11 @@ class Reporter:
         if now - self.last_save > TIMED_CHECKPOINT_S:
             control.should_save = True
         self.report()
+
+    @property
+    def trained_tokens(self) -> int:
+        """Real tokens of the training batches of this run (validation batches left out)."""
+        return self.collator.tokens - self.tokens_at_start - self.evaluated_tokens
 
     def logged(self, state, logs: dict) -> None:
         if "loss" in logs:

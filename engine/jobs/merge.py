@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine import hub
 from engine.jobs.harness import JobContext, main
-from engine.localmodel import output_folders
+from engine.localmodel import output_folders, publish
 
 
 def work(ctx: JobContext) -> None:
@@ -28,8 +28,7 @@ def work(ctx: JobContext) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         merged.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of an earlier attempt at this same model
-        partial.rename(final)
+        publish(final)
     ctx.log(f"merged model written to {final}")
     ctx.succeed(size_bytes=hub.snapshot_size(final))
 

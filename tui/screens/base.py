@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, Input
+from textual.worker import Worker
 
 from engine.errors import EngineError
 from tui.store import Store
@@ -18,7 +19,15 @@ if TYPE_CHECKING:
     from catalog.db import Database
 
 
-class DeckScreen(Screen):
+class ReportsWorkerErrors:
+    """Worker.StateChanged does not bubble: screens and dialogs hand their workers' failures to the app,
+    which shows them in one place."""
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        self.app.report_worker_error(event)
+
+
+class DeckScreen(ReportsWorkerErrors, Screen):
     TAB_TITLE = ""
     MODE = ""
     AUTO_FOCUS = "LiveTable"  # keys act on the table; `/` moves to the filter bar

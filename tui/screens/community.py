@@ -15,6 +15,7 @@ from catalog.states import ModelState
 from engine.community import haystack, matches, terms
 from engine.format import human_params
 from tui.screens.base import DeckScreen
+from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import DetailsDialog
 from tui.screens.finetune_dialog import FinetuneDialog
 from tui.screens.tag_picker import TagPicker
@@ -164,17 +165,22 @@ class CommunityScreen(DeckScreen):
             self.notify(f"{entry.name} is not fine-tunable ({entry.task} model)", severity="warning")
             return
         row = self.store.model_for_repo(entry.repo_id)
-        if row is None or row.model.state == ModelState.FAILED:
-            self.download_then_finetune(entry.repo_id)
-        else:
+        if row is not None and row.model.state != ModelState.FAILED:
             self.open_finetune(row.model.id)
+            return
+        verb = "Retry the download of" if row else "Download"
+        question = ConfirmDialog(f"{verb} {entry.name} first?",
+                                 f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet. "
+                                 "It downloads in the background; a fine-tune started now waits for it.",
+                                 confirm_label="Download", variant="primary")
+        self.app.push_screen(question, lambda yes: yes and self.download_then_finetune(entry.repo_id))
 
     @work(thread=True, exit_on_error=False, group="engine")
     def download_then_finetune(self, repo_id: str) -> None:
         from engine import models
 
         model, _job = models.pull(self.db, repo_id)
-        self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; the fine-tune starts once it is Ready",
+        self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; progress in Custom (2)",
                                   timeout=5)
         self.app.call_from_thread(self.open_finetune, model.id)
 

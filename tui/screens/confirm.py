@@ -15,16 +15,17 @@ class ConfirmDialog(ModalScreen[bool]):
         Binding("y", "answer(True)", "Confirm"),
     ]
 
-    def __init__(self, title: str, message: str, confirm_label: str = "Delete"):
+    def __init__(self, title: str, message: str, confirm_label: str = "Delete", variant: str = "error"):
+        """`variant`: the confirm button's look; "error" for what cannot be undone."""
         super().__init__(classes="dialog")
-        self.title_text, self.message, self.confirm_label = title, message, confirm_label
+        self.title_text, self.message, self.confirm_label, self.variant = title, message, confirm_label, variant
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self.title_text, classes="dialog-title")
             yield Static(self.message, classes="dialog-body")
             with Horizontal(classes="dialog-buttons"):
-                yield Button(f"{self.confirm_label} (y)", variant="error", id="confirm")
+                yield Button(f"{self.confirm_label} (y)", variant=self.variant, id="confirm")
                 yield Button("Cancel (n)", id="cancel")
 
     def on_mount(self) -> None:

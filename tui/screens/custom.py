@@ -18,6 +18,7 @@ from engine.format import (
     human_time,
     human_value,
     job_progress,
+    meta_label,
 )
 from tui.screens.action_menu import ActionMenu
 from tui.screens.base import DeckScreen
@@ -38,11 +39,6 @@ EMPTY = ("No custom models yet. Download one from Community (1, then enter), "
          "or import a local folder or GGUF file with i.")
 
 
-# What a retry starts again, by the model's source.
-RETRIED = {"hub": "download", "mirror": "download", "import": "conversion", "finetune": "fine-tune (resumes)",
-           "merge": "merge"}
-
-
 class CustomScreen(DeckScreen):
     TAB_TITLE = "Custom"
     MODE = "custom"
@@ -52,12 +48,14 @@ class CustomScreen(DeckScreen):
         Binding("f", "finetune", "Fine-tune model", id="custom.finetune", tooltip="Fine-tune a model with LoRA on your dataset"),
         Binding("d", "details", "Details", id="custom.details", tooltip="Everything known about the model, lineage included"),
         Binding("i", "import_model", "Import", id="custom.import", tooltip="Import a local model folder or GGUF file"),
-        Binding("m", "merge", "Merge", id="custom.merge", tooltip="Merge the selected adapter into its base: a standalone model"),
-        Binding("r", "retry", "Retry", id="custom.retry", tooltip="Retry a failed download, conversion, fine-tune (resuming) or merge"),
+        Binding("m", "merge", "Merge", id="custom.merge", show=False,
+                tooltip="Merge the selected adapter into its base: a model of its own"),
+        Binding("r", "retry", "Retry", id="custom.retry", show=False,
+                tooltip="Retry a failed download, conversion, fine-tune (resuming) or merge"),
         Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download, conversion, fine-tune or merge"),
         Binding("ctrl+d", "delete", "Delete", id="custom.delete", tooltip="Delete the model and free its disk (asks first)"),
         Binding("l", "logs", "Logs", id="custom.logs", tooltip="The log of the model's latest job, following it"),
-        Binding("y", "copy_path", "Copy path", id="custom.copy_path", tooltip="Copy the model's folder path"),
+        Binding("y", "copy_path", "Copy path", id="custom.copy_path", show=False, tooltip="Copy the model's folder path"),
     ]
     COLUMNS = [
         Column("Name", ratio=3, min_width=12), Column("Kind", width=7), Column("State", ratio=5, min_width=12),
@@ -156,7 +154,7 @@ class CustomScreen(DeckScreen):
         if row is None:
             return
         from engine.models import (
-            can_retry,  # loaded by now; not at import, to keep the first paint fast
+            retry_label,  # loaded by now; not at import, to keep the first paint fast
         )
 
         m = row.model
@@ -165,8 +163,8 @@ class CustomScreen(DeckScreen):
             actions.append(("finetune", "Fine-tune  f"))
         if m.state == ModelState.READY and m.kind == ModelKind.ADAPTER:
             actions.append(("merge", "Merge into base  m"))
-        if can_retry(m):
-            actions.append(("retry", f"Retry {RETRIED[m.source.split(':')[0]]}  r"))
+        if retried := retry_label(m):
+            actions.append(("retry", f"Retry {retried}  r"))
         if row.job is not None:
             actions.append(("cancel_job", f"Cancel {row.job.kind.value}  x"))
         if row.model.job_id is not None:
@@ -214,12 +212,20 @@ class CustomScreen(DeckScreen):
         """A fine-tuned adapter's details: its facts, loss curve and log, following the job while it runs."""
         from engine import jobs
 
-        finished = jobs.latest_for_model(self.db, model_id)  # the curve of a run that is over
-        seen = {"row": self.store.models[model_id], "job": finished}
+        job = jobs.latest_for_model(self.db, model_id)  # the run's curve, if it is over
+        self.app.call_from_thread(self._show_training_details, model_id, job)
+
+    def _show_training_details(self, model_id: int, job) -> None:
+        row = self.store.models.get(model_id)
+        if row is None:
+            return  # deleted meanwhile
+        seen = {"row": row, "job": job}
 
         def live():
             row = self.store.models.get(model_id)
             if row is not None:
+                if row.job is None and seen["job"] is not None and not seen["job"].state.is_terminal():
+                    self.reread_job(seen, seen["job"].id)  # it ended: its last metrics are in the database
                 seen["row"] = row
                 if row.job is not None:
                     seen["job"] = row.job
@@ -227,8 +233,13 @@ class CustomScreen(DeckScreen):
             curves = job.loads(job.metrics_json, {}).get("curve", {}) if job else {}
             return self.details_fields(seen["row"]), curves, job.log_path if job else None
 
-        name = seen["row"].model.name
-        self.app.call_from_thread(self.app.push_screen, TrainingDetails(name, live, copy_value=seen["row"].model.path))
+        self.app.push_screen(TrainingDetails(row.model.name, live, copy_value=row.model.path))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="reread")
+    def reread_job(self, seen: dict, job_id: int) -> None:
+        from engine import jobs
+
+        seen["job"] = jobs.get(self.db, job_id)
 
     def lineage(self, row: ModelRow) -> list[str]:
         """Names from the first base model to this one: base → adapter → merged."""
@@ -266,7 +277,7 @@ class CustomScreen(DeckScreen):
         if row.job:
             fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, 'long')}"))
             fields.append(("Job log", row.job.log_path or "—"))
-        fields += [(key.replace("_", " ").capitalize(), human_value(v)) for key, v in m.meta.items()]
+        fields += [(meta_label(key), human_value(v)) for key, v in m.meta.items()]
         return fields
 
     def action_import_model(self) -> None:
@@ -287,7 +298,7 @@ class CustomScreen(DeckScreen):
 
     def action_finetune(self) -> None:
         row = self._row()
-        base_id = row.model.id if row is not None and row.model.kind != ModelKind.ADAPTER else None
+        base_id = None if row is None else (row.model.base_id if row.model.kind == ModelKind.ADAPTER else row.model.id)
         self.app.push_screen(FinetuneDialog(base_id), self._started)
 
     def _started(self, model_id: int | None) -> None:

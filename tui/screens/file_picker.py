@@ -29,7 +29,7 @@ class FilePicker(ModalScreen[Path | None]):
 
     def __init__(self, start: Path):
         super().__init__(classes="dialog")
-        self.folder = start if start.is_dir() else Path.cwd()
+        self.folder = (start if start.is_dir() else Path.cwd()).resolve()
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="wide picker"):

@@ -17,11 +17,13 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
+from textual.worker import get_current_worker
 
 from catalog.states import ModelKind, ModelState
 from engine.errors import EngineError
 from engine.format import job_progress
 from engine.hyperparameters import DEFAULT_MAX_LENGTH, Hyperparameters
+from tui.screens.base import ReportsWorkerErrors
 from tui.screens.file_picker import FilePicker
 from tui.widgets.info import InfoLine
 
@@ -30,7 +32,7 @@ WIDE_FIELDS = ("method", "target_modules")
 CHECK_DELAY_S = 0.4  # wait for typing to pause before reading the dataset again
 
 
-class FinetuneDialog(ModalScreen[int | None]):
+class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
     AUTO_FOCUS = "#dataset"
     BINDINGS = [
         Binding("escape", "dismiss(None)", "Cancel"),
@@ -42,6 +44,8 @@ class FinetuneDialog(ModalScreen[int | None]):
         super().__init__(classes="dialog")
         self.base_id, self.initial_dataset = base_id, dataset
         self._check_timer = None
+        self._rows: tuple[str, int, str] | None = None  # the dataset read last: path, rows, format name
+        self._starting = False
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -52,8 +56,9 @@ class FinetuneDialog(ModalScreen[int | None]):
             with VerticalScroll(classes="dialog-scroll"):
                 with Horizontal(classes="form-row"):
                     yield Label("Base model", classes="form-label")
-                    yield Select(self._base_options(), prompt="no Ready base model: download one (1)",
-                                 value=self._initial_base(), id="base", compact=True)
+                    options = self._base_options()
+                    yield Select(options, value=self._initial_base(), id="base", compact=True,
+                                 prompt="choose one" if options else "no Ready base model: download one (1)")
                 with Horizontal(classes="form-row"):
                     yield Label("Dataset", classes="form-label")
                     yield Input(self.initial_dataset, placeholder="path to a .jsonl file (ctrl+o browses)",
@@ -124,10 +129,17 @@ class FinetuneDialog(ModalScreen[int | None]):
         if gpus:
             options = [("auto: the first GPU", "auto"), *((gpu.describe(), str(gpu.index)) for gpu in gpus),
                        ("all GPUs", ",".join(str(g.index) for g in gpus)), ("CPU", "cpu")]
-            self.app.call_from_thread(self.query_one("#gpus", Select).set_options, options)
+            self.app.call_from_thread(self._set_gpu_options, options)
         if gpus and has_bitsandbytes():
             self.app.call_from_thread(self.query_one("#method", Select).set_options,
                                       [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora")])
+
+    def _set_gpu_options(self, options: list[tuple[str, str]]) -> None:
+        select = self.query_one("#gpus", Select)
+        chosen = select.value  # a choice made before nvidia-smi answered stays
+        select.set_options(options)
+        if any(value == chosen for _, value in options):
+            select.value = chosen
 
     # -- reading what was typed ---------------------------------------------------------------------
 
@@ -146,6 +158,20 @@ class FinetuneDialog(ModalScreen[int | None]):
             errors = hp.problems(None, str(self.query_one("#gpus", Select).value))
         return hp, errors
 
+    def _show_summary(self) -> None:
+        """The dataset line: rows, format, the split and the steps the current settings make."""
+        if self._rows is None or self._rows[0] != self._value("dataset"):
+            return
+        from engine.datasets import validation_count  # light: plain Python
+
+        _, rows, format_name = self._rows
+        hp, errors = self._hyperparameters()
+        val = validation_count(rows, hp.val_split) if "val_split" not in errors else 0
+        steps = f", {hp.steps(rows - val):,} steps" if not errors else ""
+        self.query_one("#dataset-summary", Static).update(Text.assemble(
+            ("✓ ", "bold green"), f"{rows:,} rows, {format_name}: {rows - val:,} train, "
+                                 f"{val:,} validation{steps}"))
+
     def _show_problems(self, errors: dict[str, str]) -> None:
         for f in Hyperparameters.fields():
             if f.name != "method":
@@ -160,8 +186,9 @@ class FinetuneDialog(ModalScreen[int | None]):
             self._schedule_check()
         elif event.input.id != "name":
             self._show_problems(self._hyperparameters()[1])
-        if event.input.id in ("max_length", "dataset"):
-            self.query_one("#token-summary", Static).update("")
+            self._show_summary()
+        if event.input.id == "max_length":  # the token counts depend on it: count again
+            self._schedule_check()
 
     @on(Select.Changed)
     def select_changed(self, event: Select.Changed) -> None:
@@ -186,46 +213,45 @@ class FinetuneDialog(ModalScreen[int | None]):
             summary.update("JSONL: OpenAI chat, ShareGPT, Alpaca or text (detected)")
             return
         summary.update("Reading the dataset…")
+        self._rows = None
         base = self._base()
         self._read_dataset(path, base.model.id if base else None, self._hyperparameters()[0])
 
     @work(thread=True, exclusive=True, group="dataset", exit_on_error=False)
     def _read_dataset(self, path: str, base_id: int | None, hp: Hyperparameters) -> None:
         from catalog.schema import Model
-        from engine.datasets import (
-            read_dataset,
-            token_stats_in_subprocess,
-            validation_count,
-        )
+        from engine.datasets import read_dataset, token_stats_in_subprocess
         from engine.finetune import default_name, model_limits
+
+        worker = get_current_worker()
+
+        def show(widget: Static, text: Text | str) -> None:  # only while this is still the dataset asked about
+            if not worker.is_cancelled and self._value("dataset") == path:
+                widget.update(text)
 
         summary, tokens = self.query_one("#dataset-summary", Static), self.query_one("#token-summary", Static)
         try:
             dataset = read_dataset(path)
         except EngineError as exc:
-            self.app.call_from_thread(summary.update, Text.assemble(("✗ ", "bold red"), str(exc)))
+            self.app.call_from_thread(show, summary, Text.assemble(("✗ ", "bold red"), str(exc)))
             return
-        rows = len(dataset.examples)
-        val = validation_count(rows, hp.val_split)
-        self.app.call_from_thread(summary.update, Text.assemble(
-            ("✓ ", "bold green"), f"{rows:,} rows, {dataset.format_name}: {rows - val:,} train, {val:,} validation, "
-                                 f"{hp.steps(rows - val):,} steps"))
+        self._rows = (path, len(dataset.examples), dataset.format_name)
+        self.app.call_from_thread(self._show_summary)
         with self.app.db.read() as session:
             base = session.get(Model, base_id) if base_id is not None else None
             if base is not None:
                 name = default_name(session, base, dataset.path)
                 self.app.call_from_thread(setattr, self.query_one("#name", Input), "placeholder", name)
         if base is None or base.state != ModelState.READY:
-            self.app.call_from_thread(tokens.update, "Token counts once the base model is Ready.")
+            self.app.call_from_thread(show, tokens, "Token counts once the base model is Ready.")
             return
-        self.app.call_from_thread(tokens.update, "Counting tokens with the base model's tokenizer…")
+        self.app.call_from_thread(show, tokens, "Counting tokens with the base model's tokenizer…")
         max_length = hp.resolved(model_limits(base.path).max_length).max_length
         try:
             text = Text(token_stats_in_subprocess(base.path, path, max_length))
         except EngineError as exc:
             text = Text(str(exc), style="red")
-        if self._value("dataset") == path:  # still the dataset on screen
-            self.app.call_from_thread(tokens.update, text)
+        self.app.call_from_thread(show, tokens, text)
 
     # -- starting -----------------------------------------------------------------------------------
 
@@ -249,6 +275,8 @@ class FinetuneDialog(ModalScreen[int | None]):
         self.app.push_screen(FilePicker(current if current.is_dir() else current.parent), picked)
 
     def action_start(self) -> None:
+        if self._starting:  # enter and ctrl+s also reach here while a start is under way
+            return
         error = self.query_one("#error", Static)
         base, dataset = self._base(), self._value("dataset")
         if base is None:
@@ -264,6 +292,7 @@ class FinetuneDialog(ModalScreen[int | None]):
             self._show_problems(errors)
             return
         error.update("Checking and starting…")
+        self._starting = True
         self.query_one("#start", Button).disabled = True
         self._start(base.model.name, dataset, hp, str(self.query_one("#gpus", Select).value),
                     self._value("name") or None)
@@ -282,4 +311,5 @@ class FinetuneDialog(ModalScreen[int | None]):
 
     def _refused(self, reason: str) -> None:
         self.query_one("#error", Static).update(Text(reason))
+        self._starting = False
         self.query_one("#start", Button).disabled = False
