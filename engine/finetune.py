@@ -124,27 +124,34 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
         if row is None:
             raise EngineError(f"{base.name!r} was deleted meanwhile")
         check_base(row)
-        if name:
-            _check_name(session, name)
-        else:
-            name = default_name(session, row, checked.dataset.path)
-        target = models_dir(db) / name
-        if any(folder.exists() for folder in output_folders(target)):
-            raise EngineError(f"{target} already exists; choose another name")
         dataset = str(checked.dataset.path.resolve())
         meta = {"dataset": dataset, "format": checked.dataset.format_name,
                 "rows": {"train": checked.train_rows, "validation": checked.validation_rows},
                 "hyperparameters": dataclasses.asdict(hp), "gpus": checked.gpus}
-        model = Model(name=name, kind=ModelKind.ADAPTER, source=f"finetune:{row.name}", path=str(target),
-                      owns_path=True, base_id=row.id, meta_json=Model.dumps(meta))
-        session.add(model)
-        session.flush()
-        record(session, f"model:{model.id}", "created", f"fine-tune of {row.name} on {Path(dataset).name}")
-        job = jobs.create(session, JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}", model.id,
-                          base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp),
-                          gpus=checked.gpus, target=str(target))
-        model.job_id = job.id
+        model, job = _output_model(
+            session, db, name or default_name(session, row, checked.dataset.path), bool(name),
+            Model(kind=ModelKind.ADAPTER, source=f"finetune:{row.name}", base_id=row.id, meta_json=Model.dumps(meta)),
+            JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}",
+            base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus)
     jobs.spawn(db, job)
+    return model, job
+
+
+def _output_model(session, db: Database, name: str, chosen: bool, model: Model, kind: JobKind, title: str,
+                  **params) -> tuple[Model, Job]:
+    """Register a Pending model that a job writes under MODELDECK_HOME/models/NAME, and its job. A name
+    the user chose is checked; a folder already there (ours or not) is never overwritten."""
+    if chosen:
+        _check_name(session, name)
+    target = models_dir(db) / name
+    if any(folder.exists() for folder in output_folders(target)):
+        raise EngineError(f"{target} already exists; choose another name")
+    model.name, model.path, model.owns_path = name, str(target), True
+    session.add(model)
+    session.flush()
+    record(session, f"model:{model.id}", "created", title)
+    job = jobs.create(session, kind, title, model.id, target=str(target), **params)
+    model.job_id = job.id
     return model, job
 
 
@@ -176,22 +183,12 @@ def merge(db: Database, adapter_name: str, name: str | None = None) -> tuple[Mod
                                                    Model.state == ModelState.PENDING)).first()
         if merging is not None:
             raise EngineError(f"{adapter.name!r} is already being merged as {merging.name!r}")
-        if name:
-            _check_name(session, name)
-        else:
-            name = _free_name(session, [f"{adapter.name[:90]}-merged"])
-        target = models_dir(db) / name
-        if any(folder.exists() for folder in output_folders(target)):
-            raise EngineError(f"{target} already exists; choose another name")
         meta = {"adapter": adapter.name, "base_model": base.name}
-        model = Model(name=name, kind=ModelKind.MERGED, source=f"merge:{adapter.name}", path=str(target),
-                      owns_path=True, base_id=adapter.id, meta_json=Model.dumps(meta))
-        session.add(model)
-        session.flush()
-        record(session, f"model:{model.id}", "created", f"merge of {adapter.name} into {base.name}")
-        job = jobs.create(session, JobKind.MERGE, f"merge {adapter.name} into {base.name}", model.id,
-                          adapter_path=adapter.path, base_path=base.path, target=str(target))
-        model.job_id = job.id
+        model, job = _output_model(
+            session, db, name or _free_name(session, [f"{adapter.name[:90]}-merged"]), bool(name),
+            Model(kind=ModelKind.MERGED, source=f"merge:{adapter.name}", base_id=adapter.id,
+                  meta_json=Model.dumps(meta)),
+            JobKind.MERGE, f"merge {adapter.name} into {base.name}", adapter_path=adapter.path, base_path=base.path)
     jobs.spawn(db, job)
     return model, job
 

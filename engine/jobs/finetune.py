@@ -182,7 +182,8 @@ def work(ctx: JobContext) -> None:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError as exc:
         raise JobFailure("out of GPU memory: lower the batch size or the max length (or use QLoRA)") from exc
-    stopping.check()  # stopped between steps
+    if stopping.requested and trainer.state.global_step < total_steps:
+        raise JobCancelled()  # stopped between steps; a finished run is saved even if a cancel came late
 
     if validation and not (reporter.eval_curve and reporter.eval_curve[-1][0] == trainer.state.global_step):
         reporter.add_eval(trainer.state.global_step, trainer.evaluate()["eval_loss"])
@@ -207,7 +208,7 @@ def work(ctx: JobContext) -> None:
     ctx.log(f"adapter written to {final}")
     with ctx.db.read() as session:
         meta = session.get(Model, ctx.model_id).meta
-    meta.update({k: lineage[k] for k in ("target_modules", "steps", "final_loss", "final_eval_loss",
+    meta.update({k: lineage[k] for k in ("rows", "target_modules", "steps", "final_loss", "final_eval_loss",
                                           "train_runtime_s", "tokens_per_s")})
     ctx.succeed(size_bytes=hub.snapshot_size(final), meta_json=Model.dumps(meta))
 

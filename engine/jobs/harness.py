@@ -116,10 +116,6 @@ class JobContext:
             if transition(session, job, JobState.CANCELLED):
                 fail_model(session, self.model_id, f"{job.kind.value} cancelled")
 
-    def cancel_requested(self) -> bool:
-        with self.db.read() as session:
-            return bool(session.get(Job, self.job_id).cancel_requested)
-
     def start_heartbeat(self) -> None:
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_S):

@@ -29,7 +29,8 @@ class FilePicker(ModalScreen[Path | None]):
 
     def __init__(self, start: Path):
         super().__init__(classes="dialog")
-        self.folder = (start if start.is_dir() else Path.cwd()).resolve()
+        start = start if start.is_dir() else Path.cwd()
+        self.folder = start.resolve() if str(start) == "." else start  # "." says nothing; a path given stays as given
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="wide picker"):
