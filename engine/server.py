@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -278,14 +279,14 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         engine.metrics.request(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            sent = request.headers.get("authorization", "")
-            if sent != f"Bearer {api_key}":
-                return error(RequestError("invalid API key: send it as 'Authorization: Bearer KEY'", 401,
-                                          code="invalid_api_key"))
-        return await call_next(request)
+    def authorized(request: Request) -> bool:
+        """Every /v1 route checks the key itself (an HTTP middleware would add its cost to every token
+        streamed)."""
+        return secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}")
+
+    def unauthorized() -> JSONResponse:
+        return error(RequestError("invalid API key: send it as 'Authorization: Bearer KEY'", 401,
+                                  code="invalid_api_key"))
 
     @app.get("/health")
     async def health():
@@ -296,7 +297,9 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         return PlainTextResponse(engine.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        if not authorized(request):
+            return unauthorized()
         engine.metrics.request(200)
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": created,
                                             "owned_by": "modeldeck"}]}
@@ -316,6 +319,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         return body
 
     async def run(request: Request, chat: bool):
+        if not authorized(request):
+            return unauthorized()
         try:
             body = await body_of(request)
             sampling = parse_sampling(body, default_max_tokens)
