@@ -81,16 +81,19 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.2)
         body = {"model": "bench", "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+        # One client, as the openai SDK keeps one: a new httpx client per call costs ~20 ms of its own
+        # (measured here: a GET /health took 23 ms with a new client each time; a whole 1-token chat
+        # request on a kept client took 26 ms, of which the server's own first token was 24 ms).
+        client = httpx.Client(headers=headers, timeout=120)
 
         def served() -> tuple[float, int]:
             start = time.perf_counter()
-            reply = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=120).json()
+            reply = client.post(url + "/v1/chat/completions", json=body).json()
             return time.perf_counter() - start, reply["usage"]["completion_tokens"]
 
         def first_token() -> float:
             start = time.perf_counter()
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}, headers=headers,
-                              timeout=120) as response:
+            with client.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                         return time.perf_counter() - start
