@@ -1,0 +1,174 @@
+"""How a model is served: the backend (vLLM where a CUDA GPU and vLLM are present, else the built-in
+server), the exact command and environment that start it, a free port, and whether the model fits.
+
+Light (no torch, no vLLM import): the deploy drawer and the CLI use it to show what will run before it
+runs; the serving job runs the command it builds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.jobs import child_env
+
+BACKENDS = ("auto", "vllm", "transformers")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class DeploySettings:
+    backend: str = "auto"
+    gpus: str = "auto"  # as engine.gpus.parse_choice takes it
+    tensor_parallel: int = 1  # vLLM only
+    dtype: str = "auto"
+    max_model_len: int = 0  # 0: the model's own
+    gpu_memory_fraction: float = 0.9  # vLLM only
+    port: int = 0  # 0: a free one
+    host: str = "127.0.0.1"
+    served_name: str = ""  # empty: the model's name
+
+    def problems(self) -> dict[str, str]:
+        errors = {}
+        if self.backend not in BACKENDS:
+            errors["backend"] = f"backend {self.backend!r}: choose auto, vllm or transformers"
+        if self.tensor_parallel < 1:
+            errors["tensor_parallel"] = "tensor-parallel size must be 1 or more"
+        if self.dtype not in ("auto", *DTYPE_BYTES):
+            errors["dtype"] = f"dtype {self.dtype!r}: choose auto, bfloat16, float16 or float32"
+        if self.max_model_len < 0:
+            errors["max_model_len"] = "max model length must be 0 (the model's own) or more"
+        if not 0.05 <= self.gpu_memory_fraction <= 1:
+            errors["gpu_memory_fraction"] = "GPU memory fraction must be from 0.05 to 1"
+        if not 0 <= self.port <= 65535:
+            errors["port"] = "port must be from 1 to 65535 (or 0 for a free one)"
+        return errors
+
+    @property
+    def exposed(self) -> bool:
+        """Bound beyond this machine: the drawer warns."""
+        return self.host not in LOOPBACK
+
+
+def vllm_available() -> bool:
+    return shutil.which("vllm") is not None or importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(choice: str, on_gpu: bool, has_vllm: bool) -> str:
+    """auto: vLLM where a CUDA GPU and vLLM are present, else the built-in server."""
+    if choice == "auto":
+        return "vllm" if on_gpu and has_vllm else "transformers"
+    return choice
+
+
+@dataclass
+class ServeCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the job's environment; holds the key
+
+    @property
+    def shown(self) -> str:
+        """The command line as the details show it (the key is in the environment, not here)."""
+        return " ".join(self.argv)
+
+
+def _lora_rank(adapter: Path) -> int:
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        return int(config.get("r", 16))
+    except (OSError, ValueError, TypeError):
+        return 16
+
+
+def vllm_command(model_path: str, settings: DeploySettings, served_name: str, api_key: str, gpus: str,
+                 adapter: tuple[str, str] | None = None) -> ServeCommand:
+    """`vllm serve` with the drawer's settings. An adapter (name, path) is served on its base model under
+    its own name, so requests name the adapter and vLLM applies it."""
+    argv = ["vllm", "serve", model_path, "--host", settings.host, "--port", str(settings.port),
+            "--served-model-name", served_name if adapter is None else f"{served_name}-base",
+            "--tensor-parallel-size", str(settings.tensor_parallel), "--dtype", settings.dtype,
+            "--gpu-memory-utilization", str(settings.gpu_memory_fraction)]
+    if settings.max_model_len:
+        argv += ["--max-model-len", str(settings.max_model_len)]
+    if adapter is not None:
+        name, path = adapter
+        rank = _lora_rank(Path(path))
+        argv += ["--enable-lora", "--lora-modules", f"{name}={path}",
+                 "--max-lora-rank", str(next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1]))]
+    env = {"VLLM_API_KEY": api_key, "CUDA_VISIBLE_DEVICES": "" if gpus == "cpu" else gpus,
+           "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    return ServeCommand(argv, env)
+
+
+def builtin_command(model_path: str, settings: DeploySettings, served_name: str, api_key: str, gpus: str,
+                    adapter_path: str | None = None) -> ServeCommand:
+    """The built-in server (engine/server.py): the model, and an adapter applied on it."""
+    argv = [sys.executable, "-m", "engine.server", "--model", model_path, "--served-name", served_name,
+            "--host", settings.host, "--port", str(settings.port), "--dtype", settings.dtype]
+    if adapter_path:
+        argv += ["--adapter", adapter_path]
+    if settings.max_model_len:
+        argv += ["--max-model-len", str(settings.max_model_len)]
+    env = {"MODELDECK_API_KEY": api_key, "CUDA_VISIBLE_DEVICES": "" if gpus == "cpu" else gpus.split(",")[0],
+           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONPATH": child_env()["PYTHONPATH"]}
+    return ServeCommand(argv, env)
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def estimate_memory(model_path: str, size_on_disk: int, dtype: str, max_len: int | None,
+                    concurrent: int = 1) -> MemoryEstimate:
+    """Weights (their size on disk, rescaled to the serving dtype) and the KV cache of `concurrent`
+    sequences of `max_len` tokens (2 × layers × kv heads × head size × tokens × bytes)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    text = config.get("text_config") or config
+    stored = DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
+    serving = stored if dtype == "auto" else DTYPE_BYTES[dtype]
+    weights = int(size_on_disk * serving / stored)
+    layers = text.get("num_hidden_layers", 0)
+    heads = text.get("num_attention_heads", 1)
+    kv_heads = text.get("num_key_value_heads", heads)
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // max(heads, 1))
+    tokens = max_len or text.get("max_position_embeddings", 2048)
+    kv = 2 * layers * kv_heads * head_dim * tokens * serving * concurrent
+    return MemoryEstimate(weights, kv)
+
+
+def fit_verdict(needed: int, available: int) -> str:
+    """"fits", "tight" (over 85% of what is free) or "does not fit"."""
+    if needed > available:
+        return "does not fit"
+    return "tight" if needed > 0.85 * available else "fits"
