@@ -122,7 +122,10 @@ def builtin_command(model_path: str, settings: DeploySettings, served_name: str,
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen there now. Like servers do (uvicorn, vLLM), it reuses an address
+    whose old connections are only waiting out TIME_WAIT."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

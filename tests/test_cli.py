@@ -140,3 +140,21 @@ def test_finetune_merge_logs_and_retry_from_the_shell(tmp_path, tiny_model_dir):
     assert refused.returncode == 1 and "no GPU 3 on this machine" in refused.stderr
     refused = run("retry", "tuned", check=False)
     assert refused.returncode == 1 and "only a failed model can be retried" in refused.stderr
+
+
+def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
+    run("import", str(tiny_model_dir), "--name", "tiny")
+    deployed = json.loads(run("deploy", "tiny", "--wait", "--json").stdout)
+    assert deployed["state"] == "ready" and deployed["backend"] == "transformers"
+    assert deployed["endpoint"].startswith("http://127.0.0.1:") and deployed["api_key"].startswith("sk-md-")
+    from openai import OpenAI
+
+    reply = OpenAI(base_url=deployed["endpoint"], api_key=deployed["api_key"], max_retries=0).completions.create(
+        model="tiny", prompt="hello", max_tokens=2)
+    assert reply.usage.completion_tokens >= 1
+    listed = run("ps").stdout
+    assert "tiny" in listed and "Ready" in listed and deployed["endpoint"] in listed
+    assert "ready at" in run("logs", "tiny").stdout  # the deployment's server log, by its name
+    assert "tiny: stopped" in run("stop", "tiny").stdout
+    refused = run("stop", "tiny", check=False)
+    assert refused.returncode == 1 and "already stopped" in refused.stderr

@@ -545,3 +545,35 @@ async def test_finetune_from_community_asks_before_downloading(db):
         assert not isinstance(app.screen, ConfirmDialog)
         with db.read() as session:
             assert session.exec(select(Model)).all() == []  # nothing started
+
+
+async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_and_is_deleted(db, tiny_model_dir):
+    from catalog.schema import DeploymentState
+    from engine import deployments
+    from engine.backends import DeploySettings
+    from tui.screens.log_dialog import LogDialog
+
+    models.import_path(db, tiny_model_dir, "tiny")
+    deployment, _ = deployments.deploy(db, "tiny", DeploySettings())
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("3")
+
+        def state() -> str:
+            return plain(table(app).cells(deployment.id)[3])
+
+        await wait_for(pilot, lambda: state().startswith("Pending"), what="Pending on screen")
+        await wait_for(pilot, lambda: state() == "Ready", 120, what="Ready on screen")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: isinstance(app.screen, LogDialog), what="the server log")
+        await pilot.press("escape")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the stop question")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: state() == "Stopped", 30, what="Stopped on screen")
+        await pilot.press("ctrl+d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the delete question")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: table(app).row_count == 0, 10, what="the row to go")
+    assert deployments.deployment_rows(db) == [] and deployment.state == DeploymentState.PENDING

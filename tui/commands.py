@@ -174,6 +174,69 @@ def cmd_merge(args, db) -> int:
     return _started(args, db, model, job)
 
 
+def _deployment_dict(d) -> dict[str, Any]:
+    return {"id": d.id, "name": d.name, "model_id": d.model_id, "backend": d.backend, "state": d.state.value,
+            "phase": d.phase, "reason": d.reason, "endpoint": d.endpoint, "served_name": d.served_name,
+            "api_key": d.api_key, "gpus": d.gpus, "job_id": d.job_id, "created_at": d.created_at,
+            "settings": d.loads(d.settings_json, {})}
+
+
+def _deployment_state(d) -> str:
+    if d.state.value == "pending":
+        return f"Pending: {d.phase or 'starting'}"
+    if d.state.value == "failed":
+        return f"Failed: {d.reason}"
+    return d.state.value.capitalize()
+
+
+def cmd_deploy(args, db) -> int:
+    import dataclasses
+
+    from engine import deployments
+    from engine.backends import DeploySettings
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DeploySettings)
+              if getattr(args, f.name, None) is not None}
+    deployment, _job = deployments.deploy(db, args.model, DeploySettings(**values), args.name)
+    if not args.json:
+        print(f"{deployment.name}: starting with {deployment.backend} at {deployment.endpoint}", file=sys.stderr)
+    if args.wait:
+        while True:
+            jobs.reconcile(db)
+            deployment = deployments.deployment_rows(db, {deployment.id})[0]
+            if deployment.state.value != "pending":
+                break
+            if sys.stderr.isatty() and not args.json:
+                sys.stderr.write("\r\033[K" + _clip(f"{deployment.name}: {deployment.phase}", 70))
+                sys.stderr.flush()
+            time.sleep(0.5)
+        if sys.stderr.isatty() and not args.json:
+            sys.stderr.write("\r\033[K")
+    table = (f"{deployment.name}: {_deployment_state(deployment)}\n"
+             f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}")
+    _emit(args, _deployment_dict(deployment), table)
+    return 1 if deployment.state.value == "failed" else 0
+
+
+def cmd_ps(args, db) -> int:
+    from engine import deployments
+
+    rows = deployments.deployment_rows(db)
+    table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
+                   [[d.name, d.backend, _clip(_deployment_state(d), 60), d.endpoint or "", d.gpus or "",
+                     human_time(d.created_at)] for d in rows])
+    _emit(args, [_deployment_dict(d) for d in rows], table)
+    return 0
+
+
+def cmd_stop(args, db) -> int:
+    from engine import deployments
+
+    deployment = deployments.stop(db, args.deployment)
+    _emit(args, _deployment_dict(deployment), f"{deployment.name}: {deployment.state.value}")
+    return 0
+
+
 def cmd_rm(args, db) -> int:
     plan = models.delete_plan(db, args.name)
     name = plan.model.name
@@ -226,9 +289,18 @@ def cmd_logs(args, db) -> int:
 
 
 def _job_of(db, ref: str) -> Job:
-    """A job by its id, or a custom model's latest job by the model's name."""
+    """A job by its id; a deployment's supervising job by the deployment's name; or a custom model's
+    latest job by the model's name (a deployment is named after its model unless told otherwise, and
+    then its server's log is the one wanted)."""
+    from engine import deployments
+
     if ref.isdigit():
         return jobs.get(db, int(ref))
+    with db.read() as session:
+        try:
+            return jobs.get(db, deployments.find_deployment(session, ref).job_id)
+        except EngineError:
+            pass
     with db.read() as session:
         model = models.find_model(session, ref)
     job = jobs.latest_for_model(db, model.id)

@@ -23,6 +23,8 @@ from sqlmodel import Session, select
 from catalog import Database
 from catalog.schema import (
     JOB_TRANSITIONS,
+    Deployment,
+    DeploymentState,
     Job,
     JobKind,
     JobState,
@@ -37,7 +39,8 @@ STOP_DEADLINE_S = 5.0
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
 LOG_TAIL_LINES = 8
 _ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer",
-                 JobKind.FINETUNE: "engine.jobs.finetune", JobKind.MERGE: "engine.jobs.merge"}
+                 JobKind.FINETUNE: "engine.jobs.finetune", JobKind.MERGE: "engine.jobs.merge",
+                 JobKind.SERVE: "engine.jobs.serve"}
 
 # Processes this process spawned: polling them reaps zombies and gives us their exit codes.
 _children: dict[int, subprocess.Popen] = {}
@@ -101,6 +104,17 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def settle_deployment(session: Session, deployment_id: int | None, state: DeploymentState,
+                      reason: str | None = None, phase: str | None = None) -> None:
+    """Move a live (Pending or Ready) deployment to Ready, Failed or Stopped; a finished one stays."""
+    deployment = session.get(Deployment, deployment_id) if deployment_id is not None else None
+    if deployment is None or deployment.state not in (DeploymentState.PENDING, DeploymentState.READY):
+        return
+    deployment.state, deployment.reason, deployment.phase, deployment.updated_at = state, reason, phase, now()
+    session.add(deployment)
+    record(session, f"deployment:{deployment.id}", "state", reason or state.value, state=state.value)
 
 
 def spawn(db: Database, job: Job) -> None:
@@ -214,6 +228,15 @@ def reconcile(db: Database) -> list[int]:
             if not moved:
                 continue
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
+            if job.kind == JobKind.SERVE:  # the supervisor is gone: its server must not outlive it
+                settle_deployment(session, job.params.get("deployment_id"),
+                                  DeploymentState.STOPPED if job.cancel_requested else DeploymentState.FAILED,
+                                  "stopped" if job.cancel_requested else f"the server's supervisor stopped: {failure}")
+        if job.kind == JobKind.SERVE and job.pid:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)  # the server shares its supervisor's process group
+            except (ProcessLookupError, PermissionError):
+                pass
         settled.append(job.id)
     return settled
 

@@ -1,5 +1,5 @@
 """Active deployments: every deployed model with its live state; filter by text (`/`) and by state
-(`s`); details (`d` or `enter`)."""
+(`s`); details (`d` or `enter`), the server's log (`l`), stop (`x`) and delete (`ctrl+d`), both asked first."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import time
 from typing import TYPE_CHECKING
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 
 from catalog.states import DeploymentState
 from engine.format import human_duration, human_time
 from tui.screens.base import DeckScreen
+from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import DetailsDialog
+from tui.screens.log_dialog import LogDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
@@ -23,8 +26,8 @@ if TYPE_CHECKING:
 
 EMPTY = ("No deployments yet. A deployment serves a Ready model from Custom (2) through an "
          "OpenAI-compatible endpoint; each one is listed here with its live state, endpoint and uptime. "
-         "This version of modeldeck downloads and imports models; deploying them comes with the serving "
-         "backends (vLLM, or the built-in server on CPU).")
+         "Deploy from the shell with `modeldeck deploy MODEL` (vLLM on a GPU, else the built-in server); "
+         "deploying from this screen comes next.")
 STATE_STYLES = {DeploymentState.PENDING: "yellow", DeploymentState.READY: "bold green",
                 DeploymentState.FAILED: "bold red", DeploymentState.STOPPED: "dim"}
 STATE_FILTERS = (None, *DeploymentState)
@@ -38,6 +41,9 @@ class DeploymentsScreen(DeckScreen):
         Binding("slash", "focus_filter", "Filter", id="deployments.filter", tooltip="Filter by model, backend or endpoint"),
         Binding("s", "cycle_state", "State filter", id="deployments.state", tooltip="Show all, or only pending / ready / failed / stopped"),
         Binding("d", "details", "Details", id="deployments.details", tooltip="Everything about the deployment"),
+        Binding("l", "logs", "Logs", id="deployments.logs", tooltip="The server's log, following it"),
+        Binding("x", "stop", "Stop", id="deployments.stop", tooltip="Stop the server (asks first); frees its port and GPUs"),
+        Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
         Column("Model", ratio=3, min_width=10), Column("Backend", width=12), Column("Endpoint", ratio=3, min_width=10),
@@ -95,9 +101,61 @@ class DeploymentsScreen(DeckScreen):
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.action_details()
 
-    def action_details(self) -> None:
+    def _selected(self) -> Deployment | None:
         key = self.table.cursor_key
-        dep = self.store.deployments.get(key) if key is not None else None
+        return self.store.deployments.get(key) if key is not None else None
+
+    def action_logs(self) -> None:
+        if (dep := self._selected()) is not None:
+            self.open_logs(dep.name, dep.job_id)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def open_logs(self, name: str, job_id: int | None) -> None:
+        from engine import jobs
+
+        job = jobs.get(self.db, job_id) if job_id else None
+        if job is None or not job.log_path:
+            self.app.call_from_thread(self.notify, f"{name} has no server log", severity="warning", timeout=4)
+            return
+        self.app.call_from_thread(self.app.push_screen, LogDialog(f"{name}: server log (job {job.id})", job.log_path))
+
+    def action_stop(self) -> None:
+        dep = self._selected()
+        if dep is None:
+            return
+        if dep.state not in (DeploymentState.PENDING, DeploymentState.READY):
+            self.notify(f"{dep.name} is {dep.state.value}; nothing to stop", severity="warning", timeout=4)
+            return
+        question = ConfirmDialog(f"Stop {dep.name}?", f"Clients of {dep.endpoint} lose it; the port and GPUs are "
+                                 "freed. The deployment stays listed as stopped.", confirm_label="Stop")
+        self.app.push_screen(question, lambda yes: yes and self.stop(dep.id, dep.name))
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def stop(self, dep_id: int, name: str) -> None:
+        from engine import deployments
+
+        deployments.stop(self.db, dep_id)
+        self.app.call_from_thread(self.notify, f"Stopped {name}", timeout=4)
+
+    def action_delete(self) -> None:
+        dep = self._selected()
+        if dep is None:
+            return
+        if dep.state in (DeploymentState.PENDING, DeploymentState.READY):
+            self.notify(f"{dep.name} is {dep.state.value}: stop it first (x)", severity="warning", timeout=4)
+            return
+        question = ConfirmDialog(f"Delete {dep.name}?", "Its record and settings go; its model stays. "
+                                 "This cannot be undone.")
+        self.app.push_screen(question, lambda yes: yes and self.delete(dep.id))
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def delete(self, dep_id: int) -> None:
+        from engine import deployments
+
+        deployments.delete(self.db, dep_id)
+
+    def action_details(self) -> None:
+        dep = self._selected()
         if dep is None:
             return
         model = self.store.models.get(dep.model_id)

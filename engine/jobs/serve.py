@@ -1,0 +1,152 @@
+"""Serving job: a small supervisor. It starts the server (vLLM, or the built-in one) in its own process
+group, watches the child and its /health together (a child that dies fails the deployment at once, with
+its exit status and last log lines), marks the deployment Ready once /health answers and one tiny
+completion succeeds, and then keeps watching. SIGTERM (stop) ends the server cleanly: terminate,
+deadline, kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+
+from catalog.schema import Deployment, DeploymentState, Model, ModelKind, now
+from engine import jobs
+from engine.backends import DeploySettings, builtin_command, vllm_command
+from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployment
+from engine.jobs.harness import JobContext, JobFailure, main
+
+READY_TIMEOUT_S = 900.0  # loading a large model can take minutes
+WATCH_EVERY_S = 0.5  # a Ready deployment that dies turns Failed within a second or two
+HEALTH_FAILURES = 6  # consecutive failed health checks (3 s) of a live process before it is declared dead
+
+
+class Stop(Exception):
+    pass
+
+
+def work(ctx: JobContext) -> None:
+    deployment_id = ctx.params["deployment_id"]
+    with ctx.db.read() as session:
+        deployment = session.get(Deployment, deployment_id)
+        model = session.get(Model, deployment.model_id) if deployment else None
+        base = session.get(Model, model.base_id) if model and model.kind == ModelKind.ADAPTER else None
+    if deployment is None or model is None:
+        raise JobFailure("the deployment or its model was deleted")
+    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
+    if deployment.backend == "vllm":
+        adapter = (deployment.served_name, model.path) if base else None
+        command = vllm_command(base.path if base else model.path, settings, deployment.served_name,
+                               deployment.api_key, deployment.gpus, adapter)
+    else:
+        command = builtin_command(base.path if base else model.path, settings, deployment.served_name,
+                                  deployment.api_key, deployment.gpus, model.path if base else None)
+    ctx.log(f"starting: {command.shown}")
+
+    def stop_requested(signum, frame):
+        raise Stop()
+
+    signal.signal(signal.SIGTERM, stop_requested)
+    # The server inherits this process's group, so stopping the group (or a reconciler killing it after
+    # this supervisor died) ends the server too. Its output goes to this job's log.
+    child = subprocess.Popen(command.argv, env=os.environ | command.env, stdin=subprocess.DEVNULL,
+                             stdout=sys.stdout, stderr=subprocess.STDOUT, cwd=ctx.db.path.parent)
+    base_url = f"http://127.0.0.1:{settings.port}" if settings.host in ("0.0.0.0", "::") else deployment.endpoint[:-3]
+    log_path = jobs.get(ctx.db, ctx.job_id).log_path
+    try:
+        wait_until_ready(ctx, child, base_url, deployment, log_path)
+        with ctx.db.write() as session:
+            settle_deployment(session, deployment_id, DeploymentState.READY, phase=None)
+        ctx.log(f"ready at {deployment.endpoint}")
+        watch(child, base_url, log_path)
+    except Stop:
+        ctx.log("stopping the server")
+        end_server(child)
+        with ctx.db.write() as session:
+            settle_deployment(session, deployment_id, DeploymentState.STOPPED, "stopped")
+        raise JobCancelled() from None
+    except JobFailure as exc:
+        end_server(child)
+        with ctx.db.write() as session:
+            settle_deployment(session, deployment_id, DeploymentState.FAILED, str(exc))
+        raise
+
+
+def set_phase(ctx: JobContext, deployment_id: int, phase: str) -> None:
+    with ctx.db.write() as session:
+        deployment = session.get(Deployment, deployment_id)
+        if deployment is not None and deployment.phase != phase:
+            deployment.phase, deployment.updated_at = phase, now()
+            session.add(deployment)
+    ctx.report(metrics={"phase": phase})
+
+
+def exited(child: subprocess.Popen, log_path: str | None) -> str | None:
+    """Why the server is gone, with the last lines it wrote; None while it runs."""
+    code = child.poll()
+    if code is None:
+        return None
+    how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    sys.stdout.flush()
+    tail = [line for line in log_tail(log_path, 6) if line.strip()]
+    return f"the server {how}" + (": " + " | ".join(tail[-3:]) if tail else "")
+
+
+def healthy(client: httpx.Client, base_url: str) -> bool:
+    try:
+        return client.get(base_url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False  # connection refused: still loading
+
+
+def wait_until_ready(ctx: JobContext, child, base_url: str, deployment: Deployment, log_path: str | None) -> None:
+    set_phase(ctx, deployment.id, "loading weights")
+    start = time.monotonic()
+    with httpx.Client() as client:
+        while not healthy(client, base_url):
+            if reason := exited(child, log_path):
+                raise JobFailure(reason)
+            if time.monotonic() - start > READY_TIMEOUT_S:
+                raise JobFailure(f"the server did not answer /health within {READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.25)
+        set_phase(ctx, deployment.id, "warming up")
+        try:
+            reply = client.post(base_url + "/v1/completions", timeout=300,
+                                headers={"Authorization": f"Bearer {deployment.api_key}"},
+                                json={"model": deployment.served_name, "prompt": "Hello", "max_tokens": 1})
+        except httpx.HTTPError as exc:
+            raise JobFailure(f"the warm-up completion failed: {exc}") from None
+        if reply.status_code != 200:
+            raise JobFailure(f"the warm-up completion failed: HTTP {reply.status_code}: {reply.text[:300]}")
+
+
+def watch(child, base_url: str, log_path: str | None) -> None:
+    """Until stopped: a server that exits, or stops answering, fails the deployment."""
+    misses = 0
+    with httpx.Client() as client:
+        while True:
+            time.sleep(WATCH_EVERY_S)
+            if reason := exited(child, log_path):
+                raise JobFailure(reason)
+            misses = 0 if healthy(client, base_url) else misses + 1
+            if misses >= HEALTH_FAILURES:
+                raise JobFailure(f"the server stopped answering /health ({misses} checks in a row)")
+
+
+def end_server(child: subprocess.Popen) -> None:
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=STOP_DEADLINE_S - 1)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(timeout=5)
+
+
+if __name__ == "__main__":
+    main(work)

@@ -1,0 +1,122 @@
+"""Deployments with the real built-in server: a supervising job process, the server as its child, the
+state moving Pending → Ready, the official openai SDK against the endpoint, failure, stop and cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from catalog.schema import Deployment, DeploymentState, JobState
+from engine import deployments, jobs, models
+from engine.backends import DeploySettings, free_port, port_free
+from engine.errors import EngineError
+from tests.conftest import wait_until
+
+
+@pytest.fixture
+def tiny(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "tiny")
+    return tiny_model_dir
+
+
+def row(db, deployment_id) -> Deployment:
+    jobs.reconcile(db)
+    with db.read() as session:
+        return session.get(Deployment, deployment_id)
+
+
+def ready(db, deployment_id, timeout=120) -> Deployment:
+    def settled():
+        d = row(db, deployment_id)
+        return d if d.state != DeploymentState.PENDING else None
+
+    done = wait_until(settled, timeout, 0.2, "the deployment to leave Pending")
+    assert done.state == DeploymentState.READY, (done.reason, jobs.log_tail(jobs.get(db, done.job_id).log_path, 20))
+    return done
+
+
+def server_process(db, deployment) -> psutil.Process:
+    return psutil.Process(jobs.get(db, deployment.job_id).pid).children()[0]
+
+
+def test_deploy_serves_the_model_to_the_openai_sdk_then_stops_and_frees_the_port(db, tiny):
+    from openai import AuthenticationError, OpenAI
+
+    deployment, job = deployments.deploy(db, "tiny", DeploySettings(backend="transformers"))
+    assert deployment.state == DeploymentState.PENDING and deployment.phase == "starting"
+    assert deployment.api_key.startswith("sk-md-") and deployment.endpoint.startswith("http://127.0.0.1:")
+    done = ready(db, deployment.id)
+    assert done.phase is None and done.backend == "transformers" and done.gpus == "cpu"
+    client = OpenAI(base_url=done.endpoint, api_key=done.api_key, max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert reply.usage.completion_tokens >= 1
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=done.endpoint, api_key="wrong", max_retries=0).models.list()
+    port = int(done.endpoint.rsplit(":", 1)[1].split("/")[0])
+    server = server_process(db, done)
+
+    stopped = deployments.stop(db, "tiny")
+    assert stopped.state == DeploymentState.STOPPED
+    assert jobs.get(db, job.id).state == JobState.CANCELLED
+    wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, 10, what="the server to end")
+    assert port_free("127.0.0.1", port)
+    deployments.delete(db, "tiny")
+    assert deployments.deployment_rows(db) == []
+
+
+def test_a_killed_server_turns_the_deployment_failed_within_5_seconds(db, tiny):
+    deployment, _ = deployments.deploy(db, "tiny", DeploySettings())
+    done = ready(db, deployment.id)
+    os.kill(server_process(db, done).pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    failed = wait_until(lambda: (d := row(db, deployment.id)).state == DeploymentState.FAILED and d, 10,
+                        what="Failed")
+    assert time.monotonic() - killed_at < 5
+    assert "the server killed by signal SIGKILL" in failed.reason
+    with pytest.raises(EngineError, match="already failed"):
+        deployments.stop(db, deployment.name)
+
+
+def test_two_deployments_at_once_and_a_port_in_use_is_refused(db, tiny):
+    first, _ = deployments.deploy(db, "tiny", DeploySettings(), name="one")
+    second, _ = deployments.deploy(db, "tiny", DeploySettings(), name="two")
+    assert first.endpoint != second.endpoint
+    assert ready(db, first.id).state == ready(db, second.id).state == DeploymentState.READY
+    with pytest.raises(EngineError, match="already running"):
+        deployments.deploy(db, "tiny", DeploySettings(), name="one")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(EngineError, match=f"port {taken.getsockname()[1]} on 127.0.0.1 is in use"):
+            deployments.deploy(db, "tiny", DeploySettings(port=taken.getsockname()[1]), name="three")
+    with pytest.raises(EngineError, match="is ready; stop it first"):
+        deployments.delete(db, "one")
+    for name in ("one", "two"):
+        deployments.stop(db, name)
+
+
+def test_a_supervisor_killed_takes_its_server_with_it(db, tiny):
+    deployment, job = deployments.deploy(db, "tiny", DeploySettings(), name="orphan-check")
+    done = ready(db, deployment.id)
+    server = server_process(db, done)
+    os.kill(jobs.get(db, job.id).pid, signal.SIGKILL)
+    failed = wait_until(lambda: (d := row(db, deployment.id)).state == DeploymentState.FAILED and d, 15, what="Failed")
+    assert "supervisor stopped" in failed.reason
+    wait_until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, 10, what="no orphan")
+
+
+def test_what_cannot_be_deployed_is_refused_with_the_reason(db, tiny, tmp_path):
+    with pytest.raises(EngineError, match="no custom model named 'nope'"):
+        deployments.deploy(db, "nope", DeploySettings())
+    with pytest.raises(EngineError, match="no GPU 3 on this machine"):
+        deployments.deploy(db, "tiny", DeploySettings(gpus="3"))
+    with pytest.raises(EngineError, match="tensor-parallel size must be 1 or more"):
+        deployments.deploy(db, "tiny", DeploySettings(tensor_parallel=0))
+    with pytest.raises(EngineError, match="vLLM needs a CUDA GPU"):
+        deployments.deploy(db, "tiny", DeploySettings(backend="vllm"))
+    assert deployments.deployment_rows(db) == [] and free_port()
