@@ -7,7 +7,6 @@ runs; the serving job runs the command it builds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -15,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.jobs import child_env
+from engine.gpus import cuda_env
 
 BACKENDS = ("auto", "vllm", "transformers")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -58,7 +57,8 @@ class DeploySettings:
 
 
 def vllm_available() -> bool:
-    return shutil.which("vllm") is not None or importlib.util.find_spec("vllm") is not None
+    """The `vllm` command is what runs, so it must be on PATH."""
+    return shutil.which("vllm") is not None
 
 
 def choose_backend(choice: str, on_gpu: bool, has_vllm: bool) -> str:
@@ -102,9 +102,8 @@ def vllm_command(model_path: str, settings: DeploySettings, served_name: str, ap
         rank = _lora_rank(Path(path))
         argv += ["--enable-lora", "--lora-modules", f"{name}={path}",
                  "--max-lora-rank", str(next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1]))]
-    env = {"VLLM_API_KEY": api_key, "CUDA_VISIBLE_DEVICES": "" if gpus == "cpu" else gpus,
-           "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    return ServeCommand(argv, env)
+    argv.append("--disable-uvicorn-access-log")  # the supervisor's health checks would fill the log
+    return ServeCommand(argv, {"VLLM_API_KEY": api_key} | cuda_env(gpus))
 
 
 def builtin_command(model_path: str, settings: DeploySettings, served_name: str, api_key: str, gpus: str,
@@ -116,9 +115,8 @@ def builtin_command(model_path: str, settings: DeploySettings, served_name: str,
         argv += ["--adapter", adapter_path]
     if settings.max_model_len:
         argv += ["--max-model-len", str(settings.max_model_len)]
-    env = {"MODELDECK_API_KEY": api_key, "CUDA_VISIBLE_DEVICES": "" if gpus == "cpu" else gpus.split(",")[0],
-           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONPATH": child_env()["PYTHONPATH"]}
-    return ServeCommand(argv, env)
+    # One device: the built-in server does not split a model; the first chosen GPU serves it.
+    return ServeCommand(argv, {"MODELDECK_API_KEY": api_key} | cuda_env(gpus.split(",")[0]))
 
 
 def port_free(host: str, port: int) -> bool:

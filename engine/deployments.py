@@ -85,10 +85,17 @@ def deploy(db: Database, model_name: str, settings: DeploySettings, name: str | 
         raise EngineError(f"port {settings.port} on {settings.host} is in use; choose another, or 0 for a free one")
     served = settings.served_name or model.name
     with db.write() as session:
+        # A server binds its port only once its model is loaded: a live deployment's port is taken even
+        # while nothing listens on it yet.
+        for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE))):
+            if live.loads(live.settings_json, {}).get("port") == settings.port:
+                raise EngineError(f"port {settings.port} is kept for deployment {live.name!r}; choose another, "
+                                  "or 0 for a free one")
         if session.exec(select(Deployment).where(Deployment.name == (name or served),
                                                  Deployment.state.in_(LIVE))).first():
             raise EngineError(f"a deployment named {name or served!r} is already running; stop it or choose another name")
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # where to reach it from here
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
         deployment = Deployment(
             model_id=model.id, name=name or served, backend=backend, phase="starting", served_name=served,
             api_key="sk-md-" + secrets.token_urlsafe(24), gpus=gpus,

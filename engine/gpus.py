@@ -49,6 +49,12 @@ def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def cuda_env(gpus: str) -> dict[str, str]:
+    """The environment that shows a process only the chosen GPUs ("cpu": none), numbered as nvidia-smi
+    numbers them (CUDA's own default order is fastest first)."""
+    return {"CUDA_VISIBLE_DEVICES": "" if gpus == "cpu" else gpus, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
 def parse_choice(choice: str, available: list[Gpu]) -> str:
     """A GPU choice as the user types it ("auto", "cpu", "0", "0,1") checked against what is here;
     returns the normalized choice ("cpu" or a comma list of indexes). "auto" is the first GPU, else cpu."""

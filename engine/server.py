@@ -152,16 +152,19 @@ class Engine:
         threading.Thread(target=self._serve, name="generate", daemon=True).start()
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model has no chat template: use /v1/completions with a prompt",
+                               code="no_chat_template")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
-    def check_length(self, prompt_ids: list[int], sampling: Sampling) -> None:
+    def check_length(self, prompt_ids: list[int], sampling: Sampling, param: str) -> None:
         if len(prompt_ids) >= self.context:
             raise RequestError(f"the prompt is {len(prompt_ids)} tokens; this model's context is {self.context}",
-                               param="messages", code="context_length_exceeded")
+                               param=param, code="context_length_exceeded")
         sampling.max_tokens = min(sampling.max_tokens, self.context - len(prompt_ids))
 
     def submit(self, prompt_ids: list[int], sampling: Sampling) -> Job:
@@ -181,7 +184,8 @@ class Engine:
         torch, s = self.torch, job.sampling
         generator = torch.Generator(device=self.device)
         generator.manual_seed(s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        start, first, tokens, sent, finish = time.perf_counter(), None, [], "", "length"
+        start, first, tokens, text, sent, finish = time.perf_counter(), None, [], "", "", "length"
+        matched_stop = False
         ids, past = torch.tensor([job.prompt_ids], device=self.device), None
         with torch.inference_mode():
             for _ in range(s.max_tokens):
@@ -199,15 +203,19 @@ class Engine:
                 hit = min((i for i in (text.find(stop, max(len(sent) - len(stop), 0)) for stop in s.stop) if i >= 0),
                           default=-1)
                 if hit >= 0:
-                    text, finish = text[:hit], "stop"
+                    text, finish, matched_stop = text[:hit], "stop", True
                 if first is None:
                     first = time.perf_counter() - start
-                if len(text) > len(sent) and not text.endswith("\ufffd"):  # whole characters only
-                    job.out.put(("delta", text[len(sent):]))
-                    sent = text
-                if finish == "stop":
+                # Send what is certain: not a half character, nor an ending that may yet become a stop string.
+                ready = len(text) if matched_stop else len(text) - held_back(text, s.stop)
+                if ready > len(sent) and not text[:ready].endswith("\ufffd"):
+                    job.out.put(("delta", text[len(sent):ready]))
+                    sent = text[:ready]
+                if matched_stop:
                     break
                 ids = torch.tensor([[token]], device=self.device)
+            if not matched_stop and len(text) > len(sent):  # what was held back, at the end of the reply
+                job.out.put(("delta", text[len(sent):].rstrip("\ufffd")))
         elapsed = time.perf_counter() - start
         self.metrics.finished(len(job.prompt_ids), len(tokens), first, elapsed)
         job.out.put(("done", finish, len(tokens), first))
@@ -222,6 +230,12 @@ class Engine:
             keep = sorted_probs.cumsum(0) - sorted_probs < s.top_p  # the smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the beginning of a stop string."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
 
 
 class Metrics:
@@ -288,6 +302,10 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         return error(RequestError("invalid API key: send it as 'Authorization: Bearer KEY'", 401,
                                   code="invalid_api_key"))
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error(RequestError(f"{type(exc).__name__}: {exc}", 500, kind="server_error"))
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -325,25 +343,26 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             body = await body_of(request)
             sampling = parse_sampling(body, default_max_tokens)
             if chat:
-                prompt_ids = engine.chat_prompt(parse_messages(body))
+                prompt_ids = await asyncio.to_thread(engine.chat_prompt, parse_messages(body))
             else:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str) or not prompt:
                     raise RequestError("'prompt' must be a non-empty string", param="prompt", code="invalid_value")
-                prompt_ids = engine.text_prompt(prompt)
-            engine.check_length(prompt_ids, sampling)
+                prompt_ids = await asyncio.to_thread(engine.text_prompt, prompt)
+            engine.check_length(prompt_ids, sampling, "messages" if chat else "prompt")
         except RequestError as exc:
             return error(exc)
         job = engine.submit(prompt_ids, sampling)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         kind = "chat.completion" if chat else "text_completion"
-        usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options")
+        usage_wanted = isinstance(options, dict) and bool(options.get("include_usage"))
         engine.metrics.request(200)
         if body.get("stream"):
             return StreamingResponse(stream(job, ident, kind, chat, len(prompt_ids), usage_wanted),
                                      media_type="text/event-stream")
         text, finish, count = "", "length", 0
-        async for event in events(job):
+        async for event in events(job, request):
             if event[0] == "delta":
                 text += event[1]
             elif event[0] == "error":
@@ -355,13 +374,18 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         return {"id": ident, "object": kind, "created": int(time.time()), "model": served_name, "choices": [choice],
                 "usage": usage(len(prompt_ids), count)}
 
-    async def events(job: Job) -> AsyncIterator[tuple]:
-        """The generation thread's output, without blocking the event loop."""
+    async def events(job: Job, request: Request | None = None) -> AsyncIterator[tuple]:
+        """The generation thread's output, without blocking the event loop. A client that disconnects
+        stops its generation (a streamed one is noticed when its stream closes)."""
         try:
+            polls = 0
             while True:
                 try:
                     event = job.out.get_nowait()
                 except queue.Empty:
+                    polls += 1
+                    if request is not None and polls % 100 == 0 and await request.is_disconnected():
+                        return
                     await asyncio.sleep(0.002)
                     continue
                 yield event
@@ -430,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # uvicorn stops cleanly on SIGTERM: it stops accepting, finishes what it is answering, and exits.
     uvicorn.run(create_app(engine, args.served_name, api_key), host=args.host, port=args.port, log_level="info",
-                access_log=False, timeout_graceful_shutdown=5)
+                access_log=False, timeout_graceful_shutdown=3)  # within the supervisor's stop deadline
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_the_vllm_command_carries_the_drawer_settings_and_keeps_the_key_out_of_a
     command = vllm_command("/models/qwen", settings, "qwen", "sk-secret", gpus="0,1")
     assert command.argv == ["vllm", "serve", "/models/qwen", "--host", "127.0.0.1", "--port", "8123",
                             "--served-model-name", "qwen", "--tensor-parallel-size", "2", "--dtype", "bfloat16",
-                            "--gpu-memory-utilization", "0.85", "--max-model-len", "8192"]
+                            "--gpu-memory-utilization", "0.85", "--max-model-len", "8192", "--disable-uvicorn-access-log"]
     assert command.env == {"VLLM_API_KEY": "sk-secret", "CUDA_VISIBLE_DEVICES": "0,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert "sk-secret" not in command.shown
 

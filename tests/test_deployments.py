@@ -83,7 +83,10 @@ def test_a_killed_server_turns_the_deployment_failed_within_5_seconds(db, tiny):
 
 
 def test_two_deployments_at_once_and_a_port_in_use_is_refused(db, tiny):
-    first, _ = deployments.deploy(db, "tiny", DeploySettings(), name="one")
+    port = free_port()
+    first, _ = deployments.deploy(db, "tiny", DeploySettings(port=port), name="one")
+    with pytest.raises(EngineError, match=f"port {port} is kept for deployment 'one'"):  # loading: nothing listens yet
+        deployments.deploy(db, "tiny", DeploySettings(port=port), name="two")
     second, _ = deployments.deploy(db, "tiny", DeploySettings(), name="two")
     assert first.endpoint != second.endpoint
     assert ready(db, first.id).state == ready(db, second.id).state == DeploymentState.READY

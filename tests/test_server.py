@@ -195,3 +195,12 @@ def test_without_an_api_key_the_server_refuses_to_start(model_dir):
                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "set MODELDECK_API_KEY" in out.stderr
     assert not os.environ.get("MODELDECK_API_KEY")
+
+
+def test_no_part_of_a_stop_string_is_ever_sent():
+    from engine.server import held_back
+
+    assert held_back("Hello Us", ["User:"]) == 2  # "Us" may become "User:"
+    assert held_back("Hello U", ["User:", "\n\n"]) == 1
+    assert held_back("Hello\n", ["User:", "\n\n"]) == 1
+    assert held_back("Hello", ["User:"]) == 0 and held_back("Hello", []) == 0

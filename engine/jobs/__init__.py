@@ -34,6 +34,7 @@ from catalog.schema import (
 )
 from engine.errors import EngineError
 from engine.events import record
+from engine.gpus import cuda_env
 
 STOP_DEADLINE_S = 5.0
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
@@ -121,9 +122,8 @@ def spawn(db: Database, job: Job) -> None:
     """Start the job's process, detached in a new session, its output going to the job's log."""
     log_path = logs_dir(db) / f"job-{job.id}-{job.kind.value}.log"
     env = child_env()
-    if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it; none for "cpu"
-        env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else gpus
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number GPUs as nvidia-smi does (CUDA's default is fastest first)
+    if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it
+        env |= cuda_env(gpus)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],
@@ -238,7 +238,25 @@ def reconcile(db: Database) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 pass
         settled.append(job.id)
+    _settle_unsupervised_deployments(db)
     return settled
+
+
+def _settle_unsupervised_deployments(db: Database) -> None:
+    """A deployment still Pending or Ready whose supervising job has ended (however it ended) is not
+    served by anyone: it is Failed, or Stopped if a stop was asked."""
+    live = (DeploymentState.PENDING, DeploymentState.READY)
+    with db.read() as session:
+        orphans = session.exec(select(Deployment.id).join(Job, Job.id == Deployment.job_id).where(
+            Deployment.state.in_(live), Job.state.in_([JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]))).all()
+    if not orphans:
+        return
+    with db.write() as session:
+        for deployment_id in orphans:
+            job = session.get(Job, session.get(Deployment, deployment_id).job_id)
+            stopped = job.cancel_requested
+            settle_deployment(session, deployment_id, DeploymentState.STOPPED if stopped else DeploymentState.FAILED,
+                              "stopped" if stopped else f"its supervisor ended: {job.error or job.state.value}")
 
 
 def cancel(db: Database, job_id: int) -> Job:

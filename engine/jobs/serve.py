@@ -6,6 +6,7 @@ deadline, kill."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 
 import httpx2 as httpx
+import psutil
 
 from catalog.schema import Deployment, DeploymentState, Model, ModelKind, now
 from engine import jobs
@@ -21,12 +23,13 @@ from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployme
 from engine.jobs.harness import JobContext, JobFailure, main
 
 READY_TIMEOUT_S = 900.0  # loading a large model can take minutes
-WATCH_EVERY_S = 0.5  # a Ready deployment that dies turns Failed within a second or two
-HEALTH_FAILURES = 6  # consecutive failed health checks (3 s) of a live process before it is declared dead
+WATCH_EVERY_S = 0.5  # a server that exits turns the deployment Failed within a second
+HEALTH_EVERY_S = 2.0  # a live server that stops answering: checked this often...
+HEALTH_FAILURES = 5  # ...and declared dead after this many misses in a row
 
 
-class Stop(Exception):
-    pass
+class Stop(JobCancelled):
+    """SIGTERM: the deployment is being stopped."""
 
 
 def work(ctx: JobContext) -> None:
@@ -46,33 +49,38 @@ def work(ctx: JobContext) -> None:
         command = builtin_command(base.path if base else model.path, settings, deployment.served_name,
                                   deployment.api_key, deployment.gpus, model.path if base else None)
     ctx.log(f"starting: {command.shown}")
+    stopping = {"asked": False}
 
     def stop_requested(signum, frame):
+        stopping["asked"] = True
         raise Stop()
 
-    signal.signal(signal.SIGTERM, stop_requested)
-    # The server inherits this process's group, so stopping the group (or a reconciler killing it after
-    # this supervisor died) ends the server too. Its output goes to this job's log.
-    child = subprocess.Popen(command.argv, env=os.environ | command.env, stdin=subprocess.DEVNULL,
-                             stdout=sys.stdout, stderr=subprocess.STDOUT, cwd=ctx.db.path.parent)
-    base_url = f"http://127.0.0.1:{settings.port}" if settings.host in ("0.0.0.0", "::") else deployment.endpoint[:-3]
+    base_url = deployment.endpoint.removesuffix("/v1")
     log_path = jobs.get(ctx.db, ctx.job_id).log_path
+    child = None
     try:
+        signal.signal(signal.SIGTERM, stop_requested)
+        # The server inherits this process's group, so stopping the group (or a reconciler killing it
+        # after this supervisor died) ends the server too. Its output goes to this job's log.
+        child = subprocess.Popen(command.argv, env=os.environ | command.env, stdin=subprocess.DEVNULL,
+                                 stdout=sys.stdout, stderr=subprocess.STDOUT, cwd=ctx.db.path.parent)
         wait_until_ready(ctx, child, base_url, deployment, log_path)
         with ctx.db.write() as session:
             settle_deployment(session, deployment_id, DeploymentState.READY, phase=None)
         ctx.log(f"ready at {deployment.endpoint}")
         watch(child, base_url, log_path)
-    except Stop:
-        ctx.log("stopping the server")
+    except BaseException as exc:  # every way out ends the server and settles the deployment
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not interrupt the cleanup
+        if stopping["asked"] or isinstance(exc, Stop):
+            ctx.log("stopping the server")
         end_server(child)
+        asked = stopping["asked"] or isinstance(exc, Stop)
+        reason = "stopped" if asked else (str(exc) if isinstance(exc, JobFailure) else f"{type(exc).__name__}: {exc}")
         with ctx.db.write() as session:
-            settle_deployment(session, deployment_id, DeploymentState.STOPPED, "stopped")
-        raise JobCancelled() from None
-    except JobFailure as exc:
-        end_server(child)
-        with ctx.db.write() as session:
-            settle_deployment(session, deployment_id, DeploymentState.FAILED, str(exc))
+            settle_deployment(session, deployment_id, DeploymentState.STOPPED if asked else DeploymentState.FAILED,
+                              reason)
+        if asked:
+            raise Stop() from None
         raise
 
 
@@ -126,25 +134,35 @@ def wait_until_ready(ctx: JobContext, child, base_url: str, deployment: Deployme
 
 def watch(child, base_url: str, log_path: str | None) -> None:
     """Until stopped: a server that exits, or stops answering, fails the deployment."""
-    misses = 0
+    misses, last_check = 0, time.monotonic()
     with httpx.Client() as client:
         while True:
             time.sleep(WATCH_EVERY_S)
             if reason := exited(child, log_path):
                 raise JobFailure(reason)
-            misses = 0 if healthy(client, base_url) else misses + 1
-            if misses >= HEALTH_FAILURES:
-                raise JobFailure(f"the server stopped answering /health ({misses} checks in a row)")
+            if time.monotonic() - last_check >= HEALTH_EVERY_S:
+                last_check = time.monotonic()
+                misses = 0 if healthy(client, base_url) else misses + 1
+                if misses >= HEALTH_FAILURES:
+                    raise JobFailure(f"the server stopped answering /health ({misses} checks in a row)")
 
 
-def end_server(child: subprocess.Popen) -> None:
-    if child.poll() is not None:
+def end_server(child: subprocess.Popen | None) -> None:
+    """Terminate the server and whatever it started (vLLM runs workers), wait a deadline, then kill."""
+    if child is None:
         return
-    child.terminate()
     try:
-        child.wait(timeout=STOP_DEADLINE_S - 1)
-    except subprocess.TimeoutExpired:
-        child.kill()
+        family = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    except psutil.Error:
+        family = []
+    for process in family:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(family, timeout=STOP_DEADLINE_S - 1.5)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=5)
 
 
