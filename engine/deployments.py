@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
@@ -134,3 +135,44 @@ def delete(db: Database, name: str | int) -> None:
             raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}; stop it first")
         session.delete(deployment)
         record(session, f"deployment:{deployment.id}", "deleted", f"deleted {deployment.name}")
+
+
+# Counters in the Prometheus text of the built-in server and of vLLM.
+REQUEST_COUNTERS = ("modeldeck_requests_total", "vllm:request_success_total")
+TOKEN_COUNTERS = ("modeldeck_generation_tokens_total", "vllm:generation_tokens_total")
+
+
+@dataclass
+class ServerLoad:
+    requests: int  # answered since the server started
+    tokens: int  # generated since the server started
+
+
+def parse_load(metrics_text: str) -> ServerLoad:
+    """Sum the request and generated-token counters, whatever their labels (status, model, ...)."""
+    requests = tokens = 0.0
+    for line in metrics_text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if name in REQUEST_COUNTERS:
+            requests += number
+        elif name in TOKEN_COUNTERS:
+            tokens += number
+    return ServerLoad(int(requests), int(tokens))
+
+
+def read_load(endpoint: str, timeout: float = 1.0) -> ServerLoad | None:
+    """The server's counters from its /metrics, or None when it does not answer."""
+    import httpx2 as httpx
+
+    try:
+        response = httpx.get(endpoint.removesuffix("/v1") + "/metrics", timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    return parse_load(response.text) if response.status_code == 200 else None

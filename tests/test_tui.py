@@ -565,6 +565,14 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
 
         await wait_for(pilot, lambda: state().startswith("Pending"), what="Pending on screen")
         await wait_for(pilot, lambda: state() == "Ready", 120, what="Ready on screen")
+        from openai import OpenAI
+
+        ready = deployments.deployment_rows(db, {deployment.id})[0]
+        OpenAI(base_url=ready.endpoint, api_key=ready.api_key, max_retries=0).completions.create(
+            model="tiny", prompt="hi", max_tokens=3)
+        # requests and tokens/s come from the server's /metrics (the warm-up completion counts too)
+        await wait_for(pilot, lambda: plain(table(app).cells(deployment.id)[4]) not in ("—", "0", "1"), 15,
+                       what="the request count")
         await pilot.press("l")
         await wait_for(pilot, lambda: isinstance(app.screen, LogDialog), what="the server log")
         await pilot.press("escape")

@@ -23,6 +23,7 @@ from tui.widgets.live_table import Column, LiveTable
 
 if TYPE_CHECKING:
     from catalog.schema import Deployment
+    from engine.deployments import ServerLoad
 
 EMPTY = ("No deployments yet. A deployment serves a Ready model from Custom (2) through an "
          "OpenAI-compatible endpoint; each one is listed here with its live state, endpoint and uptime. "
@@ -47,12 +48,41 @@ class DeploymentsScreen(DeckScreen):
     ]
     COLUMNS = [
         Column("Model", ratio=3, min_width=10), Column("Backend", width=12), Column("Endpoint", ratio=3, min_width=10),
-        Column("State", ratio=2, min_width=8), Column("Since", width=16),
+        Column("State", ratio=2, min_width=8), Column("Requests", width=8), Column("Tok/s", width=6),
+        Column("Since", width=16),
     ]
+    LOAD_EVERY_S = 2.0  # how often the Ready servers' /metrics are read
 
     def __init__(self) -> None:
         super().__init__()
         self.state_filter: DeploymentState | None = None
+        # per deployment: its last counters and when they were read, and the rate between the last two
+        self._load: dict[int, tuple[ServerLoad, float, float | None]] = {}
+
+    def on_mount(self) -> None:  # DeckScreen's on_mount runs too (Textual calls each class's handler)
+        self.set_interval(self.LOAD_EVERY_S, self.poll_load)
+
+    def poll_load(self) -> None:
+        ready = {d.id: d.endpoint for d in self.store.deployments.values()
+                 if d.state == DeploymentState.READY and d.endpoint}
+        if ready:
+            self.read_load(ready)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load")
+    def read_load(self, endpoints: dict[int, str]) -> None:
+        from engine.deployments import read_load
+
+        samples = {dep_id: (read_load(endpoint), time.monotonic()) for dep_id, endpoint in endpoints.items()}
+        self.app.call_from_thread(self._show_load, samples)
+
+    def _show_load(self, samples: dict[int, tuple[ServerLoad | None, float]]) -> None:
+        for dep_id, (load, at) in samples.items():
+            if load is None or dep_id not in self.store.deployments:
+                continue
+            before = self._load.get(dep_id)
+            rate = (load.tokens - before[0].tokens) / (at - before[1]) if before and at > before[1] else None
+            self._load[dep_id] = (load, at, rate)
+            self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
 
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
@@ -76,8 +106,11 @@ class DeploymentsScreen(DeckScreen):
         state = dep.state.value.capitalize() + (f" ({dep.phase})" if dep.phase and dep.state == DeploymentState.PENDING else "")
         if dep.state == DeploymentState.FAILED and dep.reason:
             state += f": {dep.reason}"
+        load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
+        requests = f"{load[0].requests:,}" if load else "—"
+        rate = f"{load[2]:,.0f}" if load and load[2] is not None else "—"
         return (dep.name, dep.backend, dep.endpoint or "—", Text(state, style=STATE_STYLES[dep.state]),
-                human_time(dep.created_at))
+                requests, rate, human_time(dep.created_at))
 
     def apply_filter(self) -> None:
         words = self.filter_words
