@@ -573,6 +573,9 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
         # requests and tokens/s come from the server's /metrics (the warm-up completion counts too)
         await wait_for(pilot, lambda: plain(table(app).cells(deployment.id)[4]) not in ("—", "0", "1"), 15,
                        what="the request count")
+        await pilot.press("2")  # the model's row says it is deployed
+        await wait_for(pilot, lambda: plain(table(app).cells(1)[2]) == "Ready · deployed", what="deployed in Custom")
+        await pilot.press("3")
         await pilot.press("l")
         await wait_for(pilot, lambda: isinstance(app.screen, LogDialog), what="the server log")
         await pilot.press("escape")
@@ -584,4 +587,6 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the delete question")
         await pilot.press("y")
         await wait_for(pilot, lambda: table(app).row_count == 0, 10, what="the row to go")
+        await pilot.press("2")
+        await wait_for(pilot, lambda: plain(table(app).cells(1)[2]) == "Ready", what="no longer deployed")
     assert deployments.deployment_rows(db) == [] and deployment.state == DeploymentState.PENDING

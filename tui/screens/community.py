@@ -77,6 +77,11 @@ class CommunityScreen(DeckScreen):
         if self.table.cursor_key in repos:
             self._show_preview(self.table.cursor_key)
 
+    def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
+        for repo_id, entry in self.store.community.items():
+            if self.store.model_for_repo(repo_id) is not None:
+                self.table.upsert(repo_id, self._cells(entry))
+
     def _cells(self, entry: CommunityModel) -> tuple:
         return (entry.name, human_params(entry.params), entry.description, ", ".join(entry.tags), self._status(entry))
 
@@ -84,7 +89,7 @@ class CommunityScreen(DeckScreen):
         row = self.store.model_for_repo(entry.repo_id)
         if row is None:
             return Text("Download", style="bold cyan")
-        return model_status(row, "tiny")
+        return model_status(row, "tiny", deployed=self.store.is_deployed(row.model.id))
 
     # -- filtering ----------------------------------------------------------------------------------
 

@@ -93,8 +93,13 @@ class CustomScreen(DeckScreen):
 
     def _cells(self, row: ModelRow) -> tuple:
         m = row.model
-        return (m.name, m.kind.value, model_status(row), human_bytes(m.size_bytes), m.source,
+        return (m.name, m.kind.value, model_status(row, deployed=self.store.is_deployed(m.id)),
+                human_bytes(m.size_bytes), m.source,
                 row.base_name or "", human_time(m.created_at)[:10])
+
+    def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
+        for model_id, row in self.store.models.items():  # a few dozen rows: patch them all
+            self.table.upsert(model_id, self._cells(row))
 
     def focus_model(self, model_id: int) -> None:
         """Put the cursor on a model (now, or as soon as it is listed)."""

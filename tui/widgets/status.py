@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 STATE_STYLES = {ModelState.READY: "bold green", ModelState.FAILED: "bold red", ModelState.PENDING: "yellow"}
 
 
-def model_status(row: ModelRow, detail: str = "short") -> Text:
-    """`detail`: "tiny" (a narrow column), "short" (a table row), "long" (preview and details)."""
+def model_status(row: ModelRow, detail: str = "short", deployed: bool = False) -> Text:
+    """`detail`: "tiny" (a narrow column), "short" (a table row), "long" (preview and details).
+    `deployed`: a deployment serves the model now (shown beside Ready)."""
     model = row.model
+    if deployed and model.state == ModelState.READY:
+        return Text("Deployed" if detail == "tiny" else "Ready · deployed", style="bold green")
     return Text(state_text(model.state, model.reason, row.job, detail), style=STATE_STYLES[model.state])
