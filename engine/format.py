@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from catalog.states import ModelState
+from catalog.states import DeploymentState, ModelState
 
 if TYPE_CHECKING:
     from catalog.schema import Job
@@ -130,6 +130,16 @@ def state_text(state: ModelState, reason: str | None, job: Job | None, detail: s
         return "Failed" if detail == "tiny" else f"Failed: {reason}"
     progress = job_progress(job, detail) if job is not None else "waiting"
     return f"Pending {progress}".rstrip()
+
+
+def deployment_state_text(state: DeploymentState, phase: str | None, reason: str | None) -> str:
+    """How a deployment's state reads everywhere: 'Pending (loading weights)', 'Ready', 'Failed: <reason>'."""
+    text = state.value.capitalize()
+    if state == DeploymentState.PENDING and phase:
+        text += f" ({phase})"
+    if state == DeploymentState.FAILED and reason:
+        text += f": {reason}"
+    return text
 
 
 def delete_consequence(plan: DeletePlan) -> str:

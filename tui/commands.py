@@ -18,6 +18,7 @@ from engine.community import haystack, matches, terms
 from engine.errors import EngineError
 from engine.format import (
     delete_consequence,
+    deployment_state_text,
     human_bytes,
     human_params,
     human_time,
@@ -181,14 +182,6 @@ def _deployment_dict(d) -> dict[str, Any]:
             "settings": d.loads(d.settings_json, {})}
 
 
-def _deployment_state(d) -> str:
-    if d.state.value == "pending":
-        return f"Pending: {d.phase or 'starting'}"
-    if d.state.value == "failed":
-        return f"Failed: {d.reason}"
-    return d.state.value.capitalize()
-
-
 def cmd_deploy(args, db) -> int:
     import dataclasses
 
@@ -212,7 +205,7 @@ def cmd_deploy(args, db) -> int:
             time.sleep(0.5)
         if sys.stderr.isatty() and not args.json:
             sys.stderr.write("\r\033[K")
-    table = (f"{deployment.name}: {_deployment_state(deployment)}\n"
+    table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason)}\n"
              f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}")
     _emit(args, _deployment_dict(deployment), table)
     return 1 if deployment.state.value == "failed" else 0
@@ -223,7 +216,7 @@ def cmd_ps(args, db) -> int:
 
     rows = deployments.deployment_rows(db)
     table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
-                   [[d.name, d.backend, _clip(_deployment_state(d), 60), d.endpoint or "", d.gpus or "",
+                   [[d.name, d.backend, _clip(deployment_state_text(d.state, d.phase, d.reason), 60), d.endpoint or "", d.gpus or "",
                      human_time(d.created_at)] for d in rows])
     _emit(args, [_deployment_dict(d) for d in rows], table)
     return 0

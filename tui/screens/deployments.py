@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 
 from catalog.states import DeploymentState
-from engine.format import human_duration, human_time
+from engine.format import deployment_state_text, human_duration, human_time
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import DetailsDialog
@@ -103,9 +103,7 @@ class DeploymentsScreen(DeckScreen):
             self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
 
     def _cells(self, dep: Deployment) -> tuple:
-        state = dep.state.value.capitalize() + (f" ({dep.phase})" if dep.phase and dep.state == DeploymentState.PENDING else "")
-        if dep.state == DeploymentState.FAILED and dep.reason:
-            state += f": {dep.reason}"
+        state = deployment_state_text(dep.state, dep.phase, dep.reason)
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         requests = f"{load[0].requests:,}" if load else "—"
         rate = f"{load[2]:,.0f}" if load and load[2] is not None else "—"
