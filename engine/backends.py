@@ -7,19 +7,31 @@ runs; the serving job runs the command it builds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.gpus import cuda_env
+
+if TYPE_CHECKING:
+    from catalog.schema import Deployment, Model
 
 BACKENDS = ("auto", "vllm", "transformers")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+FIELD_LABELS = {
+    "backend": "Backend", "gpus": "GPUs", "tensor_parallel": "Tensor parallel", "dtype": "Dtype",
+    "max_model_len": "Max model length", "gpu_memory_fraction": "GPU memory", "port": "Port",
+    "host": "Bind address", "served_name": "Served name",
+}
 
 
 @dataclass
@@ -46,9 +58,30 @@ class DeploySettings:
             errors["max_model_len"] = "max model length must be 0 (the model's own) or more"
         if not 0.05 <= self.gpu_memory_fraction <= 1:
             errors["gpu_memory_fraction"] = "GPU memory fraction must be from 0.05 to 1"
+        if self.served_name and not all(c.isalnum() or c in "._-/:" for c in self.served_name):
+            errors["served_name"] = "served name: letters, digits and . _ - / : only"
+        if not self.host.strip() or " " in self.host:
+            errors["host"] = f"bind address {self.host!r}: an IP address or host name, like 127.0.0.1"
         if not 0 <= self.port <= 65535:
             errors["port"] = "port must be from 1 to 65535 (or 0 for a free one)"
         return errors
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> tuple[DeploySettings, dict[str, str]]:
+        """Parse typed text (the drawer's fields); empty means the default. Returns the settings and, per
+        field, what is wrong with it."""
+        parsed, errors = {}, {}
+        for f in dataclasses.fields(cls):
+            text = str(values.get(f.name, "")).strip()
+            if not text:
+                continue
+            kind = type(getattr(cls, f.name))
+            try:
+                parsed[f.name] = kind(text)
+            except ValueError:
+                errors[f.name] = f"{FIELD_LABELS[f.name]}: {text!r} is not {'a whole number' if kind is int else 'a number'}"
+        settings = cls(**parsed)
+        return settings, errors or settings.problems()
 
     @property
     def exposed(self) -> bool:
@@ -76,7 +109,8 @@ class ServeCommand:
     @property
     def shown(self) -> str:
         """The command line as the details show it (the key is in the environment, not here)."""
-        return " ".join(self.argv)
+        program = "python" if self.argv[0] == sys.executable else self.argv[0]  # not the venv's full path
+        return " ".join([program, *self.argv[1:]])
 
 
 def _lora_rank(adapter: Path) -> int:
@@ -117,6 +151,17 @@ def builtin_command(model_path: str, settings: DeploySettings, served_name: str,
         argv += ["--max-model-len", str(settings.max_model_len)]
     # One device: the built-in server does not split a model; the first chosen GPU serves it.
     return ServeCommand(argv, {"MODELDECK_API_KEY": api_key} | cuda_env(gpus.split(",")[0]))
+
+
+def serve_command(deployment: Deployment, model: Model, base: Model | None) -> ServeCommand:
+    """A deployment's server command: an adapter is served on its base."""
+    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
+    if deployment.backend == "vllm":
+        adapter = (deployment.served_name, model.path) if base else None
+        return vllm_command(base.path if base else model.path, settings, deployment.served_name,
+                            deployment.api_key, deployment.gpus, adapter)
+    return builtin_command(base.path if base else model.path, settings, deployment.served_name,
+                           deployment.api_key, deployment.gpus, model.path if base else None)
 
 
 def port_free(host: str, port: int) -> bool:

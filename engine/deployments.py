@@ -10,10 +10,12 @@ import dataclasses
 import secrets
 from dataclasses import dataclass
 
+import psutil
 from sqlmodel import Session, select
 
 from catalog import Database
 from catalog.schema import (
+    CommunityModel,
     Deployment,
     DeploymentState,
     Job,
@@ -24,15 +26,20 @@ from catalog.schema import (
 )
 from engine import jobs
 from engine.backends import (
+    DTYPE_BYTES,
     DeploySettings,
+    MemoryEstimate,
     choose_backend,
+    estimate_memory,
+    fit_verdict,
     free_port,
     port_free,
     vllm_available,
 )
 from engine.errors import EngineError
 from engine.events import record
-from engine.gpus import list_gpus, parse_choice
+from engine.format import human_bytes
+from engine.gpus import Gpu, list_gpus, parse_choice
 from engine.jobs import settle_deployment
 from engine.models import find_model
 
@@ -62,30 +69,142 @@ def find_deployment(session: Session, name: str | int) -> Deployment:
     return deployment
 
 
-def deploy(db: Database, model_name: str, settings: DeploySettings, name: str | None = None) -> tuple[Deployment, Job]:
-    """Check everything, then register a Pending deployment and start its supervising job."""
+@dataclass
+class FitCheck:
+    """Whether the model fits where it will run: estimated weights + KV cache against what is free."""
+
+    needed: MemoryEstimate
+    available: int  # bytes free on the chosen GPUs (within vLLM's fraction), or RAM on the CPU
+    where: str  # "GPU 0", "GPUs 0,1", "RAM"
+    rough: bool = False  # from the parameter count alone: the model is not downloaded yet
+
+    @property
+    def verdict(self) -> str:
+        return fit_verdict(self.needed.total, self.available)
+
+    @property
+    def needs(self) -> str:
+        if self.rough:
+            kv = " (weights only, until it is downloaded)"
+        elif not self.needed.kv_cache:
+            kv = " (weights only; no config.json gives the KV cache)"
+        else:
+            kv = f" (weights {human_bytes(self.needed.weights)} + KV cache {human_bytes(self.needed.kv_cache)})"
+        return f"needs about {human_bytes(self.needed.total)} of {human_bytes(self.available)} free {self.where}{kv}"
+
+    def describe(self) -> str:
+        return f"{self.needs}: {self.verdict}"
+
+
+@dataclass
+class DeployPlan:
+    """What `deploy` would start, checked: the drawer shows it while the settings change."""
+
+    model: Model
+    base: Model | None  # an adapter's base
+    settings: DeploySettings  # with the port chosen
+    backend: str
+    gpus: str  # "cpu" or a comma list of indexes
+    fit: FitCheck
+    served_name: str
+
+    @property
+    def warnings(self) -> list[str]:
+        """What to know before launch, beside the fit."""
+        notes = []
+        if self.settings.exposed:
+            notes.append(f"{self.settings.host} is reachable from other machines (with the API key)")
+        if self.model.state == ModelState.PENDING:
+            notes.append(f"{self.model.name} is still downloading; the server starts once it is Ready")
+        return notes
+
+
+def _deployable(session: Session, model: Model) -> Model | None:
+    """Refuse a model that cannot be served; returns an adapter's base. A model still downloading from
+    the Hub can be deployed: its server starts once the download is done."""
+    downloading = model.state == ModelState.PENDING and model.repo_id and model.kind == ModelKind.BASE
+    if not downloading and (model.state != ModelState.READY or not model.path):
+        raise EngineError(f"{model.name!r} is {model.state.value}; deploy it once it is Ready")
+    if model.kind != ModelKind.ADAPTER:
+        return None
+    base = session.get(Model, model.base_id) if model.base_id else None
+    if base is None or base.state != ModelState.READY:
+        raise EngineError(f"the base model of the adapter {model.name!r} is missing or not Ready")
+    return base
+
+
+def _fit(session: Session, model: Model, base: Model | None, settings: DeploySettings, backend: str,
+         gpus: str, available_gpus: list[Gpu]) -> FitCheck:
+    if model.path and model.state == ModelState.READY:
+        weights_from = base or model
+        size = (weights_from.size_bytes or 0) + ((model.size_bytes or 0) if base else 0)
+        needed, rough = estimate_memory(weights_from.path, size, settings.dtype, settings.max_model_len or None), False
+    else:  # downloading: 2 bytes a parameter (bf16/fp16, as most checkpoints are stored), no KV cache yet
+        entry = session.get(CommunityModel, model.repo_id) if model.repo_id else None
+        bytes_per = DTYPE_BYTES.get(settings.dtype, 2)
+        needed, rough = MemoryEstimate((entry.params if entry else 0) * bytes_per, 0), True
+    if gpus == "cpu":
+        return FitCheck(needed, psutil.virtual_memory().available, "RAM", rough)
+    chosen = [g for g in available_gpus if str(g.index) in gpus.split(",")]
+    if backend == "transformers":
+        chosen = chosen[:1]  # the built-in server runs on the first chosen GPU
+    share = settings.gpu_memory_fraction if backend == "vllm" else 1.0
+    mib = 2**20
+    free = sum(min(g.memory_free_mb, g.memory_total_mb * share) * mib for g in chosen)
+    where = "GPU " + ",".join(str(g.index) for g in chosen) if len(chosen) == 1 else \
+        "GPUs " + ",".join(str(g.index) for g in chosen)
+    return FitCheck(needed, int(free), where, rough)
+
+
+def plan(db: Database, model_name: str | int, settings: DeploySettings,
+         available_gpus: list[Gpu] | None = None) -> DeployPlan:
+    """Every check that can be made before launch; raises EngineError with what to change."""
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
-    with db.read() as session:
-        model = find_model(session, model_name)
-        base = session.get(Model, model.base_id) if model.kind == ModelKind.ADAPTER and model.base_id else None
-    if model.state != ModelState.READY or not model.path:
-        raise EngineError(f"{model.name!r} is {model.state.value}; deploy it once it is Ready")
-    if model.kind == ModelKind.ADAPTER and (base is None or base.state != ModelState.READY):
-        raise EngineError(f"the base model of the adapter {model.name!r} is missing or not Ready")
+    available_gpus = list_gpus() if available_gpus is None else available_gpus
     try:
-        gpus = parse_choice(settings.gpus, list_gpus())
+        gpus = parse_choice(settings.gpus, available_gpus)
     except ValueError as exc:
         raise EngineError(str(exc)) from None
     backend = choose_backend(settings.backend, gpus != "cpu", vllm_available())
     if backend == "vllm" and (gpus == "cpu" or not vllm_available()):
-        raise EngineError("vLLM needs a CUDA GPU and the vllm package; choose the transformers backend")
+        raise EngineError("vLLM needs a CUDA GPU and the vllm command; choose the transformers backend")
+    if backend == "vllm" and settings.tensor_parallel > len(gpus.split(",")):
+        raise EngineError(f"tensor-parallel size {settings.tensor_parallel} needs as many GPUs; "
+                          f"{len(gpus.split(','))} chosen ({gpus})")
+    if backend == "transformers" and settings.tensor_parallel > 1:
+        raise EngineError("tensor parallel needs vLLM; the built-in server runs a model on one device")
     if settings.port == 0:
         settings = dataclasses.replace(settings, port=free_port(settings.host))
     elif not port_free(settings.host, settings.port):
         raise EngineError(f"port {settings.port} on {settings.host} is in use; choose another, or 0 for a free one")
-    served = settings.served_name or model.name
+    with db.read() as session:
+        model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
+        if model is None:
+            raise EngineError("that model was deleted")
+        base = _deployable(session, model)
+        fit = _fit(session, model, base, settings, backend, gpus, available_gpus)
+    return DeployPlan(model, base, settings, backend, gpus, fit, settings.served_name or model.name)
+
+
+def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,
+           force: bool = False) -> tuple[Deployment, Job]:
+    """Check everything, then register a Pending deployment and start its supervising job."""
+    return start(db, plan(db, model_name, settings), name, force)
+
+
+def start(db: Database, checked: DeployPlan, name: str | None = None, force: bool = False) -> tuple[Deployment, Job]:
+    """Register a Pending deployment for a plan and start its supervising job. A model that does not fit
+    is refused unless `force`d."""
+    if checked.fit.verdict == "does not fit" and not force:
+        raise EngineError(f"{checked.model.name} does not fit: {checked.fit.describe()}. Lower the max model "
+                          "length or choose other GPUs, or deploy anyway (--force; the drawer's override)")
+    settings, served = checked.settings, checked.served_name
     with db.write() as session:
+        model = session.get(Model, checked.model.id)
+        if model is None:
+            raise EngineError(f"{checked.model.name!r} was deleted meanwhile")
+        _deployable(session, model)
         # A server binds its port only once its model is loaded: a live deployment's port is taken even
         # while nothing listens on it yet.
         for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE))):
@@ -97,15 +216,18 @@ def deploy(db: Database, model_name: str, settings: DeploySettings, name: str | 
             raise EngineError(f"a deployment named {name or served!r} is already running; stop it or choose another name")
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # where to reach it from here
         host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        waiting = model.state == ModelState.PENDING
         deployment = Deployment(
-            model_id=model.id, name=name or served, backend=backend, phase="starting", served_name=served,
-            api_key="sk-md-" + secrets.token_urlsafe(24), gpus=gpus,
+            model_id=model.id, name=name or served, backend=checked.backend,
+            phase="waiting for the download" if waiting else "starting", served_name=served,
+            api_key="sk-md-" + secrets.token_urlsafe(24), gpus=checked.gpus,
             endpoint=f"http://{host}:{settings.port}/v1", settings_json=Deployment.dumps(dataclasses.asdict(settings)))
         session.add(deployment)
         session.flush()
-        record(session, f"deployment:{deployment.id}", "created", f"deploy {model.name} with {backend}",
+        record(session, f"deployment:{deployment.id}", "created", f"deploy {model.name} with {checked.backend}",
                state="pending")
-        job = jobs.create(session, JobKind.SERVE, f"serve {model.name} ({backend})", None, deployment_id=deployment.id)
+        job = jobs.create(session, JobKind.SERVE, f"serve {model.name} ({checked.backend})", None,
+                          deployment_id=deployment.id)
         deployment.job_id = job.id
     jobs.spawn(db, job)
     return deployment, job

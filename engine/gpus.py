@@ -49,6 +49,14 @@ def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def choices(gpus: list[Gpu]) -> list[tuple[str, str]]:
+    """The GPU choices a dialog offers, as (label, value as parse_choice takes it)."""
+    if not gpus:
+        return [("auto: the CPU (no NVIDIA GPU found)", "auto"), ("CPU", "cpu")]
+    return [("auto: the first GPU", "auto"), *((gpu.describe(), str(gpu.index)) for gpu in gpus),
+            ("all GPUs", ",".join(str(g.index) for g in gpus)), ("CPU", "cpu")]
+
+
 def cuda_env(gpus: str) -> dict[str, str]:
     """The environment that shows a process only the chosen GPUs ("cpu": none), numbered as nvidia-smi
     numbers them (CUDA's own default order is fastest first)."""

@@ -136,3 +136,53 @@ def test_server_load_is_read_from_either_servers_metrics():
     assert (parse_load(ours).requests, parse_load(ours).tokens) == (9, 350)
     assert (parse_load(vllm).requests, parse_load(vllm).tokens) == (4, 1234)
     assert parse_load("garbage\n# only comments").requests == 0
+
+
+def test_the_plan_checks_the_fit_and_warns_of_an_exposed_address(db, tiny):
+    checked = deployments.plan(db, "tiny", DeploySettings(host="0.0.0.0"))
+    assert checked.backend == "transformers" and checked.gpus == "cpu" and checked.settings.port > 0
+    assert checked.fit.where == "RAM" and checked.fit.verdict == "fits" and checked.fit.needed.total > 0
+    assert "weights" in checked.fit.describe() and "KV cache" in checked.fit.describe()
+    assert any("0.0.0.0 is reachable from other machines" in w for w in checked.warnings)
+    assert deployments.plan(db, "tiny", DeploySettings()).warnings == []
+    with pytest.raises(EngineError, match="tensor parallel needs vLLM"):
+        deployments.plan(db, "tiny", DeploySettings(tensor_parallel=2))
+
+
+def test_a_model_that_does_not_fit_is_refused_unless_forced(db, tiny):
+    from catalog.schema import Model
+
+    with db.write() as session:  # as if its weights were 100 TB: no machine has that much RAM free
+        model = models.find_model(session, "tiny")
+        model.size_bytes = 100 * 2**40
+        session.add(model)
+    with pytest.raises(EngineError, match=r"tiny does not fit: needs about .* free RAM: does not fit.*--force"):
+        deployments.deploy(db, "tiny", DeploySettings())
+    assert deployments.deployment_rows(db) == []
+    deployment, _ = deployments.deploy(db, "tiny", DeploySettings(), force=True)
+    assert ready(db, deployment.id).state == DeploymentState.READY  # the estimate was wrong; the override won
+    deployments.stop(db, deployment.id)
+
+
+def test_a_model_deployed_while_it_downloads_is_served_once_it_is_ready(db, tiny_model_dir, monkeypatch):
+    from openai import OpenAI
+
+    from tests.hubserver import HubServer, Repo
+
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    hub = HubServer({"org/tiny-llama": Repo(files)}, bytes_per_second=sum(map(len, files.values())) / 3).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        model, _ = models.pull(db, "org/tiny-llama")
+        checked = deployments.plan(db, model.name, DeploySettings())
+        assert checked.fit.rough and any("still downloading" in w for w in checked.warnings)
+        deployment, _ = deployments.deploy(db, model.name, DeploySettings())
+        assert deployment.phase == "waiting for the download"
+        done = ready(db, deployment.id)
+        assert done.state == DeploymentState.READY, done.reason
+        client = OpenAI(base_url=done.endpoint, api_key=done.api_key)
+        reply = client.completions.create(model=done.served_name, prompt="hi", max_tokens=2)
+        assert reply.usage.completion_tokens >= 1
+        deployments.stop(db, deployment.id)
+    finally:
+        hub.stop()

@@ -11,7 +11,8 @@ from tests.tui_helpers import T0, seed, seed_training, wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
 from tui.screens.confirm import ConfirmDialog
-from tui.screens.details import DetailsDialog, TrainingDetails
+from tui.screens.deploy_drawer import DeployDrawer
+from tui.screens.details import DetailsDialog, LiveDetails, TrainingDetails
 from tui.screens.file_picker import FilePicker
 from tui.screens.finetune_dialog import FinetuneDialog
 from tui.screens.help import HelpDialog
@@ -63,6 +64,23 @@ def keys(*presses):
             await pilot.pause(0.05)
 
     return run_before
+
+
+def free_ram(monkeypatch, available: int) -> None:
+    """The deploy drawer's fit check against a fixed amount of free memory, not this machine's."""
+    from collections import namedtuple
+
+    from engine import deployments
+
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(deployments.psutil, "virtual_memory", lambda: memory(available))
+
+
+async def plan_shown(pilot) -> None:
+    """Wait until the drawer shows the plan for what is typed now (it is asked for after a short pause)."""
+    await pilot.pause(0.4)
+    await wait_for(pilot, lambda: "Fit" in str(pilot.app.screen.query_one("#plan").render()), what="the plan")
+    await pilot.pause()
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -125,7 +143,21 @@ class TestDialogs:
                             run_before=keys("2", "end", "l", shown(LogDialog), log_read))
 
     def test_deployment_details(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "down", "d", shown(DetailsDialog)))
+        async def log_read(pilot):
+            from textual.widgets import Log
+
+            await wait_for(pilot, lambda: pilot.app.screen.query_one(Log).line_count >= 5, what="the log")
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "d", shown(LiveDetails), log_read))
+
+    def test_deploy_drawer(self, snap_compare, db, size, monkeypatch):
+        free_ram(monkeypatch, 16 * 2**30)
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), plan_shown))
+
+    def test_deploy_drawer_exposed_and_too_big(self, snap_compare, db, size, monkeypatch):
+        free_ram(monkeypatch, 512 * 2**20)
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
+            "2", "p", shown(DeployDrawer), plan_shown, *["tab"] * 7, *"0.0.0.0", plan_shown))
 
     def test_finetune_dialog_with_a_bad_dataset_and_a_bad_rank(self, snap_compare, db, size):
         async def dataset_read(pilot):

@@ -41,6 +41,16 @@ LOG_LINES = [
 ]
 
 
+SERVE_LOG_LINES = [
+    "09:00:01 job 2 (serve) started: serve Qwen2.5-0.5B-Instruct (transformers)",
+    "09:00:01 starting: python -m engine.server --model /data/hf/hub/models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/7ae5576 "
+    "--served-name support-bot --host 127.0.0.1 --port 8001 --dtype auto",
+    "INFO:     Started server process [4242]",
+    "INFO:     Uvicorn running on http://127.0.0.1:8001 (Press CTRL+C to quit)",
+    "09:00:09 ready at http://127.0.0.1:8001/v1",
+]
+
+
 def seed(db) -> dict[str, int]:
     """A base model, its adapter and merged model, a failed download, a download in progress, and
     deployments in each state: enough for every row style."""
@@ -81,14 +91,25 @@ def seed(db) -> dict[str, int]:
         session.add(job)
         session.flush()
         pending.job_id = job.id
+        serve_log = db.path.parent / "logs" / "job-2-serve.log"
+        serve_log.write_text("\n".join(SERVE_LOG_LINES) + "\n")
+        serve_job = Job(kind=JobKind.SERVE, state=JobState.RUNNING, title="serve Qwen2.5-0.5B-Instruct (transformers)",
+                        log_path=str(serve_log), pid=os.getpid(), pid_started_at=psutil.Process().create_time(),
+                        created_at=T0)
+        session.add(serve_job)
+        session.flush()
         for name, state, phase, reason, port in [
             ("support-bot", DeploymentState.READY, None, None, 8001),
             ("qwen-small", DeploymentState.PENDING, "loading weights", None, 8002),
             ("broken", DeploymentState.FAILED, None, "server exited with code 1", 8003),
         ]:
+            settings = {"backend": "auto", "gpus": "auto", "tensor_parallel": 1, "dtype": "auto", "max_model_len": 0,
+                        "gpu_memory_fraction": 0.9, "port": port, "host": "127.0.0.1", "served_name": ""}
             session.add(Deployment(model_id=base.id, name=name, backend="transformers", state=state, phase=phase,
                                    reason=reason, endpoint=f"http://127.0.0.1:{port}/v1", served_name=name,
-                                   api_key="sk-md-0123456789abcdef", created_at=T0, updated_at=T0))
+                                   api_key="sk-md-0123456789abcdef", gpus="cpu", settings_json=Deployment.dumps(settings),
+                                   job_id=serve_job.id if state == DeploymentState.READY else None,
+                                   created_at=T0, updated_at=T0))
     return {"base": base.id, "adapter": adapter.id, "pending": pending.id, "failed": failed.id}
 
 

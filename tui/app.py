@@ -150,6 +150,7 @@ class ModelDeckApp(App):
                             severity="error", timeout=12)
 
     def on_deployments_changed(self, message: DeploymentsChanged) -> None:
+        self.announce_deployments(message)
         self.store.apply_deployments(message.rows, message.gone)
         for screen in self._tab_screens():
             screen.deployments_changed({d.id for d in message.rows}, message.gone)
@@ -159,7 +160,45 @@ class ModelDeckApp(App):
         for screen in self._tab_screens():
             screen.reload()
 
+    def announce_deployments(self, message: DeploymentsChanged) -> None:
+        """A deployment that leaves Pending says so, wherever the user is looking."""
+        from catalog.states import DeploymentState
+
+        for dep in message.rows:
+            before = self.store.deployments.get(dep.id)
+            if before is None or before.state != DeploymentState.PENDING or dep.state == DeploymentState.PENDING:
+                continue
+            if dep.state == DeploymentState.READY:
+                self.notify(f"{dep.name} is ready at {dep.endpoint}", timeout=5)
+            elif dep.state == DeploymentState.FAILED:
+                self.notify(dep.reason or "no reason given", title=f"{dep.name} failed", severity="error", timeout=12)
+
     # -- actions ------------------------------------------------------------------------------------
+
+    def show_row(self, mode: str, key) -> None:
+        """Switch to a tab screen with the cursor on a row (as soon as the row is listed)."""
+        self.switch_mode(mode)
+        self.get_screen(mode).focus_row(key)
+
+    def open_deploy(self, model_id: int) -> None:
+        """The deploy drawer for a model; once deployed, Active deployments with the new row selected."""
+        from tui.screens.deploy_drawer import DeployDrawer
+
+        def deployed(dep_id: int | None) -> None:
+            if dep_id is not None:
+                self.show_row("deployments", dep_id)
+                self.notify("Deploying: its phase shows here; l for the server log", timeout=5)
+
+        self.push_screen(DeployDrawer(model_id), deployed)
+
+    def connect(self, model_id: int) -> None:
+        """Connect: the model's live deployment in Active deployments, with its endpoint and key."""
+        live = [d for d in self.store.deployments_of(model_id) if d.state.value in ("pending", "ready")]
+        if not live:
+            self.notify("Not deployed: deploy it first (p)", severity="warning", timeout=4)
+            return
+        self.show_row("deployments", max(live, key=lambda d: d.id).id)
+
 
     def copy_text(self, text: str | None, what: str) -> None:
         """To the clipboard through the terminal (OSC 52), so it works over SSH; says what it did."""

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default: a free one")
     p.add_argument("--host", help="bind address (default 127.0.0.1; anything else is reachable from outside)")
     p.add_argument("--served-name", dest="served_name", help="the model name clients send (default: the model's)")
+    p.add_argument("--force", action="store_true", help="deploy even when the fit check says it does not fit")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
     verb("ps", "cmd_ps", "list deployments")
     p = verb("stop", "cmd_stop", "stop a deployment (the server ends cleanly and frees its port)")

@@ -190,9 +190,13 @@ def cmd_deploy(args, db) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DeploySettings)
               if getattr(args, f.name, None) is not None}
-    deployment, _job = deployments.deploy(db, args.model, DeploySettings(**values), args.name)
+    checked = deployments.plan(db, args.model, DeploySettings(**values))
+    deployment, _job = deployments.start(db, checked, args.name, args.force)
     if not args.json:
-        print(f"{deployment.name}: starting with {deployment.backend} at {deployment.endpoint}", file=sys.stderr)
+        for warning in checked.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{deployment.name}: starting with {deployment.backend} at {deployment.endpoint}; "
+              f"{checked.fit.describe()}", file=sys.stderr)
     if args.wait:
         while True:
             jobs.reconcile(db)

@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from catalog.schema import Model, ModelState
+from catalog.schema import Model
 from engine import hub
 from engine.datasets import (
     chat_template,
@@ -54,28 +54,12 @@ class Stopping:
             raise JobCancelled()
 
 
-def wait_for_base(ctx: JobContext, base_id: int, stopping: Stopping) -> Model:
-    """The base model, once Ready: a fine-tune started from Community waits for its download."""
-    with ctx.phase("waiting for the base model's download"):
-        while True:
-            stopping.check()
-            with ctx.db.read() as session:
-                base = session.get(Model, base_id)
-            if base is None:
-                raise JobFailure("the base model was deleted")
-            if base.state == ModelState.READY:
-                return base
-            if base.state == ModelState.FAILED:
-                raise JobFailure(f"the base model {base.name} failed: {base.reason}")
-            time.sleep(1.0)
-
-
 def work(ctx: JobContext) -> None:
     stopping = Stopping()
     p = ctx.params
     hp = Hyperparameters(**p["hyperparameters"])
     final, partial = output_folders(Path(p["target"]))
-    base = wait_for_base(ctx, p["base_id"], stopping)
+    base = ctx.wait_for_model(p["base_id"], "the base model", stopping.check)
     limits = model_limits(base.path)
     hp = hp.resolved(limits.max_length)
     if problems := hp.problems(limits.max_length, p["gpus"]):

@@ -59,6 +59,22 @@ class JobContext:
             session.add(job)
             record(session, f"job:{self.job_id}", "progress", model_id=self.model_id, **fields)
 
+    def wait_for_model(self, model_id: int, what: str, check: Callable[[], None] = lambda: None) -> Model:
+        """The model once Ready: work started on a model that is still downloading waits for it. `check`
+        runs between looks (a fine-tune's cancel check)."""
+        with self.phase(f"waiting for {what}'s download"):
+            while True:
+                check()
+                with self.db.read() as session:
+                    model = session.get(Model, model_id)
+                if model is None:
+                    raise JobFailure(f"{what} was deleted")
+                if model.state == ModelState.READY:
+                    return model
+                if model.state == ModelState.FAILED:
+                    raise JobFailure(f"{what} {model.name} failed: {model.reason}")
+                time.sleep(1.0)
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Work whose progress cannot be counted: report its name and the time spent, every second."""

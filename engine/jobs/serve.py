@@ -16,9 +16,16 @@ import time
 import httpx2 as httpx
 import psutil
 
-from catalog.schema import Deployment, DeploymentState, Model, ModelKind, now
+from catalog.schema import (
+    Deployment,
+    DeploymentState,
+    Model,
+    ModelKind,
+    ModelState,
+    now,
+)
 from engine import jobs
-from engine.backends import DeploySettings, builtin_command, vllm_command
+from engine.backends import serve_command
 from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployment
 from engine.jobs.harness import JobContext, JobFailure, main
 
@@ -40,15 +47,6 @@ def work(ctx: JobContext) -> None:
         base = session.get(Model, model.base_id) if model and model.kind == ModelKind.ADAPTER else None
     if deployment is None or model is None:
         raise JobFailure("the deployment or its model was deleted")
-    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
-    if deployment.backend == "vllm":
-        adapter = (deployment.served_name, model.path) if base else None
-        command = vllm_command(base.path if base else model.path, settings, deployment.served_name,
-                               deployment.api_key, deployment.gpus, adapter)
-    else:
-        command = builtin_command(base.path if base else model.path, settings, deployment.served_name,
-                                  deployment.api_key, deployment.gpus, model.path if base else None)
-    ctx.log(f"starting: {command.shown}")
     stopping = {"asked": False}
 
     def stop_requested(signum, frame):
@@ -60,6 +58,11 @@ def work(ctx: JobContext) -> None:
     child = None
     try:
         signal.signal(signal.SIGTERM, stop_requested)
+        if model.state != ModelState.READY:  # deployed from Community while it downloads
+            model = ctx.wait_for_model(model.id, "the model")
+            set_phase(ctx, deployment_id, "starting")
+        command = serve_command(deployment, model, base)
+        ctx.log(f"starting: {command.shown}")
         # The server inherits this process's group, so stopping the group (or a reconciler killing it
         # after this supervisor died) ends the server too. Its output goes to this job's log.
         child = subprocess.Popen(command.argv, env=os.environ | command.env, stdin=subprocess.DEVNULL,

@@ -42,9 +42,23 @@ class DeckScreen(ReportsWorkerErrors, Screen):
     def compose_footer(self) -> ComposeResult:
         yield Footer(compact=True)
 
+    _focus_request = None  # a row to put the cursor on as soon as it is listed
+
     def on_mount(self) -> None:
         if self.store.loaded:
             self.reload()
+
+    def focus_row(self, key) -> None:
+        """Put the cursor on a row (now, or as soon as the live updates list it): a model just started
+        from another screen, a deployment just made."""
+        self._focus_request = key
+        if self.is_mounted:
+            self.honour_focus_request()
+
+    def honour_focus_request(self) -> None:
+        if self._focus_request is not None and self.table.move_to_key(self._focus_request):
+            self._focus_request = None
+            self.table.focus()
 
     def on_screen_resume(self) -> None:
         self.query_one(NavBar).refresh()

@@ -1,9 +1,11 @@
 """Community: the curated open models. Filter as you type (`/`), narrow by tags (`t`), and take the
-primary action (`enter`): Download, or follow a download already made to Custom."""
+primary action (`enter`): Download; follow a download in Custom; Deploy a downloaded model; Connect to a
+deployed one. Fine-tune (`f`) and Deploy (`p`) download first when needed, after asking."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -34,8 +36,10 @@ class CommunityScreen(DeckScreen):
     BINDINGS = [
         Binding("slash", "focus_filter", "Filter", id="community.filter", tooltip="Filter by name, description or tag as you type"),
         Binding("t", "pick_tags", "Tags", id="community.tags", tooltip="Narrow to models carrying all chosen tags"),
-        Binding("enter", "primary", "Download", id="community.primary", tooltip="Primary action: Download, or open the downloaded model in Custom"),
+        Binding("enter", "primary", "Action", id="community.primary", tooltip="The row's action: Download, Deploy, or Connect once deployed"),
         Binding("f", "finetune", "Fine-tune", id="community.finetune", tooltip="Fine-tune the model (downloading it first if needed)"),
+        Binding("p", "deploy", "Deploy", id="community.deploy", tooltip="Deploy the model (downloading it first if needed)"),
+        Binding("c", "connect", "Connect", id="community.connect", show=False, tooltip="Connect to the model's deployment"),
         Binding("d", "details", "Details", id="community.details", tooltip="Everything known about the model"),
         Binding("y", "copy_link", "Copy link", id="community.copy_link", tooltip="Copy the model's Hugging Face link (works over SSH)"),
     ]
@@ -122,6 +126,7 @@ class CommunityScreen(DeckScreen):
         text.append(f"{human_params(entry.params)} params · licence {entry.license}" + (" · gated" if entry.gated else ""), style="dim")
         text.append("  ·  ")
         text.append_text(self._status(entry))
+        text.append(f"  ·  enter: {self._primary(entry)}", style="dim")
         preview.update(text)
 
     # -- actions ------------------------------------------------------------------------------------
@@ -143,16 +148,37 @@ class CommunityScreen(DeckScreen):
         key = self.table.cursor_key
         return self.store.community.get(key) if key else None
 
+    def _primary(self, entry: CommunityModel) -> str:
+        """The row's one action, as the seed page names them."""
+        row = self.store.model_for_repo(entry.repo_id)
+        if row is None or row.model.state == ModelState.FAILED:
+            return "Download"
+        if self.store.is_deployed(row.model.id):
+            return "Connect"
+        return "Deploy" if row.model.state == ModelState.READY else "Follow the download in Custom"
+
     def action_primary(self) -> None:
         entry = self._entry()
         if entry is None:
             return
         row = self.store.model_for_repo(entry.repo_id)
-        if row is None or row.model.state == ModelState.FAILED:
+        action = self._primary(entry)
+        if action == "Download":
             self.download(entry.repo_id, retrying=row is not None)
+        elif action == "Connect":
+            self.app.connect(row.model.id)
+        elif action == "Deploy":
+            self.app.open_deploy(row.model.id)
         else:
-            self.app.switch_mode("custom")
-            self.app.get_screen("custom").focus_model(row.model.id)
+            self.app.show_row("custom", row.model.id)
+
+    def action_connect(self) -> None:
+        entry = self._entry()
+        row = self.store.model_for_repo(entry.repo_id) if entry else None
+        if row is None:
+            self.notify("Not downloaded yet: download and deploy it first", severity="warning", timeout=4)
+        else:
+            self.app.connect(row.model.id)
 
     @work(thread=True, exit_on_error=False, group="engine")
     def download(self, repo_id: str, retrying: bool) -> None:
@@ -169,36 +195,47 @@ class CommunityScreen(DeckScreen):
         if not entry.finetunable:
             self.notify(f"{entry.name} is not fine-tunable ({entry.task} model)", severity="warning")
             return
+        self._downloaded_then(entry, "a fine-tune started now waits for it", self.open_finetune)
+
+    def action_deploy(self) -> None:
+        entry = self._entry()
+        if entry is not None:
+            self._downloaded_then(entry, "a deployment made now starts once it is done", self.app.open_deploy)
+
+    def _downloaded_then(self, entry: CommunityModel, waits: str, then: Callable[[int], None]) -> None:
+        """Run `then` on the entry's custom model, asking to download it first when it is not here."""
         row = self.store.model_for_repo(entry.repo_id)
         if row is not None and row.model.state != ModelState.FAILED:
-            self.open_finetune(row.model.id)
+            then(row.model.id)
             return
         verb = "Retry the download of" if row else "Download"
         question = ConfirmDialog(f"{verb} {entry.name} first?",
                                  f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet. "
-                                 "It downloads in the background; a fine-tune started now waits for it.",
+                                 f"It downloads in the background; {waits}.",
                                  confirm_label="Download", variant="primary")
-        self.app.push_screen(question, lambda yes: yes and self.download_then_finetune(entry.repo_id))
+        self.app.push_screen(question, lambda yes: yes and self.download_then(entry.repo_id, then))
 
     @work(thread=True, exit_on_error=False, group="engine")
-    def download_then_finetune(self, repo_id: str) -> None:
+    def download_then(self, repo_id: str, then: Callable[[int], None]) -> None:
         from engine import models
 
         model, _job = models.pull(self.db, repo_id)
         self.app.call_from_thread(self.notify, f"Downloading {repo_id} as {model.name}; progress in Custom (2)",
                                   timeout=5)
-        self.app.call_from_thread(self.open_finetune, model.id)
+        self.app.call_from_thread(self.when_listed, model.id, then)
 
-    def open_finetune(self, model_id: int, tries: int = 50) -> None:
-        """The fine-tune dialog with this base chosen, once the live updates have listed the model."""
+    def when_listed(self, model_id: int, then: Callable[[int], None], tries: int = 50) -> None:
+        """Call `then` once the live updates have listed the model (dialogs read it from the store)."""
         if model_id not in self.store.models and tries > 0:
-            self.set_timer(0.1, lambda: self.open_finetune(model_id, tries - 1))
+            self.set_timer(0.1, lambda: self.when_listed(model_id, then, tries - 1))
             return
+        then(model_id)
 
+    def open_finetune(self, model_id: int) -> None:
+        """The fine-tune dialog with this base chosen; the new adapter is shown in Custom."""
         def started(adapter_id: int | None) -> None:
             if adapter_id is not None:
-                self.app.switch_mode("custom")
-                self.app.get_screen("custom").focus_model(adapter_id)
+                self.app.show_row("custom", adapter_id)
 
         self.app.push_screen(FinetuneDialog(model_id), started)
 

@@ -47,6 +47,8 @@ class CustomScreen(DeckScreen):
         Binding("enter", "menu", "Actions", id="custom.menu", tooltip="Action menu of the selected model"),
         Binding("f", "finetune", "Fine-tune model", id="custom.finetune", tooltip="Fine-tune a model with LoRA on your dataset"),
         Binding("d", "details", "Details", id="custom.details", tooltip="Everything known about the model, lineage included"),
+        Binding("p", "deploy", "Deploy", id="custom.deploy", tooltip="Serve the model through an OpenAI-compatible endpoint"),
+        Binding("c", "connect", "Connect", id="custom.connect", show=False, tooltip="Go to the model's deployment"),
         Binding("i", "import_model", "Import", id="custom.import", tooltip="Import a local model folder or GGUF file"),
         Binding("m", "merge", "Merge", id="custom.merge", show=False,
                 tooltip="Merge the selected adapter into its base: a model of its own"),
@@ -63,10 +65,6 @@ class CustomScreen(DeckScreen):
         Column("Created", width=10),
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._focus_request: int | None = None
-
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
         yield FilterBar("/ filter by name, kind, state or source", id="filter")
@@ -80,7 +78,7 @@ class CustomScreen(DeckScreen):
         self.table.empty_text = EMPTY
         self.table.set_rows((model_id, self._cells(row)) for model_id, row in self.store.models.items())
         self.apply_filter()
-        self._honour_focus_request()
+        self.honour_focus_request()
 
     def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
         for model_id in gone:
@@ -89,7 +87,7 @@ class CustomScreen(DeckScreen):
             self.table.upsert(model_id, self._cells(self.store.models[model_id]))
         if self.table.cursor_key in changed | gone:
             self._show_preview(self.table.cursor_key)
-        self._honour_focus_request()
+        self.honour_focus_request()
 
     def _cells(self, row: ModelRow) -> tuple:
         m = row.model
@@ -100,17 +98,6 @@ class CustomScreen(DeckScreen):
     def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
         for model_id, row in self.store.models.items():  # a few dozen rows: patch them all
             self.table.upsert(model_id, self._cells(row))
-
-    def focus_model(self, model_id: int) -> None:
-        """Put the cursor on a model (now, or as soon as it is listed)."""
-        self._focus_request = model_id
-        if self.is_mounted:
-            self._honour_focus_request()
-
-    def _honour_focus_request(self) -> None:
-        if self._focus_request is not None and self.table.move_to_key(self._focus_request):
-            self._focus_request = None
-            self.table.focus()
 
     # -- filtering and preview ----------------------------------------------------------------------
 
@@ -168,6 +155,10 @@ class CustomScreen(DeckScreen):
             actions.append(("finetune", "Fine-tune  f"))
         if m.state == ModelState.READY and m.kind == ModelKind.ADAPTER:
             actions.append(("merge", "Merge into base  m"))
+        if self.store.is_deployed(m.id):
+            actions.append(("connect", "Connect (its deployment)  c"))
+        if m.state == ModelState.READY:
+            actions.append(("deploy", "Deploy  p"))
         if retried := retry_label(m):
             actions.append(("retry", f"Retry {retried}  r"))
         if row.job is not None:
@@ -298,7 +289,7 @@ class CustomScreen(DeckScreen):
 
         model, job = models.import_path(self.db, path, name)
         message = f"Imported {model.name}" if job is None else f"Converting {path.name} into {model.name}…"
-        self.app.call_from_thread(self.focus_model, model.id)
+        self.app.call_from_thread(self.focus_row, model.id)
         self.app.call_from_thread(self.notify, message, timeout=4)
 
     def action_finetune(self) -> None:
@@ -308,9 +299,23 @@ class CustomScreen(DeckScreen):
 
     def _started(self, model_id: int | None) -> None:
         if model_id is not None:
-            self.focus_model(model_id)
+            self.focus_row(model_id)
             self.notify("Fine-tune started: its progress shows in its row; d for the loss curve, l for the log",
                         timeout=5)
+
+    def action_deploy(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        if row.model.state != ModelState.READY:
+            self.notify(f"{row.model.name} is {row.model.state.value}; deploy it once it is Ready", severity="warning")
+            return
+        self.app.open_deploy(row.model.id)
+
+    def action_connect(self) -> None:
+        row = self._row()
+        if row is not None:
+            self.app.connect(row.model.id)
 
     def action_merge(self) -> None:
         row = self._row()
@@ -326,7 +331,7 @@ class CustomScreen(DeckScreen):
         from engine import finetune
 
         model, _job = finetune.merge(self.db, name)
-        self.app.call_from_thread(self.focus_model, model.id)
+        self.app.call_from_thread(self.focus_row, model.id)
         self.app.call_from_thread(self.notify, f"Merging {name} into its base as {model.name}…", timeout=4)
 
     def action_retry(self) -> None:

@@ -12,10 +12,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 
 from catalog.states import DeploymentState
+from engine.backends import FIELD_LABELS
 from engine.format import deployment_state_text, human_duration, human_time
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
-from tui.screens.details import DetailsDialog
+from tui.screens.details import LiveDetails
 from tui.screens.log_dialog import LogDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
@@ -25,10 +26,9 @@ if TYPE_CHECKING:
     from catalog.schema import Deployment
     from engine.deployments import ServerLoad
 
-EMPTY = ("No deployments yet. A deployment serves a Ready model from Custom (2) through an "
-         "OpenAI-compatible endpoint; each one is listed here with its live state, endpoint and uptime. "
-         "Deploy from the shell with `modeldeck deploy MODEL` (vLLM on a GPU, else the built-in server); "
-         "deploying from this screen comes next.")
+EMPTY = ("No deployments yet. A deployment serves a model through an OpenAI-compatible endpoint (vLLM on a "
+         "GPU, else the built-in server); each one is listed here with its live state, endpoint and load. "
+         "Deploy with p on a model in Community (1) or Custom (2), or `modeldeck deploy MODEL` from the shell.")
 STATE_STYLES = {DeploymentState.PENDING: "yellow", DeploymentState.READY: "bold green",
                 DeploymentState.FAILED: "bold red", DeploymentState.STOPPED: "dim"}
 STATE_FILTERS = (None, *DeploymentState)
@@ -95,12 +95,14 @@ class DeploymentsScreen(DeckScreen):
         self.table.empty_text = EMPTY
         self.table.set_rows((d.id, self._cells(d)) for d in self.store.deployments.values())
         self.apply_filter()
+        self.honour_focus_request()
 
     def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
         for dep_id in gone:
             self.table.remove(dep_id)
         for dep_id in changed:
             self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
+        self.honour_focus_request()
 
     def _cells(self, dep: Deployment) -> tuple:
         state = deployment_state_text(dep.state, dep.phase, dep.reason)
@@ -187,15 +189,47 @@ class DeploymentsScreen(DeckScreen):
 
     def action_details(self) -> None:
         dep = self._selected()
+        if dep is not None:
+            self.open_details(dep.id, dep.job_id)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def open_details(self, dep_id: int, job_id: int | None) -> None:
+        from engine import jobs
+
+        job = jobs.get(self.db, job_id) if job_id else None
+        self.app.call_from_thread(self._show_details, dep_id, job.log_path if job else None)
+
+    def _show_details(self, dep_id: int, log_path: str | None) -> None:
+        dep = self.store.deployments.get(dep_id)
         if dep is None:
-            return
-        model = self.store.models.get(dep.model_id)
+            return  # deleted meanwhile
+        seen = {"dep": dep}
+
+        def live():
+            seen["dep"] = self.store.deployments.get(dep_id, seen["dep"])
+            return self.details_fields(seen["dep"]), log_path
+
+        self.app.push_screen(LiveDetails(dep.name, live, copy_value=dep.endpoint))
+
+    def details_fields(self, dep: Deployment) -> list[tuple[str, str | Text]]:
+        from engine.backends import serve_command
+
+        row = self.store.models.get(dep.model_id)
+        base = self.store.models.get(row.model.base_id) if row and row.model.base_id else None
+        adapter_base = base.model if base and row.model.kind.value == "adapter" else None
+        command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
+        load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         fields = [
-            ("Model", model.model.name if model else "—"), ("Backend", dep.backend),
-            ("State", Text(dep.state.value + (f" ({dep.phase})" if dep.phase else ""), style=STATE_STYLES[dep.state])),
-            ("Reason", dep.reason or "—"), ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
-            ("API key", (dep.api_key[:4] + "…" + dep.api_key[-2:]) if dep.api_key else "—"), ("GPUs", dep.gpus or "—"),
+            ("Model", row.model.name if row else "—"), ("Backend", dep.backend),
+            ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason), style=STATE_STYLES[dep.state])),
+            ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
+            ("API key", (dep.api_key[:6] + "…" + dep.api_key[-2:]) if dep.api_key else "—"), ("GPUs", dep.gpus or "—"),
             ("Since", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
+            ("Requests", f"{load[0].requests:,} answered, {load[0].tokens:,} tokens generated" if load else "—"),
+            ("Command", command),
         ]
-        fields += [(k, str(v)) for k, v in dep.loads(dep.settings_json, {}).items()]
-        self.app.push_screen(DetailsDialog(dep.name, fields, copy_value=dep.endpoint))
+        settings = dep.loads(dep.settings_json, {})
+        shown = {"backend", "gpus", "served_name"}  # above, as resolved
+        fields += [(FIELD_LABELS.get(k, k), str(v) if v not in ("", 0) else "default")
+                   for k, v in settings.items() if k not in shown]
+        return fields

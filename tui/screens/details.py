@@ -1,8 +1,8 @@
 """DetailsDialog: everything known about one thing (a custom or community model, a deployment),
 as aligned key/value lines that scroll; `escape` closes, `y` copies the first path or link.
 
-TrainingDetails adds what a fine-tuned adapter has: its loss curve (train and validation) and its
-job's log, both live while the job runs."""
+LiveDetails follows a running thing (a deployment): its fields and its log's tail, live. TrainingDetails
+adds what a fine-tuned adapter has: its loss curve (train and validation)."""
 
 from __future__ import annotations
 
@@ -62,36 +62,65 @@ class DetailsDialog(ModalScreen[None]):
         self.app.copy_text(self.copy_value, "path or link")
 
 
-class TrainingDetails(DetailsDialog):
-    """An adapter's details with its loss curve and job log. `live()` returns the current fields, curves
-    and log path; it is asked again twice a second, so the dialog follows a running fine-tune."""
+class LiveDetails(DetailsDialog):
+    """Details that follow a running thing: `live()` returns the current fields and log path; it is asked
+    again twice a second, and the log's tail follows the file."""
 
-    CLASSES = "wide training"
+    CLASSES = "wide live"
 
-    def __init__(self, title: str, live: Callable[[], tuple[Fields, dict, str | None]], copy_value: str | None = None):
-        fields, self.curves, self.log_path = live()
+    def __init__(self, title: str, live: Callable[[], tuple[Fields, str | None]], copy_value: str | None = None):
+        fields, self.log_path = live()
         super().__init__(title, fields, copy_value)
         self.live = live
 
     def compose_extra(self) -> ComposeResult:
-        yield LossChart(id="chart")
         yield FollowingLog(self.log_path, id="log")
 
     def on_mount(self) -> None:
-        self._show_curves()
         self.set_interval(LIVE_REFRESH_S, self.refresh_live)
 
     def refresh_live(self) -> None:
-        fields, self.curves, log_path = self.live()
+        self.show(*self.live())
+
+    def show(self, fields: Fields, log_path: str | None) -> None:
         if fields != self.fields:
             self.fields = fields
             self.query_one("#fields", Static).update(fields_table(fields))
-        self._show_curves()
         if log_path:
             self.query_one(FollowingLog).show(log_path)
+
+    def hint(self) -> str:
+        return super().hint() + "  ·  live"
+
+
+class TrainingDetails(LiveDetails):
+    """An adapter's details with its loss curve and job log. `live()` returns the current fields, curves
+    and log path, so the dialog follows a running fine-tune."""
+
+    CLASSES = "wide live training"
+
+    def __init__(self, title: str, live: Callable[[], tuple[Fields, dict, str | None]], copy_value: str | None = None):
+        self.curves: dict = {}
+
+        def fields_and_log() -> tuple[Fields, str | None]:
+            fields, self.curves, log_path = live()
+            return fields, log_path
+
+        super().__init__(title, fields_and_log, copy_value)
+
+    def compose_extra(self) -> ComposeResult:
+        yield LossChart(id="chart")
+        yield from super().compose_extra()
+
+    def refresh_live(self) -> None:
+        super().refresh_live()
+        self._show_curves()
+
+    def on_mount(self) -> None:  # LiveDetails.on_mount runs too (Textual calls each class's handler)
+        self._show_curves()
 
     def _show_curves(self) -> None:
         self.query_one(LossChart).set_curves(self.curves.get("train", []), self.curves.get("eval", []))
 
     def hint(self) -> str:
-        return super().hint() + "  ·  live while it trains"
+        return DetailsDialog.hint(self) + "  ·  live while it trains"

@@ -123,13 +123,11 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
     @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
     def load_gpus(self) -> None:
         """GPUs come from nvidia-smi, which can take a moment: asked in a thread."""
-        from engine.gpus import has_bitsandbytes, list_gpus
+        from engine.gpus import choices, has_bitsandbytes, list_gpus
 
         gpus = list_gpus()
         if gpus:
-            options = [("auto: the first GPU", "auto"), *((gpu.describe(), str(gpu.index)) for gpu in gpus),
-                       ("all GPUs", ",".join(str(g.index) for g in gpus)), ("CPU", "cpu")]
-            self.app.call_from_thread(self._set_gpu_options, options)
+            self.app.call_from_thread(self._set_gpu_options, choices(gpus))
         if gpus and has_bitsandbytes():
             self.app.call_from_thread(self.query_one("#method", Select).set_options,
                                       [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora")])

@@ -1,0 +1,228 @@
+"""DeployDrawer (`p`): how to serve a model, with the plan checked live before anything starts.
+
+A drawer on the right: backend, GPUs, tensor parallel, dtype, max model length, GPU memory fraction,
+port, bind address and served name. Empty fields take the defaults shown in grey. Every change asks the
+engine for the plan again (off the UI thread): what will run where, the memory fit (fits / tight / does
+not fit), and warnings such as an address reachable from other machines. A model that does not fit can
+still be deployed by ticking the override. The drawer closes only once the deployment has started, and
+returns its id; nothing typed is lost on an error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
+
+from engine.backends import FIELD_LABELS, DeploySettings
+from engine.errors import EngineError
+from engine.format import human_bytes
+from tui.screens.base import ReportsWorkerErrors
+from tui.widgets.info import InfoLine
+
+if TYPE_CHECKING:
+    from engine.deployments import DeployPlan
+    from engine.gpus import Gpu
+
+PLAN_DELAY_S = 0.3  # wait for typing to pause before asking for the plan again
+VERDICT_STYLES = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
+BACKENDS = [("auto: vLLM on a GPU, else built-in", "auto"), ("vLLM", "vllm"),
+            ("built-in server (transformers)", "transformers")]
+DTYPES = [("auto: as stored", "auto"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")]
+# The typed fields: id, placeholder (the default), help shown while the field has focus.
+TYPED = [
+    ("tensor_parallel", "1", "GPUs to split the model over; vLLM only, at most the GPUs chosen"),
+    ("max_model_len", "the model's own", "Longest prompt + reply in tokens; lower it to fit a smaller GPU"),
+    ("gpu_memory_fraction", "0.9", "Share of each GPU's memory vLLM may take (weights + KV cache); vLLM only"),
+    ("port", "a free one", "The port to listen on; empty or 0 picks a free one"),
+    ("host", "127.0.0.1", "Bind address: 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network"),
+    ("served_name", "", "The model name clients send in requests"),
+]
+
+
+class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
+    AUTO_FOCUS = "#backend"
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Cancel"),
+        Binding("ctrl+s", "start", "Deploy"),
+    ]
+
+    def __init__(self, model_id: int):
+        super().__init__(classes="dialog drawer")
+        self.model_id = model_id
+        self._gpus: list[Gpu] | None = None  # asked of nvidia-smi once, in a thread
+        self._plan_timer = None
+        self._starting = False
+
+    def compose(self) -> ComposeResult:
+        row = self.app.store.models.get(self.model_id)
+        name = row.model.name if row else "?"
+        with Vertical(id="dialog", classes="drawer"):
+            yield Label(f"Deploy {name}", classes="dialog-title")
+            yield Static(self._about(row), id="about", classes="form-note drawer-note")
+            with VerticalScroll(classes="dialog-scroll"):
+                with Horizontal(classes="form-row"):
+                    yield Label(FIELD_LABELS["backend"], classes="form-label")
+                    yield Select(BACKENDS, value="auto", allow_blank=False, id="backend", compact=True,
+                                 tooltip="auto picks vLLM where a CUDA GPU and vLLM are installed")
+                with Horizontal(classes="form-row"):
+                    yield Label(FIELD_LABELS["gpus"], classes="form-label")
+                    yield Select([("auto: the first GPU, else the CPU", "auto"), ("CPU", "cpu")], value="auto",
+                                 allow_blank=False, id="gpus", compact=True, tooltip="Which GPUs serve the model")
+                with Horizontal(classes="form-row"):
+                    yield Label(FIELD_LABELS["dtype"], classes="form-label")
+                    yield Select(DTYPES, value="auto", allow_blank=False, id="dtype", compact=True,
+                                 tooltip="The weights' number type while serving")
+                for field_id, placeholder, help_text in TYPED:
+                    with Horizontal(classes="form-row"):
+                        yield Label(FIELD_LABELS[field_id], classes="form-label")
+                        yield Input(placeholder=placeholder or name, id=field_id, compact=True, tooltip=help_text)
+                yield Static("Checking…", id="plan", classes="drawer-plan")
+            yield Checkbox("Deploy even if it does not fit", id="force", compact=True)
+            yield Static("", id="error", classes="dialog-error")
+            yield InfoLine("", id="field-help", classes="form-note drawer-note")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Deploy", variant="primary", id="start", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    @staticmethod
+    def _about(row) -> Text:
+        if row is None:
+            return Text("This model was deleted.")
+        m = row.model
+        text = Text(f"{m.kind.value} · {human_bytes(m.size_bytes)}")
+        if row.base_name:
+            text.append(f" · served on its base {row.base_name}")
+        return text
+
+    def on_mount(self) -> None:
+        self.query_one("#force", Checkbox).display = False
+        self.load_gpus()
+
+    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
+    def load_gpus(self) -> None:
+        """nvidia-smi can take a moment: asked in a thread; the first plan waits for it."""
+        from engine.gpus import choices, list_gpus
+
+        self._gpus = list_gpus()
+        self.app.call_from_thread(self._set_gpu_options, choices(self._gpus))
+
+    def _set_gpu_options(self, options: list[tuple[str, str]]) -> None:
+        select = self.query_one("#gpus", Select)
+        chosen = select.value  # a choice made before nvidia-smi answered stays
+        select.set_options(options)
+        if any(value == chosen for _, value in options):
+            select.value = chosen
+        self._schedule_plan()
+
+    # -- the settings and their plan ----------------------------------------------------------------
+
+    def _settings(self) -> tuple[DeploySettings, dict[str, str]]:
+        values = {field_id: self.query_one(f"#{field_id}", Input).value for field_id, _, _ in TYPED}
+        values |= {select_id: str(self.query_one(f"#{select_id}", Select).value)
+                   for select_id in ("backend", "gpus", "dtype")}
+        return DeploySettings.from_strings(values)
+
+    def _show_problems(self, errors: dict[str, str]) -> None:
+        for field_id, _, _ in TYPED:
+            self.query_one(f"#{field_id}", Input).set_class(field_id in errors, "-invalid")
+        self.query_one("#error", Static).update(Text("; ".join(errors.values())))
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    def settings_changed(self) -> None:
+        self._schedule_plan()
+
+    def on_descendant_focus(self, event) -> None:
+        tooltip = getattr(event.widget, "tooltip", None)
+        self.query_one("#field-help", InfoLine).update(Text(tooltip if isinstance(tooltip, str) else ""))
+
+    def _schedule_plan(self) -> None:
+        if self._plan_timer is not None:
+            self._plan_timer.stop()
+        self._plan_timer = self.set_timer(PLAN_DELAY_S, self.check_plan)
+
+    def check_plan(self) -> None:
+        if self._gpus is None:
+            return  # asked again once the GPUs are known
+        settings, errors = self._settings()
+        self._show_problems(errors)
+        if errors:
+            self.query_one("#plan", Static).update("")
+            return
+        self._plan(settings)
+
+    @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
+    def _plan(self, settings: DeploySettings) -> None:
+        from engine import deployments
+
+        try:
+            checked = deployments.plan(self.app.db, self.model_id, settings, self._gpus)
+        except EngineError as exc:
+            self.app.call_from_thread(self._show_plan, None, str(exc))
+            return
+        self.app.call_from_thread(self._show_plan, checked, "")
+
+    def _show_plan(self, checked: DeployPlan | None, problem: str) -> None:
+        self.query_one("#error", Static).update(Text(problem))
+        force = self.query_one("#force", Checkbox)
+        if checked is None:
+            self.query_one("#plan", Static).update("")
+            force.display = False
+            return
+        where = "the CPU" if checked.gpus == "cpu" else f"GPU {checked.gpus}"
+        server = "vLLM" if checked.backend == "vllm" else "built-in server"
+        chosen = self.query_one("#port", Input).value.strip() not in ("", "0")
+        address = f"{checked.settings.host}:{checked.settings.port}" if chosen else f"{checked.settings.host}, a free port"
+        verdict = checked.fit.verdict
+        text = Text.assemble(("Runs ", "dim"), f"{server} on {where}, {address}", "\n",
+                             ("Fit ", "dim"), (verdict, VERDICT_STYLES[verdict]), f": {checked.fit.needs}")
+        for warning in checked.warnings:
+            text.append(f"\n⚠ {warning}", style="yellow")
+        self.query_one("#plan", Static).update(text)
+        force.display = checked.fit.verdict == "does not fit"
+
+    # -- starting -----------------------------------------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_start()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "start":
+            self.action_start()
+        else:
+            self.dismiss(None)
+
+    def action_start(self) -> None:
+        if self._starting:  # enter and ctrl+s also reach here while a start is under way
+            return
+        settings, errors = self._settings()
+        if errors:
+            self._show_problems(errors)
+            return
+        self.query_one("#error", Static).update("Checking and starting…")
+        self._starting = True
+        self.query_one("#start", Button).disabled = True
+        self._start(settings, self.query_one("#force", Checkbox).value)
+
+    @work(thread=True, exclusive=True, group="start", exit_on_error=False)
+    def _start(self, settings: DeploySettings, force: bool) -> None:
+        from engine import deployments
+
+        try:
+            deployment, _job = deployments.deploy(self.app.db, self.model_id, settings, force=force)
+        except EngineError as exc:
+            self.app.call_from_thread(self._refused, str(exc))
+            return
+        self.app.call_from_thread(self.dismiss, deployment.id)
+
+    def _refused(self, reason: str) -> None:
+        self.query_one("#error", Static).update(Text(reason))
+        self._starting = False
+        self.query_one("#start", Button).disabled = False
