@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 API_KEY_ENV = "MODELDECK_API_KEY"
 MAX_STOP_SEQUENCES = 4
+DISCONNECT_CHECK_S = 0.2  # how often a waiting non-streamed request checks that its client is still there
 
 
 class RequestError(Exception):
@@ -119,8 +120,13 @@ def parse_messages(body: dict) -> list[dict]:
 class Job:
     prompt_ids: list[int]
     sampling: Sampling
-    out: queue.Queue  # ("delta", text) ..., then ("done", finish_reason, completion_tokens, ttft_s)
+    loop: asyncio.AbstractEventLoop  # the request's: the generation thread hands it each event
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("delta", text) ..., then ("done", ...)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, event: tuple) -> None:
+        """From the generation thread: wakes the request's coroutine at once (no polling)."""
+        self.loop.call_soon_threadsafe(self.out.put_nowait, event)
 
 
 class Engine:
@@ -168,7 +174,8 @@ class Engine:
         sampling.max_tokens = min(sampling.max_tokens, self.context - len(prompt_ids))
 
     def submit(self, prompt_ids: list[int], sampling: Sampling) -> Job:
-        job = Job(prompt_ids, sampling, queue.Queue())
+        """Queue a generation (called on the event loop); its events arrive on job.out."""
+        job = Job(prompt_ids, sampling, asyncio.get_running_loop())
         self.jobs.put(job)
         return job
 
@@ -178,7 +185,7 @@ class Engine:
             try:
                 self._generate(job)
             except Exception as exc:  # noqa: BLE001 - a failed generation ends its request, not the server
-                job.out.put(("error", f"{type(exc).__name__}: {exc}"))
+                job.put(("error", f"{type(exc).__name__}: {exc}"))
 
     def _generate(self, job: Job) -> None:
         torch, s = self.torch, job.sampling
@@ -209,16 +216,16 @@ class Engine:
                 # Send what is certain: not a half character, nor an ending that may yet become a stop string.
                 ready = len(text) if matched_stop else len(text) - held_back(text, s.stop)
                 if ready > len(sent) and not text[:ready].endswith("\ufffd"):
-                    job.out.put(("delta", text[len(sent):ready]))
+                    job.put(("delta", text[len(sent):ready]))
                     sent = text[:ready]
                 if matched_stop:
                     break
                 ids = torch.tensor([[token]], device=self.device)
             if not matched_stop and len(text) > len(sent):  # what was held back, at the end of the reply
-                job.out.put(("delta", text[len(sent):].rstrip("\ufffd")))
+                job.put(("delta", text[len(sent):].rstrip("\ufffd")))
         elapsed = time.perf_counter() - start
         self.metrics.finished(len(job.prompt_ids), len(tokens), first, elapsed)
-        job.out.put(("done", finish, len(tokens), first))
+        job.put(("done", finish, len(tokens), first))
 
     def _sample(self, logits, s: Sampling, generator) -> int:
         torch = self.torch
@@ -377,21 +384,22 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
     async def events(job: Job, request: Request | None = None) -> AsyncIterator[tuple]:
         """The generation thread's output, without blocking the event loop. A client that disconnects
         stops its generation (a streamed one is noticed when its stream closes)."""
+        getter = None  # one pending get at a time: cancelling a get that timed out could drop its event
         try:
-            polls = 0
             while True:
-                try:
-                    event = job.out.get_nowait()
-                except queue.Empty:
-                    polls += 1
-                    if request is not None and polls % 100 == 0 and await request.is_disconnected():
+                getter = getter or asyncio.ensure_future(job.out.get())
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_CHECK_S)
+                if not done:
+                    if request is not None and await request.is_disconnected():
                         return
-                    await asyncio.sleep(0.002)
                     continue
+                event, getter = getter.result(), None
                 yield event
                 if event[0] in ("done", "error"):
                     return
         finally:
+            if getter is not None:
+                getter.cancel()
             job.cancelled.set()  # the client went away: stop generating for it
 
     async def stream(job: Job, ident: str, kind: str, chat: bool, prompt_tokens: int, usage_wanted: bool):

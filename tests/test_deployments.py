@@ -156,7 +156,7 @@ def test_a_model_that_does_not_fit_is_refused_unless_forced(db, tiny):
         model = models.find_model(session, "tiny")
         model.size_bytes = 100 * 2**40
         session.add(model)
-    with pytest.raises(EngineError, match=r"tiny does not fit: needs about .* free RAM: does not fit.*--force"):
+    with pytest.raises(EngineError, match=r"tiny does not fit: needs about .* free RAM .*: does not fit.*--force"):
         deployments.deploy(db, "tiny", DeploySettings())
     assert deployments.deployment_rows(db) == []
     deployment, _ = deployments.deploy(db, "tiny", DeploySettings(), force=True)
@@ -186,3 +186,24 @@ def test_a_model_deployed_while_it_downloads_is_served_once_it_is_ready(db, tiny
         deployments.stop(db, deployment.id)
     finally:
         hub.stop()
+
+
+def test_leftovers_of_a_dead_job_are_killed_only_when_they_carry_its_tag():
+    import subprocess
+    import sys
+
+    from engine.jobs import JOB_TAG, kill_leftovers
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ours = subprocess.Popen(sleeper, start_new_session=True, env=os.environ | {JOB_TAG: "db#7"})
+    stranger = subprocess.Popen(sleeper, start_new_session=True, env=os.environ | {JOB_TAG: "db#8"})
+    try:
+        wait_until(lambda: psutil.Process(ours.pid).environ().get(JOB_TAG), 5, what="the child's environment")
+        kill_leftovers(stranger.pid, "db#7")  # its group, another job's tag: a reused group number
+        kill_leftovers(ours.pid, "db#7")
+        assert ours.wait(timeout=5) == -signal.SIGKILL
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        ours.kill()
+        stranger.wait()

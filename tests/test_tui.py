@@ -115,9 +115,11 @@ async def test_download_from_community_goes_pending_with_progress_then_ready(db,
         await wait_for(pilot, lambda: plain(custom.cells(model_id)[2]) == "Ready", timeout=30, what="Ready")
         await pilot.press("1")
         assert plain(table(app).cells(SMOL)[-1]) == "Ready"
-        await pilot.press("enter")  # a downloaded model's primary action leads to it in Custom
-        assert isinstance(app.screen, CustomScreen)
-        await wait_for(pilot, lambda: table(app).cursor_key == model_id, what="the cursor on the model")
+        await pilot.press("enter")  # a downloaded model's row action is Deploy: the drawer for it
+        from tui.screens.deploy_drawer import DeployDrawer
+
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen, what="drawer")
+        assert drawer.model_id == model_id
 
 
 DASHBOARD = textwrap.dedent("""
@@ -356,8 +358,11 @@ async def test_deployments_table_filters_by_text_and_state(db):
         await pilot.press("slash", *"8001", "enter")
         assert names() == ["support-bot"]
         await pilot.press("d")
+        from tui.screens.details import LiveDetails
+
+        await wait_for(pilot, lambda: isinstance(app.screen, LiveDetails), what="the details")
         fields = dict((k, plain(v)) for k, v in app.screen.fields)
-        assert fields["API key"] == "sk-m…ef" and fields["Endpoint"] == "http://127.0.0.1:8001/v1"
+        assert fields["API key"] == "sk-md-…ef" and fields["Endpoint"] == "http://127.0.0.1:8001/v1"
 
 
 async def test_deployments_empty_state_says_how_to_deploy(db):
@@ -590,3 +595,97 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
         await pilot.press("2")
         await wait_for(pilot, lambda: plain(table(app).cells(1)[2]) == "Ready", what="no longer deployed")
     assert deployments.deployment_rows(db) == [] and deployment.state == DeploymentState.PENDING
+
+
+async def test_deploy_from_the_drawer_goes_ready_and_a_restarted_dashboard_reattaches(db, tiny_model_dir):
+    import socket
+
+    from catalog.schema import DeploymentState
+    from engine import deployments
+    from tui.screens.deploy_drawer import DeployDrawer
+    from tui.screens.details import LiveDetails
+
+    models.import_path(db, tiny_model_dir, "tiny")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "p")
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen, what="the drawer")
+        plan = lambda: str(drawer.query_one("#plan").render())  # noqa: E731
+        error = lambda: str(drawer.query_one("#error").render())  # noqa: E731
+        await wait_for(pilot, lambda: "fits" in plan() and "built-in server on the CPU" in plan(), what="the plan")
+        drawer.query_one("#port").value = "abc"
+        await wait_for(pilot, lambda: "Port: 'abc' is not a whole number" in error(), what="the bad port")
+        assert drawer.query_one("#port").has_class("-invalid")
+        with socket.socket() as taken:  # a port in use: refused at launch, the drawer stays with what was typed
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            drawer.query_one("#port").value = str(port)
+            drawer.query_one("#served_name").value = "tiny-chat"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: f"port {port} on 127.0.0.1 is in use" in error(), what="port in use")
+        assert app.screen is drawer and drawer.query_one("#served_name").value == "tiny-chat"
+        assert deployments.deployment_rows(db) == []
+        drawer.query_one("#port").value = ""
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeploymentsScreen), what="Active deployments")
+        [deployment] = deployments.deployment_rows(db)
+        assert deployment.served_name == "tiny-chat" and table(app).cursor_key == deployment.id
+
+        def state() -> str:
+            return plain(table(app).cells(deployment.id)[3])
+
+        await wait_for(pilot, lambda: state() == "Ready", 120, what="Ready on screen")
+    # The dashboard has quit; the deployment lives on, and a new dashboard shows it Ready again.
+    assert deployments.deployment_rows(db)[0].state == DeploymentState.READY
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("3")
+        await wait_for(pilot, lambda: table(app).row_count == 1, what="the deployment listed")
+        await pilot.pause(2.5)  # a reconcile has run meanwhile: it must not take the server for gone
+        assert state() == "Ready"
+        await pilot.press("d")
+        details = await wait_for(pilot, lambda: isinstance(app.screen, LiveDetails) and app.screen, what="details")
+        fields = dict(details.fields)
+        assert "-m engine.server" in fields["Command"] and "--served-name tiny-chat" in fields["Command"]
+        assert fields["API key"].startswith("sk-md-") and fields["API key"] != deployment.api_key  # masked
+        await pilot.press("escape")
+    deployments.stop(db, deployment.id)
+
+
+async def test_the_row_action_follows_the_seed_download_deploy_connect(db):
+    from tui.screens.deploy_drawer import DeployDrawer
+
+    ids = seed(db)
+    app = ModelDeckApp(db, follow=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        community = app.screen
+        qwen = "Qwen/Qwen2.5-0.5B-Instruct"
+        table(app).move_to_key(qwen)  # downloaded and deployed: Connect leads to its deployment
+        await pilot.pause()
+        assert "enter: Connect" in str(community.query_one("#preview").render())
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeploymentsScreen), what="Active deployments")
+        await wait_for(pilot, lambda: table(app).cursor_key is not None and
+                       app.store.deployments[table(app).cursor_key].name == "support-bot", what="its deployment")
+        await pilot.press("2")  # Custom: p on a Ready model opens the drawer for it
+        table(app).move_to_key(ids["base"])
+        await pilot.press("p")
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen, what="drawer")
+        assert drawer.model_id == ids["base"]
+        await pilot.press("escape")
+        table(app).move_to_key(ids["pending"])  # not Ready: says so
+        await pilot.press("p")
+        await pilot.pause()
+        assert not isinstance(app.screen, DeployDrawer)
+        await pilot.press("1")
+        table(app).move_to_key("Qwen/Qwen2.5-1.5B-Instruct")  # not downloaded: Deploy asks to download first
+        await pilot.pause()
+        assert "enter: Download" in str(community.query_one("#preview").render())
+        await pilot.press("p")
+        question = await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog) and app.screen)
+        assert question.title_text == "Download Qwen2.5 1.5B Instruct first?"
+        await pilot.press("n")

@@ -197,7 +197,7 @@ class ModelDeckApp(App):
         if not live:
             self.notify("Not deployed: deploy it first (p)", severity="warning", timeout=4)
             return
-        self.show_row("deployments", max(live, key=lambda d: d.id).id)
+        self.show_row("deployments", max(live, key=lambda d: (d.state.value == "ready", d.id)).id)  # Ready first
 
 
     def copy_text(self, text: str | None, what: str) -> None:

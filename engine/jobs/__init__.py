@@ -118,10 +118,28 @@ def settle_deployment(session: Session, deployment_id: int | None, state: Deploy
     record(session, f"deployment:{deployment.id}", "state", reason or state.value, state=state.value)
 
 
+JOB_TAG = "MODELDECK_JOB"  # in the environment of a job and its children: which database, which job
+
+
+def job_tag(db: Database, job_id: int) -> str:
+    return f"{db.path}#{job_id}"
+
+
+def kill_leftovers(group: int, tag: str) -> None:
+    """SIGKILL what a dead job left running in its process group (a server shares its supervisor's).
+    Only processes that carry the job's tag: once the group is empty its number can be reused."""
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group and process.environ().get(JOB_TAG) == tag:
+                process.kill()
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue  # gone meanwhile, or not ours to read
+
+
 def spawn(db: Database, job: Job) -> None:
     """Start the job's process, detached in a new session, its output going to the job's log."""
     log_path = logs_dir(db) / f"job-{job.id}-{job.kind.value}.log"
-    env = child_env()
+    env = child_env() | {JOB_TAG: job_tag(db, job.id)}  # inherited by everything the job starts
     if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it
         env |= cuda_env(gpus)
     with open(log_path, "ab") as log:
@@ -233,10 +251,7 @@ def reconcile(db: Database) -> list[int]:
                                   DeploymentState.STOPPED if job.cancel_requested else DeploymentState.FAILED,
                                   "stopped" if job.cancel_requested else f"the server's supervisor stopped: {failure}")
         if job.kind == JobKind.SERVE and job.pid:
-            try:
-                os.killpg(job.pid, signal.SIGKILL)  # the server shares its supervisor's process group
-            except (ProcessLookupError, PermissionError):
-                pass
+            kill_leftovers(job.pid, job_tag(db, job.id))  # the server must not outlive its supervisor
         settled.append(job.id)
     _settle_unsupervised_deployments(db)
     return settled

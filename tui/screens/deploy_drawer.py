@@ -24,6 +24,7 @@ from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
 from tui.screens.base import ReportsWorkerErrors
+from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.info import InfoLine
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
     def __init__(self, model_id: int):
         super().__init__(classes="dialog drawer")
         self.model_id = model_id
-        self._gpus: list[Gpu] | None = None  # asked of nvidia-smi once, in a thread
         self._plan_timer = None
         self._starting = False
 
@@ -73,8 +73,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
                                  tooltip="auto picks vLLM where a CUDA GPU and vLLM are installed")
                 with Horizontal(classes="form-row"):
                     yield Label(FIELD_LABELS["gpus"], classes="form-label")
-                    yield Select([("auto: the first GPU, else the CPU", "auto"), ("CPU", "cpu")], value="auto",
-                                 allow_blank=False, id="gpus", compact=True, tooltip="Which GPUs serve the model")
+                    yield GpuSelect(id="gpus", tooltip="Which GPUs serve the model")
                 with Horizontal(classes="form-row"):
                     yield Label(FIELD_LABELS["dtype"], classes="form-label")
                     yield Select(DTYPES, value="auto", allow_blank=False, id="dtype", compact=True,
@@ -103,23 +102,9 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_mount(self) -> None:
         self.query_one("#force", Checkbox).display = False
-        self.load_gpus()
 
-    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
-    def load_gpus(self) -> None:
-        """nvidia-smi can take a moment: asked in a thread; the first plan waits for it."""
-        from engine.gpus import choices, list_gpus
-
-        self._gpus = list_gpus()
-        self.app.call_from_thread(self._set_gpu_options, choices(self._gpus))
-
-    def _set_gpu_options(self, options: list[tuple[str, str]]) -> None:
-        select = self.query_one("#gpus", Select)
-        chosen = select.value  # a choice made before nvidia-smi answered stays
-        select.set_options(options)
-        if any(value == chosen for _, value in options):
-            select.value = chosen
-        self._schedule_plan()
+    def on_gpu_select_loaded(self, event: GpuSelect.Loaded) -> None:
+        self._schedule_plan()  # the first plan waits for the GPUs
 
     # -- the settings and their plan ----------------------------------------------------------------
 
@@ -149,21 +134,22 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
         self._plan_timer = self.set_timer(PLAN_DELAY_S, self.check_plan)
 
     def check_plan(self) -> None:
-        if self._gpus is None:
+        gpus = self.query_one(GpuSelect).gpus
+        if gpus is None:
             return  # asked again once the GPUs are known
         settings, errors = self._settings()
         self._show_problems(errors)
         if errors:
             self.query_one("#plan", Static).update("")
             return
-        self._plan(settings)
+        self._plan(settings, gpus)
 
     @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
-    def _plan(self, settings: DeploySettings) -> None:
+    def _plan(self, settings: DeploySettings, gpus: list[Gpu]) -> None:
         from engine import deployments
 
         try:
-            checked = deployments.plan(self.app.db, self.model_id, settings, self._gpus)
+            checked = deployments.plan(self.app.db, self.model_id, settings, gpus)
         except EngineError as exc:
             self.app.call_from_thread(self._show_plan, None, str(exc))
             return

@@ -47,9 +47,9 @@ class DeploymentsScreen(DeckScreen):
         Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
-        Column("Model", ratio=3, min_width=10), Column("Backend", width=12), Column("Endpoint", ratio=3, min_width=10),
-        Column("State", ratio=2, min_width=8), Column("Requests", width=8), Column("Tok/s", width=6),
-        Column("Since", width=16),
+        Column("Model", ratio=3, min_width=10), Column("Backend", width=12), Column("Endpoint", ratio=3, min_width=15),
+        Column("State", ratio=3, min_width=10), Column("Requests", width=8), Column("Tok/s", width=6),
+        Column("Up", width=6),
     ]
     LOAD_EVERY_S = 2.0  # how often the Ready servers' /metrics are read
 
@@ -63,8 +63,11 @@ class DeploymentsScreen(DeckScreen):
         self.set_interval(self.LOAD_EVERY_S, self.poll_load)
 
     def poll_load(self) -> None:
-        ready = {d.id: d.endpoint for d in self.store.deployments.values()
-                 if d.state == DeploymentState.READY and d.endpoint}
+        live = [d for d in self.store.deployments.values()
+                if d.state in (DeploymentState.PENDING, DeploymentState.READY)]
+        for dep in live:  # their uptime moves on
+            self.table.upsert(dep.id, self._cells(dep))
+        ready = {d.id: d.endpoint for d in live if d.state == DeploymentState.READY and d.endpoint}
         if ready:
             self.read_load(ready)
 
@@ -102,6 +105,7 @@ class DeploymentsScreen(DeckScreen):
             self.table.remove(dep_id)
         for dep_id in changed:
             self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
+        self.apply_filter()  # the state filter and the counts follow the new states
         self.honour_focus_request()
 
     def _cells(self, dep: Deployment) -> tuple:
@@ -109,8 +113,16 @@ class DeploymentsScreen(DeckScreen):
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         requests = f"{load[0].requests:,}" if load else "—"
         rate = f"{load[2]:,.0f}" if load and load[2] is not None else "—"
-        return (dep.name, dep.backend, dep.endpoint or "—", Text(state, style=STATE_STYLES[dep.state]),
-                requests, rate, human_time(dep.created_at))
+        address = (dep.endpoint or "—").removeprefix("http://").removesuffix("/v1")  # the full URL is in details
+        return (dep.name, dep.backend, address, Text(state, style=STATE_STYLES[dep.state]),
+                requests, rate, self._uptime(dep))
+
+    @staticmethod
+    def _uptime(dep: Deployment) -> str:
+        """Ready: since it turned Ready (its last change); Pending: since it was made; else nothing."""
+        if dep.state == DeploymentState.READY:
+            return human_duration(clock() - dep.updated_at)
+        return human_duration(clock() - dep.created_at) if dep.state == DeploymentState.PENDING else "—"
 
     def apply_filter(self) -> None:
         words = self.filter_words
@@ -224,7 +236,8 @@ class DeploymentsScreen(DeckScreen):
             ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason), style=STATE_STYLES[dep.state])),
             ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
             ("API key", (dep.api_key[:6] + "…" + dep.api_key[-2:]) if dep.api_key else "—"), ("GPUs", dep.gpus or "—"),
-            ("Since", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
+            ("Created", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
+            ("Up", self._uptime(dep)),
             ("Requests", f"{load[0].requests:,} answered, {load[0].tokens:,} tokens generated" if load else "—"),
             ("Command", command),
         ]

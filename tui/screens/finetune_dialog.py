@@ -25,6 +25,7 @@ from engine.format import job_progress
 from engine.hyperparameters import DEFAULT_MAX_LENGTH, Hyperparameters
 from tui.screens.base import ReportsWorkerErrors
 from tui.screens.file_picker import FilePicker
+from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.info import InfoLine
 
 # Shown on their own rows above the grid of numbers.
@@ -71,8 +72,7 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
                     yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
                 with Horizontal(classes="form-row"):
                     yield Label("GPUs", classes="form-label")
-                    yield Select([("auto: the first GPU, else the CPU", "auto"), ("CPU", "cpu")], value="auto",
-                                 allow_blank=False, id="gpus", compact=True)
+                    yield GpuSelect(id="gpus")
                 with Horizontal(classes="form-row"):
                     yield Label("Method", classes="form-label")
                     yield Select([("LoRA", "lora")], value="lora", allow_blank=False, id="method", compact=True)
@@ -116,28 +116,14 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         return ids[0] if len(ids) == 1 else Select.NULL
 
     def on_mount(self) -> None:
-        self.load_gpus()
         if self.initial_dataset:
             self.check_dataset()
 
-    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
-    def load_gpus(self) -> None:
-        """GPUs come from nvidia-smi, which can take a moment: asked in a thread."""
-        from engine.gpus import choices, has_bitsandbytes, list_gpus
+    def on_gpu_select_loaded(self, event: GpuSelect.Loaded) -> None:
+        from engine.gpus import has_bitsandbytes
 
-        gpus = list_gpus()
-        if gpus:
-            self.app.call_from_thread(self._set_gpu_options, choices(gpus))
-        if gpus and has_bitsandbytes():
-            self.app.call_from_thread(self.query_one("#method", Select).set_options,
-                                      [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora")])
-
-    def _set_gpu_options(self, options: list[tuple[str, str]]) -> None:
-        select = self.query_one("#gpus", Select)
-        chosen = select.value  # a choice made before nvidia-smi answered stays
-        select.set_options(options)
-        if any(value == chosen for _, value in options):
-            select.value = chosen
+        if event.gpus and has_bitsandbytes():
+            self.query_one("#method", Select).set_options([("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora")])
 
     # -- reading what was typed ---------------------------------------------------------------------
 
