@@ -5,7 +5,8 @@ model can be served and used on a machine without a GPU.
 
 Routes: GET /health, GET /metrics (Prometheus text), and, behind `Authorization: Bearer KEY`,
 GET /v1/models, POST /v1/chat/completions (streamed or not), POST /v1/completions. Errors are
-OpenAI-shaped JSON. One generation runs at a time, from a queue: requests wait their turn, in order.
+OpenAI-shaped JSON. One thread generates for up to --max-concurrent requests at once, a token for each
+in turn, so a short request is not stuck behind a long one; more wait in a queue, in order.
 The port is opened only once the model is loaded, so /health answering means "ready" (as with vLLM).
 The key comes from the environment, never the command line (which `ps` shows to everyone).
 """
@@ -21,7 +22,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,7 @@ class Job:
     loop: asyncio.AbstractEventLoop  # the request's: the generation thread hands it each event
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("delta", text) ..., then ("done", ...)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)  # time to first token counts the wait too
 
     def put(self, event: tuple) -> None:
         """From the generation thread: wakes the request's coroutine at once (no polling)."""
@@ -132,7 +134,8 @@ class Job:
 class Engine:
     """The loaded model and the thread that generates for one request at a time."""
 
-    def __init__(self, model_path: str, adapter: str | None, dtype: str, max_model_len: int | None):
+    def __init__(self, model_path: str, adapter: str | None, dtype: str, max_model_len: int | None,
+                 max_concurrent: int = 8):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,6 +157,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos.add(self.tokenizer.eos_token_id)
         self.jobs: queue.Queue[Job] = queue.Queue()
+        self.max_concurrent = max_concurrent
         self.metrics = Metrics()
         threading.Thread(target=self._serve, name="generate", daemon=True).start()
 
@@ -180,49 +184,68 @@ class Engine:
         return job
 
     def _serve(self) -> None:
-        while True:
-            job = self.jobs.get()
-            try:
-                self._generate(job)
-            except Exception as exc:  # noqa: BLE001 - a failed generation ends its request, not the server
-                job.put(("error", f"{type(exc).__name__}: {exc}"))
+        """Round-robin over the active generations, one token each per turn; admit queued requests
+        between turns (waiting for one only when nothing is active)."""
+        active: list[tuple[Job, Iterator[None]]] = []
+        # Inference mode for the whole thread: the generations interleave, so none may enter or leave it.
+        with self.torch.inference_mode():
+            self._round_robin(active)
 
-    def _generate(self, job: Job) -> None:
+    def _round_robin(self, active: list[tuple[Job, Iterator[None]]]) -> None:
+        while True:
+            while len(active) < self.max_concurrent:
+                try:
+                    job = self.jobs.get(block=not active)
+                except queue.Empty:
+                    break
+                active.append((job, self._generate(job)))
+            for entry in list(active):
+                job, steps = entry
+                try:
+                    next(steps)
+                except StopIteration:
+                    active.remove(entry)
+                except Exception as exc:  # noqa: BLE001 - a failed generation ends its request, not the server
+                    job.put(("error", f"{type(exc).__name__}: {exc}"))
+                    active.remove(entry)
+
+    def _generate(self, job: Job) -> Iterator[None]:
+        """One request's generation, yielding after each token so others can take theirs."""
         torch, s = self.torch, job.sampling
         generator = torch.Generator(device=self.device)
         generator.manual_seed(s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little"))
         start, first, tokens, text, sent, finish = time.perf_counter(), None, [], "", "", "length"
         matched_stop = False
         ids, past = torch.tensor([job.prompt_ids], device=self.device), None
-        with torch.inference_mode():
-            for _ in range(s.max_tokens):
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = self._sample(out.logits[0, -1].float(), s, generator)
-                if token in self.eos:
-                    finish = "stop"
-                    break
-                tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                hit = min((i for i in (text.find(stop, max(len(sent) - len(stop), 0)) for stop in s.stop) if i >= 0),
-                          default=-1)
-                if hit >= 0:
-                    text, finish, matched_stop = text[:hit], "stop", True
-                if first is None:
-                    first = time.perf_counter() - start
-                # Send what is certain: not a half character, nor an ending that may yet become a stop string.
-                ready = len(text) if matched_stop else len(text) - held_back(text, s.stop)
-                if ready > len(sent) and not text[:ready].endswith("\ufffd"):
-                    job.put(("delta", text[len(sent):ready]))
-                    sent = text[:ready]
-                if matched_stop:
-                    break
-                ids = torch.tensor([[token]], device=self.device)
-            if not matched_stop and len(text) > len(sent):  # what was held back, at the end of the reply
-                job.put(("delta", text[len(sent):].rstrip("\ufffd")))
+        for _ in range(s.max_tokens):
+            if job.cancelled.is_set():
+                finish = "cancelled"
+                break
+            out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = self._sample(out.logits[0, -1].float(), s, generator)
+            if token in self.eos:
+                finish = "stop"
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            hit = min((i for i in (text.find(stop, max(len(sent) - len(stop), 0)) for stop in s.stop) if i >= 0),
+                      default=-1)
+            if hit >= 0:
+                text, finish, matched_stop = text[:hit], "stop", True
+            if first is None:
+                first = time.perf_counter() - job.submitted
+            # Send what is certain: not a half character, nor an ending that may yet become a stop string.
+            ready = len(text) if matched_stop else len(text) - held_back(text, s.stop)
+            if ready > len(sent) and not text[:ready].endswith("\ufffd"):
+                job.put(("delta", text[len(sent):ready]))
+                sent = text[:ready]
+            if matched_stop:
+                break
+            ids = torch.tensor([[token]], device=self.device)
+            yield
+        if not matched_stop and len(text) > len(sent):  # what was held back, at the end of the reply
+            job.put(("delta", text[len(sent):].rstrip("\ufffd")))
         elapsed = time.perf_counter() - start
         self.metrics.finished(len(job.prompt_ids), len(tokens), first, elapsed)
         job.put(("done", finish, len(tokens), first))
@@ -279,10 +302,11 @@ class Metrics:
             for name, kind, value, help_text in [
                 ("prompt_tokens_total", "counter", self.prompt_tokens, "Prompt tokens processed."),
                 ("generation_tokens_total", "counter", self.generated_tokens, "Tokens generated."),
-                ("generation_seconds_total", "counter", round(self.generation_seconds, 6), "Time spent generating."),
+                ("generation_seconds_total", "counter", round(self.generation_seconds, 6),
+                 "Time spent generating, summed over requests (interleaved ones overlap)."),
                 ("time_to_first_token_seconds_sum", "counter", round(self.ttft_sum, 6), "Sum of times to first token."),
                 ("time_to_first_token_seconds_count", "counter", self.ttft_count, "Requests with a first token."),
-                ("tokens_per_second", "gauge", round(self.last_tokens_per_s, 3), "Tokens/s of the last request."),
+                ("tokens_per_second", "gauge", round(self.last_tokens_per_s, 3), "Tokens/s of the last request (interleaved requests share the model)."),
             ]:
                 lines += [f"# HELP modeldeck_{name} {help_text}", f"# TYPE modeldeck_{name} {kind}",
                           f"modeldeck_{name} {value}"]
@@ -450,12 +474,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-concurrent", type=int, default=8,
+                        help="requests generated at once, a token each in turn; more wait in a queue")
     args = parser.parse_args(argv)
     api_key = os.environ.get(API_KEY_ENV)
     if not api_key:
         parser.exit(2, f"set {API_KEY_ENV}: every /v1 route needs the key\n")
     print(f"loading {args.model}" + (f" with adapter {args.adapter}" if args.adapter else ""), flush=True)
-    engine = Engine(args.model, args.adapter, args.dtype, args.max_model_len)
+    engine = Engine(args.model, args.adapter, args.dtype, args.max_model_len, args.max_concurrent)
     print(f"loaded on {engine.device}; context {engine.context} tokens; serving {args.served_name!r} "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     import uvicorn

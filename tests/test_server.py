@@ -204,3 +204,31 @@ def test_no_part_of_a_stop_string_is_ever_sent():
     assert held_back("Hello U", ["User:", "\n\n"]) == 1
     assert held_back("Hello\n", ["User:", "\n\n"]) == 1
     assert held_back("Hello", ["User:"]) == 0 and held_back("Hello", []) == 0
+
+
+def test_a_short_request_is_not_stuck_behind_long_ones(server):
+    """Generations interleave a token at a time: a 2-token reply asked for while three long ones stream
+    ends before any of them (one at a time, in order, it would wait for all three)."""
+    import threading
+
+    client, started, ends = server.client(), threading.Barrier(4), []
+
+    def long_reply() -> None:
+        chunks = iter(client.completions.create(model="tiny", prompt="a b c d e f", max_tokens=100, temperature=0,
+                                                stream=True))
+        next(chunks)
+        started.wait(timeout=30)
+        tokens = 1 + sum(1 for c in chunks if c.choices and c.choices[0].text)
+        ends.append((time.monotonic(), tokens))
+
+    threads = [threading.Thread(target=long_reply) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=30)  # all three are generating
+    short = client.completions.create(model="tiny", prompt="a b c d e f", max_tokens=2, temperature=0)
+    short_done = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert short.usage.completion_tokens == 2 and len(ends) == 3
+    assert all(tokens > 50 for _, tokens in ends)  # (greedy on this prompt runs the whole length)
+    assert short_done < min(end for end, _ in ends)
