@@ -49,21 +49,21 @@ class DeploySettings:
     def problems(self) -> dict[str, str]:
         errors = {}
         if self.backend not in BACKENDS:
-            errors["backend"] = f"backend {self.backend!r}: choose auto, vllm or transformers"
+            errors["backend"] = f"Backend {self.backend!r}: choose auto, vllm or transformers"
         if self.tensor_parallel < 1:
-            errors["tensor_parallel"] = "tensor-parallel size must be 1 or more"
+            errors["tensor_parallel"] = "Tensor parallel must be 1 or more"
         if self.dtype not in ("auto", *DTYPE_BYTES):
-            errors["dtype"] = f"dtype {self.dtype!r}: choose auto, bfloat16, float16 or float32"
+            errors["dtype"] = f"Dtype {self.dtype!r}: choose auto, bfloat16, float16 or float32"
         if self.max_model_len < 0:
-            errors["max_model_len"] = "max model length must be 0 (the model's own) or more"
+            errors["max_model_len"] = "Max model length must be 0 (the model's own) or more"
         if not 0.05 <= self.gpu_memory_fraction <= 1:
-            errors["gpu_memory_fraction"] = "GPU memory fraction must be from 0.05 to 1"
+            errors["gpu_memory_fraction"] = "GPU memory must be a fraction from 0.05 to 1"
         if self.served_name and not all(c.isalnum() or c in "._-/:" for c in self.served_name):
-            errors["served_name"] = "served name: letters, digits and . _ - / : only"
+            errors["served_name"] = "Served name: letters, digits and . _ - / : only"
         if not self.host.strip() or " " in self.host:
-            errors["host"] = f"bind address {self.host!r}: an IP address or host name, like 127.0.0.1"
+            errors["host"] = f"Bind address {self.host!r}: an IP address or host name, like 127.0.0.1"
         if not 0 <= self.port <= 65535:
-            errors["port"] = "port must be from 1 to 65535 (or 0 for a free one)"
+            errors["port"] = "Port must be from 1 to 65535 (or empty for a free one)"
         return errors
 
     @classmethod
@@ -190,6 +190,20 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache
+
+
+def _text_config(model_path: str) -> dict:
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config.get("text_config") or config
+
+
+def context_limit(model_path: str) -> int | None:
+    """The longest sequence the model was made for (its config's max_position_embeddings), if known."""
+    limit = _text_config(model_path).get("max_position_embeddings")
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def estimate_memory(model_path: str, size_on_disk: int, dtype: str, max_len: int | None,

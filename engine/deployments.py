@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import socket
 from dataclasses import dataclass
 
 import psutil
@@ -30,6 +31,7 @@ from engine.backends import (
     DeploySettings,
     MemoryEstimate,
     choose_backend,
+    context_limit,
     estimate_memory,
     fit_verdict,
     free_port,
@@ -41,6 +43,7 @@ from engine.events import record
 from engine.format import human_bytes
 from engine.gpus import Gpu, list_gpus, parse_choice
 from engine.jobs import settle_deployment
+from engine.localmodel import NAME_PATTERN
 from engine.models import find_model
 
 LIVE = (DeploymentState.PENDING, DeploymentState.READY)
@@ -107,6 +110,7 @@ class DeployPlan:
     gpus: str  # "cpu" or a comma list of indexes
     fit: FitCheck
     served_name: str
+    name: str  # the deployment's (default: the served name)
 
     @property
     def warnings(self) -> list[str]:
@@ -156,8 +160,37 @@ def _fit(session: Session, model: Model, base: Model | None, settings: DeploySet
     return FitCheck(needed, int(free), where, rough)
 
 
-def plan(db: Database, model_name: str | int, settings: DeploySettings,
-         available_gpus: list[Gpu] | None = None) -> DeployPlan:
+def _check_name_and_port(session: Session, name: str, port: int) -> None:
+    """A live deployment keeps its name and its port (a server binds its port only once its model is
+    loaded: the port is taken even while nothing listens on it yet)."""
+    for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE))):
+        if live.name == name:
+            raise EngineError(f"a deployment named {name!r} is already running; stop it, or give this one another "
+                              "name")
+        if port and live.loads(live.settings_json, {}).get("port") == port:
+            raise EngineError(f"port {port} is kept for deployment {live.name!r}; choose another, or leave it "
+                              "empty for a free one")
+
+
+def _listen_check(settings: DeploySettings) -> DeploySettings:
+    """The port: a free one when not given, else one nothing listens on; the address must be this
+    machine's."""
+    try:
+        if settings.port == 0:
+            return dataclasses.replace(settings, port=free_port(settings.host))
+        if not port_free(settings.host, settings.port):
+            raise EngineError(f"port {settings.port} on {settings.host} is in use by another program; choose "
+                              "another, or leave it empty for a free one")
+    except socket.gaierror:
+        raise EngineError(f"bind address {settings.host!r}: not a known host name or IP address") from None
+    except OSError as exc:
+        raise EngineError(f"bind address {settings.host!r}: cannot listen there ({exc.strerror}); use 127.0.0.1, "
+                          "0.0.0.0 or an address of this machine") from None
+    return settings
+
+
+def plan(db: Database, model_name: str | int, settings: DeploySettings, available_gpus: list[Gpu] | None = None,
+         name: str | None = None) -> DeployPlan:
     """Every check that can be made before launch; raises EngineError with what to change."""
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
@@ -168,57 +201,54 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings,
         raise EngineError(str(exc)) from None
     backend = choose_backend(settings.backend, gpus != "cpu", vllm_available())
     if backend == "vllm" and (gpus == "cpu" or not vllm_available()):
-        raise EngineError("vLLM needs a CUDA GPU and the vllm command; choose the transformers backend")
+        raise EngineError("vLLM needs a CUDA GPU and the vllm command; choose the built-in server (transformers)")
     if backend == "vllm" and settings.tensor_parallel > len(gpus.split(",")):
         raise EngineError(f"tensor-parallel size {settings.tensor_parallel} needs as many GPUs; "
                           f"{len(gpus.split(','))} chosen ({gpus})")
     if backend == "transformers" and settings.tensor_parallel > 1:
         raise EngineError("tensor parallel needs vLLM; the built-in server runs a model on one device")
-    if settings.port == 0:
-        settings = dataclasses.replace(settings, port=free_port(settings.host))
-    elif not port_free(settings.host, settings.port):
-        raise EngineError(f"port {settings.port} on {settings.host} is in use; choose another, or 0 for a free one")
     with db.read() as session:
         model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
         if model is None:
             raise EngineError("that model was deleted")
         base = _deployable(session, model)
+        name = name or settings.served_name or model.name
+        if not NAME_PATTERN.match(name):
+            raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
+        _check_name_and_port(session, name, settings.port)
+        limit = context_limit((base or model).path) if model.path else None
+        if limit and settings.max_model_len > limit:
+            raise EngineError(f"max model length {settings.max_model_len:,} is over the model's own limit of "
+                              f"{limit:,} tokens; leave it empty for {limit:,}")
+        settings = _listen_check(settings)
         fit = _fit(session, model, base, settings, backend, gpus, available_gpus)
-    return DeployPlan(model, base, settings, backend, gpus, fit, settings.served_name or model.name)
+    return DeployPlan(model, base, settings, backend, gpus, fit, settings.served_name or model.name, name)
 
 
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,
            force: bool = False) -> tuple[Deployment, Job]:
     """Check everything, then register a Pending deployment and start its supervising job."""
-    return start(db, plan(db, model_name, settings), name, force)
+    return start(db, plan(db, model_name, settings, name=name), force)
 
 
-def start(db: Database, checked: DeployPlan, name: str | None = None, force: bool = False) -> tuple[Deployment, Job]:
+def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deployment, Job]:
     """Register a Pending deployment for a plan and start its supervising job. A model that does not fit
     is refused unless `force`d."""
     if checked.fit.verdict == "does not fit" and not force:
-        raise EngineError(f"{checked.model.name} does not fit: {checked.fit.describe()}. Lower the max model "
-                          "length or choose other GPUs, or deploy anyway (--force; the drawer's override)")
+        raise EngineError(f"{checked.model.name} does not fit: it {checked.fit.needs}. Lower the max model "
+                          "length or choose other GPUs, or override the check to deploy anyway")
     settings, served = checked.settings, checked.served_name
     with db.write() as session:
         model = session.get(Model, checked.model.id)
         if model is None:
             raise EngineError(f"{checked.model.name!r} was deleted meanwhile")
         _deployable(session, model)
-        # A server binds its port only once its model is loaded: a live deployment's port is taken even
-        # while nothing listens on it yet.
-        for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE))):
-            if live.loads(live.settings_json, {}).get("port") == settings.port:
-                raise EngineError(f"port {settings.port} is kept for deployment {live.name!r}; choose another, "
-                                  "or 0 for a free one")
-        if session.exec(select(Deployment).where(Deployment.name == (name or served),
-                                                 Deployment.state.in_(LIVE))).first():
-            raise EngineError(f"a deployment named {name or served!r} is already running; stop it or choose another name")
+        _check_name_and_port(session, checked.name, settings.port)  # again, under the write lock
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # where to reach it from here
         host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
         waiting = model.state == ModelState.PENDING
         deployment = Deployment(
-            model_id=model.id, name=name or served, backend=checked.backend,
+            model_id=model.id, name=checked.name, backend=checked.backend,
             phase="waiting for the download" if waiting else "starting", served_name=served,
             api_key="sk-md-" + secrets.token_urlsafe(24), gpus=checked.gpus,
             endpoint=f"http://{host}:{settings.port}/v1", settings_json=Deployment.dumps(dataclasses.asdict(settings)))
@@ -237,6 +267,9 @@ def stop(db: Database, name: str | int) -> Deployment:
     """Stop the server cleanly (terminate, deadline, kill the group); the deployment ends Stopped."""
     with db.read() as session:
         deployment = find_deployment(session, name)
+    if deployment.backend == "external":
+        raise EngineError(f"{deployment.name!r} is an external endpoint: modeldeck does not run it, so there is "
+                          "nothing to stop; delete removes it from the list")
     if deployment.state not in LIVE:
         raise EngineError(f"deployment {deployment.name!r} is already {deployment.state.value}")
     try:
@@ -250,11 +283,15 @@ def stop(db: Database, name: str | int) -> Deployment:
 
 
 def delete(db: Database, name: str | int) -> None:
-    """Remove a stopped or failed deployment's record."""
+    """Remove a stopped or failed deployment's record (an external endpoint's at any time), with its
+    conversations."""
+    from engine.endpoints import forget_key
+
     with db.write() as session:
         deployment = find_deployment(session, name)
-        if deployment.state in LIVE:
+        if deployment.state in LIVE and deployment.backend != "external":
             raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}; stop it first")
+        forget_key(deployment)
         session.delete(deployment)
         record(session, f"deployment:{deployment.id}", "deleted", f"deleted {deployment.name}")
 

@@ -142,12 +142,37 @@ def deployment_state_text(state: DeploymentState, phase: str | None, reason: str
     return text
 
 
+BACKEND_LABELS = {"transformers": "built-in", "vllm": "vLLM", "external": "external", "kubernetes": "kubernetes"}
+
+
+def backend_label(backend: str) -> str:
+    """The built-in server runs on transformers; it is called what the drawer calls it."""
+    return BACKEND_LABELS.get(backend, backend)
+
+
+def listening_on(settings: dict) -> tuple[str, bool]:
+    """Where a deployment's server listens ("0.0.0.0:8001"), and whether that is beyond this machine."""
+    host = settings.get("host") or "127.0.0.1"
+    exposed = host not in ("127.0.0.1", "localhost", "::1")
+    return f"{f'[{host}]' if ':' in host else host}:{settings.get('port', '?')}", exposed
+
+
 def delete_consequence(plan: DeletePlan) -> str:
     """What deleting frees, for the confirmation (dashboard and CLI alike)."""
     model = plan.model
+    ended = len(plan.ended_deployments)
+    history = (f" Its {ended} stopped or failed deployment{'s' if ended > 1 else ''} and their chats go too."
+               if ended else "")
     if plan.frees_bytes is None:
-        return f"Its files in {model.path} are not modeldeck's and stay where they are."
+        return f"Its files in {model.path} are not modeldeck's and stay where they are.{history}"
     running = " Its running job is cancelled first." if plan.running_jobs else ""
     if plan.frees_bytes:
-        return f"This frees {human_bytes(plan.frees_bytes)} on disk.{running}"
-    return f"Any partial files are removed.{running}"
+        return f"This frees {human_bytes(plan.frees_bytes)} on disk.{running}{history}"
+    return f"Any partial files are removed.{running}{history}"
+
+
+def masked_key(key: str | None) -> str:
+    """An API key as screens show it: enough to tell keys apart, not enough to use one."""
+    if not key:
+        return "—"
+    return key[:6] + "…" + key[-2:] if len(key) > 10 else "…"

@@ -52,7 +52,7 @@ def has_bitsandbytes() -> bool:
 def choices(gpus: list[Gpu]) -> list[tuple[str, str]]:
     """The GPU choices a dialog offers, as (label, value as parse_choice takes it)."""
     if not gpus:
-        return [("auto: the CPU (no NVIDIA GPU found)", "auto"), ("CPU", "cpu")]
+        return [("auto: CPU (no NVIDIA GPU here)", "auto"), ("CPU", "cpu")]
     return [("auto: the first GPU", "auto"), *((gpu.describe(), str(gpu.index)) for gpu in gpus),
             ("all GPUs", ",".join(str(g.index) for g in gpus)), ("CPU", "cpu")]
 

@@ -265,13 +265,20 @@ def dependents(session: Session, model: Model) -> list[str]:
         f"{child.kind.value} {child.name!r} is built on it"
         for child in session.exec(select(Model).where(Model.base_id == model.id))
     ]
-    reasons += [
-        f"deployment {dep.name!r} ({dep.state.value}) serves it"
-        + (" — stop and delete it in Active deployments first" if dep.state != DeploymentState.STOPPED else
-           " — delete it in Active deployments first")
-        for dep in session.exec(select(Deployment).where(Deployment.model_id == model.id))
-    ]
+    live = [dep.name for dep in session.exec(select(Deployment).where(
+        Deployment.model_id == model.id, Deployment.state.in_([DeploymentState.PENDING, DeploymentState.READY])))]
+    if live:
+        names = ", ".join(repr(name) for name in live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
+        reasons.append(f"{'deployments' if len(live) > 1 else 'deployment'} {names} "
+                       f"{'serve' if len(live) > 1 else 'serves'} it: stop {'them' if len(live) > 1 else 'it'} "
+                       "first (x in Active deployments, or modeldeck stop)")
     return reasons
+
+
+def ended_deployments(session: Session, model: Model) -> list[Deployment]:
+    """Its stopped and failed deployments: history, deleted with the model."""
+    return list(session.exec(select(Deployment).where(
+        Deployment.model_id == model.id, Deployment.state.in_([DeploymentState.STOPPED, DeploymentState.FAILED]))))
 
 
 def owns_files(model: Model) -> bool:
@@ -286,6 +293,7 @@ class DeletePlan:
     blockers: list[str]  # why it cannot be deleted, if anything
     frees_bytes: int | None  # None when its files are not modeldeck's to delete
     running_jobs: list[int]
+    ended_deployments: list[str]  # stopped or failed ones: their records go with the model
 
 
 def delete_plan(db: Database, name: str) -> DeletePlan:
@@ -296,7 +304,7 @@ def delete_plan(db: Database, name: str) -> DeletePlan:
             select(Job.id).where(Job.model_id == model.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
         ).all()
         return DeletePlan(model, dependents(session, model), (model.size_bytes or 0) if owns_files(model) else None,
-                          list(running))
+                          list(running), [d.name for d in ended_deployments(session, model)])
 
 
 def delete_model(db: Database, name: str) -> int:
@@ -321,6 +329,10 @@ def delete_model(db: Database, name: str) -> int:
         if blockers := dependents(session, row):
             raise EngineError(f"cannot delete {model.name!r}: " + "; ".join(blockers))
         model = row
+        for deployment in ended_deployments(session, row):  # with their conversations (the database cascades)
+            session.delete(deployment)
+            record(session, f"deployment:{deployment.id}", "deleted", f"deleted {deployment.name} with its model")
+        session.flush()
         session.delete(row)
         record(session, f"model:{model.id}", "deleted", f"deleted {model.name}")
     # The row is gone first: no record ever points at half-deleted files.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import queue
@@ -144,6 +145,8 @@ class Engine:
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         device = "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "cpu"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
+        # transformers 5 names the KV cache argument `cache` (and warns on every `past_key_values`)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if adapter:
             from peft import PeftModel
 
@@ -221,8 +224,8 @@ class Engine:
             if job.cancelled.is_set():
                 finish = "cancelled"
                 break
-            out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: past})
+            past = getattr(out, self.cache_arg)
             token = self._sample(out.logits[0, -1].float(), s, generator)
             if token in self.eos:
                 finish = "stop"

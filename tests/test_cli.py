@@ -155,6 +155,26 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     listed = run("ps").stdout
     assert "tiny" in listed and "Ready" in listed and deployed["endpoint"] in listed
     assert "ready at" in run("logs", "tiny").stdout  # the deployment's server log, by its name
+    chatted = run("chat", "tiny", "hello", "--max-tokens", "3")  # one streamed reply, its numbers on stderr
+    assert "3 tokens · cut at max tokens" in chatted.stderr  # (a random model's 3 tokens may print nothing)
+    piped = run("chat", "tiny", "-", "--temperature", "0", "--json", stdin="hello from stdin")
+    assert json.loads(piped.stderr.strip().splitlines()[-1])["tokens"] >= 1
+    assert "temperature: 'hot' is not a number" in run("chat", "tiny", "hi", "--temperature", "hot",
+                                                       check=False).stderr
+    # The same server, listed as an external endpoint whose key lives in an environment variable.
+    os.environ["TEAM_KEY"] = deployed["api_key"]
+    try:
+        added = run("endpoint", "add", "team", deployed["endpoint"], "--key-env", "TEAM_KEY").stdout
+        assert "team: ready at" in added and "(model tiny)" in added
+        assert "tokens" in run("chat", "team", "hi", "--max-tokens", "2").stderr
+        assert "external" in run("ps").stdout
+        assert "team: removed" in run("endpoint", "rm", "team").stdout
+    finally:
+        del os.environ["TEAM_KEY"]
+    blocked = run("rm", "tiny", "--yes", check=False)
+    assert blocked.returncode == 1 and "deployment 'tiny' serves it: stop it first" in blocked.stderr
     assert "tiny: stopped" in run("stop", "tiny").stdout
     refused = run("stop", "tiny", check=False)
     assert refused.returncode == 1 and "already stopped" in refused.stderr
+    run("rm", "tiny", "--yes")  # its stopped deployment goes with it
+    assert json.loads(run("ps", "--json").stdout) == []

@@ -30,13 +30,13 @@ def row(db, deployment_id) -> Deployment:
         return session.get(Deployment, deployment_id)
 
 
-def ready(db, deployment_id, timeout=120) -> Deployment:
+def ready(db, deployment_id, timeout=120, expected=DeploymentState.READY) -> Deployment:
     def settled():
         d = row(db, deployment_id)
         return d if d.state != DeploymentState.PENDING else None
 
     done = wait_until(settled, timeout, 0.2, "the deployment to leave Pending")
-    assert done.state == DeploymentState.READY, (done.reason, jobs.log_tail(jobs.get(db, done.job_id).log_path, 20))
+    assert done.state == expected, (done.reason, jobs.log_tail(jobs.get(db, done.job_id).log_path, 20))
     return done
 
 
@@ -118,7 +118,7 @@ def test_what_cannot_be_deployed_is_refused_with_the_reason(db, tiny, tmp_path):
         deployments.deploy(db, "nope", DeploySettings())
     with pytest.raises(EngineError, match="no GPU 3 on this machine"):
         deployments.deploy(db, "tiny", DeploySettings(gpus="3"))
-    with pytest.raises(EngineError, match="tensor-parallel size must be 1 or more"):
+    with pytest.raises(EngineError, match="Tensor parallel must be 1 or more"):
         deployments.deploy(db, "tiny", DeploySettings(tensor_parallel=0))
     with pytest.raises(EngineError, match="vLLM needs a CUDA GPU"):
         deployments.deploy(db, "tiny", DeploySettings(backend="vllm"))
@@ -156,7 +156,7 @@ def test_a_model_that_does_not_fit_is_refused_unless_forced(db, tiny):
         model = models.find_model(session, "tiny")
         model.size_bytes = 100 * 2**40
         session.add(model)
-    with pytest.raises(EngineError, match=r"tiny does not fit: needs about .* free RAM .*: does not fit.*--force"):
+    with pytest.raises(EngineError, match=r"tiny does not fit: it needs about .* free RAM .*override the check"):
         deployments.deploy(db, "tiny", DeploySettings())
     assert deployments.deployment_rows(db) == []
     deployment, _ = deployments.deploy(db, "tiny", DeploySettings(), force=True)
@@ -207,3 +207,19 @@ def test_leftovers_of_a_dead_job_are_killed_only_when_they_carry_its_tag():
         stranger.kill()
         ours.kill()
         stranger.wait()
+
+
+def test_a_server_that_crashes_while_loading_fails_with_the_reason_from_its_log(db, tmp_path):
+    import shutil
+
+    from tests.tinymodel import make_tiny_llama
+
+    broken = make_tiny_llama(tmp_path / "broken")
+    models.import_path(db, broken, "broken")
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # damaged after the import
+    deployment, job = deployments.deploy(db, "broken", DeploySettings())
+    failed = ready(db, deployment.id, expected=DeploymentState.FAILED)
+    assert failed.reason.startswith("the server exited with code 1: ") and "Error" in failed.reason
+    assert "\n" not in failed.reason and "^^^" not in failed.reason and len(failed.reason) < 500
+    wait_until(lambda: jobs.get(db, job.id).state != JobState.RUNNING, 15, what="the supervisor to end")
+    shutil.rmtree(broken)

@@ -72,8 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="deploy even when the fit check says it does not fit")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
     verb("ps", "cmd_ps", "list deployments")
+    p = verb("chat", "cmd_chat", "chat with a Ready deployment: one streamed reply to PROMPT, or the dashboard's chat")
+    p.add_argument("deployment")
+    p.add_argument("prompt", nargs="?", help="the message ('-' reads it from stdin); without it, the dashboard opens "
+                   "on the deployment's chat")
+    p.add_argument("--system", default="", help="a system prompt")
+    p.add_argument("--temperature", help="0 to 2 (default 0.7)")
+    p.add_argument("--top-p", dest="top_p", help="0 to 1 (default 1)")
+    p.add_argument("--max-tokens", dest="max_tokens", help="the longest reply (default 512)")
+    p = verb("endpoint", "cmd_endpoint", "list an external OpenAI-compatible endpoint (add), or take one off (rm)")
+    p.add_argument("action", choices=["add", "rm"])
+    p.add_argument("name")
+    p.add_argument("url", nargs="?", help="the API's base URL, like http://host:8000/v1 (add)")
+    p.add_argument("--model", help="the model to chat with (default: the only one it serves)")
+    p.add_argument("--key-env", dest="key_env", help="an environment variable holding its API key")
+    p.add_argument("--key-stdin", dest="key_stdin", action="store_true",
+                   help="read the API key from stdin and keep it in the system keyring")
     p = verb("stop", "cmd_stop", "stop a deployment (the server ends cleanly and frees its port)")
     p.add_argument("deployment")
+    p.add_argument("--rm", action="store_true", help="also remove its record and chats (works on a stopped one too)")
     verb("jobs", "cmd_jobs", "list jobs (downloads, imports, fine-tunes, merges, servers)")
     p = verb("logs", "cmd_logs", "print a job's log: by job id, a deployment's name (its server), or a model's name")
     p.add_argument("job", help="a job id, a deployment's name, or a custom model's name")
@@ -98,10 +115,11 @@ def _hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command is None:
+    if args.command is None or (args.command == "chat" and args.prompt is None):
         from tui.app import ModelDeckApp
 
-        app = ModelDeckApp()  # opens the database itself, after painting its first frame
+        # opens the database itself, after painting its first frame
+        app = ModelDeckApp(open_chat=args.deployment if args.command == "chat" else None)
         app.run()
         return app.return_code or 0
     try:

@@ -17,6 +17,7 @@ from engine import jobs, models
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
 from engine.format import (
+    backend_label,
     delete_consequence,
     deployment_state_text,
     human_bytes,
@@ -24,6 +25,7 @@ from engine.format import (
     human_time,
     human_value,
     job_progress,
+    listening_on,
     meta_label,
     state_text,
 )
@@ -190,8 +192,11 @@ def cmd_deploy(args, db) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DeploySettings)
               if getattr(args, f.name, None) is not None}
-    checked = deployments.plan(db, args.model, DeploySettings(**values))
-    deployment, _job = deployments.start(db, checked, args.name, args.force)
+    checked = deployments.plan(db, args.model, DeploySettings(**values), name=args.name)
+    try:
+        deployment, _job = deployments.start(db, checked, args.force)
+    except EngineError as exc:
+        raise EngineError(f"{exc} (--force)" if "does not fit" in str(exc) else str(exc)) from None
     if not args.json:
         for warning in checked.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -209,19 +214,84 @@ def cmd_deploy(args, db) -> int:
             time.sleep(0.5)
         if sys.stderr.isatty() and not args.json:
             sys.stderr.write("\r\033[K")
+    bound, exposed = listening_on(deployment.loads(deployment.settings_json, {}))
     table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason)}\n"
-             f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}")
+             f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}"
+             + (f"\nlistening on {bound}: reachable from other machines (with the API key)" if exposed else ""))
     _emit(args, _deployment_dict(deployment), table)
     return 1 if deployment.state.value == "failed" else 0
+
+
+def cmd_chat(args, db) -> int:
+    """One streamed reply to stdout; its numbers to stderr."""
+    import asyncio
+
+    from engine import deployments, endpoints
+    from engine.chat import ChatParams, Delta, Target, new_client, stream_chat
+
+    params, errors = ChatParams.from_strings({"temperature": args.temperature or "", "top_p": args.top_p or "",
+                                              "max_tokens": args.max_tokens or ""})
+    if errors:
+        raise EngineError("; ".join(errors.values()))
+    with db.read() as session:
+        dep = deployments.find_deployment(session, args.deployment)
+    if dep.state.value != "ready":
+        raise EngineError(f"{dep.name} is {dep.state.value}; chat needs it Ready (see `modeldeck ps`)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise EngineError("the prompt is empty")
+    target = Target(dep.endpoint, endpoints.api_key(dep), dep.served_name)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+
+    async def reply() -> None:
+        async with new_client() as client:
+            async for event in stream_chat(client, target, messages, params):
+                if isinstance(event, Delta):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                else:
+                    sys.stdout.write("\n")
+                    if args.json:
+                        print(json.dumps(event.stats.as_dict()), file=sys.stderr)
+                    else:
+                        print(f"({event.stats.describe()})", file=sys.stderr)
+
+    asyncio.run(reply())
+    return 0
+
+
+def cmd_endpoint(args, db) -> int:
+    from engine import deployments, endpoints
+
+    if args.action == "rm":
+        with db.read() as session:
+            dep = deployments.find_deployment(session, args.name)
+        if dep.backend != "external":
+            raise EngineError(f"{dep.name} is not an external endpoint; stop it with `modeldeck stop`")
+        deployments.delete(db, dep.id)
+        _emit(args, {"removed": dep.name}, f"{dep.name}: removed")
+        return 0
+    if not args.url:
+        raise EngineError("give the endpoint's base URL: modeldeck endpoint add NAME URL")
+    key = sys.stdin.readline().strip() if args.key_stdin else None
+    deployment = endpoints.add(db, args.name, args.url, args.model, args.key_env, key)
+    _emit(args, _deployment_dict(deployment), f"{deployment.name}: ready at {deployment.endpoint} "
+          f"(model {deployment.served_name})")
+    return 0
 
 
 def cmd_ps(args, db) -> int:
     from engine import deployments
 
     rows = deployments.deployment_rows(db)
+    def endpoint(d) -> str:
+        bound, exposed = listening_on(d.loads(d.settings_json, {}))
+        return (d.endpoint or "") + (f" (open on {bound})" if exposed and d.backend != "external" else "")
+
     table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
-                   [[d.name, d.backend, _clip(deployment_state_text(d.state, d.phase, d.reason), 60), d.endpoint or "", d.gpus or "",
-                     human_time(d.created_at)] for d in rows])
+                   [[d.name, backend_label(d.backend), _clip(deployment_state_text(d.state, d.phase, d.reason), 60),
+                     endpoint(d), d.gpus or "", human_time(d.created_at)] for d in rows])
     _emit(args, [_deployment_dict(d) for d in rows], table)
     return 0
 
@@ -229,7 +299,14 @@ def cmd_ps(args, db) -> int:
 def cmd_stop(args, db) -> int:
     from engine import deployments
 
-    deployment = deployments.stop(db, args.deployment)
+    with db.read() as session:
+        deployment = deployments.find_deployment(session, args.deployment)
+    if deployment.state in deployments.LIVE or not args.rm:
+        deployment = deployments.stop(db, deployment.id)
+    if args.rm:
+        deployments.delete(db, deployment.id)
+        _emit(args, _deployment_dict(deployment) | {"removed": True}, f"{deployment.name}: stopped and removed")
+        return 0
     _emit(args, _deployment_dict(deployment), f"{deployment.name}: {deployment.state.value}")
     return 0
 

@@ -9,6 +9,7 @@ cancelled, if that was asked), with the last lines of its log. No daemon is need
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +202,19 @@ def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
         return []
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def tail_reason(lines: list[str]) -> str:
+    """What a log's last lines say went wrong, in one line: a traceback's final exception line when there
+    is one (not the code around it), else the last lines joined."""
+    kept = [line.strip() for line in lines if line.strip()]
+    for line in reversed(kept):
+        if _EXCEPTION_LINE.match(line):
+            return line[:400]
+    return " | ".join(kept[-3:])[:400]
+
+
 def _exit_description(job: Job) -> str:
     child = _children.pop(job.id, None)
     code = None
@@ -236,7 +250,7 @@ def reconcile(db: Database) -> list[int]:
         # The slow parts (waiting on the exit code, reading the log) happen before taking the write
         # lock, which every job's progress writes wait on.
         tail = log_tail(job.log_path)
-        failure = _exit_description(job) + (": " + " | ".join(tail[-3:]) if tail else "")
+        failure = _exit_description(job) + (": " + tail_reason(tail) if tail else "")
         with db.write() as session:
             job = session.get(Job, job.id)  # re-read under the lock: it may have finished or been cancelled
             if job.cancel_requested:

@@ -26,7 +26,7 @@ from catalog.schema import (
 )
 from engine import jobs
 from engine.backends import serve_command
-from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployment
+from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployment, tail_reason
 from engine.jobs.harness import JobContext, JobFailure, main
 
 READY_TIMEOUT_S = 900.0  # loading a large model can take minutes
@@ -103,8 +103,8 @@ def exited(child: subprocess.Popen, log_path: str | None) -> str | None:
         return None
     how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     sys.stdout.flush()
-    tail = [line for line in log_tail(log_path, 6) if line.strip()]
-    return f"the server {how}" + (": " + " | ".join(tail[-3:]) if tail else "")
+    tail = log_tail(log_path, 12)
+    return f"the server {how}" + (": " + tail_reason(tail) if any(line.strip() for line in tail) else "")
 
 
 def healthy(client: httpx.Client, base_url: str) -> bool:

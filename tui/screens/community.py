@@ -85,6 +85,7 @@ class CommunityScreen(DeckScreen):
         for repo_id, entry in self.store.community.items():
             if self.store.model_for_repo(repo_id) is not None:
                 self.table.upsert(repo_id, self._cells(entry))
+        self._show_preview(self.table.cursor_key)  # its status and row action may have changed
 
     def _cells(self, entry: CommunityModel) -> tuple:
         return (entry.name, human_params(entry.params), entry.description, ", ".join(entry.tags), self._status(entry))

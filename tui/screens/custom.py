@@ -98,11 +98,13 @@ class CustomScreen(DeckScreen):
     def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
         for model_id, row in self.store.models.items():  # a few dozen rows: patch them all
             self.table.upsert(model_id, self._cells(row))
+        self._show_preview(self.table.cursor_key)
 
     # -- filtering and preview ----------------------------------------------------------------------
 
     def apply_filter(self) -> None:
         words = self.filter_words
+        self.table.empty_text = EMPTY if not self.store.models else "No model matches the filter (/ to change it)."
         if not words:
             self.table.set_filter(None)
             return
@@ -126,7 +128,7 @@ class CustomScreen(DeckScreen):
             return
         m = row.model
         text = Text.assemble((m.name, "bold"), f"  {m.kind.value} · {human_bytes(m.size_bytes)} · {m.source}\n")
-        text.append_text(model_status(row, "long"))
+        text.append_text(model_status(row, "long", deployed=self.store.is_deployed(m.id)))
         if row.job and m.state == ModelState.PENDING:
             text.append(f"  (job {row.job.id}: x cancels)", style="dim")
         text.append(f"\n{m.path or 'no files yet'}", style="dim")
@@ -352,7 +354,11 @@ class CustomScreen(DeckScreen):
     def action_cancel_job(self) -> None:
         row = self._row()
         if row is None or row.job is None:
-            self.notify("Nothing is running for this model", severity="warning")
+            if row is not None and self.store.is_deployed(row.model.id):
+                self.notify(f"{row.model.name} has no job running; its deployment is stopped in Active deployments "
+                            "(3, then x)", severity="warning", timeout=5)
+            else:
+                self.notify("Nothing is running for this model", severity="warning")
             return
         self.notify(f"Cancelling {row.job.kind.value} of {row.model.name}…", timeout=3)
         self.cancel_job(row.job.id)

@@ -25,12 +25,12 @@ from engine.errors import EngineError
 from engine.format import human_bytes
 from tui.screens.base import ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
-from tui.widgets.info import InfoLine
 
 if TYPE_CHECKING:
     from engine.deployments import DeployPlan
     from engine.gpus import Gpu
 
+LABELS = {"name": "Deployment name"}  # the rest are the settings' own labels
 PLAN_DELAY_S = 0.3  # wait for typing to pause before asking for the plan again
 VERDICT_STYLES = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
 BACKENDS = [("auto: vLLM on a GPU, else built-in", "auto"), ("vLLM", "vllm"),
@@ -38,6 +38,7 @@ BACKENDS = [("auto: vLLM on a GPU, else built-in", "auto"), ("vLLM", "vllm"),
 DTYPES = [("auto: as stored", "auto"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")]
 # The typed fields: id, placeholder (the default), help shown while the field has focus.
 TYPED = [
+    ("name", "", "How the deployment is listed (default: the served name); two at once need two names"),
     ("tensor_parallel", "1", "GPUs to split the model over; vLLM only, at most the GPUs chosen"),
     ("max_model_len", "the model's own", "Longest prompt + reply in tokens; lower it to fit a smaller GPU"),
     ("gpu_memory_fraction", "0.9", "Share of each GPU's memory vLLM may take (weights + KV cache); vLLM only"),
@@ -80,15 +81,15 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
                                  tooltip="The weights' number type while serving")
                 for field_id, placeholder, help_text in TYPED:
                     with Horizontal(classes="form-row"):
-                        yield Label(FIELD_LABELS[field_id], classes="form-label")
+                        yield Label(LABELS.get(field_id) or FIELD_LABELS[field_id], classes="form-label")
                         yield Input(placeholder=placeholder or name, id=field_id, compact=True, tooltip=help_text)
                 yield Static("Checking…", id="plan", classes="drawer-plan")
             yield Checkbox("Deploy even if it does not fit", id="force", compact=True)
             yield Static("", id="error", classes="dialog-error")
-            yield InfoLine("", id="field-help", classes="form-note drawer-note")
+            yield Static("", id="field-help", classes="form-note drawer-note drawer-help")
             with Horizontal(classes="dialog-buttons"):
-                yield Button("Deploy", variant="primary", id="start", compact=True)
-                yield Button("Cancel", id="cancel", compact=True)
+                yield Button("Deploy (ctrl+s)", variant="primary", id="start", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
 
     @staticmethod
     def _about(row) -> Text:
@@ -109,10 +110,14 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
     # -- the settings and their plan ----------------------------------------------------------------
 
     def _settings(self) -> tuple[DeploySettings, dict[str, str]]:
-        values = {field_id: self.query_one(f"#{field_id}", Input).value for field_id, _, _ in TYPED}
+        values = {field_id: self.query_one(f"#{field_id}", Input).value for field_id, _, _ in TYPED
+                  if field_id not in LABELS}
         values |= {select_id: str(self.query_one(f"#{select_id}", Select).value)
                    for select_id in ("backend", "gpus", "dtype")}
         return DeploySettings.from_strings(values)
+
+    def _deployment_name(self) -> str | None:
+        return self.query_one("#name", Input).value.strip() or None
 
     def _show_problems(self, errors: dict[str, str]) -> None:
         for field_id, _, _ in TYPED:
@@ -126,7 +131,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_descendant_focus(self, event) -> None:
         tooltip = getattr(event.widget, "tooltip", None)
-        self.query_one("#field-help", InfoLine).update(Text(tooltip if isinstance(tooltip, str) else ""))
+        self.query_one("#field-help", Static).update(Text(tooltip if isinstance(tooltip, str) else ""))
 
     def _schedule_plan(self) -> None:
         if self._plan_timer is not None:
@@ -142,16 +147,17 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
         if errors:
             self.query_one("#plan", Static).update("")
             return
-        self._plan(settings, gpus)
+        self._plan(settings, gpus, self._deployment_name())
 
     @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
-    def _plan(self, settings: DeploySettings, gpus: list[Gpu]) -> None:
+    def _plan(self, settings: DeploySettings, gpus: list[Gpu], name: str | None) -> None:
         from engine import deployments
 
         try:
-            checked = deployments.plan(self.app.db, self.model_id, settings, gpus)
-        except EngineError as exc:
-            self.app.call_from_thread(self._show_plan, None, str(exc))
+            checked = deployments.plan(self.app.db, self.model_id, settings, gpus, name)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it belongs on the error line, not a toast
+            self.app.call_from_thread(self._show_plan, None, str(exc) if isinstance(exc, EngineError) else
+                                      f"{type(exc).__name__}: {exc}")
             return
         self.app.call_from_thread(self._show_plan, checked, "")
 
@@ -168,7 +174,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
         address = f"{checked.settings.host}:{checked.settings.port}" if chosen else f"{checked.settings.host}, a free port"
         verdict = checked.fit.verdict
         text = Text.assemble(("Runs ", "dim"), f"{server} on {where}, {address}", "\n",
-                             ("Fit ", "dim"), (verdict, VERDICT_STYLES[verdict]), f": {checked.fit.needs}")
+                             ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]), f": {checked.fit.needs}")
         for warning in checked.warnings:
             text.append(f"\n⚠ {warning}", style="yellow")
         self.query_one("#plan", Static).update(text)
@@ -177,7 +183,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
     # -- starting -----------------------------------------------------------------------------------
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.action_start()
+        self.focus_next()  # enter finishes a field; ctrl+s (or the button) deploys
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "start":
@@ -195,16 +201,17 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
         self.query_one("#error", Static).update("Checking and starting…")
         self._starting = True
         self.query_one("#start", Button).disabled = True
-        self._start(settings, self.query_one("#force", Checkbox).value)
+        self._start(settings, self._deployment_name(), self.query_one("#force", Checkbox).value)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
-    def _start(self, settings: DeploySettings, force: bool) -> None:
+    def _start(self, settings: DeploySettings, name: str | None, force: bool) -> None:
         from engine import deployments
 
         try:
-            deployment, _job = deployments.deploy(self.app.db, self.model_id, settings, force=force)
-        except EngineError as exc:
-            self.app.call_from_thread(self._refused, str(exc))
+            deployment, _job = deployments.deploy(self.app.db, self.model_id, settings, name, force)
+        except Exception as exc:  # noqa: BLE001 - the drawer must come back usable, whatever went wrong
+            self.app.call_from_thread(self._refused, str(exc) if isinstance(exc, EngineError) else
+                                      f"{type(exc).__name__}: {exc}")
             return
         self.app.call_from_thread(self.dismiss, deployment.id)
 
