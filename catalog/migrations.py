@@ -93,6 +93,28 @@ MIGRATIONS: list[str] = [
     ALTER TABLE job ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT 0;
     CREATE INDEX ix_event_subject ON event (subject, id);
     """,
+    # 3: chat conversations per deployment, kept to reopen.
+    """
+    CREATE TABLE conversation (
+        id INTEGER NOT NULL PRIMARY KEY,
+        deployment_id INTEGER NOT NULL REFERENCES deployment (id) ON DELETE CASCADE,
+        title VARCHAR NOT NULL,
+        system_prompt VARCHAR NOT NULL,
+        params_json VARCHAR NOT NULL,
+        created_at FLOAT NOT NULL,
+        updated_at FLOAT NOT NULL
+    );
+    CREATE INDEX ix_conversation_deployment_id ON conversation (deployment_id);
+    CREATE TABLE chat_message (
+        id INTEGER NOT NULL PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversation (id) ON DELETE CASCADE,
+        role VARCHAR NOT NULL,
+        content VARCHAR NOT NULL,
+        stats_json VARCHAR NOT NULL,
+        created_at FLOAT NOT NULL
+    );
+    CREATE INDEX ix_chat_message_conversation_id ON chat_message (conversation_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -154,6 +154,31 @@ class Deployment(SQLModel, JsonMixin, table=True):
     updated_at: float = Field(default_factory=now)
 
 
+class Conversation(SQLModel, JsonMixin, table=True):
+    """A chat with one deployment, kept to reopen; its settings are the chat pane's."""
+
+    __tablename__ = "conversation"
+
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: int = Field(foreign_key="deployment.id", ondelete="CASCADE", index=True)
+    title: str = ""
+    system_prompt: str = ""
+    params_json: str = "{}"  # temperature, top_p, max_tokens
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class ChatMessage(SQLModel, JsonMixin, table=True):
+    __tablename__ = "chat_message"
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversation.id", ondelete="CASCADE", index=True)
+    role: str  # user | assistant
+    content: str = ""
+    stats_json: str = "{}"  # an assistant reply's: ttft_s, tokens, tokens_per_s, finish, error
+    created_at: float = Field(default_factory=now)
+
+
 class Event(SQLModel, JsonMixin, table=True):
     __tablename__ = "event"
 

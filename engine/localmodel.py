@@ -95,3 +95,16 @@ def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     publish(out_dir)
+
+
+def has_chat_template(path: str | Path) -> bool:
+    """Whether the model (an adapter keeps its own copy) can chat: a chat template beside its tokenizer.
+    A folder that cannot be read counts as yes: the server then says what is wrong."""
+    folder = Path(path)
+    try:
+        if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+            return True
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("chat_template"))

@@ -11,6 +11,8 @@ from tests.tui_helpers import T0, seed, seed_training, wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
 from tui.screens.confirm import ConfirmDialog
+from tui.screens.chat import ChatScreen
+from tui.screens.connect_dialog import ConnectDialog
 from tui.screens.deploy_drawer import DeployDrawer
 from tui.screens.details import DetailsDialog, LiveDetails, TrainingDetails
 from tui.screens.file_picker import FilePicker
@@ -66,6 +68,20 @@ def keys(*presses):
     return run_before
 
 
+REPLY = """To reset your password:
+
+1. Open **Settings → Account**.
+2. Choose *Reset password* and follow the link we email you.
+
+From a terminal: `acme auth reset --email you@example.com`."""
+
+
+def deployment_rows(db):
+    from engine.deployments import deployment_rows as rows
+
+    return rows(db)
+
+
 def free_ram(monkeypatch, available: int) -> None:
     """The deploy drawer's fit check against a fixed amount of free memory, not this machine's."""
     from collections import namedtuple
@@ -79,7 +95,7 @@ def free_ram(monkeypatch, available: int) -> None:
 async def plan_shown(pilot) -> None:
     """Wait until the drawer shows the plan for what is typed now (it is asked for after a short pause)."""
     await pilot.pause(0.4)
-    await wait_for(pilot, lambda: "Fit" in str(pilot.app.screen.query_one("#plan").render()), what="the plan")
+    await wait_for(pilot, lambda: "Memory" in str(pilot.app.screen.query_one("#plan").render()), what="the plan")
     await pilot.pause()
 
 
@@ -150,6 +166,38 @@ class TestDialogs:
 
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "d", shown(LiveDetails), log_read))
 
+    def test_connect(self, snap_compare, db, size, monkeypatch):
+        monkeypatch.setenv("SSH_CONNECTION", "10.1.2.3 50000 10.9.8.7 22")  # a session over SSH: the tunnel shows
+        monkeypatch.setenv("USER", "ada")
+        monkeypatch.setenv("LOGNAME", "ada")
+
+        async def key_read(pilot):
+            await wait_for(pilot, lambda: pilot.app.screen.key is not None, what="the key")
+            await pilot.pause()
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "enter", shown(ConnectDialog), key_read))
+
+    def test_chat_with_a_finished_reply(self, snap_compare, db, size):
+        from engine import conversations
+        from engine.chat import ChatParams, ReplyStats
+        from engine.conversations import Turn
+
+        app = app_for(db)
+        [support_bot] = [d for d in deployment_rows(db) if d.name == "support-bot"]
+        conversation = conversations.create(db, support_bot.id, "You answer support questions briefly.",
+                                            ChatParams(temperature=0.2, max_tokens=256))
+        conversations.add(db, conversation.id, Turn("user", "How do I reset my password?"))
+        conversations.add(db, conversation.id, Turn("assistant", REPLY, ReplyStats(
+            ttft_s=0.042, usage_tokens=61, chunks=58, elapsed_s=1.32, finish="stop")))
+
+        async def open_it(pilot):
+            pilot.app.open_chat(support_bot.id, conversation.id)
+            chat = await wait_for(pilot, lambda: isinstance(pilot.app.screen, ChatScreen) and pilot.app.screen)
+            await wait_for(pilot, lambda: len(chat.turns) == 2, what="the conversation")
+            await pilot.pause(0.2)
+
+        assert snap_compare(app, terminal_size=size, run_before=keys(open_it))
+
     def test_deploy_drawer(self, snap_compare, db, size, monkeypatch):
         free_ram(monkeypatch, 16 * 2**30)
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), plan_shown))
@@ -157,7 +205,7 @@ class TestDialogs:
     def test_deploy_drawer_exposed_and_too_big(self, snap_compare, db, size, monkeypatch):
         free_ram(monkeypatch, 512 * 2**20)
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
-            "2", "p", shown(DeployDrawer), plan_shown, *["tab"] * 7, *"0.0.0.0", plan_shown))
+            "2", "p", shown(DeployDrawer), plan_shown, *["tab"] * 8, *"0.0.0.0", plan_shown))
 
     def test_finetune_dialog_with_a_bad_dataset_and_a_bad_rank(self, snap_compare, db, size):
         async def dataset_read(pilot):

@@ -200,7 +200,7 @@ async def test_delete_is_refused_naming_what_depends_on_the_model(db):
         message = list(app._notifications)[-1].message
         assert "adapter 'support-bot-lora' is built on it" in message
         assert "merged 'support-bot-merged' is built on it" in message
-        assert "deployment 'support-bot' (ready) serves it" in message
+        assert "deployments 'support-bot', 'qwen-small' serve it: stop them first" in message
         assert not isinstance(app.screen, ConfirmDialog)
         with db.read() as session:
             assert session.get(Model, ids["base"]) is not None
@@ -667,10 +667,12 @@ async def test_the_row_action_follows_the_seed_download_deploy_connect(db):
         table(app).move_to_key(qwen)  # downloaded and deployed: Connect leads to its deployment
         await pilot.pause()
         assert "enter: Connect" in str(community.query_one("#preview").render())
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, DeploymentsScreen), what="Active deployments")
-        await wait_for(pilot, lambda: table(app).cursor_key is not None and
-                       app.store.deployments[table(app).cursor_key].name == "support-bot", what="its deployment")
+        await pilot.press("enter")  # its Ready deployment's connection kit
+        from tui.screens.connect_dialog import ConnectDialog
+
+        connect = await wait_for(pilot, lambda: isinstance(app.screen, ConnectDialog) and app.screen, what="Connect")
+        assert app.store.deployments[connect.deployment_id].name == "support-bot"
+        await pilot.press("escape")
         await pilot.press("2")  # Custom: p on a Ready model opens the drawer for it
         table(app).move_to_key(ids["base"])
         await pilot.press("p")

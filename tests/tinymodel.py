@@ -30,8 +30,9 @@ def make_tokenizer():
     return fast
 
 
-def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A LlamaForCausalLM with a few thousand parameters and its tokenizer, saved to `folder`."""
+def make_tiny_llama(folder: Path, seed: int = 0, context: int = 128, endless: bool = False) -> Path:
+    """A LlamaForCausalLM with a few thousand parameters and its tokenizer, saved to `folder`. `endless`:
+    no end-of-sequence token, so every reply runs to its max tokens (long streams for chat tests)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -39,10 +40,13 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=FFN,
-                         max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=context, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
+    if endless:
+        model.generation_config.eos_token_id = None
+        tokenizer.eos_token = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -21,6 +21,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from catalog.errors import CatalogError
 from engine.errors import EngineError
+from engine.localmodel import has_chat_template
 from tui.messages import CommunityChanged, DataLoaded, DeploymentsChanged, ModelsChanged
 from tui.screens.base import DeckScreen
 from tui.screens.community import CommunityScreen
@@ -53,12 +54,14 @@ class ModelDeckApp(App):
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
-    def __init__(self, db: Database | None = None, follow: bool = True):
-        """`db`: an open database, or None to open the default one after the first paint."""
+    def __init__(self, db: Database | None = None, follow: bool = True, open_chat: str | None = None):
+        """`db`: an open database, or None to open the default one after the first paint. `open_chat`: a
+        deployment's name (or id) whose chat opens once the data is loaded (`modeldeck chat NAME`)."""
         super().__init__()
         self.db = db
         self.store = Store()
         self._follow = follow
+        self._open_chat = open_chat
 
     def on_mount(self) -> None:
         self.follow_database()
@@ -126,6 +129,17 @@ class ModelDeckApp(App):
         self.store.loaded = True
         for screen in self._tab_screens():
             screen.reload()
+        if self._open_chat is not None:
+            self._chat_on_start(self._open_chat)
+
+    def _chat_on_start(self, name: str) -> None:
+        named = [d for d in self.store.deployments.values() if d.name == name or str(d.id) == name]
+        if not named:
+            self.notify(f"No deployment named {name!r}", severity="error", timeout=8)
+            return
+        dep = max(named, key=lambda d: d.id)  # a name is reused once its deployment stopped: the latest
+        self.show_row("deployments", dep.id)
+        self.open_chat(dep.id)
 
     def on_models_changed(self, message: ModelsChanged) -> None:
         self.announce_outcomes(message)
@@ -192,19 +206,46 @@ class ModelDeckApp(App):
         self.push_screen(DeployDrawer(model_id), deployed)
 
     def connect(self, model_id: int) -> None:
-        """Connect: the model's live deployment in Active deployments, with its endpoint and key."""
+        """Connect: the connection kit of the model's Ready deployment; one still starting is shown in
+        Active deployments."""
         live = [d for d in self.store.deployments_of(model_id) if d.state.value in ("pending", "ready")]
         if not live:
             self.notify("Not deployed: deploy it first (p)", severity="warning", timeout=4)
             return
-        self.show_row("deployments", max(live, key=lambda d: (d.state.value == "ready", d.id)).id)  # Ready first
+        chosen = max(live, key=lambda d: (d.state.value == "ready", d.id))  # Ready first, then the latest
+        if chosen.state.value == "ready":
+            self.open_connect(chosen.id)
+        else:
+            self.show_row("deployments", chosen.id)
+            self.notify(f"{chosen.name} is still starting; Connect once it is Ready", timeout=4)
+
+    def open_connect(self, deployment_id: int) -> None:
+        from tui.screens.connect_dialog import ConnectDialog
+
+        self.push_screen(ConnectDialog(deployment_id), lambda wish: wish == "chat" and self.open_chat(deployment_id))
+
+    def open_chat(self, deployment_id: int, conversation_id: int | None = None) -> None:
+        """The chat pane on a Ready deployment (a model without a chat template is told so)."""
+        from tui.screens.chat import ChatScreen
+
+        dep = self.store.deployments.get(deployment_id)
+        if dep is None or dep.state.value != "ready":
+            self.notify("Chat needs a Ready deployment", severity="warning", timeout=4)
+            return
+        row = self.store.models.get(dep.model_id) if dep.model_id else None
+        if row is not None and row.model.path and not has_chat_template(row.model.path):
+            self.notify(f"{row.model.name} has no chat template: it completes text but does not chat "
+                        "(use /v1/completions; see Connect)", severity="warning", timeout=6)
+            return
+        self.push_screen(ChatScreen(deployment_id, conversation_id))
 
 
-    def copy_text(self, text: str | None, what: str) -> None:
-        """To the clipboard through the terminal (OSC 52), so it works over SSH; says what it did."""
+    def copy_text(self, text: str | None, what: str, shown: str | None = None) -> None:
+        """To the clipboard through the terminal (OSC 52), so it works over SSH; says what it did (`shown`
+        in place of the text: a secret, a long snippet)."""
         if text:
             self.copy_to_clipboard(text)
-            self.notify(f"Copied {text}", timeout=3)
+            self.notify(f"Copied {shown or text}", timeout=3)
         else:
             self.notify(f"No {what} to copy", severity="warning", timeout=3)
 

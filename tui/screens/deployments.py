@@ -13,7 +13,14 @@ from textual.binding import Binding
 
 from catalog.states import DeploymentState
 from engine.backends import FIELD_LABELS
-from engine.format import deployment_state_text, human_duration, human_time
+from engine.format import (
+    backend_label,
+    deployment_state_text,
+    human_duration,
+    human_time,
+    listening_on,
+    masked_key,
+)
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import LiveDetails
@@ -35,20 +42,31 @@ STATE_FILTERS = (None, *DeploymentState)
 clock = time.time  # the snapshot tests set a fixed one
 
 
+def listening_text(dep: Deployment) -> str:
+    if dep.backend == "external":
+        return "not run by modeldeck"
+    bound, exposed = listening_on(dep.loads(dep.settings_json, {}))
+    return f"{bound}: reachable from other machines (the API key is required)" if exposed else f"{bound} (this machine only)"
+
+
 class DeploymentsScreen(DeckScreen):
     TAB_TITLE = "Active deployments"
     MODE = "deployments"
     BINDINGS = [
         Binding("slash", "focus_filter", "Filter", id="deployments.filter", tooltip="Filter by model, backend or endpoint"),
         Binding("s", "cycle_state", "State filter", id="deployments.state", tooltip="Show all, or only pending / ready / failed / stopped"),
+        Binding("enter", "connect", "Connect", id="deployments.connect", tooltip="Base URL, key and ready-to-paste snippets"),
+        Binding("c", "chat", "Chat", id="deployments.chat", tooltip="Chat with the deployed model"),
         Binding("d", "details", "Details", id="deployments.details", tooltip="Everything about the deployment"),
+        Binding("a", "add_endpoint", "Add endpoint", id="deployments.add", show=False,
+                tooltip="List an external OpenAI-compatible endpoint, to chat with it"),
         Binding("l", "logs", "Logs", id="deployments.logs", tooltip="The server's log, following it"),
         Binding("x", "stop", "Stop", id="deployments.stop", tooltip="Stop the server (asks first); frees its port and GPUs"),
         Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
-        Column("Model", ratio=3, min_width=10), Column("Backend", width=12), Column("Endpoint", ratio=3, min_width=15),
-        Column("State", ratio=3, min_width=10), Column("Requests", width=8), Column("Tok/s", width=6),
+        Column("Deployment", ratio=3, min_width=10), Column("Backend", width=8), Column("Endpoint", ratio=3, min_width=15),
+        Column("State", ratio=4, min_width=12), Column("Requests", width=8), Column("Tok/s", width=6),
         Column("Up", width=6),
     ]
     LOAD_EVERY_S = 2.0  # how often the Ready servers' /metrics are read
@@ -67,7 +85,8 @@ class DeploymentsScreen(DeckScreen):
                 if d.state in (DeploymentState.PENDING, DeploymentState.READY)]
         for dep in live:  # their uptime moves on
             self.table.upsert(dep.id, self._cells(dep))
-        ready = {d.id: d.endpoint for d in live if d.state == DeploymentState.READY and d.endpoint}
+        ready = {d.id: d.endpoint for d in live  # an external one's metrics are not ours to poll
+                 if d.state == DeploymentState.READY and d.endpoint and d.backend != "external"}
         if ready:
             self.read_load(ready)
 
@@ -113,8 +132,12 @@ class DeploymentsScreen(DeckScreen):
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         requests = f"{load[0].requests:,}" if load else "—"
         rate = f"{load[2]:,.0f}" if load and load[2] is not None else "—"
-        address = (dep.endpoint or "—").removeprefix("http://").removesuffix("/v1")  # the full URL is in details
-        return (dep.name, dep.backend, address, Text(state, style=STATE_STYLES[dep.state]),
+        if dep.backend == "external":
+            address = Text((dep.endpoint or "—").removeprefix("http://").removeprefix("https://"))
+        else:  # where it listens; an address open to other machines stands out
+            bound, exposed = listening_on(dep.loads(dep.settings_json, {}))
+            address = Text(bound, style="bold yellow" if exposed else "")
+        return (dep.name, backend_label(dep.backend), address, Text(state, style=STATE_STYLES[dep.state]),
                 requests, rate, self._uptime(dep))
 
     @staticmethod
@@ -134,6 +157,7 @@ class DeploymentsScreen(DeckScreen):
             return (wanted is None or d.state == wanted) and all(w in text for w in words)
 
         self.table.set_filter(keep if words or wanted else None)
+        self.table.empty_text = EMPTY if not deployments else "No deployment matches: s shows every state; / changes the text."
         label = wanted.value if wanted else "all"
         self.query_one("#state-line", InfoLine).update(
             f" State: {label}  ·  {len(self.table.visible_keys)} of {self.table.row_count} deployments  ·  s state  / filter  ? keys")
@@ -144,7 +168,26 @@ class DeploymentsScreen(DeckScreen):
         self.apply_filter()
 
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
-        self.action_details()
+        self.action_connect()
+
+    def action_connect(self) -> None:
+        dep = self._selected()
+        if dep is None:
+            return
+        if dep.state == DeploymentState.READY:
+            self.app.open_connect(dep.id)
+        else:
+            self.action_details()  # not reachable now: what it is doing, or why it failed
+
+    def action_chat(self) -> None:
+        dep = self._selected()
+        if dep is not None:
+            self.app.open_chat(dep.id)
+
+    def action_add_endpoint(self) -> None:
+        from tui.screens.endpoint_dialog import EndpointDialog
+
+        self.app.push_screen(EndpointDialog(), lambda dep_id: dep_id is not None and self.focus_row(dep_id))
 
     def _selected(self) -> Deployment | None:
         key = self.table.cursor_key
@@ -168,6 +211,10 @@ class DeploymentsScreen(DeckScreen):
         dep = self._selected()
         if dep is None:
             return
+        if dep.backend == "external":
+            self.notify(f"{dep.name} is an external endpoint: modeldeck does not run it; ctrl+d removes it from "
+                        "the list", severity="warning", timeout=5)
+            return
         if dep.state not in (DeploymentState.PENDING, DeploymentState.READY):
             self.notify(f"{dep.name} is {dep.state.value}; nothing to stop", severity="warning", timeout=4)
             return
@@ -186,11 +233,14 @@ class DeploymentsScreen(DeckScreen):
         dep = self._selected()
         if dep is None:
             return
-        if dep.state in (DeploymentState.PENDING, DeploymentState.READY):
+        external = dep.backend == "external"
+        if dep.state in (DeploymentState.PENDING, DeploymentState.READY) and not external:
             self.notify(f"{dep.name} is {dep.state.value}: stop it first (x)", severity="warning", timeout=4)
             return
-        question = ConfirmDialog(f"Delete {dep.name}?", "Its record and settings go; its model stays. "
-                                 "This cannot be undone.")
+        what = ("It leaves the list with its conversations (and its key, if the keyring holds it); the server "
+                "itself is not touched." if external else
+                "Its record, settings and chat conversations go; its model stays.")
+        question = ConfirmDialog(f"Delete {dep.name}?", f"{what} This cannot be undone.")
         self.app.push_screen(question, lambda yes: yes and self.delete(dep.id))
 
     @work(thread=True, exit_on_error=False, group="engine")
@@ -232,16 +282,22 @@ class DeploymentsScreen(DeckScreen):
         command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         fields = [
-            ("Model", row.model.name if row else "—"), ("Backend", dep.backend),
+            ("Model", row.model.name if row else "—"), ("Backend", f"{backend_label(dep.backend)} ({dep.backend})"),
             ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason), style=STATE_STYLES[dep.state])),
             ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
-            ("API key", (dep.api_key[:6] + "…" + dep.api_key[-2:]) if dep.api_key else "—"), ("GPUs", dep.gpus or "—"),
+            ("API key", masked_key(dep.api_key)), ("GPUs", dep.gpus or "—"),
             ("Created", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
             ("Up", self._uptime(dep)),
-            ("Requests", f"{load[0].requests:,} answered, {load[0].tokens:,} tokens generated" if load else "—"),
+            ("Listening on", listening_text(dep)),
+            ("Requests", f"{load[0].requests:,} answered (the warm-up included), {load[0].tokens:,} "
+                         f"token{'' if load[0].tokens == 1 else 's'} generated" if load else "—"),
             ("Command", command),
         ]
         settings = dep.loads(dep.settings_json, {})
+        if dep.backend == "external":  # no settings of ours: only where its key is kept
+            where = f"from ${settings['key_env']}" if settings.get("key_env") else (
+                "in the system keyring" if settings.get("key_keyring") else "none")
+            return [(k, v) for k, v in fields if k not in ("Model", "GPUs", "Command")] + [("API key kept", where)]
         shown = {"backend", "gpus", "served_name"}  # above, as resolved
         fields += [(FIELD_LABELS.get(k, k), str(v) if v not in ("", 0) else "default")
                    for k, v in settings.items() if k not in shown]

@@ -1,0 +1,415 @@
+"""ChatScreen (`c` on a Ready deployment): a conversation with a deployed model, streamed as it is
+generated and rendered as Markdown, with time to first token, tokens/s and the token count under each
+reply.
+
+`enter` sends; `escape` stops a reply mid-stream (what came is kept), else goes back; `ctrl+r`
+regenerates the last reply (and retries a failed one); `ctrl+n` starts a new conversation; `ctrl+o` lists
+this deployment's conversations to reopen one; `ctrl+t` sets the system prompt, temperature, top-p and max
+tokens; `ctrl+y` copies the last reply. Conversations are kept in the database. Failures (the server gone
+mid-reply, a 401, a 400, a timeout) are one line under the conversation, which stays as it was.
+
+The HTTP client is engine.chat; database writes happen off the UI thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, Input, Label, Markdown, Static
+
+from engine.chat import ChatParams, ReplyStats
+from engine.errors import EngineError
+from engine.format import human_time
+from tui.screens.action_menu import ActionMenu
+from tui.screens.base import ReportsWorkerErrors
+from tui.widgets.info import InfoLine
+
+if TYPE_CHECKING:
+    from engine.chat import Target
+    from engine.conversations import Turn
+
+
+RENDER_EVERY_S = 0.05  # how often a streaming reply is redrawn
+EMPTY = ("Type a message below and press enter: the reply streams here, with its time to first token, tokens/s "
+         "and token count. escape stops a reply; ctrl+t sets the system prompt and sampling.")
+
+
+class ReplyView(Vertical):
+    """One assistant reply: its Markdown (streamed into) and its numbers."""
+
+    DEFAULT_CSS = """
+    ReplyView { height: auto; margin-bottom: 1; }
+    ReplyView > .who { color: $text-success; text-style: bold; }
+    ReplyView Markdown { margin: 0; padding: 0; }
+    ReplyView > .stats { color: $text-muted; }
+    """
+
+    def __init__(self, who: str, content: str = "", stats: ReplyStats | None = None):
+        super().__init__()
+        self.who, self.initial, self.stats = who, content, stats
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.who, classes="who")
+        yield Markdown(self.initial)
+        yield Static(self.stats_text(self.stats), classes="stats")
+
+    @staticmethod
+    def stats_text(stats: ReplyStats | None) -> Text:
+        if stats is None:
+            return Text("waiting for the first token…")
+        text = Text(stats.describe())
+        if stats.error:
+            text.append(f" · failed: {stats.error}", style="red")
+        return text
+
+    def show_stats(self, stats: ReplyStats | None) -> None:
+        self.stats = stats
+        self.query_one(".stats", Static).update(self.stats_text(stats))
+
+
+class PromptView(Vertical):
+    DEFAULT_CSS = """
+    PromptView { height: auto; margin-bottom: 1; }
+    PromptView > .who { color: $text-accent; text-style: bold; }
+    """
+
+    def __init__(self, content: str):
+        super().__init__()
+        self.content = content
+
+    def compose(self) -> ComposeResult:
+        yield Label("You", classes="who")
+        yield Static(Text(self.content))  # as typed: no markup
+
+
+class ChatScreen(ReportsWorkerErrors, Screen):
+    AUTO_FOCUS = "#prompt"
+    BINDINGS = [
+        Binding("escape", "stop_or_back", "Stop / Back", tooltip="Stop the reply (keeping what came), else go back"),
+        Binding("ctrl+r", "regenerate", "Regenerate", tooltip="Ask for the last reply again (retries a failed one)"),
+        Binding("ctrl+n", "new_conversation", "New", tooltip="Start a new conversation"),
+        Binding("ctrl+o", "open_conversation", "Conversations", tooltip="Reopen a conversation with this deployment"),
+        Binding("ctrl+t", "settings", "Settings", tooltip="System prompt, temperature, top-p, max tokens"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", tooltip="Copy the last reply (OSC 52, works over SSH)"),
+    ]
+    DEFAULT_CSS = """
+    ChatScreen #title { height: 1; background: $panel; color: $text; padding: 0 1; text-style: bold; }
+    ChatScreen #settings-line { padding: 0 1; }
+    ChatScreen #messages { height: 1fr; padding: 0 1; }
+    ChatScreen #chat-error { height: auto; color: $error; padding: 0 1; }
+    ChatScreen #prompt { margin: 0 1 1 1; background: $boost; }
+    ChatScreen #empty { color: $text-muted; }
+    """
+
+    def __init__(self, deployment_id: int, conversation_id: int | None = None):
+        super().__init__()
+        self.deployment_id, self.conversation_id = deployment_id, conversation_id
+        self.turns: list[Turn] = []
+        self.system_prompt, self.params = "", ChatParams()
+        self.target: Target | None = None
+        self.client = None  # engine.chat.new_client(), made on mount
+        self.streaming = False
+
+    # -- layout -------------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        dep = self.app.store.deployments.get(self.deployment_id)
+        title = f"Chat · {dep.name} ({dep.served_name}) · {dep.endpoint}" if dep else "Chat"
+        yield InfoLine(title, id="title")
+        yield InfoLine("", id="settings-line", classes="subtle-line")
+        with VerticalScroll(id="messages"):
+            yield Static(EMPTY, id="empty", classes="subtle")
+        yield Static("", id="chat-error")
+        yield Input(placeholder="Message (enter sends; ctrl+t settings, ctrl+o conversations)", id="prompt",
+                    compact=True)
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        from engine.chat import new_client
+
+        self.client = new_client()
+        self.query_one("#messages", VerticalScroll).anchor()  # follow the newest text as it streams
+        self._show_settings()
+        self.prepare(self.conversation_id)
+
+    async def on_unmount(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    def _show_settings(self) -> None:
+        p = self.params
+        system = " ".join(self.system_prompt.split()) or "none"
+        self.query_one("#settings-line", InfoLine).update(
+            f"system: {system} · temperature {p.temperature:g} · top-p {p.top_p:g} · max {p.max_tokens:,} tokens")
+
+    def _error(self, message: str) -> None:
+        self.query_one("#chat-error", Static).update(Text(message))
+
+    # -- loading ------------------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def prepare(self, conversation_id: int | None) -> None:
+        """The endpoint's key (an external one's comes from the environment or the keyring), and the
+        conversation to show: the one asked for, else none yet (made with the first message)."""
+        from engine import conversations, endpoints
+        from engine.chat import Target
+
+        dep = self.app.store.deployments.get(self.deployment_id)
+        if dep is None:
+            self.app.call_from_thread(self._error, "This deployment was deleted.")
+            return
+        try:
+            self.target = Target(dep.endpoint, endpoints.api_key(dep), dep.served_name)
+        except EngineError as exc:
+            self.app.call_from_thread(self._error, str(exc))
+        if conversation_id is None:
+            return
+        with self.app.db.read() as session:
+            from catalog.schema import Conversation
+
+            conversation = session.get(Conversation, conversation_id)
+        if conversation is None:
+            return
+        system_prompt, params = conversations.settings(conversation)
+        turns = conversations.turns(self.app.db, conversation_id)
+        self.app.call_from_thread(self._show_conversation, conversation_id, system_prompt, params, turns)
+
+    def _show_conversation(self, conversation_id: int | None, system_prompt: str, params: ChatParams,
+                           turns: list[Turn]) -> None:
+        self.conversation_id, self.system_prompt, self.params, self.turns = conversation_id, system_prompt, params, turns
+        self._show_settings()
+        self._error("")
+        messages = self.query_one("#messages", VerticalScroll)
+        messages.remove_children()
+        messages.mount_all([self._view(turn) for turn in turns] or [Static(EMPTY, id="empty")])
+        messages.scroll_end(animate=False)
+
+    def _view(self, turn: Turn):
+        if turn.role == "user":
+            return PromptView(turn.content)
+        return ReplyView(self._who(), turn.content, turn.stats)
+
+    def _who(self) -> str:
+        dep = self.app.store.deployments.get(self.deployment_id)
+        return dep.served_name if dep and dep.served_name else "assistant"
+
+    # -- sending and streaming ----------------------------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt:
+            return
+        if self.streaming:
+            self.notify("A reply is still coming: escape stops it", severity="warning", timeout=3)
+            return
+        if self.target is None:
+            self._error("No endpoint to send to (see the message above).")
+            return
+        event.input.value = ""
+        self._error("")
+        self.streaming = True  # from now: a second enter must not start another reply
+        self.send(prompt)
+
+    @work(exclusive=True, group="reply", exit_on_error=False)
+    async def send(self, prompt: str) -> None:
+        from engine import conversations
+        from engine.conversations import Turn
+
+        db = self.app.db
+        try:
+            if self.conversation_id is None:
+                created = await asyncio.to_thread(conversations.create, db, self.deployment_id, self.system_prompt,
+                                                  self.params)
+                self.conversation_id = created.id
+            turn = await asyncio.to_thread(conversations.add, db, self.conversation_id, Turn("user", prompt))
+            self.turns.append(turn)
+            for empty in self.query("#empty"):
+                await empty.remove()
+            await self.query_one("#messages", VerticalScroll).mount(PromptView(prompt))
+            await self._reply()
+        finally:
+            self.streaming = False
+
+    async def _reply(self) -> None:
+        """Stream a reply to the conversation so far into a new ReplyView; keep it, whatever happens."""
+        from engine import conversations
+        from engine.chat import ChatError, Delta, stream_chat
+        from engine.conversations import Turn
+
+        view = ReplyView(self._who())
+        messages = self.query_one("#messages", VerticalScroll)
+        await messages.mount(view)
+        messages.anchor()
+        stream = Markdown.get_stream(view.query_one(Markdown))
+        parts: list[str] = []
+        stats = ReplyStats()
+        history = conversations.request_messages(self.system_prompt, self.turns)
+        self.streaming = True
+        written, last_write = 0, 0.0
+        try:
+            async for event in stream_chat(self.client, self.target, history, self.params, stats):
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+                    # At most RENDER_EVERY_S apart: a fast server (thousands of tokens/s) must not make the
+                    # pane re-render per token; the eye cannot tell, and input stays quick.
+                    if time.monotonic() - last_write >= RENDER_EVERY_S:
+                        await stream.write("".join(parts[written:]))
+                        written, last_write = len(parts), time.monotonic()
+            await stream.write("".join(parts[written:]))
+            written = len(parts)
+        except ChatError as exc:
+            stats.finish, stats.error = "error", str(exc)
+            self._error(f"{exc} — ctrl+r retries")
+        except asyncio.CancelledError:
+            stats.finish = "stopped"
+            raise
+        finally:
+            self.streaming = False
+            if written < len(parts):  # stopped or failed between two renders: show all that came
+                await stream.write("".join(parts[written:]))
+            await stream.stop()
+            view.show_stats(stats)
+            # Kept whatever happened (a stopped or failed reply too), written off the UI thread; awaited,
+            # so a regenerate that follows finds its id.
+            reply = await asyncio.to_thread(conversations.add, self.app.db, self.conversation_id,
+                                            Turn("assistant", "".join(parts), stats))
+            self.turns.append(reply)
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def action_stop_or_back(self) -> None:
+        if self.streaming:
+            self.workers.cancel_group(self, "reply")
+        else:
+            self.app.pop_screen()
+
+    def action_regenerate(self) -> None:
+        if self.streaming or self.target is None:
+            return
+        if not self.turns:
+            self.notify("Nothing to regenerate yet", severity="warning", timeout=3)
+            return
+        self._error("")
+        self.streaming = True
+        self.regenerate()
+
+    @work(exclusive=True, group="reply", exit_on_error=False)
+    async def regenerate(self) -> None:
+        from engine import conversations
+
+        try:
+            if self.turns and self.turns[-1].role == "assistant":
+                last = self.turns.pop()
+                views = self.query(ReplyView)
+                if views:
+                    await views.last().remove()
+                if last.id is not None:
+                    await asyncio.to_thread(conversations.remove, self.app.db, last.id)
+            await self._reply()
+        finally:
+            self.streaming = False
+
+    def action_new_conversation(self) -> None:
+        if self.streaming:
+            return
+        self._show_conversation(None, self.system_prompt, self.params, [])
+        self.query_one("#prompt", Input).focus()
+
+    def action_copy_reply(self) -> None:
+        last = next((t.content for t in reversed(self.turns) if t.role == "assistant" and t.content), None)
+        self.app.copy_text(last, "reply")
+
+    def action_open_conversation(self) -> None:
+        if not self.streaming:
+            self.list_conversations()
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def list_conversations(self) -> None:
+        from engine import conversations
+
+        found = conversations.listed(self.app.db, self.deployment_id)
+        if not found:
+            self.app.call_from_thread(self.notify, "No conversations with this deployment yet", timeout=3)
+            return
+        options = [(str(c.id), f"{human_time(c.updated_at)}  {c.title or '(empty)'}") for c in found]
+
+        def chosen(conversation_id: str | None) -> None:
+            if conversation_id:
+                self.prepare(int(conversation_id))
+
+        self.app.call_from_thread(self.app.push_screen, ActionMenu("Conversations, latest first", options), chosen)
+
+    def action_settings(self) -> None:
+        def chosen(result: tuple[str, ChatParams] | None) -> None:
+            if result is not None:
+                self.system_prompt, self.params = result
+                self._show_settings()
+                if self.conversation_id is not None:
+                    self.save_settings(self.conversation_id, *result)
+
+        self.app.push_screen(ChatSettingsDialog(self.system_prompt, self.params), chosen)
+
+    @work(thread=True, group="save", exit_on_error=False)
+    def save_settings(self, conversation_id: int, system_prompt: str, params: ChatParams) -> None:
+        from engine import conversations
+
+        conversations.update_settings(self.app.db, conversation_id, system_prompt, params)
+
+
+class ChatSettingsDialog(ModalScreen[tuple[str, ChatParams] | None]):
+    """The system prompt and sampling of a conversation; empty fields take the defaults."""
+
+    AUTO_FOCUS = "#system"
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "save", "Save")]
+    FIELDS = [("temperature", "Temperature", "0 to 2; 0 always picks the likeliest token"),
+              ("top_p", "Top-p", "0 to 1; sample from the likeliest tokens that make up this share"),
+              ("max_tokens", "Max tokens", "the longest reply, in tokens")]
+
+    def __init__(self, system_prompt: str, params: ChatParams):
+        super().__init__(classes="dialog")
+        self.system_prompt, self.params = system_prompt, params
+
+    def compose(self) -> ComposeResult:
+        defaults = ChatParams()
+        with Vertical(id="dialog", classes="finetune"):
+            yield Label("Chat settings", classes="dialog-title")
+            with Horizontal(classes="form-row"):
+                yield Label("System prompt", classes="form-label")
+                yield Input(self.system_prompt, placeholder="none", id="system", compact=True)
+            for name, label, help_text in self.FIELDS:
+                with Horizontal(classes="form-row"):
+                    yield Label(label, classes="form-label")
+                    value = getattr(self.params, name)
+                    yield Input("" if value == getattr(defaults, name) else f"{value:g}",
+                                placeholder=f"{getattr(defaults, name):g}", id=name, compact=True, tooltip=help_text)
+            yield Static("", id="error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Save", variant="primary", id="save", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_save()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)
+
+    def action_save(self) -> None:
+        params, errors = ChatParams.from_strings({name: self.query_one(f"#{name}", Input).value
+                                                  for name, _, _ in self.FIELDS})
+        for name, _, _ in self.FIELDS:
+            self.query_one(f"#{name}", Input).set_class(name in errors, "-invalid")
+        if errors:
+            self.query_one("#error", Static).update(Text("; ".join(errors.values())))
+            return
+        self.dismiss((self.query_one("#system", Input).value.strip(), params))
