@@ -194,7 +194,7 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, messages: list[
         raise ChatError(f"cannot reach {target.base_url}: is the server running?") from None
     except httpx.TimeoutException:
         raise ChatError("no answer from the server in time (connect "
-                        f"{CONNECT_TIMEOUT_S:.0f} s, between chunks {client.timeout.read:.0f} s)") from None
+                        f"{CONNECT_TIMEOUT_S:g} s, between chunks {client.timeout.read:g} s)") from None
     except (httpx.RemoteProtocolError, httpx.ReadError):
         raise ChatError("the server closed the connection mid-reply") from None
     except httpx.HTTPError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,3 +31,16 @@ def follow(path: str | Path, stop: Callable[[], bool], interval: float = 0.25) -
         if stopping:
             return
         time.sleep(interval)
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def tail_reason(lines: list[str]) -> str:
+    """What a log's last lines say went wrong, in one line: a traceback's final exception line when there
+    is one (not the code around it), else the last lines joined."""
+    kept = [line.strip() for line in lines if line.strip()]
+    for line in reversed(kept):
+        if _EXCEPTION_LINE.match(line):
+            return line[:400]
+    return " | ".join(kept[-3:])[:400]

@@ -239,3 +239,23 @@ def test_without_a_usable_keyring_the_message_says_what_to_do(db, server):
     finally:
         keyring.set_keyring(before)
     assert deployments.deployment_rows(db) == [] and os.environ.get("MODELDECK_HOME")
+
+
+def test_a_server_that_never_answers_times_out_in_one_line():
+    import socket
+
+    silent = socket.socket()  # accepts the connection, then says nothing
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+
+    async def chat():
+        async with new_client(read_timeout=0.5) as client:
+            async for _ in stream_chat(client, Target(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", KEY, "m"),
+                                       [{"role": "user", "content": "hi"}], ChatParams()):
+                pass
+
+    try:
+        with pytest.raises(ChatError, match=r"^no answer from the server in time \(connect 5 s, between chunks 0.5 s\)$"):
+            asyncio.run(chat())
+    finally:
+        silent.close()

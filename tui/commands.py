@@ -4,6 +4,7 @@ a one-line reason on failure. No logic lives here that the dashboard lacks: both
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -192,6 +193,8 @@ def cmd_deploy(args, db) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DeploySettings)
               if getattr(args, f.name, None) is not None}
+    if args.target or args.dry_run:
+        return _deploy_manifests(args, db, DeploySettings(**values))
     checked = deployments.plan(db, args.model, DeploySettings(**values), name=args.name)
     try:
         deployment, _job = deployments.start(db, checked, args.force)
@@ -278,6 +281,40 @@ def cmd_endpoint(args, db) -> int:
     deployment = endpoints.add(db, args.name, args.url, args.model, args.key_env, key)
     _emit(args, _deployment_dict(deployment), f"{deployment.name}: ready at {deployment.endpoint} "
           f"(model {deployment.served_name})")
+    return 0
+
+
+def _deploy_manifests(args, db, settings) -> int:
+    """`deploy --target CONTEXT/NAMESPACE --dry-run`: the objects a cluster deployment is made of, as YAML."""
+    import secrets
+
+    from engine.kube.cluster import parse_target
+    from engine.kube.manifests import (
+        ClusterDeploy,
+        deployment_objects,
+        in_cluster_url,
+        to_yaml,
+    )
+    from engine.models import find_model
+
+    if not (args.target and args.dry_run):
+        raise EngineError("deploying on a cluster is available as --target CONTEXT/NAMESPACE --dry-run for now: "
+                          "it prints the manifests to apply with kubectl; modeldeck does not apply them itself yet")
+    _context, namespace = parse_target(args.target)
+    if problems := settings.problems():
+        raise EngineError("; ".join(problems.values()))
+    with db.read() as session:
+        model = find_model(session, args.model)
+    if not model.repo_id or model.kind.value != "base":
+        raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
+                          "a downloaded base model can be deployed there")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    spec = ClusterDeploy(args.name or settings.served_name or model.name, namespace, model.repo_id, model.revision,
+                         settings.served_name or model.name, settings, settings.tensor_parallel,
+                         "sk-md-" + secrets.token_urlsafe(24), token)
+    sys.stdout.write(to_yaml(deployment_objects(spec)))
+    print(f"# {spec.name} in {args.target}: {in_cluster_url(spec)} once applied; the YAML holds its API key"
+          + (" and your Hugging Face token" if token else "") + ": keep it out of git, or seal it", file=sys.stderr)
     return 0
 
 

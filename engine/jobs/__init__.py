@@ -9,7 +9,6 @@ cancelled, if that was asked), with the last lines of its log. No daemon is need
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from catalog.schema import (
 from engine.errors import EngineError
 from engine.events import record
 from engine.gpus import cuda_env
+from engine.logs import tail_reason  # noqa: F401  (re-exported: the serve job uses it)
 
 STOP_DEADLINE_S = 5.0
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
@@ -200,19 +200,6 @@ def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
             return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
     except OSError:
         return []
-
-
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
-
-
-def tail_reason(lines: list[str]) -> str:
-    """What a log's last lines say went wrong, in one line: a traceback's final exception line when there
-    is one (not the code around it), else the last lines joined."""
-    kept = [line.strip() for line in lines if line.strip()]
-    for line in reversed(kept):
-        if _EXCEPTION_LINE.match(line):
-            return line[:400]
-    return " | ".join(kept[-3:])[:400]
 
 
 def _exit_description(job: Job) -> str:

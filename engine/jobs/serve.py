@@ -26,7 +26,13 @@ from catalog.schema import (
 )
 from engine import jobs
 from engine.backends import serve_command
-from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployment, tail_reason
+from engine.jobs import (
+    STOP_DEADLINE_S,
+    JobCancelled,
+    log_tail,
+    settle_deployment,
+    tail_reason,
+)
 from engine.jobs.harness import JobContext, JobFailure, main
 
 READY_TIMEOUT_S = 900.0  # loading a large model can take minutes

@@ -1,0 +1,180 @@
+"""Talking to a cluster with the official `kubernetes` client (the optional [kubernetes] extra, imported
+only here): the user's kubeconfig contexts, applying a deployment's objects, reading their state as
+modeldeck's lifecycle, and deleting everything a deployment labelled.
+
+API errors become messages a user can act on: no permission in that namespace, quota exceeded, a name
+already taken, a context that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+from engine.kube.manifests import LABEL_DEPLOYMENT, MANAGED_BY, labels, selector
+
+# kind -> (API class, the name in its create_/list_/delete_namespaced_* methods); applied in this order
+KINDS = {
+    "Secret": ("CoreV1Api", "secret"),
+    "ConfigMap": ("CoreV1Api", "config_map"),
+    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim"),
+    "Deployment": ("AppsV1Api", "deployment"),
+    "Job": ("BatchV1Api", "job"),
+    "Service": ("CoreV1Api", "service"),
+}
+
+
+def kubeconfig_path() -> Path | None:
+    """The kubeconfig in use (KUBECONFIG's first file, else ~/.kube/config), when there is one."""
+    first = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    path = Path(first).expanduser() if first else Path.home() / ".kube" / "config"
+    return path if path.is_file() else None
+
+
+def _kubernetes():
+    try:
+        import kubernetes
+    except ImportError:
+        raise EngineError("Kubernetes targets need the kubernetes client: pip install 'modeldeck[kubernetes]'") from None
+    return kubernetes
+
+
+def contexts() -> tuple[list[str], str | None]:
+    """The kubeconfig's context names and the current one; none without a kubeconfig."""
+    if kubeconfig_path() is None:
+        return [], None
+    kubernetes = _kubernetes()
+    try:
+        found, current = kubernetes.config.list_kube_config_contexts(config_file=str(kubeconfig_path()))
+    except Exception as exc:  # noqa: BLE001 - a broken kubeconfig is a message, not a crash
+        raise EngineError(f"cannot read the kubeconfig {kubeconfig_path()}: {exc}") from None
+    return [c["name"] for c in found], (current or {}).get("name")
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    """'CONTEXT/NAMESPACE' (the namespace defaults to 'default')."""
+    context, _, namespace = target.partition("/")
+    if not context:
+        raise EngineError(f"target {target!r}: expected CONTEXT/NAMESPACE, like prod-gpu/ml")
+    return context, namespace or "default"
+
+
+def api_client(context: str | None = None, host: str | None = None):
+    """A client for a kubeconfig context, or for a plain API URL (`host`: the tests' emulator)."""
+    kubernetes = _kubernetes()
+    if host is not None:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = host
+        return kubernetes.client.ApiClient(configuration)
+    if kubeconfig_path() is None:
+        raise EngineError("no kubeconfig found (KUBECONFIG or ~/.kube/config)")
+    try:
+        return kubernetes.config.new_client_from_config(config_file=str(kubeconfig_path()), context=context)
+    except Exception as exc:  # noqa: BLE001 - an unknown context, a broken file
+        raise EngineError(f"cannot use the kubeconfig context {context!r}: {exc}") from None
+
+
+def explain(exc: Exception, doing: str, namespace: str) -> EngineError:
+    """An API or connection failure as one line that says what to do."""
+    kubernetes = _kubernetes()
+    if isinstance(exc, kubernetes.client.exceptions.ApiException):
+        message = exc.reason or ""
+        try:
+            import json
+
+            message = json.loads(exc.body or "{}").get("message") or message
+        except (ValueError, AttributeError):
+            pass
+        if exc.status == 409:
+            return EngineError(f"{doing}: it already exists in namespace {namespace!r} ({message}); stop the "
+                               "deployment that owns it, or choose another name")
+        if exc.status == 403 and "quota" in message.lower():
+            return EngineError(f"{doing}: the namespace {namespace!r} is over its quota: {message}")
+        if exc.status == 403:
+            return EngineError(f"{doing}: no permission in namespace {namespace!r} (403): {message}")
+        if exc.status == 401:
+            return EngineError(f"{doing}: the cluster refused the kubeconfig's credentials (401)")
+        if exc.status == 404:
+            return EngineError(f"{doing}: not found (404): {message}; does the namespace {namespace!r} exist?")
+        return EngineError(f"{doing}: the cluster answered {exc.status}: {message}")
+    return EngineError(f"{doing}: cannot reach the cluster ({type(exc).__name__}: {exc})")
+
+
+def _api(client, kind: str):
+    kubernetes = _kubernetes()
+    class_name, method = KINDS[kind]
+    return getattr(kubernetes.client, class_name)(client), method
+
+
+def apply(client, objects: list[dict]) -> None:
+    """Create each object; on a failure, remove what this call created (nothing half-made stays)."""
+    created: list[dict] = []
+    for obj in objects:
+        api, method = _api(client, obj["kind"])
+        namespace = obj["metadata"]["namespace"]
+        try:
+            getattr(api, f"create_namespaced_{method}")(namespace, obj)
+        except Exception as exc:  # noqa: BLE001 - every failure is explained, then undone
+            for done in reversed(created):
+                _delete_one(client, done["kind"], done["metadata"]["namespace"], done["metadata"]["name"])
+            raise explain(exc, f"creating {obj['kind']} {obj['metadata']['name']}", namespace) from None
+        created.append(obj)
+
+
+def _delete_one(client, kind: str, namespace: str, name: str) -> None:
+    kubernetes = _kubernetes()
+    api, method = _api(client, kind)
+    try:
+        getattr(api, f"delete_namespaced_{method}")(name, namespace)
+    except kubernetes.client.exceptions.ApiException as exc:
+        if exc.status != 404:  # gone already is what we wanted
+            raise
+
+
+def delete_all(client, namespace: str, deployment: str) -> list[str]:
+    """Delete every object that carries the deployment's labels; returns 'Kind/name' of each."""
+    removed = []
+    for kind in reversed(list(KINDS)):
+        api, method = _api(client, kind)
+        try:
+            found = getattr(api, f"list_namespaced_{method}")(namespace, label_selector=selector(deployment))
+            for item in found.items:
+                if not ours(item.metadata.labels, deployment):  # checked here too: never another's object
+                    continue
+                _delete_one(client, kind, namespace, item.metadata.name)
+                removed.append(f"{kind}/{item.metadata.name}")
+        except Exception as exc:  # noqa: BLE001
+            raise explain(exc, f"deleting the {kind}s of {deployment}", namespace) from None
+    return removed
+
+
+def ours(item_labels: dict | None, deployment: str) -> bool:
+    wanted = labels(deployment, "")
+    return all((item_labels or {}).get(key) == wanted[key] for key in (MANAGED_BY, LABEL_DEPLOYMENT))
+
+
+def pods(client, namespace: str, deployment: str) -> list[dict[str, Any]]:
+    """The deployment's pods as plain dicts (what the status mapping reads)."""
+    kubernetes = _kubernetes()
+    core = kubernetes.client.CoreV1Api(client)
+    try:
+        found = core.list_namespaced_pod(namespace, label_selector=selector(deployment))
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, f"reading the pods of {deployment}", namespace) from None
+    return [client.sanitize_for_serialization(pod) for pod in found.items if ours(pod.metadata.labels, deployment)]
+
+
+def last_log_lines(client, namespace: str, pod: str, lines: int = 5) -> list[str]:
+    """The previous (crashed) container's last lines, else the current one's."""
+    kubernetes = _kubernetes()
+    core = kubernetes.client.CoreV1Api(client)
+    for previous in (True, False):
+        try:
+            text = core.read_namespaced_pod_log(pod, namespace, tail_lines=lines, previous=previous)
+        except Exception:  # noqa: BLE001, S112 - no previous container, or no log yet
+            continue
+        if text:
+            return [line for line in text.splitlines() if line.strip()][-lines:]
+    return []
