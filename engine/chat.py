@@ -171,6 +171,8 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, messages: list[
                     event = json.loads(data)
                 except ValueError:
                     continue  # not ours to judge: a proxy's keep-alive or the like
+                if not isinstance(event, dict):
+                    continue
                 if "error" in event:  # vLLM and others report a failure inside the stream
                     error = event["error"]
                     raise ChatError("the server failed mid-reply: "
@@ -196,7 +198,11 @@ async def stream_chat(client: httpx.AsyncClient, target: Target, messages: list[
         raise ChatError("no answer from the server in time (connect "
                         f"{CONNECT_TIMEOUT_S:g} s, between chunks {client.timeout.read:g} s)") from None
     except (httpx.RemoteProtocolError, httpx.ReadError):
-        raise ChatError("the server closed the connection mid-reply") from None
+        if stats.finish is None:  # closed before the reply was finished; after it, nothing was lost
+            raise ChatError("the server closed the connection mid-reply") from None
+    except httpx.LocalProtocolError:  # its text would hold the key: a bad header is said without it
+        raise ChatError("the request could not be sent: the API key or model name has characters HTTP "
+                        "headers cannot carry (a stray space or line break?)") from None
     except httpx.HTTPError as exc:
         raise ChatError(f"the request failed: {type(exc).__name__}: {exc}") from None
     stats.elapsed_s = time.perf_counter() - start

@@ -26,7 +26,7 @@ class Snippet:
 def snippets(base_url: str, model: str, api_key: str | None) -> list[Snippet]:
     key = api_key or "none"
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    curl = (f"curl {base_url}/chat/completions \\\n"
+    curl = (f"curl {shlex.quote(base_url + '/chat/completions')} \\\n"
             f"  -H {shlex.quote('Authorization: Bearer ' + key)} \\\n"
             f"  -H 'Content-Type: application/json' \\\n"
             f"  -d {shlex.quote(body)}")
@@ -49,9 +49,10 @@ def ssh_tunnel(base_url: str, environ: dict[str, str] | None = None) -> str | No
     parts = urlsplit(base_url)
     if parts.hostname not in ("127.0.0.1", "localhost", "::1") or not environ.get("SSH_CONNECTION"):
         return None
-    port = parts.port or 80
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     fields = environ["SSH_CONNECTION"].split()  # client address, client port, this server's address, port
     host = fields[2] if len(fields) >= 3 else socket.gethostname()  # the address the user reached us at
     host = f"[{host}]" if ":" in host else host
+    ssh_port = f"-p {fields[3]} " if len(fields) >= 4 and fields[3] != "22" else ""
     target = "[::1]" if parts.hostname == "::1" else parts.hostname
-    return f"ssh -N -L {port}:{target}:{port} {getpass.getuser()}@{host}"
+    return f"ssh -N {ssh_port}-L {port}:{target}:{port} {getpass.getuser()}@{host}"

@@ -7,6 +7,7 @@ Ready, and watches it. Whoever reconciles settles a deployment whose supervisor 
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -172,12 +173,12 @@ def _check_name_and_port(session: Session, name: str, port: int) -> None:
                               "empty for a free one")
 
 
-def _listen_check(settings: DeploySettings) -> DeploySettings:
+def _listen_check(settings: DeploySettings, kept_ports: set[int]) -> DeploySettings:
     """The port: a free one when not given, else one nothing listens on; the address must be this
     machine's."""
     try:
         if settings.port == 0:
-            return dataclasses.replace(settings, port=free_port(settings.host))
+            return dataclasses.replace(settings, port=free_port(settings.host, avoid=kept_ports))
         if not port_free(settings.host, settings.port):
             raise EngineError(f"port {settings.port} on {settings.host} is in use by another program; choose "
                               "another, or leave it empty for a free one")
@@ -212,7 +213,7 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
         if model is None:
             raise EngineError("that model was deleted")
         base = _deployable(session, model)
-        name = name or settings.served_name or model.name
+        name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", settings.served_name).strip("-.") or model.name
         if not NAME_PATTERN.match(name):
             raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
         _check_name_and_port(session, name, settings.port)
@@ -220,7 +221,9 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
         if limit and settings.max_model_len > limit:
             raise EngineError(f"max model length {settings.max_model_len:,} is over the model's own limit of "
                               f"{limit:,} tokens; leave it empty for {limit:,}")
-        settings = _listen_check(settings)
+        kept = {live.loads(live.settings_json, {}).get("port") for live in
+                session.exec(select(Deployment).where(Deployment.state.in_(LIVE)))}
+        settings = _listen_check(settings, kept)
         fit = _fit(session, model, base, settings, backend, gpus, available_gpus)
     return DeployPlan(model, base, settings, backend, gpus, fit, settings.served_name or model.name, name)
 
@@ -291,9 +294,13 @@ def delete(db: Database, name: str | int) -> None:
         deployment = find_deployment(session, name)
         if deployment.state in LIVE and deployment.backend != "external":
             raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}; stop it first")
-        forget_key(deployment)
+        kept_in_keyring = deployment.backend == "external" and deployment.loads(deployment.settings_json, {}).get(
+            "key_keyring")
+        name = deployment.name
         session.delete(deployment)
-        record(session, f"deployment:{deployment.id}", "deleted", f"deleted {deployment.name}")
+        record(session, f"deployment:{deployment.id}", "deleted", f"deleted {name}")
+    if kept_in_keyring:
+        forget_key(name)  # after the commit, and never in its way
 
 
 # Counters in the Prometheus text of the built-in server and of vLLM.

@@ -49,20 +49,29 @@ def api_key(deployment: Deployment) -> str | None:
         return deployment.api_key
     where = deployment.loads(deployment.settings_json, {})
     if variable := where.get("key_env"):
-        if not os.environ.get(variable):
+        if not os.environ.get(variable, "").strip():
             raise EngineError(f"the API key of {deployment.name} is read from ${variable}, which is not set in "
                               "this shell")
-        return os.environ[variable]
+        return clean_key(os.environ[variable], f"${variable}")
     if where.get("key_keyring"):
         keyring = _keyring()
         try:
             key = keyring.get_password(KEYRING_SERVICE, deployment.name)
-        except keyring.errors.KeyringError as exc:
-            raise EngineError(f"cannot read the key of {deployment.name} from the keyring: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - KeyringError, or a D-Bus failure underneath it
+            raise EngineError(f"cannot read the key of {deployment.name} from the keyring: {type(exc).__name__}") from None
         if key is None:
             raise EngineError(f"the keyring holds no key for {deployment.name}; add the endpoint again")
         return key
     return None
+
+
+def clean_key(key: str, where: str) -> str:
+    """A key as HTTP can carry it: a trailing newline (a file with CRLF) is dropped; anything else
+    unprintable is refused, without showing the key."""
+    key = key.strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise EngineError(f"the API key in {where} has control characters; check how it was set")
+    return key
 
 
 def check_url(base_url: str) -> str:
@@ -94,11 +103,11 @@ def add(db: Database, name: str, base_url: str, model: str | None = None, key_en
         raise EngineError("give the key one way: an environment variable's name, or the key for the keyring")
     base_url = check_url(base_url)
     if key_env:
-        if not os.environ.get(key_env):
+        if not os.environ.get(key_env, "").strip():
             raise EngineError(f"${key_env} is not set in this shell; export it first, or give another variable")
-        key_value = os.environ[key_env]
+        key_value = clean_key(os.environ[key_env], f"${key_env}")
     else:
-        key_value = key
+        key = key_value = clean_key(key, "the key given") if key else None
     with db.read() as session:
         taken = session.exec(select(Deployment).where(Deployment.name == name, Deployment.state.in_(
             [DeploymentState.PENDING, DeploymentState.READY]))).first()
@@ -124,11 +133,10 @@ def add(db: Database, name: str, base_url: str, model: str | None = None, key_en
         return deployment
 
 
-def forget_key(deployment: Deployment) -> None:
-    """An external endpoint being deleted takes its key out of the keyring."""
-    if deployment.backend == EXTERNAL and deployment.loads(deployment.settings_json, {}).get("key_keyring"):
-        keyring = _keyring()
-        try:
-            keyring.delete_password(KEYRING_SERVICE, deployment.name)
-        except keyring.errors.KeyringError:
-            pass  # already gone
+def forget_key(name: str) -> None:
+    """A deleted external endpoint's key leaves the keyring too; best effort, after the record is gone
+    (a keyring that is missing or locked must not keep the endpoint listed)."""
+    try:
+        _keyring().delete_password(KEYRING_SERVICE, name)
+    except Exception:  # noqa: BLE001, S110 - already gone, or no keyring here: nothing else to do
+        pass

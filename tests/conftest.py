@@ -21,14 +21,20 @@ OFFLINE_ENDPOINT = "http://127.0.0.1:9"
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home = tmp_path / "home"
     monkeypatch.setenv("MODELDECK_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_ENDPOINT", OFFLINE_ENDPOINT)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
-    return home
+    yield home
+    if (home / "modeldeck.db").exists():  # a test that failed half-way (or ran the CLI) leaves nothing running
+        import engine
+
+        database = engine.start()
+        _stop_jobs(database)
+        database.close()
 
 
 @pytest.fixture

@@ -259,3 +259,20 @@ def test_a_server_that_never_answers_times_out_in_one_line():
             asyncio.run(chat())
     finally:
         silent.close()
+
+
+def test_snippets_quote_what_a_shell_would_break_on_and_the_tunnel_knows_the_ssh_port():
+    kit = {s.title: s.text for s in snippets("https://llm.example.com/openai/v1?tenant=a&x=1", "m", "sk-1")}
+    assert kit["curl"].startswith("curl 'https://llm.example.com/openai/v1?tenant=a&x=1/chat/completions' \\")
+    tunnel = ssh_tunnel("http://[::1]:8001/v1", {"SSH_CONNECTION": "10.0.0.5 51234 10.0.0.9 2222"})
+    assert tunnel.startswith("ssh -N -p 2222 -L 8001:[::1]:8001 ")
+
+
+def test_a_key_with_a_stray_line_break_is_cleaned_and_never_shown(db, server, monkeypatch):
+    monkeypatch.setenv("CRLF_KEY", KEY + "\r\n")  # a key read from a file with Windows line endings
+    dep = endpoints.add(db, "crlf", server.url + "/v1", key_env="CRLF_KEY")
+    assert endpoints.api_key(dep) == KEY
+    monkeypatch.setenv("CRLF_KEY", KEY[:5] + "\x1b" + KEY[5:])
+    with pytest.raises(EngineError, match=r"the API key in \$CRLF_KEY has control characters") as caught:
+        endpoints.api_key(dep)
+    assert KEY[5:] not in str(caught.value)

@@ -164,3 +164,18 @@ async def test_connect_shows_the_kit_and_copies_with_the_real_key(db, deployment
         assert deployment.api_key in shown(dialog.query_one("#snippets"))
         await pilot.press("c")  # and on to the chat
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), what="the chat")
+
+
+async def test_new_conversation_twice_on_an_empty_pane_keeps_one_hint(db):
+    from tests.tui_helpers import seed
+
+    seed(db)
+    app = ModelDeckApp(db, follow=False, open_chat="support-bot")
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen, what="the chat")
+        for _ in range(3):
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+        assert app.screen is chat and len(chat.query(".empty-hint")) == 1
+        await pilot.press("escape")  # nothing streaming: back to Active deployments
+        await wait_for(pilot, lambda: not isinstance(app.screen, ChatScreen), what="back")

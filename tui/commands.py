@@ -277,7 +277,11 @@ def cmd_endpoint(args, db) -> int:
         return 0
     if not args.url:
         raise EngineError("give the endpoint's base URL: modeldeck endpoint add NAME URL")
-    key = sys.stdin.readline().strip() if args.key_stdin else None
+    key = None
+    if args.key_stdin:
+        import getpass
+
+        key = getpass.getpass("API key (not shown): ") if sys.stdin.isatty() else sys.stdin.readline().strip()
     deployment = endpoints.add(db, args.name, args.url, args.model, args.key_env, key)
     _emit(args, _deployment_dict(deployment), f"{deployment.name}: ready at {deployment.endpoint} "
           f"(model {deployment.served_name})")
@@ -338,7 +342,7 @@ def cmd_stop(args, db) -> int:
 
     with db.read() as session:
         deployment = deployments.find_deployment(session, args.deployment)
-    if deployment.state in deployments.LIVE or not args.rm:
+    if (deployment.backend != "external" and deployment.state in deployments.LIVE) or not args.rm:
         deployment = deployments.stop(db, deployment.id)
     if args.rm:
         deployments.delete(db, deployment.id)

@@ -106,7 +106,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
     ChatScreen #messages { height: 1fr; padding: 0 1; }
     ChatScreen #chat-error { height: auto; color: $error; padding: 0 1; }
     ChatScreen #prompt { margin: 0 1 1 1; background: $boost; }
-    ChatScreen #empty { color: $text-muted; }
+    ChatScreen .empty-hint { color: $text-muted; }
     """
 
     def __init__(self, deployment_id: int, conversation_id: int | None = None):
@@ -116,7 +116,9 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         self.system_prompt, self.params = "", ChatParams()
         self.target: Target | None = None
         self.client = None  # engine.chat.new_client(), made on mount
-        self.streaming = False
+        self._busy = False
+        self._streaming_task: asyncio.Future | None = None
+        self._unrendered = 0  # parts of the streaming reply received since its last redraw
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -126,7 +128,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         yield InfoLine(title, id="title")
         yield InfoLine("", id="settings-line", classes="subtle-line")
         with VerticalScroll(id="messages"):
-            yield Static(EMPTY, id="empty", classes="subtle")
+            yield Static(EMPTY, classes="empty-hint")
         yield Static("", id="chat-error")
         yield Input(placeholder="Message (enter sends; ctrl+t settings, ctrl+o conversations)", id="prompt",
                     compact=True)
@@ -189,7 +191,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         self._error("")
         messages = self.query_one("#messages", VerticalScroll)
         messages.remove_children()
-        messages.mount_all([self._view(turn) for turn in turns] or [Static(EMPTY, id="empty")])
+        messages.mount_all([self._view(turn) for turn in turns] or [Static(EMPTY, classes="empty-hint")])
         messages.scroll_end(animate=False)
 
     def _view(self, turn: Turn):
@@ -203,11 +205,16 @@ class ChatScreen(ReportsWorkerErrors, Screen):
 
     # -- sending and streaming ----------------------------------------------------------------------
 
+    @property
+    def streaming(self) -> bool:
+        """A reply is on its way or being saved: no other may start, the conversation may not change."""
+        return self._busy
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
         if not prompt:
             return
-        if self.streaming:
+        if self._busy:
             self.notify("A reply is still coming: escape stops it", severity="warning", timeout=3)
             return
         if self.target is None:
@@ -215,7 +222,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
             return
         event.input.value = ""
         self._error("")
-        self.streaming = True  # from now: a second enter must not start another reply
+        self._busy = True  # from now until the reply is saved
         self.send(prompt)
 
     @work(exclusive=True, group="reply", exit_on_error=False)
@@ -225,25 +232,30 @@ class ChatScreen(ReportsWorkerErrors, Screen):
 
         db = self.app.db
         try:
-            if self.conversation_id is None:
-                created = await asyncio.to_thread(conversations.create, db, self.deployment_id, self.system_prompt,
-                                                  self.params)
-                self.conversation_id = created.id
-            turn = await asyncio.to_thread(conversations.add, db, self.conversation_id, Turn("user", prompt))
+            try:
+                if self.conversation_id is None:
+                    created = await asyncio.to_thread(conversations.create, db, self.deployment_id,
+                                                      self.system_prompt, self.params)
+                    self.conversation_id = created.id
+                turn = await asyncio.to_thread(conversations.add, db, self.conversation_id, Turn("user", prompt))
+            except EngineError as exc:  # not kept: the prompt goes back where it was typed
+                self.query_one("#prompt", Input).value = prompt
+                self._error(f"could not keep the message: {exc}")
+                return
             self.turns.append(turn)
-            for empty in self.query("#empty"):
-                await empty.remove()
+            await self.query(".empty-hint").remove()
             await self.query_one("#messages", VerticalScroll).mount(PromptView(prompt))
             await self._reply()
         finally:
-            self.streaming = False
+            self._busy = False
 
     async def _reply(self) -> None:
-        """Stream a reply to the conversation so far into a new ReplyView; keep it, whatever happens."""
+        """Stream a reply to the conversation so far into a new ReplyView, then keep it, whatever happened:
+        escape cancels only the streaming (self._streaming_task); saving always completes."""
         from engine import conversations
-        from engine.chat import ChatError, Delta, stream_chat
         from engine.conversations import Turn
 
+        conversation_id = self.conversation_id  # the conversation cannot change while _busy
         view = ReplyView(self._who())
         messages = self.query_one("#messages", VerticalScroll)
         await messages.mount(view)
@@ -252,53 +264,60 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         parts: list[str] = []
         stats = ReplyStats()
         history = conversations.request_messages(self.system_prompt, self.turns)
-        self.streaming = True
-        written, last_write = 0, 0.0
+        self._streaming_task = asyncio.ensure_future(self._stream(history, stream, parts, stats))
+        try:
+            await asyncio.shield(self._streaming_task)
+        except asyncio.CancelledError:
+            if not self._streaming_task.cancelled():  # the screen is going away, not a stop
+                self._streaming_task.cancel()
+                raise
+            stats.finish = "stopped"
+        finally:
+            self._streaming_task = None
+        await stream.write("".join(parts[-self._unrendered:]) if self._unrendered else "")
+        await stream.stop()
+        view.show_stats(stats)
+        # Kept whatever happened (a stopped or failed reply too), off the UI thread; awaited, so a regenerate
+        # that follows finds its id.
+        reply = await asyncio.to_thread(conversations.add, self.app.db, conversation_id,
+                                        Turn("assistant", "".join(parts), stats))
+        self.turns.append(reply)
+
+    async def _stream(self, history: list[dict], stream, parts: list[str], stats: ReplyStats) -> None:
+        """The reply's text into the Markdown stream, redrawn at most every RENDER_EVERY_S: a fast server
+        (thousands of tokens/s) must not make the pane re-render per token; the eye cannot tell, and input
+        stays quick. `self._unrendered` counts the parts received since the last redraw."""
+        from engine.chat import ChatError, Delta, stream_chat
+
+        last_write, self._unrendered = 0.0, 0
         try:
             async for event in stream_chat(self.client, self.target, history, self.params, stats):
                 if isinstance(event, Delta):
                     parts.append(event.text)
-                    # At most RENDER_EVERY_S apart: a fast server (thousands of tokens/s) must not make the
-                    # pane re-render per token; the eye cannot tell, and input stays quick.
+                    self._unrendered += 1
                     if time.monotonic() - last_write >= RENDER_EVERY_S:
-                        await stream.write("".join(parts[written:]))
-                        written, last_write = len(parts), time.monotonic()
-            await stream.write("".join(parts[written:]))
-            written = len(parts)
+                        await stream.write("".join(parts[-self._unrendered:]))
+                        self._unrendered, last_write = 0, time.monotonic()
         except ChatError as exc:
             stats.finish, stats.error = "error", str(exc)
             self._error(f"{exc} — ctrl+r retries")
-        except asyncio.CancelledError:
-            stats.finish = "stopped"
-            raise
-        finally:
-            self.streaming = False
-            if written < len(parts):  # stopped or failed between two renders: show all that came
-                await stream.write("".join(parts[written:]))
-            await stream.stop()
-            view.show_stats(stats)
-            # Kept whatever happened (a stopped or failed reply too), written off the UI thread; awaited,
-            # so a regenerate that follows finds its id.
-            reply = await asyncio.to_thread(conversations.add, self.app.db, self.conversation_id,
-                                            Turn("assistant", "".join(parts), stats))
-            self.turns.append(reply)
 
     # -- actions ------------------------------------------------------------------------------------
 
     def action_stop_or_back(self) -> None:
-        if self.streaming:
-            self.workers.cancel_group(self, "reply")
-        else:
+        if self._streaming_task is not None:
+            self._streaming_task.cancel()  # the reply so far is kept and saved
+        elif not self._busy:
             self.app.pop_screen()
 
     def action_regenerate(self) -> None:
-        if self.streaming or self.target is None:
+        if self._busy or self.target is None:
             return
         if not self.turns:
             self.notify("Nothing to regenerate yet", severity="warning", timeout=3)
             return
         self._error("")
-        self.streaming = True
+        self._busy = True
         self.regenerate()
 
     @work(exclusive=True, group="reply", exit_on_error=False)
@@ -315,10 +334,10 @@ class ChatScreen(ReportsWorkerErrors, Screen):
                     await asyncio.to_thread(conversations.remove, self.app.db, last.id)
             await self._reply()
         finally:
-            self.streaming = False
+            self._busy = False
 
     def action_new_conversation(self) -> None:
-        if self.streaming:
+        if self._busy:
             return
         self._show_conversation(None, self.system_prompt, self.params, [])
         self.query_one("#prompt", Input).focus()
@@ -328,7 +347,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         self.app.copy_text(last, "reply")
 
     def action_open_conversation(self) -> None:
-        if not self.streaming:
+        if not self._busy:
             self.list_conversations()
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)

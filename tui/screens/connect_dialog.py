@@ -67,6 +67,8 @@ class ConnectDialog(ModalScreen[str | None]):
             self.key = endpoints.api_key(dep)
         except EngineError as exc:
             self.problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the rest of the kit is still shown
+            self.problem = f"cannot read the key ({type(exc).__name__})"
         self.app.call_from_thread(self.show)
 
     def _snippets(self, key: str | None):

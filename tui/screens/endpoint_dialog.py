@@ -71,7 +71,8 @@ class EndpointDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         self._add(self._value("name"), self._value("url"), self._value("model") or None,
                   self._value("key_env") or None, self._value("key") or None)
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
+    # The description is given: by default it would show the arguments, the key among them, in Textual's log.
+    @work(thread=True, exclusive=True, exit_on_error=False, description="add an external endpoint")
     def _add(self, name: str, url: str, model: str | None, key_env: str | None, key: str | None) -> None:
         from engine import endpoints
 
@@ -79,6 +80,9 @@ class EndpointDialog(ReportsWorkerErrors, ModalScreen[int | None]):
             deployment = endpoints.add(self.app.db, name, url, model, key_env, key)
         except EngineError as exc:
             self.app.call_from_thread(self._refused, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the dialog must come back usable; the type says enough
+            self.app.call_from_thread(self._refused, f"that did not work ({type(exc).__name__}); check the URL")
             return
         self.app.call_from_thread(self.dismiss, deployment.id)
 
