@@ -21,7 +21,7 @@ from engine.gpus import cuda_env
 if TYPE_CHECKING:
     from catalog.schema import Deployment, Model
 
-BACKENDS = ("auto", "vllm", "transformers")
+BACKENDS = ("auto", "vllm", "transformers")  # on a Kubernetes target it is always vLLM
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -30,7 +30,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FIELD_LABELS = {
     "backend": "Backend", "gpus": "GPUs", "tensor_parallel": "Tensor parallel", "dtype": "Dtype",
     "max_model_len": "Max model length", "gpu_memory_fraction": "GPU memory", "port": "Port",
-    "host": "Bind address", "served_name": "Served name",
+    "host": "Bind address", "served_name": "Served name", "target": "Target",
 }
 
 
@@ -45,6 +45,7 @@ class DeploySettings:
     port: int = 0  # 0: a free one
     host: str = "127.0.0.1"
     served_name: str = ""  # empty: the model's name
+    target: str = ""  # empty: this machine; else a Kubernetes CONTEXT/NAMESPACE from the kubeconfig
 
     def problems(self) -> dict[str, str]:
         errors = {}

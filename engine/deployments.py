@@ -109,7 +109,7 @@ class DeployPlan:
     settings: DeploySettings  # with the port chosen
     backend: str
     gpus: str  # "cpu" or a comma list of indexes
-    fit: FitCheck
+    fit: FitCheck | None  # None on a cluster: its scheduler judges
     served_name: str
     name: str  # the deployment's (default: the served name)
 
@@ -119,6 +119,11 @@ class DeployPlan:
         notes = []
         if self.settings.exposed:
             notes.append(f"{self.settings.host} is reachable from other machines (with the API key)")
+        if self.backend == "kubernetes":
+            context, _, namespace = self.settings.target.partition("/")
+            notes.append(f"runs on the cluster {context!r}, namespace {namespace or 'default'!r}, with "
+                         f"{self.gpus} GPU{'s' if self.gpus != '1' else ''}; reached here through a port-forward")
+            return notes
         if self.model.state == ModelState.PENDING:
             notes.append(f"{self.model.name} is still downloading; the server starts once it is Ready")
         return notes
@@ -195,6 +200,8 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
     """Every check that can be made before launch; raises EngineError with what to change."""
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
+    if settings.target:
+        return _plan_on_cluster(db, model_name, settings, name)
     available_gpus = list_gpus() if available_gpus is None else available_gpus
     try:
         gpus = parse_choice(settings.gpus, available_gpus)
@@ -228,6 +235,35 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
     return DeployPlan(model, base, settings, backend, gpus, fit, settings.served_name or model.name, name)
 
 
+def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettings, name: str | None) -> DeployPlan:
+    """A Kubernetes target: vLLM on the cluster, which downloads the model from the Hub itself; reached
+    from here through a port-forward on a free local port. The fit is the cluster scheduler's to judge."""
+    from engine.kube.cluster import contexts, parse_target
+
+    context, namespace = parse_target(settings.target)
+    known, _current = contexts()
+    if context not in known:
+        raise EngineError(f"no context {context!r} in the kubeconfig" + (f"; it has: {', '.join(known)}" if known
+                                                                        else " (none found)"))
+    with db.read() as session:
+        model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
+        if model is None:
+            raise EngineError("that model was deleted")
+        if not model.repo_id or model.kind != ModelKind.BASE:
+            raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
+                              "a downloaded or downloading base model can be deployed there")
+        name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", settings.served_name).strip("-.") or model.name
+        if not NAME_PATTERN.match(name):
+            raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
+        _check_name_and_port(session, name, settings.port)
+        kept = {live.loads(live.settings_json, {}).get("port") for live in
+                session.exec(select(Deployment).where(Deployment.state.in_(LIVE)))}
+    local = dataclasses.replace(settings, host="127.0.0.1", backend="vllm")  # the port-forward's end, here
+    local = _listen_check(local, kept)
+    return DeployPlan(model, None, local, "kubernetes", str(settings.tensor_parallel), None,
+                      settings.served_name or model.name, name)
+
+
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,
            force: bool = False) -> tuple[Deployment, Job]:
     """Check everything, then register a Pending deployment and start its supervising job."""
@@ -237,7 +273,7 @@ def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: 
 def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deployment, Job]:
     """Register a Pending deployment for a plan and start its supervising job. A model that does not fit
     is refused unless `force`d."""
-    if checked.fit.verdict == "does not fit" and not force:
+    if checked.fit is not None and checked.fit.verdict == "does not fit" and not force:
         raise EngineError(f"{checked.model.name} does not fit: it {checked.fit.needs}. Lower the max model "
                           "length or choose other GPUs, or override the check to deploy anyway")
     settings, served = checked.settings, checked.served_name
@@ -245,11 +281,12 @@ def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deplo
         model = session.get(Model, checked.model.id)
         if model is None:
             raise EngineError(f"{checked.model.name!r} was deleted meanwhile")
-        _deployable(session, model)
+        if checked.backend != "kubernetes":
+            _deployable(session, model)
         _check_name_and_port(session, checked.name, settings.port)  # again, under the write lock
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # where to reach it from here
         host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-        waiting = model.state == ModelState.PENDING
+        waiting = model.state == ModelState.PENDING and checked.backend != "kubernetes"
         deployment = Deployment(
             model_id=model.id, name=checked.name, backend=checked.backend,
             phase="waiting for the download" if waiting else "starting", served_name=served,
@@ -296,11 +333,23 @@ def delete(db: Database, name: str | int) -> None:
             raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}; stop it first")
         kept_in_keyring = deployment.backend == "external" and deployment.loads(deployment.settings_json, {}).get(
             "key_keyring")
+        target = deployment.loads(deployment.settings_json, {}).get("target") if deployment.backend == "kubernetes" else None
         name = deployment.name
         session.delete(deployment)
         record(session, f"deployment:{deployment.id}", "deleted", f"deleted {name}")
     if kept_in_keyring:
         forget_key(name)  # after the commit, and never in its way
+    if target:  # normally gone already (its supervisor deletes them); not if the supervisor was killed
+        from engine.kube import cluster
+        from engine.kube.manifests import selector
+
+        context, namespace = cluster.parse_target(target)
+        try:
+            cluster.delete_all(cluster.api_client(context), namespace, name)
+        except EngineError as exc:
+            raise EngineError(f"removed {name!r} from modeldeck, but not its objects on the cluster ({exc}); "
+                              f"delete them with: kubectl --context {context} -n {namespace} delete "
+                              f"deployment,service,secret,pvc -l {selector(name)}") from None
 
 
 # Counters in the Prometheus text of the built-in server and of vLLM.

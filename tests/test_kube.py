@@ -241,6 +241,93 @@ def test_deploy_dry_run_prints_valid_manifests_and_touches_nothing(db, hub):
     assert args[args.index("--model") + 1] == "org/tiny" and args[args.index("--tensor-parallel-size") + 1] == "2"
     assert "keep it out of git" in result.stderr
     assert deployments.deployment_rows(db) == []  # nothing registered, nothing started
-    refused = subprocess.run([sys.executable, "-m", "tui.cli", "deploy", model.name, "--target", "prod-gpu/ml"],
+    refused = subprocess.run([sys.executable, "-m", "tui.cli", "deploy", model.name, "--dry-run"],
                              capture_output=True, text=True, env=dict(os.environ), timeout=60)
-    assert refused.returncode == 1 and "--dry-run" in refused.stderr
+    assert refused.returncode == 1 and "give --target CONTEXT/NAMESPACE" in refused.stderr
+
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{{name: emulator, cluster: {{server: "{url}"}}}}]
+users: [{{name: ada, user: {{token: t}}}}]
+contexts: [{{name: emu, context: {{cluster: emulator, user: ada, namespace: ml}}}}]
+current-context: emu
+"""
+
+
+@pytest.fixture
+def on_emulator(emulator, db, tmp_path, monkeypatch):
+    """The kubeconfig points at the emulator; a Hub model is in Custom (the cluster downloads it itself)."""
+    from catalog.schema import Model, ModelKind, ModelState
+
+    config = tmp_path / "kubeconfig"
+    config.write_text(KUBECONFIG.format(url=str(emulator.url).rstrip("/")))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    with db.write() as session:
+        session.add(Model(name="qwen", kind=ModelKind.BASE, state=ModelState.READY, source="hub:Qwen/Qwen2.5-0.5B-Instruct",
+                          repo_id="Qwen/Qwen2.5-0.5B-Instruct", revision="7ae5576", path=str(tmp_path)))
+    return emulator
+
+
+async def deployment_where(db, deployment_id, predicate, timeout=30):
+    from engine import deployments, jobs
+
+    end = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < end:
+        await asyncio.to_thread(jobs.reconcile, db)
+        row = (await asyncio.to_thread(deployments.deployment_rows, db, {deployment_id}))[0]
+        if predicate(row):
+            return row
+        await asyncio.sleep(0.2)  # the emulator lives on this loop: let it answer the supervisor
+    raise AssertionError(f"timed out; the deployment is {row.state.value} ({row.phase}, {row.reason})")
+
+
+async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(db, on_emulator):
+    import kubernetes
+
+    from engine import deployments
+    from engine.kube.manifests import labels
+
+    deployment, _ = await asyncio.to_thread(deployments.deploy, db, "qwen",
+                                            DeploySettings(target="emu/ml", tensor_parallel=2))
+    assert deployment.backend == "kubernetes" and deployment.gpus == "2"
+    assert deployment.endpoint.startswith("http://127.0.0.1:")  # where the port-forward will listen
+    await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
+    assert {("deployments", "md-qwen"), ("services", "md-qwen")} <= live(on_emulator)
+    # The scheduler's part: no node has the GPUs.
+    core = kubernetes.client.CoreV1Api(client_for(on_emulator))
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "md-qwen-7f9", "namespace": "ml", "labels": labels("qwen", "server")},
+           "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
+           "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "message":
+                                                          "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}}
+    await asyncio.to_thread(core.create_namespaced_pod, "ml", pod)
+    row = await deployment_where(db, deployment.id, lambda d: (d.phase or "").startswith("not schedulable"))
+    assert row.phase == "not schedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    # The kubelet's part: scheduled, then the server crashes over and over.
+    await asyncio.to_thread(core.patch_namespaced_pod, "md-qwen-7f9", "ml", {"status": {
+        "phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": [{"name": "vllm", "image": "vllm/vllm-openai:latest", "imageID": "", "ready": False,
+                               "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                               "lastState": {"terminated": {"reason": "Error", "exitCode": 1}}}]}})
+    failed = await deployment_where(db, deployment.id, lambda d: d.state.value == "failed")
+    assert failed.reason.startswith("the server keeps crashing (CrashLoopBackOff) (exit code 1)")
+    # Failed or stopped, its objects are gone from the cluster (the pod is the Deployment's to remove).
+    await deployment_where(db, deployment.id, lambda d: not ({"deployments", "services", "secrets",
+                                                             "persistentvolumeclaims"} & {k for k, _ in live(on_emulator)}))
+
+
+async def test_stopping_a_cluster_deployment_deletes_its_objects(db, on_emulator):
+    from engine import deployments
+
+    deployment, _ = await asyncio.to_thread(deployments.deploy, db, "qwen", DeploySettings(target="emu/ml"))
+    await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
+    assert ("deployments", "md-qwen") in live(on_emulator)
+    stopping = asyncio.create_task(asyncio.to_thread(deployments.stop, db, deployment.id))
+    while not stopping.done():
+        await asyncio.sleep(0.1)  # the supervisor deletes through the emulator, which runs on this loop
+    assert (await stopping).state.value == "stopped"
+    assert live(on_emulator) == set()
+    with pytest.raises(EngineError, match="no context 'nope' in the kubeconfig; it has: emu"):
+        await asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="nope/ml"))

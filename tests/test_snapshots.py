@@ -92,11 +92,19 @@ def free_ram(monkeypatch, available: int) -> None:
     monkeypatch.setattr(deployments.psutil, "virtual_memory", lambda: memory(available))
 
 
-async def plan_shown(pilot) -> None:
-    """Wait until the drawer shows the plan for what is typed now (it is asked for after a short pause)."""
-    await pilot.pause(0.4)
-    await wait_for(pilot, lambda: "Memory" in str(pilot.app.screen.query_one("#plan").render()), what="the plan")
-    await pilot.pause()
+def plan_shown(expected: str = "Memory"):
+    """A step: wait until the drawer's plan shows `expected` (the plan for what is typed now; it is asked
+    for after a short pause, and the previous one stays on screen meanwhile)."""
+    async def wait(pilot) -> None:
+        from textual.widgets import Input
+
+        await pilot.pause(0.4)
+        await wait_for(pilot, lambda: expected in str(pilot.app.screen.query_one("#plan").render()), what="the plan")
+        for field in pilot.app.screen.query(Input):  # the wait outlasts a blink: the cursor must hold still
+            field.cursor_blink = False
+        await pilot.pause()
+
+    return wait
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -194,18 +202,37 @@ class TestDialogs:
             pilot.app.open_chat(support_bot.id, conversation.id)
             chat = await wait_for(pilot, lambda: isinstance(pilot.app.screen, ChatScreen) and pilot.app.screen)
             await wait_for(pilot, lambda: len(chat.turns) == 2, what="the conversation")
+            chat.query_one("#prompt").cursor_blink = False  # the cursor must hold still for the picture
             await pilot.pause(0.2)
 
         assert snap_compare(app, terminal_size=size, run_before=keys(open_it))
 
     def test_deploy_drawer(self, snap_compare, db, size, monkeypatch):
         free_ram(monkeypatch, 16 * 2**30)
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), plan_shown))
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), plan_shown()))
+
+    def test_deploy_drawer_on_a_kubernetes_target(self, snap_compare, db, size, monkeypatch, tmp_path):
+        config = tmp_path / "kubeconfig"
+        config.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://10.0.0.1'}}]\n"
+                          "users: [{name: u, user: {token: t}}]\ncontexts: [{name: prod-gpu, context: {cluster: c, "
+                          "user: u}}, {name: staging, context: {cluster: c, user: u}}]\ncurrent-context: staging\n")
+        monkeypatch.setenv("KUBECONFIG", str(config))
+
+        async def choose_cluster(pilot):
+            drawer = pilot.app.screen
+            await wait_for(pilot, lambda: drawer.query_one("#target-row").display, what="the targets")
+            drawer.query_one("#target").value = "prod-gpu"
+            drawer.query_one("#namespace").value = "ml"
+            drawer.query_one("#tensor_parallel").value = "2"
+            await pilot.pause(0.4)
+            await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), choose_cluster))
 
     def test_deploy_drawer_exposed_and_too_big(self, snap_compare, db, size, monkeypatch):
         free_ram(monkeypatch, 512 * 2**20)
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
-            "2", "p", shown(DeployDrawer), plan_shown, *["tab"] * 8, *"0.0.0.0", plan_shown))
+            "2", "p", shown(DeployDrawer), plan_shown(), *["tab"] * 8, *"0.0.0.0", plan_shown("0.0.0.0 is reachable")))
 
     def test_finetune_dialog_with_a_bad_dataset_and_a_bad_rank(self, snap_compare, db, size):
         async def dataset_read(pilot):

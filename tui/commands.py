@@ -193,8 +193,10 @@ def cmd_deploy(args, db) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DeploySettings)
               if getattr(args, f.name, None) is not None}
-    if args.target or args.dry_run:
+    if args.dry_run:
         return _deploy_manifests(args, db, DeploySettings(**values))
+    if args.target:
+        values["target"] = args.target
     checked = deployments.plan(db, args.model, DeploySettings(**values), name=args.name)
     try:
         deployment, _job = deployments.start(db, checked, args.force)
@@ -203,8 +205,8 @@ def cmd_deploy(args, db) -> int:
     if not args.json:
         for warning in checked.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"{deployment.name}: starting with {deployment.backend} at {deployment.endpoint}; "
-              f"{checked.fit.describe()}", file=sys.stderr)
+        print(f"{deployment.name}: starting with {deployment.backend} at {deployment.endpoint}"
+              + (f"; {checked.fit.describe()}" if checked.fit else ""), file=sys.stderr)
     if args.wait:
         while True:
             jobs.reconcile(db)
@@ -301,9 +303,8 @@ def _deploy_manifests(args, db, settings) -> int:
     )
     from engine.models import find_model
 
-    if not (args.target and args.dry_run):
-        raise EngineError("deploying on a cluster is available as --target CONTEXT/NAMESPACE --dry-run for now: "
-                          "it prints the manifests to apply with kubectl; modeldeck does not apply them itself yet")
+    if not args.target:
+        raise EngineError("--dry-run prints a cluster's manifests: give --target CONTEXT/NAMESPACE")
     _context, namespace = parse_target(args.target)
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))

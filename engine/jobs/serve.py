@@ -61,9 +61,15 @@ def work(ctx: JobContext) -> None:
 
     base_url = deployment.endpoint.removesuffix("/v1")
     log_path = jobs.get(ctx.db, ctx.job_id).log_path
-    child = None
+    child = on_cluster = None
     try:
         signal.signal(signal.SIGTERM, stop_requested)
+        if deployment.backend == "kubernetes":  # the cluster downloads the model itself
+            from engine.jobs.serve_cluster import OnCluster
+
+            on_cluster = OnCluster(ctx, deployment, model, lambda phase: set_phase(ctx, deployment_id, phase), warm_up)
+            on_cluster.run()  # until stopped or failed
+            return
         if model.state != ModelState.READY:  # deployed from Community while it downloads
             model = ctx.wait_for_model(model.id, "the model")
             set_phase(ctx, deployment_id, "starting")
@@ -83,6 +89,8 @@ def work(ctx: JobContext) -> None:
         if stopping["asked"] or isinstance(exc, Stop):
             ctx.log("stopping the server")
         end_server(child)
+        if on_cluster is not None:
+            on_cluster.cleanup()
         asked = stopping["asked"] or isinstance(exc, Stop)
         reason = "stopped" if asked else (str(exc) if isinstance(exc, JobFailure) else f"{type(exc).__name__}: {exc}")
         with ctx.db.write() as session:
@@ -131,14 +139,19 @@ def wait_until_ready(ctx: JobContext, child, base_url: str, deployment: Deployme
                 raise JobFailure(f"the server did not answer /health within {READY_TIMEOUT_S:.0f} s")
             time.sleep(0.25)
         set_phase(ctx, deployment.id, "warming up")
-        try:
-            reply = client.post(base_url + "/v1/completions", timeout=300,
-                                headers={"Authorization": f"Bearer {deployment.api_key}"},
-                                json={"model": deployment.served_name, "prompt": "Hello", "max_tokens": 1})
-        except httpx.HTTPError as exc:
-            raise JobFailure(f"the warm-up completion failed: {exc}") from None
-        if reply.status_code != 200:
-            raise JobFailure(f"the warm-up completion failed: HTTP {reply.status_code}: {reply.text[:300]}")
+        warm_up(client, base_url, deployment)
+
+
+def warm_up(client: httpx.Client, base_url: str, deployment: Deployment) -> None:
+    """One tiny completion: answering /health is not yet answering requests."""
+    try:
+        reply = client.post(base_url + "/v1/completions", timeout=300,
+                            headers={"Authorization": f"Bearer {deployment.api_key}"},
+                            json={"model": deployment.served_name, "prompt": "Hello", "max_tokens": 1})
+    except httpx.HTTPError as exc:
+        raise JobFailure(f"the warm-up completion failed: {exc}") from None
+    if reply.status_code != 200:
+        raise JobFailure(f"the warm-up completion failed: HTTP {reply.status_code}: {reply.text[:300]}")
 
 
 def watch(child, base_url: str, log_path: str | None) -> None:

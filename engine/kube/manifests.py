@@ -126,7 +126,19 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
 
 
 def in_cluster_url(spec: ClusterDeploy) -> str:
-    return f"http://{k8s_name(spec.name)}.{spec.namespace}.svc.cluster.local:{PORT}/v1"
+    return service_url(spec.name, spec.namespace)
+
+
+def service_url(deployment: str, namespace: str) -> str:
+    """How other pods in the cluster reach the deployment."""
+    return f"http://{k8s_name(deployment)}.{namespace}.svc.cluster.local:{PORT}/v1"
+
+
+def port_forward_command(deployment: str, target: str, local_port: int | str = PORT) -> str:
+    """The kubectl command that makes the deployment reachable on this machine, as modeldeck does itself."""
+    context, _, namespace = target.partition("/")
+    return (f"kubectl --context {context} -n {namespace or 'default'} port-forward svc/{k8s_name(deployment)} "
+            f"{local_port}:{PORT}")
 
 
 def to_yaml(objects: list[dict]) -> str:

@@ -68,11 +68,20 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
             yield Label(f"Deploy {name}", classes="dialog-title")
             yield Static(self._about(row), id="about", classes="form-note drawer-note")
             with VerticalScroll(classes="dialog-scroll"):
-                with Horizontal(classes="form-row"):
+                # Shown only when the kubeconfig has contexts (see load_targets)
+                with Horizontal(classes="form-row", id="target-row"):
+                    yield Label(FIELD_LABELS["target"], classes="form-label")
+                    yield Select([("this machine", "")], value="", allow_blank=False, id="target", compact=True,
+                                 tooltip="This machine, or a Kubernetes context from your kubeconfig")
+                with Horizontal(classes="form-row", id="namespace-row"):
+                    yield Label("Namespace", classes="form-label")
+                    yield Input(placeholder="default", id="namespace", compact=True,
+                                tooltip="The namespace on the cluster to deploy in")
+                with Horizontal(classes="form-row", id="backend-row"):
                     yield Label(FIELD_LABELS["backend"], classes="form-label")
                     yield Select(BACKENDS, value="auto", allow_blank=False, id="backend", compact=True,
                                  tooltip="auto picks vLLM where a CUDA GPU and vLLM are installed")
-                with Horizontal(classes="form-row"):
+                with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label(FIELD_LABELS["gpus"], classes="form-label")
                     yield GpuSelect(id="gpus", tooltip="Which GPUs serve the model")
                 with Horizontal(classes="form-row"):
@@ -80,7 +89,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
                     yield Select(DTYPES, value="auto", allow_blank=False, id="dtype", compact=True,
                                  tooltip="The weights' number type while serving")
                 for field_id, placeholder, help_text in TYPED:
-                    with Horizontal(classes="form-row"):
+                    with Horizontal(classes="form-row", id=f"{field_id}-row"):
                         yield Label(LABELS.get(field_id) or FIELD_LABELS[field_id], classes="form-label")
                         yield Input(placeholder=placeholder or name, id=field_id, compact=True, tooltip=help_text)
                 yield Static("Checking…", id="plan", classes="drawer-plan")
@@ -103,6 +112,33 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_mount(self) -> None:
         self.query_one("#force", Checkbox).display = False
+        self.query_one("#target-row").display = self.query_one("#namespace-row").display = False
+        self.load_targets()
+
+    @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
+    def load_targets(self) -> None:
+        """Kubernetes contexts, when a kubeconfig exists (the client library is imported only then)."""
+        from engine.kube.cluster import contexts, kubeconfig_path
+
+        if kubeconfig_path() is None:
+            return
+        try:
+            names, _current = contexts()
+        except EngineError as exc:
+            self.app.call_from_thread(self.notify, str(exc), title="Kubernetes targets", severity="warning")
+            return
+        if names:
+            self.app.call_from_thread(self._show_targets, names)
+
+    def _show_targets(self, names: list[str]) -> None:
+        self.query_one("#target", Select).set_options([("this machine", ""), *((f"{n} (Kubernetes)", n) for n in names)])
+        self.query_one("#target-row").display = True
+
+    def _target(self) -> str:
+        context = self.query_one("#target", Select).value
+        if not context or context == Select.NULL:
+            return ""
+        return f"{context}/{self.query_one('#namespace', Input).value.strip() or 'default'}"
 
     def on_gpu_select_loaded(self, event: GpuSelect.Loaded) -> None:
         self._schedule_plan()  # the first plan waits for the GPUs
@@ -114,6 +150,11 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
                   if field_id not in LABELS}
         values |= {select_id: str(self.query_one(f"#{select_id}", Select).value)
                    for select_id in ("backend", "gpus", "dtype")}
+        values["target"] = self._target()
+        on_cluster = bool(values["target"])
+        self.query_one("#namespace-row").display = on_cluster
+        for row_id in ("#backend-row", "#gpus-row", "#host-row"):  # the cluster's vLLM decides these
+            self.query_one(row_id).display = not on_cluster
         return DeploySettings.from_strings(values)
 
     def _deployment_name(self) -> str | None:
@@ -168,17 +209,23 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
             self.query_one("#plan", Static).update("")
             force.display = False
             return
-        where = "the CPU" if checked.gpus == "cpu" else f"GPU {checked.gpus}"
-        server = "vLLM" if checked.backend == "vllm" else "built-in server"
-        chosen = self.query_one("#port", Input).value.strip() not in ("", "0")
-        address = f"{checked.settings.host}:{checked.settings.port}" if chosen else f"{checked.settings.host}, a free port"
-        verdict = checked.fit.verdict
-        text = Text.assemble(("Runs ", "dim"), f"{server} on {where}, {address}", "\n",
-                             ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]), f": {checked.fit.needs}")
+        if checked.fit is None:  # on a cluster: where it runs is the warning line; its scheduler judges the fit
+            text = Text.assemble(("Runs ", "dim"), "vLLM on Kubernetes", "\n", ("Memory ", "dim"),
+                                 "the cluster's scheduler places it on nodes with the GPUs it asks for")
+            verdict = "fits"
+        else:
+            where = "the CPU" if checked.gpus == "cpu" else f"GPU {checked.gpus}"
+            server = "vLLM" if checked.backend == "vllm" else "built-in server"
+            chosen = self.query_one("#port", Input).value.strip() not in ("", "0")
+            address = (f"{checked.settings.host}:{checked.settings.port}" if chosen
+                       else f"{checked.settings.host}, a free port")
+            verdict = checked.fit.verdict
+            text = Text.assemble(("Runs ", "dim"), f"{server} on {where}, {address}", "\n",
+                                 ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]), f": {checked.fit.needs}")
         for warning in checked.warnings:
             text.append(f"\n⚠ {warning}", style="yellow")
         self.query_one("#plan", Static).update(text)
-        force.display = checked.fit.verdict == "does not fit"
+        force.display = verdict == "does not fit"
 
     # -- starting -----------------------------------------------------------------------------------
 

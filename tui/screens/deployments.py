@@ -279,7 +279,14 @@ class DeploymentsScreen(DeckScreen):
         row = self.store.models.get(dep.model_id)
         base = self.store.models.get(row.model.base_id) if row and row.model.base_id else None
         adapter_base = base.model if base and row.model.kind.value == "adapter" else None
-        command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
+        if dep.backend == "kubernetes":
+            from engine.kube.manifests import port_forward_command
+
+            target = dep.loads(dep.settings_json, {}).get("target", "")
+            command = (f"vLLM on the cluster {target} (deploy --target {target} --dry-run prints its manifests); "
+                       f"reached through: {port_forward_command(dep.name, target, dep.endpoint.rsplit(':', 1)[1].split('/')[0])}")
+        else:
+            command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         fields = [
             ("Model", row.model.name if row else "—"), ("Backend", f"{backend_label(dep.backend)} ({dep.backend})"),

@@ -1,0 +1,151 @@
+"""The serving supervisor's cluster half: a deployment on Kubernetes (backend "kubernetes").
+
+It applies the deployment's objects (engine/kube/manifests.py), follows its pods through the same
+lifecycle as a local server (Pending with the cluster's reason, Ready, Failed with the reason and the
+crashed container's last log lines), and makes the endpoint reachable here through a port-forward it
+opens and keeps open itself (`kubectl port-forward` as its child, in its process group). Once the
+forwarded /health answers and one tiny completion succeeds, the deployment is Ready. Whatever ends it
+(a stop, a failure, this process being killed and reconciled), every object carrying the deployment's
+labels is deleted: nothing is left holding GPUs on the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+
+from catalog.schema import Deployment, DeploymentState, Model
+from engine.backends import DeploySettings
+from engine.errors import EngineError
+from engine.jobs import settle_deployment
+from engine.jobs.harness import JobContext, JobFailure
+from engine.kube import cluster
+from engine.kube.manifests import PORT, ClusterDeploy, deployment_objects, k8s_name
+from engine.kube.status import server_state
+
+POLL_S = 2.0  # how often the pods are read
+READY_TIMEOUT_S = 3600.0  # pulling a vLLM image and a large model can take long on a cold node
+FORWARD_TIMEOUT_S = 60.0
+
+
+def cluster_spec(deployment: Deployment, model: Model) -> tuple[ClusterDeploy, str]:
+    """The deployment's objects' description, and its kubeconfig context."""
+    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
+    context, namespace = cluster.parse_target(settings.target)
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    spec = ClusterDeploy(deployment.name, namespace, model.repo_id, model.revision, deployment.served_name,
+                         settings, settings.tensor_parallel, deployment.api_key, hf_token=token)
+    return spec, context
+
+
+class OnCluster:
+    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model, set_phase, warm_up):
+        self.ctx, self.deployment = ctx, deployment
+        self.spec, self.context = cluster_spec(deployment, model)
+        self.set_phase, self.warm_up = set_phase, warm_up  # the local supervisor's own
+        self.client = None
+        self.forward: subprocess.Popen | None = None
+        self.applied = False
+
+    def run(self) -> None:
+        """Until stopped or failed (both end by an exception)."""
+        try:
+            self.client = cluster.api_client(self.context)
+            self.set_phase("creating its objects on the cluster")
+            cluster.apply(self.client, deployment_objects(self.spec))
+        except EngineError as exc:
+            raise JobFailure(str(exc)) from None
+        self.applied = True
+        self.ctx.log(f"applied to {self.spec.namespace} in context {self.context}")
+        self.wait_for_pods()
+        self.open_forward()
+        base_url = self.deployment.endpoint.removesuffix("/v1")
+        with httpx.Client() as client:
+            self.wait_for_health(client, base_url)
+            self.set_phase("warming up")
+            self.warm_up(client, base_url, self.deployment)
+        with self.ctx.db.write() as session:
+            settle_deployment(session, self.deployment.id, DeploymentState.READY, phase=None)
+        self.ctx.log(f"ready at {self.deployment.endpoint} (forwarded from service {k8s_name(self.spec.name)})")
+        self.watch()
+
+    def state(self):
+        try:
+            pods = cluster.pods(self.client, self.spec.namespace, self.spec.name)
+        except EngineError as exc:
+            raise JobFailure(str(exc)) from None
+        return server_state(pods, lambda pod: cluster.last_log_lines(self.client, self.spec.namespace, pod))
+
+    def wait_for_pods(self) -> None:
+        start = time.monotonic()
+        while True:
+            now = self.state()
+            if now.state == "ready":
+                return
+            if now.state == "failed":
+                raise JobFailure(now.reason)
+            self.set_phase(now.phase)
+            if time.monotonic() - start > READY_TIMEOUT_S:
+                raise JobFailure(f"not Ready on the cluster within {READY_TIMEOUT_S / 60:.0f} min: {now.phase}")
+            time.sleep(POLL_S)
+
+    def open_forward(self) -> None:
+        """`kubectl port-forward` to the service, on the local port of the deployment's endpoint."""
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            raise JobFailure("the deployment is Ready on the cluster, but reaching it from here needs kubectl "
+                             f"on PATH (kubectl port-forward -n {self.spec.namespace} svc/{k8s_name(self.spec.name)}"
+                             f" PORT:{PORT})")
+        local = self.deployment.endpoint.removesuffix("/v1").rsplit(":", 1)[1]
+        argv = [kubectl, "--context", self.context, "-n", self.spec.namespace, "port-forward", "--address",
+                "127.0.0.1", f"svc/{k8s_name(self.spec.name)}", f"{local}:{PORT}"]
+        if os.environ.get("KUBECONFIG") is None and cluster.kubeconfig_path() is not None:
+            argv[1:1] = ["--kubeconfig", str(cluster.kubeconfig_path())]
+        self.ctx.log("port-forward: " + " ".join(argv))
+        self.forward = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=subprocess.STDOUT)
+
+    def wait_for_health(self, client: httpx.Client, base_url: str) -> None:
+        self.set_phase("opening the port-forward")
+        start = time.monotonic()
+        while True:
+            if self.forward.poll() is not None:
+                raise JobFailure(f"kubectl port-forward exited with code {self.forward.returncode} (see the log)")
+            try:
+                if client.get(base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - start > FORWARD_TIMEOUT_S:
+                raise JobFailure(f"the port-forward did not answer /health within {FORWARD_TIMEOUT_S:.0f} s")
+            time.sleep(0.5)
+
+    def watch(self) -> None:
+        """Ready until the pods fail; a port-forward that drops (a pod restarted) is opened again."""
+        while True:
+            time.sleep(POLL_S)
+            now = self.state()
+            if now.state == "failed":
+                raise JobFailure(now.reason)
+            if self.forward.poll() is not None and now.state == "ready":
+                self.ctx.log("the port-forward ended; opening it again")
+                self.open_forward()
+
+    def cleanup(self) -> None:
+        """End the port-forward and delete every object of the deployment (whatever ended it)."""
+        if self.forward is not None and self.forward.poll() is None:
+            self.forward.terminate()
+            try:
+                self.forward.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.forward.kill()
+        if self.client is not None and self.applied:
+            try:
+                removed = cluster.delete_all(self.client, self.spec.namespace, self.spec.name)
+                self.ctx.log("deleted from the cluster: " + (", ".join(removed) or "nothing left"))
+            except EngineError as exc:
+                self.ctx.log(f"could not delete everything from the cluster: {exc}")
