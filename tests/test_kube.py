@@ -331,3 +331,21 @@ async def test_stopping_a_cluster_deployment_deletes_its_objects(db, on_emulator
     assert live(on_emulator) == set()
     with pytest.raises(EngineError, match="no context 'nope' in the kubeconfig; it has: emu"):
         await asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="nope/ml"))
+
+
+async def test_a_killed_cluster_supervisor_says_its_objects_remain_and_delete_removes_them(db, on_emulator):
+    import signal
+
+    from engine import deployments, jobs
+
+    deployment, job = await asyncio.to_thread(deployments.deploy, db, "qwen", DeploySettings(target="emu/ml"))
+    await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
+    os.kill((await asyncio.to_thread(jobs.get, db, job.id)).pid, signal.SIGKILL)
+    failed = await deployment_where(db, deployment.id, lambda d: d.state.value == "failed")
+    assert failed.reason.endswith("its objects are still on the cluster until you delete this deployment")
+    assert ("deployments", "md-qwen") in live(on_emulator)
+    removing = asyncio.create_task(asyncio.to_thread(deployments.delete, db, deployment.id))
+    while not removing.done():
+        await asyncio.sleep(0.1)  # the emulator answers on this loop
+    await removing
+    assert live(on_emulator) == set()

@@ -248,9 +248,14 @@ def reconcile(db: Database) -> list[int]:
                 continue
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
             if job.kind == JobKind.SERVE:  # the supervisor is gone: its server must not outlive it
+                deployment = session.get(Deployment, job.params.get("deployment_id"))
+                # A cluster's objects cannot be killed from here: deleting the deployment removes them.
+                on_cluster = ("; its objects are still on the cluster until you delete this deployment"
+                              if deployment is not None and deployment.backend == "kubernetes" else "")
                 settle_deployment(session, job.params.get("deployment_id"),
                                   DeploymentState.STOPPED if job.cancel_requested else DeploymentState.FAILED,
-                                  "stopped" if job.cancel_requested else f"the server's supervisor stopped: {failure}")
+                                  ("stopped" if job.cancel_requested else
+                                   f"the server's supervisor stopped: {failure}") + on_cluster)
         if job.kind == JobKind.SERVE and job.pid:
             kill_leftovers(job.pid, job_tag(db, job.id))  # the server must not outlive its supervisor
         settled.append(job.id)
