@@ -23,6 +23,7 @@ READ_TIMEOUT_S = 120.0  # the longest silence between two chunks (a big model's 
 
 
 PARAM_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "max_tokens": (1, 1_000_000)}
+PARAM_LABELS = {"temperature": "Temperature", "top_p": "Top-p", "max_tokens": "Max tokens"}
 
 
 @dataclass
@@ -45,10 +46,11 @@ class ChatParams:
             try:
                 value = kind(text)
             except ValueError:
-                errors[name] = f"{name.replace('_', ' ')}: {text!r} is not {'a whole number' if kind is int else 'a number'}"
+                errors[name] = f"{PARAM_LABELS[name]}: {text!r} is not {'a whole number' if kind is int else 'a number'}"
                 continue
             if not low <= value <= high:
-                errors[name] = f"{name.replace('_', ' ')} must be from {low:g} to {high:g}"
+                shown = [f"{v:,}" if isinstance(v, int) else f"{v:g}" for v in (low, high)]
+                errors[name] = f"{PARAM_LABELS[name]} must be from {shown[0]} to {shown[1]}"
                 continue
             parsed[name] = value
         return cls(**parsed), errors
@@ -93,7 +95,13 @@ class ReplyStats:
         return " · ".join(parts)
 
     def as_dict(self) -> dict:
+        """Everything, to keep with a conversation (from_dict reads it back)."""
         return asdict(self) | {"tokens": self.tokens, "tokens_per_s": self.tokens_per_s}
+
+    def summary(self) -> dict:
+        """What a script wants to know about a reply."""
+        return {"ttft_s": self.ttft_s, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
+                "elapsed_s": self.elapsed_s, "finish": self.finish}
 
     @classmethod
     def from_dict(cls, data: dict) -> ReplyStats:

@@ -34,10 +34,11 @@ def title_for(first_prompt: str) -> str:
     return words if len(words) <= TITLE_CHARS else words[:TITLE_CHARS - 1] + "…"
 
 
-def listed(db: Database, deployment_id: int) -> list[Conversation]:
-    """The deployment's conversations, latest first."""
+def listed(db: Database, deployment_ids: int | set[int]) -> list[Conversation]:
+    """The conversations with these deployments, latest first."""
+    ids = {deployment_ids} if isinstance(deployment_ids, int) else set(deployment_ids)
     with db.read() as session:
-        return list(session.exec(select(Conversation).where(Conversation.deployment_id == deployment_id)
+        return list(session.exec(select(Conversation).where(Conversation.deployment_id.in_(ids))
                                  .order_by(Conversation.updated_at.desc(), Conversation.id.desc())))
 
 

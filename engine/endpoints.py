@@ -113,7 +113,13 @@ def add(db: Database, name: str, base_url: str, model: str | None = None, key_en
             [DeploymentState.PENDING, DeploymentState.READY]))).first()
     if taken:
         raise EngineError(f"a deployment named {name!r} is already listed; choose another name")
-    models = served_models(base_url, key_value)
+    try:
+        models = served_models(base_url, key_value)
+    except EngineError as exc:
+        if key_value is None and "(401)" in str(exc):
+            raise EngineError(f"{base_url} wants an API key: name the environment variable that holds it, or give "
+                              "the key to keep in the system keyring") from None
+        raise
     if model is None:
         if len(models) != 1:
             raise EngineError(f"{base_url} serves {len(models)} models; choose one with --model: "

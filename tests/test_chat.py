@@ -117,8 +117,8 @@ def test_chat_params_from_typed_text():
     params, errors = ChatParams.from_strings({"temperature": "0.2", "top_p": "", "max_tokens": "64"})
     assert (params.temperature, params.top_p, params.max_tokens, errors) == (0.2, 1.0, 64, {})
     _, errors = ChatParams.from_strings({"temperature": "hot", "top_p": "2", "max_tokens": "1.5"})
-    assert errors == {"temperature": "temperature: 'hot' is not a number", "top_p": "top p must be from 0 to 1",
-                      "max_tokens": "max tokens: '1.5' is not a whole number"}
+    assert errors == {"temperature": "Temperature: 'hot' is not a number", "top_p": "Top-p must be from 0 to 1",
+                      "max_tokens": "Max tokens: '1.5' is not a whole number"}
 
 
 def test_conversations_are_kept_per_deployment_and_go_with_it(db):
@@ -175,8 +175,11 @@ def test_an_external_endpoint_is_listed_and_its_key_stays_out_of_the_database(db
     monkeypatch.setenv("TEAM_LLM_KEY", KEY)
     with pytest.raises(EngineError, match=r"\$NOPE_KEY is not set"):
         endpoints.add(db, "team", server.url + "/v1", key_env="NOPE_KEY")
-    with pytest.raises(EngineError, match=r"refused the API key \(401\)"):
+    with pytest.raises(EngineError, match=r"wants an API key: name the environment variable that holds it"):
         endpoints.add(db, "team", server.url + "/v1", key=None)
+    monkeypatch.setenv("WRONG_KEY", "sk-wrong")
+    with pytest.raises(EngineError, match=r"refused the API key \(401\)"):
+        endpoints.add(db, "team", server.url + "/v1", key_env="WRONG_KEY")
     with pytest.raises(EngineError, match="does not serve 'gpt-4'; it serves: tiny"):
         endpoints.add(db, "team", server.url + "/v1", model="gpt-4", key_env="TEAM_LLM_KEY")
     with pytest.raises(EngineError, match="is not an http"):

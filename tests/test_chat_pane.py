@@ -133,12 +133,15 @@ async def test_a_server_killed_mid_reply_is_one_calm_line(db, deployment):
         error = str(chat.query_one("#chat-error").render())
         assert error == "the server closed the connection mid-reply — ctrl+r retries"
         assert len(reply_text(chat)) > 20  # what came is kept
-        assert "failed: the server closed the connection mid-reply" in str(
-            chat.query(ReplyView).last().query_one(".stats").render())
-        await pilot.press("ctrl+r")  # retrying: the server is gone, said in the same calm way
-        await wait_for(pilot, lambda: "cannot reach" in str(chat.query_one("#chat-error").render()), 15,
-                       what="the retry's error")
-        assert isinstance(app.screen, ChatScreen)
+        assert str(chat.query(ReplyView).last().query_one(".stats").render()).endswith("tokens · failed")
+        kept = reply_text(chat)
+        # The supervisor has seen its server die: retrying now says why it cannot, and keeps the reply.
+        await wait_for(pilot, lambda: app.store.deployments[deployment.id].state == DeploymentState.FAILED, 15,
+                       what="the deployment Failed")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert str(chat.query_one("#chat-error").render()).startswith("endless is failed: deploy it again")
+        assert reply_text(chat) == kept and isinstance(app.screen, ChatScreen)
 
 
 async def test_connect_shows_the_kit_and_copies_with_the_real_key(db, deployment, monkeypatch):
@@ -179,3 +182,31 @@ async def test_new_conversation_twice_on_an_empty_pane_keeps_one_hint(db):
         assert app.screen is chat and len(chat.query(".empty-hint")) == 1
         await pilot.press("escape")  # nothing streaming: back to Active deployments
         await wait_for(pilot, lambda: not isinstance(app.screen, ChatScreen), what="back")
+
+
+async def test_brackets_in_what_is_typed_or_copied_are_text_not_markup(db):
+    """A title like 'use a[/i] list' (or a reply holding '[') once ended the app when listed or copied."""
+    from engine import conversations
+    from engine.chat import ChatParams, ReplyStats
+    from engine.conversations import Turn
+    from tests.tui_helpers import seed
+    from tui.screens.action_menu import ActionMenu
+
+    seed(db)
+    [dep] = [d for d in deployments.deployment_rows(db) if d.name == "support-bot"]
+    conversation = conversations.create(db, dep.id, "", ChatParams())
+    conversations.add(db, conversation.id, Turn("user", "use a[/i] list [bold]x[/bold]"))
+    conversations.add(db, conversation.id, Turn("assistant", "[/red] closing tags [b]", ReplyStats(finish="stop")))
+    app = ModelDeckApp(db, follow=False, open_chat="support-bot")
+    copied = []
+    app.copy_to_clipboard = copied.append
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen, what="the chat")
+        await pilot.press("ctrl+o")
+        menu = await wait_for(pilot, lambda: isinstance(app.screen, ActionMenu) and app.screen, what="the list")
+        assert "use a[/i] list [bold]x[/bold]" in str(menu.query_one("OptionList").get_option_at_index(0).prompt)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(chat.turns) == 2, what="the conversation")
+        await pilot.press("ctrl+y")
+        await pilot.pause()
+        assert copied == ["[/red] closing tags [b]"] and app.is_running

@@ -158,8 +158,9 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     chatted = run("chat", "tiny", "hello", "--max-tokens", "3")  # one streamed reply, its numbers on stderr
     assert "3 tokens · cut at max tokens" in chatted.stderr  # (a random model's 3 tokens may print nothing)
     piped = run("chat", "tiny", "-", "--temperature", "0", "--json", stdin="hello from stdin")
-    assert json.loads(piped.stderr.strip().splitlines()[-1])["tokens"] >= 1
-    assert "temperature: 'hot' is not a number" in run("chat", "tiny", "hi", "--temperature", "hot",
+    answer = json.loads(piped.stdout)  # with --json, one object on stdout: the reply and its numbers
+    assert answer["deployment"] == "tiny" and answer["stats"]["tokens"] >= 1 and isinstance(answer["reply"], str)
+    assert "Temperature: 'hot' is not a number" in run("chat", "tiny", "hi", "--temperature", "hot",
                                                        check=False).stderr
     # The same server, listed as an external endpoint whose key lives in an environment variable.
     os.environ["TEAM_KEY"] = deployed["api_key"]

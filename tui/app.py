@@ -240,6 +240,12 @@ class ModelDeckApp(App):
         self.push_screen(ChatScreen(deployment_id, conversation_id))
 
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Every notification is plain text: they carry names, replies and servers' errors, where a '['
+        would be read as markup (and a stray closing tag would end the app)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
     def copy_text(self, text: str | None, what: str, shown: str | None = None) -> None:
         """To the clipboard through the terminal (OSC 52), so it works over SSH; says what it did (`shown`
         in place of the text: a secret, a long snippet)."""

@@ -250,17 +250,20 @@ def cmd_chat(args, db) -> int:
         {"role": "user", "content": prompt}]
 
     async def reply() -> None:
+        parts = []
         async with new_client() as client:
             async for event in stream_chat(client, target, messages, params):
                 if isinstance(event, Delta):
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
+                    parts.append(event.text)
+                    if not args.json:  # streamed as it comes; with --json, one object at the end
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                elif args.json:
+                    print(json.dumps({"deployment": dep.name, "model": dep.served_name, "reply": "".join(parts),
+                                      "stats": event.stats.summary()}))
                 else:
                     sys.stdout.write("\n")
-                    if args.json:
-                        print(json.dumps(event.stats.as_dict()), file=sys.stderr)
-                    else:
-                        print(f"({event.stats.describe()})", file=sys.stderr)
+                    print(f"({event.stats.describe()})", file=sys.stderr)
 
     asyncio.run(reply())
     return 0

@@ -115,10 +115,11 @@ def exited(child: subprocess.Popen, log_path: str | None) -> str | None:
     code = child.poll()
     if code is None:
         return None
-    how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if code < 0:  # killed from outside: what it logged last is not why
+        return f"the server was killed by signal {signal.Signals(-code).name}"
     sys.stdout.flush()
-    tail = log_tail(log_path, 12)
-    return f"the server {how}" + (": " + tail_reason(tail) if any(line.strip() for line in tail) else "")
+    tail = [line for line in log_tail(log_path, 12) if not line.startswith("INFO:")]  # uvicorn's routine lines
+    return f"the server exited with code {code}" + (": " + tail_reason(tail) if any(t.strip() for t in tail) else "")
 
 
 def healthy(client: httpx.Client, base_url: str) -> bool:

@@ -62,13 +62,16 @@ class ReplyView(Vertical):
         yield Static(self.stats_text(self.stats), classes="stats")
 
     @staticmethod
-    def stats_text(stats: ReplyStats | None) -> Text:
-        if stats is None:
+    def stats_text(stats: ReplyStats | None, live: bool = False) -> Text:
+        if stats is None or (live and stats.ttft_s is None):
             return Text("waiting for the first token…")
-        text = Text(stats.describe())
-        if stats.error:
-            text.append(f" · failed: {stats.error}", style="red")
+        text = Text(("streaming · " if live else "") + stats.describe())
+        if stats.error:  # the reason itself is the line under the conversation (or in a reopened one, here)
+            text.append(" · failed", style="red")
         return text
+
+    def show_live(self, stats: ReplyStats) -> None:
+        self.query_one(".stats", Static).update(self.stats_text(stats, live=True))
 
     def show_stats(self, stats: ReplyStats | None) -> None:
         self.stats = stats
@@ -264,7 +267,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         parts: list[str] = []
         stats = ReplyStats()
         history = conversations.request_messages(self.system_prompt, self.turns)
-        self._streaming_task = asyncio.ensure_future(self._stream(history, stream, parts, stats))
+        self._streaming_task = asyncio.ensure_future(self._stream(history, stream, view, parts, stats))
         try:
             await asyncio.shield(self._streaming_task)
         except asyncio.CancelledError:
@@ -283,7 +286,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
                                         Turn("assistant", "".join(parts), stats))
         self.turns.append(reply)
 
-    async def _stream(self, history: list[dict], stream, parts: list[str], stats: ReplyStats) -> None:
+    async def _stream(self, history: list[dict], stream, view: ReplyView, parts: list[str], stats: ReplyStats) -> None:
         """The reply's text into the Markdown stream, redrawn at most every RENDER_EVERY_S: a fast server
         (thousands of tokens/s) must not make the pane re-render per token; the eye cannot tell, and input
         stays quick. `self._unrendered` counts the parts received since the last redraw."""
@@ -298,6 +301,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
                     if time.monotonic() - last_write >= RENDER_EVERY_S:
                         await stream.write("".join(parts[-self._unrendered:]))
                         self._unrendered, last_write = 0, time.monotonic()
+                        view.show_live(stats)
         except ChatError as exc:
             stats.finish, stats.error = "error", str(exc)
             self._error(f"{exc} — ctrl+r retries")
@@ -312,6 +316,12 @@ class ChatScreen(ReportsWorkerErrors, Screen):
 
     def action_regenerate(self) -> None:
         if self._busy or self.target is None:
+            return
+        dep = self.app.store.deployments.get(self.deployment_id)
+        if dep is None or dep.state.value != "ready":
+            state = dep.state.value if dep else "deleted"
+            self._error(f"{dep.name if dep else 'The deployment'} is {state}: deploy it again, then reopen this "
+                        "conversation (ctrl+o) to go on; the reply so far is kept")
             return
         if not self.turns:
             self.notify("Nothing to regenerate yet", severity="warning", timeout=3)
@@ -338,13 +348,15 @@ class ChatScreen(ReportsWorkerErrors, Screen):
 
     def action_new_conversation(self) -> None:
         if self._busy:
+            self.notify("A reply is still coming: escape stops it first", severity="warning", timeout=3)
             return
         self._show_conversation(None, self.system_prompt, self.params, [])
         self.query_one("#prompt", Input).focus()
 
     def action_copy_reply(self) -> None:
-        last = next((t.content for t in reversed(self.turns) if t.role == "assistant" and t.content), None)
-        self.app.copy_text(last, "reply")
+        last = next((t for t in reversed(self.turns) if t.role == "assistant" and t.content), None)
+        self.app.copy_text(last.content if last else None, "reply",
+                           shown=f"the last reply ({len(last.content):,} characters)" if last else None)
 
     def action_open_conversation(self) -> None:
         if not self._busy:
@@ -354,7 +366,10 @@ class ChatScreen(ReportsWorkerErrors, Screen):
     def list_conversations(self) -> None:
         from engine import conversations
 
-        found = conversations.listed(self.app.db, self.deployment_id)
+        dep = self.app.store.deployments.get(self.deployment_id)
+        # Also those with earlier deployments of the same name (stopped, failed, deployed again).
+        same_name = {d.id for d in self.app.store.deployments.values() if dep and d.name == dep.name}
+        found = conversations.listed(self.app.db, same_name | {self.deployment_id})
         if not found:
             self.app.call_from_thread(self.notify, "No conversations with this deployment yet", timeout=3)
             return
@@ -364,7 +379,8 @@ class ChatScreen(ReportsWorkerErrors, Screen):
             if conversation_id:
                 self.prepare(int(conversation_id))
 
-        self.app.call_from_thread(self.app.push_screen, ActionMenu("Conversations, latest first", options), chosen)
+        self.app.call_from_thread(self.app.push_screen, ActionMenu("Conversations, latest first", options, wide=True),
+                                  chosen)
 
     def action_settings(self) -> None:
         def chosen(result: tuple[str, ChatParams] | None) -> None:
@@ -417,6 +433,17 @@ class ChatSettingsDialog(ModalScreen[tuple[str, ChatParams] | None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_save()
 
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._check()
+
+    def _check(self) -> tuple[ChatParams, dict[str, str]]:
+        params, errors = ChatParams.from_strings({name: self.query_one(f"#{name}", Input).value
+                                                  for name, _, _ in self.FIELDS})
+        for name, _, _ in self.FIELDS:
+            self.query_one(f"#{name}", Input).set_class(name in errors, "-invalid")
+        self.query_one("#error", Static).update(Text("; ".join(errors.values())))
+        return params, errors
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
             self.action_save()
@@ -424,11 +451,6 @@ class ChatSettingsDialog(ModalScreen[tuple[str, ChatParams] | None]):
             self.dismiss(None)
 
     def action_save(self) -> None:
-        params, errors = ChatParams.from_strings({name: self.query_one(f"#{name}", Input).value
-                                                  for name, _, _ in self.FIELDS})
-        for name, _, _ in self.FIELDS:
-            self.query_one(f"#{name}", Input).set_class(name in errors, "-invalid")
-        if errors:
-            self.query_one("#error", Static).update(Text("; ".join(errors.values())))
-            return
-        self.dismiss((self.query_one("#system", Input).value.strip(), params))
+        params, errors = self._check()
+        if not errors:
+            self.dismiss((self.query_one("#system", Input).value.strip(), params))

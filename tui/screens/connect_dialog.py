@@ -51,8 +51,8 @@ class ConnectDialog(ModalScreen[str | None]):
             with VerticalScroll(classes="dialog-scroll"):
                 yield Static(id="facts")
                 yield Static(id="snippets")
-            yield Label("esc close · r reveal key · copy: u URL, k key, 1 2 3 snippet · c chat",
-                        classes="dialog-hint")
+            ssh = " · s ssh" if self._tunnel() else ""
+            yield Label(f"esc close · r reveal · u URL · k key · 1-3 snippets{ssh} · c chat", classes="dialog-hint")
 
     def on_mount(self) -> None:
         self.load_key()

@@ -187,7 +187,12 @@ class DeploymentsScreen(DeckScreen):
     def action_add_endpoint(self) -> None:
         from tui.screens.endpoint_dialog import EndpointDialog
 
-        self.app.push_screen(EndpointDialog(), lambda dep_id: dep_id is not None and self.focus_row(dep_id))
+        def added(dep_id: int | None) -> None:
+            if dep_id is not None:
+                self.focus_row(dep_id)
+                self.notify("Endpoint added: enter for Connect, c to chat", timeout=4)
+
+        self.app.push_screen(EndpointDialog(), added)
 
     def _selected(self) -> Deployment | None:
         key = self.table.cursor_key
@@ -247,7 +252,9 @@ class DeploymentsScreen(DeckScreen):
     def delete(self, dep_id: int) -> None:
         from engine import deployments
 
+        name = self.store.deployments[dep_id].name if dep_id in self.store.deployments else "it"
         deployments.delete(self.db, dep_id)
+        self.app.call_from_thread(self.notify, f"Deleted {name}", timeout=3)
 
     def action_details(self) -> None:
         dep = self._selected()

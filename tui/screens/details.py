@@ -46,7 +46,7 @@ class DetailsDialog(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes=self.CLASSES):
-            yield Label(self.title_text, classes="dialog-title")
+            yield Label(Text(self.title_text), classes="dialog-title")
             with VerticalScroll(classes="dialog-scroll"):
                 yield Static(fields_table(self.fields), id="fields")
             yield from self.compose_extra()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -34,7 +35,7 @@ class FilePicker(ModalScreen[Path | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="wide picker"):
-            yield Label(f"Choose a dataset in {self.folder}", id="picker-title", classes="dialog-title")
+            yield Label(Text(f"Choose a dataset in {self.folder}"), id="picker-title", classes="dialog-title")
             yield DatasetTree(self.folder)
             yield Label("enter pick a file or open a folder  ·  backspace parent folder  ·  escape cancel",
                         classes="dialog-hint")
