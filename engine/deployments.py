@@ -178,6 +178,19 @@ def _check_name_and_port(session: Session, name: str, port: int) -> None:
                               "empty for a free one")
 
 
+def _name_and_kept_ports(session: Session, name: str | None, settings: DeploySettings,
+                         model: Model) -> tuple[str, set[int]]:
+    """The deployment's name (given, else from the served name or the model's), checked free, and the
+    ports live deployments keep."""
+    name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", settings.served_name).strip("-.") or model.name
+    if not NAME_PATTERN.match(name):
+        raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
+    _check_name_and_port(session, name, settings.port)
+    kept = {live.loads(live.settings_json, {}).get("port")
+            for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE)))}
+    return name, kept
+
+
 def _listen_check(settings: DeploySettings, kept_ports: set[int]) -> DeploySettings:
     """The port: a free one when not given, else one nothing listens on; the address must be this
     machine's."""
@@ -220,16 +233,11 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
         if model is None:
             raise EngineError("that model was deleted")
         base = _deployable(session, model)
-        name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", settings.served_name).strip("-.") or model.name
-        if not NAME_PATTERN.match(name):
-            raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
-        _check_name_and_port(session, name, settings.port)
+        name, kept = _name_and_kept_ports(session, name, settings, model)
         limit = context_limit((base or model).path) if model.path else None
         if limit and settings.max_model_len > limit:
             raise EngineError(f"max model length {settings.max_model_len:,} is over the model's own limit of "
                               f"{limit:,} tokens; leave it empty for {limit:,}")
-        kept = {live.loads(live.settings_json, {}).get("port") for live in
-                session.exec(select(Deployment).where(Deployment.state.in_(LIVE)))}
         settings = _listen_check(settings, kept)
         fit = _fit(session, model, base, settings, backend, gpus, available_gpus)
     return DeployPlan(model, base, settings, backend, gpus, fit, settings.served_name or model.name, name)
@@ -252,12 +260,7 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
         if not model.repo_id or model.kind != ModelKind.BASE:
             raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
                               "a downloaded or downloading base model can be deployed there")
-        name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", settings.served_name).strip("-.") or model.name
-        if not NAME_PATTERN.match(name):
-            raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
-        _check_name_and_port(session, name, settings.port)
-        kept = {live.loads(live.settings_json, {}).get("port") for live in
-                session.exec(select(Deployment).where(Deployment.state.in_(LIVE)))}
+        name, kept = _name_and_kept_ports(session, name, settings, model)
     local = dataclasses.replace(settings, host="127.0.0.1", backend="vllm")  # the port-forward's end, here
     local = _listen_check(local, kept)
     return DeployPlan(model, None, local, "kubernetes", str(settings.tensor_parallel), None,
