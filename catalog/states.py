@@ -49,3 +49,10 @@ class DeploymentState(StrEnum):
     READY = "ready"
     FAILED = "failed"
     STOPPED = "stopped"
+
+    def is_live(self) -> bool:
+        """Served now, or about to be: it holds its name, its port and its GPUs."""
+        return self in LIVE_DEPLOYMENT_STATES
+
+
+LIVE_DEPLOYMENT_STATES = (DeploymentState.PENDING, DeploymentState.READY)

@@ -26,6 +26,7 @@ from catalog.schema import (
     ModelKind,
     ModelState,
 )
+from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine import jobs
 from engine.backends import (
     DTYPE_BYTES,
@@ -47,7 +48,7 @@ from engine.jobs import settle_deployment
 from engine.localmodel import NAME_PATTERN
 from engine.models import find_model
 
-LIVE = (DeploymentState.PENDING, DeploymentState.READY)
+LIVE = LIVE_DEPLOYMENT_STATES
 
 
 def deployment_rows(db: Database, ids: set[int] | None = None) -> list[Deployment]:

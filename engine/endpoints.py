@@ -16,6 +16,7 @@ from sqlmodel import select
 
 from catalog import Database
 from catalog.schema import Deployment, DeploymentState
+from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine.chat import ChatError, list_models, new_client
 from engine.errors import EngineError
 from engine.events import record
@@ -109,8 +110,8 @@ def add(db: Database, name: str, base_url: str, model: str | None = None, key_en
     else:
         key = key_value = clean_key(key, "the key given") if key else None
     with db.read() as session:
-        taken = session.exec(select(Deployment).where(Deployment.name == name, Deployment.state.in_(
-            [DeploymentState.PENDING, DeploymentState.READY]))).first()
+        taken = session.exec(select(Deployment).where(Deployment.name == name,
+                                                      Deployment.state.in_(LIVE_DEPLOYMENT_STATES))).first()
     if taken:
         raise EngineError(f"a deployment named {name!r} is already listed; choose another name")
     try:

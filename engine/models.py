@@ -26,6 +26,7 @@ from catalog.schema import (
     ModelState,
     now,
 )
+from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine import hub, jobs
 from engine.errors import EngineError
 from engine.events import record
@@ -266,7 +267,7 @@ def dependents(session: Session, model: Model) -> list[str]:
         for child in session.exec(select(Model).where(Model.base_id == model.id))
     ]
     live = [dep.name for dep in session.exec(select(Deployment).where(
-        Deployment.model_id == model.id, Deployment.state.in_([DeploymentState.PENDING, DeploymentState.READY])))]
+        Deployment.model_id == model.id, Deployment.state.in_(LIVE_DEPLOYMENT_STATES)))]
     if live:
         names = ", ".join(repr(name) for name in live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
         reasons.append(f"{'deployments' if len(live) > 1 else 'deployment'} {names} "

@@ -208,7 +208,7 @@ class ModelDeckApp(App):
     def connect(self, model_id: int) -> None:
         """Connect: the connection kit of the model's Ready deployment; one still starting is shown in
         Active deployments."""
-        live = [d for d in self.store.deployments_of(model_id) if d.state.value in ("pending", "ready")]
+        live = self.store.live_deployments_of(model_id)
         if not live:
             self.notify("Not deployed: deploy it first (p)", severity="warning", timeout=4)
             return

@@ -47,6 +47,9 @@ class Store:
     def deployments_of(self, model_id: int) -> list[Deployment]:
         return [d for d in self.deployments.values() if d.model_id == model_id]
 
+    def live_deployments_of(self, model_id: int) -> list[Deployment]:
+        """Those serving the model now, or about to (Pending or Ready)."""
+        return [d for d in self.deployments_of(model_id) if d.state.is_live()]
+
     def is_deployed(self, model_id: int) -> bool:
-        """Whether a deployment serves the model now (Pending or Ready)."""
-        return any(d.state.value in ("pending", "ready") for d in self.deployments_of(model_id))
+        return bool(self.live_deployments_of(model_id))

@@ -32,6 +32,7 @@ from catalog.schema import (
     ModelState,
     now,
 )
+from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine.errors import EngineError
 from engine.events import record
 from engine.gpus import cuda_env
@@ -112,7 +113,7 @@ def settle_deployment(session: Session, deployment_id: int | None, state: Deploy
                       reason: str | None = None, phase: str | None = None) -> None:
     """Move a live (Pending or Ready) deployment to Ready, Failed or Stopped; a finished one stays."""
     deployment = session.get(Deployment, deployment_id) if deployment_id is not None else None
-    if deployment is None or deployment.state not in (DeploymentState.PENDING, DeploymentState.READY):
+    if deployment is None or not deployment.state.is_live():
         return
     deployment.state, deployment.reason, deployment.phase, deployment.updated_at = state, reason, phase, now()
     session.add(deployment)
@@ -266,10 +267,9 @@ def reconcile(db: Database) -> list[int]:
 def _settle_unsupervised_deployments(db: Database) -> None:
     """A deployment still Pending or Ready whose supervising job has ended (however it ended) is not
     served by anyone: it is Failed, or Stopped if a stop was asked."""
-    live = (DeploymentState.PENDING, DeploymentState.READY)
     with db.read() as session:
         orphans = session.exec(select(Deployment.id).join(Job, Job.id == Deployment.job_id).where(
-            Deployment.state.in_(live), Job.state.in_([JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]))).all()
+            Deployment.state.in_(LIVE_DEPLOYMENT_STATES), Job.state.in_([JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]))).all()
     if not orphans:
         return
     with db.write() as session:

@@ -82,7 +82,7 @@ class DeploymentsScreen(DeckScreen):
 
     def poll_load(self) -> None:
         live = [d for d in self.store.deployments.values()
-                if d.state in (DeploymentState.PENDING, DeploymentState.READY)]
+                if d.state.is_live()]
         for dep in live:  # their uptime moves on
             self.table.upsert(dep.id, self._cells(dep))
         ready = {d.id: d.endpoint for d in live  # an external one's metrics are not ours to poll
@@ -220,7 +220,7 @@ class DeploymentsScreen(DeckScreen):
             self.notify(f"{dep.name} is an external endpoint: modeldeck does not run it; ctrl+d removes it from "
                         "the list", severity="warning", timeout=5)
             return
-        if dep.state not in (DeploymentState.PENDING, DeploymentState.READY):
+        if not dep.state.is_live():
             self.notify(f"{dep.name} is {dep.state.value}; nothing to stop", severity="warning", timeout=4)
             return
         question = ConfirmDialog(f"Stop {dep.name}?", f"Clients of {dep.endpoint} lose it; the port and GPUs are "
@@ -239,7 +239,7 @@ class DeploymentsScreen(DeckScreen):
         if dep is None:
             return
         external = dep.backend == "external"
-        if dep.state in (DeploymentState.PENDING, DeploymentState.READY) and not external:
+        if dep.state.is_live() and not external:
             self.notify(f"{dep.name} is {dep.state.value}: stop it first (x)", severity="warning", timeout=4)
             return
         what = ("It leaves the list with its conversations (and its key, if the keyring holds it); the server "
