@@ -15,6 +15,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from engine.backends import LOOPBACK
+
 
 @dataclass
 class Snippet:
@@ -47,7 +49,7 @@ def ssh_tunnel(base_url: str, environ: dict[str, str] | None = None) -> str | No
     run on the laptop, it makes the same URL work there. None when not needed."""
     environ = os.environ if environ is None else environ
     parts = urlsplit(base_url)
-    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or not environ.get("SSH_CONNECTION"):
+    if parts.hostname not in LOOPBACK or not environ.get("SSH_CONNECTION"):
         return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
     fields = environ["SSH_CONNECTION"].split()  # client address, client port, this server's address, port

@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from catalog.states import DeploymentState, ModelState
+from engine.backends import LOOPBACK
 
 if TYPE_CHECKING:
     from catalog.schema import Job
@@ -153,7 +154,7 @@ def backend_label(backend: str) -> str:
 def listening_on(settings: dict) -> tuple[str, bool]:
     """Where a deployment's server listens ("0.0.0.0:8001"), and whether that is beyond this machine."""
     host = settings.get("host") or "127.0.0.1"
-    exposed = host not in ("127.0.0.1", "localhost", "::1")
+    exposed = host not in LOOPBACK
     return f"{f'[{host}]' if ':' in host else host}:{settings.get('port', '?')}", exposed
 
 
