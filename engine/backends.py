@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.gpus import cuda_env
+from engine.localmodel import model_config
 
 if TYPE_CHECKING:
     from catalog.schema import Deployment, Model
@@ -198,17 +199,9 @@ class MemoryEstimate:
         return self.weights + self.kv_cache
 
 
-def _text_config(model_path: str) -> dict:
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config.get("text_config") or config
-
-
 def context_limit(model_path: str) -> int | None:
     """The longest sequence the model was made for (its config's max_position_embeddings), if known."""
-    limit = _text_config(model_path).get("max_position_embeddings")
+    limit = model_config(model_path)[1].get("max_position_embeddings")
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
@@ -216,11 +209,7 @@ def estimate_memory(model_path: str, size_on_disk: int, dtype: str, max_len: int
                     concurrent: int = 1) -> MemoryEstimate:
     """Weights (their size on disk, rescaled to the serving dtype) and the KV cache of `concurrent`
     sequences of `max_len` tokens (2 × layers × kv heads × head size × tokens × bytes)."""
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    text = config.get("text_config") or config
+    config, text = model_config(model_path)
     stored = DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
     serving = stored if dtype == "auto" else DTYPE_BYTES[dtype]
     weights = int(size_on_disk * serving / stored)

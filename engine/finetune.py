@@ -7,7 +7,6 @@ Everything here is light (no torch): the work itself runs in engine/jobs/finetun
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from engine.errors import EngineError
 from engine.events import record
 from engine.gpus import list_gpus, parse_choice
 from engine.hyperparameters import Hyperparameters
-from engine.localmodel import output_folders
+from engine.localmodel import model_config, output_folders
 from engine.models import _check_name, _free_name, find_model, models_dir
 
 
@@ -36,11 +35,7 @@ class ModelLimits:
 
 def model_limits(path: str | Path | None) -> ModelLimits:
     """What config.json says about the model (nothing when it is not downloaded yet)."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")) if path else {}
-    except (OSError, ValueError):
-        config = {}
-    text = config.get("text_config") or config  # multimodal configs nest the language model's
+    config, text = model_config(path)
     return ModelLimits(config.get("model_type"), text.get("max_position_embeddings"), text.get("hidden_size"),
                        text.get("intermediate_size"), text.get("num_hidden_layers"))
 

@@ -108,3 +108,13 @@ def has_chat_template(path: str | Path) -> bool:
     except (OSError, ValueError):
         return True
     return bool(config.get("chat_template"))
+
+
+def model_config(path: str | Path | None) -> tuple[dict, dict]:
+    """A model folder's config.json, and its language model's part (multimodal configs nest it under
+    text_config); empty when there is none or it cannot be read (not downloaded yet)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        config = {}
+    return config, config.get("text_config") or config
