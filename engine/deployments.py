@@ -130,6 +130,14 @@ class DeployPlan:
         return notes
 
 
+def _model(session: Session, model_name: str | int) -> Model:
+    """By name (the shell), or by id (the dashboard knows it)."""
+    model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
+    if model is None:
+        raise EngineError("that model was deleted")
+    return model
+
+
 def _deployable(session: Session, model: Model) -> Model | None:
     """Refuse a model that cannot be served; returns an adapter's base. A model still downloading from
     the Hub can be deployed: its server starts once the download is done."""
@@ -230,9 +238,7 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
     if backend == "transformers" and settings.tensor_parallel > 1:
         raise EngineError("tensor parallel needs vLLM; the built-in server runs a model on one device")
     with db.read() as session:
-        model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
-        if model is None:
-            raise EngineError("that model was deleted")
+        model = _model(session, model_name)
         base = _deployable(session, model)
         name, kept = _name_and_kept_ports(session, name, settings, model)
         limit = context_limit((base or model).path) if model.path else None
@@ -255,9 +261,7 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
         raise EngineError(f"no context {context!r} in the kubeconfig" + (f"; it has: {', '.join(known)}" if known
                                                                         else " (none found)"))
     with db.read() as session:
-        model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
-        if model is None:
-            raise EngineError("that model was deleted")
+        model = _model(session, model_name)
         if not model.repo_id or model.kind != ModelKind.BASE:
             raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
                               "a downloaded or downloading base model can be deployed there")
