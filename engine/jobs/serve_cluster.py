@@ -24,6 +24,7 @@ from engine.backends import DeploySettings
 from engine.errors import EngineError
 from engine.jobs import settle_deployment
 from engine.jobs.harness import JobContext, JobFailure
+from engine.jobs.serve import healthy, set_phase, warm_up
 from engine.kube import cluster
 from engine.kube.manifests import PORT, ClusterDeploy, deployment_objects, k8s_name
 from engine.kube.status import server_state
@@ -44,13 +45,15 @@ def cluster_spec(deployment: Deployment, model: Model) -> tuple[ClusterDeploy, s
 
 
 class OnCluster:
-    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model, set_phase, warm_up):
+    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model):
         self.ctx, self.deployment = ctx, deployment
         self.spec, self.context = cluster_spec(deployment, model)
-        self.set_phase, self.warm_up = set_phase, warm_up  # the local supervisor's own
         self.client = None
         self.forward: subprocess.Popen | None = None
         self.applied = False
+
+    def set_phase(self, phase: str) -> None:
+        set_phase(self.ctx, self.deployment.id, phase)
 
     def run(self) -> None:
         """Until stopped or failed (both end by an exception)."""
@@ -68,7 +71,7 @@ class OnCluster:
         with httpx.Client() as client:
             self.wait_for_health(client, base_url)
             self.set_phase("warming up")
-            self.warm_up(client, base_url, self.deployment)
+            warm_up(client, base_url, self.deployment)
         with self.ctx.db.write() as session:
             settle_deployment(session, self.deployment.id, DeploymentState.READY, phase=None)
         self.ctx.log(f"ready at {self.deployment.endpoint} (forwarded from service {k8s_name(self.spec.name)})")
@@ -115,11 +118,8 @@ class OnCluster:
         while True:
             if self.forward.poll() is not None:
                 raise JobFailure(f"kubectl port-forward exited with code {self.forward.returncode} (see the log)")
-            try:
-                if client.get(base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if healthy(client, base_url):
+                return
             if time.monotonic() - start > FORWARD_TIMEOUT_S:
                 raise JobFailure(f"the port-forward did not answer /health within {FORWARD_TIMEOUT_S:.0f} s")
             time.sleep(0.5)
