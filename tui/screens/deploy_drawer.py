@@ -151,10 +151,6 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
         values |= {select_id: str(self.query_one(f"#{select_id}", Select).value)
                    for select_id in ("backend", "gpus", "dtype")}
         values["target"] = self._target()
-        on_cluster = bool(values["target"])
-        self.query_one("#namespace-row").display = on_cluster
-        for row_id in ("#backend-row", "#gpus-row", "#host-row"):  # the cluster's vLLM decides these
-            self.query_one(row_id).display = not on_cluster
         return DeploySettings.from_strings(values)
 
     def _deployment_name(self) -> str | None:
@@ -168,6 +164,10 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
     @on(Input.Changed)
     @on(Select.Changed)
     def settings_changed(self) -> None:
+        on_cluster = bool(self._target())
+        self.query_one("#namespace-row").display = on_cluster
+        for row_id in ("#backend-row", "#gpus-row", "#host-row"):  # the cluster's vLLM decides these
+            self.query_one(row_id).display = not on_cluster
         self._schedule_plan()
 
     def on_descendant_focus(self, event) -> None:
