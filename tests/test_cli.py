@@ -155,7 +155,8 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     listed = run("ps").stdout
     assert "tiny" in listed and "Ready" in listed and deployed["endpoint"] in listed
     assert "ready at" in run("logs", "tiny").stdout  # the deployment's server log, by its name
-    chatted = run("chat", "tiny", "hello", "--max-tokens", "3")  # one streamed reply, its numbers on stderr
+    # One streamed reply, its numbers on stderr. Greedy: sampled, this random model may end at once.
+    chatted = run("chat", "tiny", "hello", "--max-tokens", "3", "--temperature", "0")
     assert "3 tokens · cut at max tokens" in chatted.stderr  # (a random model's 3 tokens may print nothing)
     piped = run("chat", "tiny", "-", "--temperature", "0", "--json", stdin="hello from stdin")
     answer = json.loads(piped.stdout)  # with --json, one object on stdout: the reply and its numbers
