@@ -253,13 +253,9 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
 def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettings, name: str | None) -> DeployPlan:
     """A Kubernetes target: vLLM on the cluster, which downloads the model from the Hub itself; reached
     from here through a port-forward on a free local port. The fit is the cluster scheduler's to judge."""
-    from engine.kube.cluster import contexts, parse_target
+    from engine.kube.cluster import check_target
 
-    context, namespace = parse_target(settings.target)
-    known, _current = contexts()
-    if context not in known:
-        raise EngineError(f"no context {context!r} in the kubeconfig" + (f"; it has: {', '.join(known)}" if known
-                                                                        else " (none found)"))
+    check_target(settings.target)
     with db.read() as session:
         model = _model(session, model_name)
         if not model.repo_id or model.kind != ModelKind.BASE:
@@ -349,15 +345,15 @@ def delete(db: Database, name: str | int) -> None:
         forget_key(name)  # after the commit, and never in its way
     if target:  # normally gone already (its supervisor deletes them); not if the supervisor was killed
         from engine.kube import cluster
-        from engine.kube.manifests import selector
+        from engine.kube.manifests import Owner
 
         context, namespace = cluster.parse_target(target)
         try:
-            cluster.delete_all(cluster.api_client(context), namespace, name)
+            cluster.delete_all(cluster.api_client(context), namespace, Owner.deployment(name))
         except EngineError as exc:
             raise EngineError(f"removed {name!r} from modeldeck, but not its objects on the cluster ({exc}); "
                               f"delete them with: kubectl --context {context} -n {namespace} delete "
-                              f"deployment,service,secret,pvc -l {selector(name)}") from None
+                              f"deployment,service,secret,pvc -l {Owner.deployment(name).selector()}") from None
 
 
 # Counters in the Prometheus text of the built-in server and of vLLM.

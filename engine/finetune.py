@@ -7,6 +7,7 @@ Everything here is light (no torch): the work itself runs in engine/jobs/finetun
 from __future__ import annotations
 
 import dataclasses
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from engine import hub, jobs
 from engine.datasets import Dataset, read_dataset, validation_count
 from engine.errors import EngineError
 from engine.events import record
+from engine.format import human_bytes
 from engine.gpus import list_gpus, parse_choice
 from engine.hyperparameters import Hyperparameters
 from engine.localmodel import model_config, output_folders
@@ -71,6 +73,15 @@ def default_name(session, base: Model, dataset: Path) -> str:
 
 
 @dataclass
+class OnCluster:
+    """Where a fine-tune runs when it runs on Kubernetes."""
+
+    target: str  # CONTEXT/NAMESPACE
+    image: str  # has modeldeck installed with its fine-tune extra (README: "Fine-tuning on a cluster")
+    gpus: int  # 0: the pod's CPUs
+
+
+@dataclass
 class Plan:
     """A fine-tune checked and ready to start: what the dialog and the CLI show before it runs."""
 
@@ -82,38 +93,94 @@ class Plan:
     validation_rows: int
     steps: int
     limits: ModelLimits
+    cluster: OnCluster | None = None
 
     def summary(self) -> str:
         where = "CPU" if self.gpus == "cpu" else f"GPU {self.gpus}"
+        if self.cluster is not None:
+            count = self.cluster.gpus
+            where = (f"{count} GPU{'s' if count > 1 else ''}" if count else "CPU") + \
+                f" on the cluster {self.cluster.target}, in {self.cluster.image}"
         val = f"{self.validation_rows} held out for validation" if self.validation_rows else "no validation rows"
         return (f"{len(self.dataset.examples):,} rows, {self.dataset.format_name} format: {self.train_rows:,} to train on, "
                 f"{val}; {self.steps:,} steps on {where}")
 
 
-def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparameters, gpus: str = "auto") -> Plan:
-    """Check everything a fine-tune needs before anything starts; raises EngineError saying what is wrong."""
+def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparameters, gpus: str = "auto",
+         target: str | None = None, image: str | None = None) -> Plan:
+    """Check everything a fine-tune needs before anything starts; raises EngineError saying what is wrong.
+    With a `target` (CONTEXT/NAMESPACE), it runs as a Job on that Kubernetes cluster, in `image`."""
     with db.read() as session:
         base = find_model(session, base_name)
     check_base(base)
+    cluster = None
+    if target:
+        cluster = _cluster_target(base, target, image, gpus)
+        gpus = ",".join(str(i) for i in range(cluster.gpus)) or "cpu"  # as the pod will see them
+    else:
+        try:
+            gpus = parse_choice(gpus, list_gpus())
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
     dataset = read_dataset(dataset_path)
-    try:
-        gpus = parse_choice(gpus, list_gpus())
-    except ValueError as exc:
-        raise EngineError(str(exc)) from None
+    if cluster is not None:
+        _check_dataset_fits_configmaps(dataset.path)
     limits = model_limits(base.path if base.state == ModelState.READY else None)
     hp = hp.resolved(limits.max_length) if base.state == ModelState.READY else hp
-    if problems := hp.problems(limits.max_length, gpus):
+    # On a cluster, bitsandbytes is the image's to have: the run checks it there.
+    if problems := hp.problems(limits.max_length, gpus, bitsandbytes=True if cluster else None):
         raise EngineError("; ".join(problems.values()))
     val = validation_count(len(dataset.examples), hp.val_split)
     train = len(dataset.examples) - val
-    return Plan(base, dataset, hp, gpus, train, val, hp.steps(train), limits)
+    return Plan(base, dataset, hp, gpus, train, val, hp.steps(train), limits, cluster)
+
+
+def _cluster_target(base: Model, target: str, image: str | None, gpus: str) -> OnCluster:
+    from engine.kube.cluster import check_target
+
+    context, namespace = check_target(target)
+    if base.kind != ModelKind.BASE or not base.repo_id:
+        raise EngineError(f"{base.name} is not a model from the Hub: a fine-tune on a cluster downloads its base "
+                          "model there, so only a base model from the Hub can be fine-tuned on one")
+    if not (image or "").strip():
+        raise EngineError("a fine-tune on a cluster runs in an image you name (--image): one with modeldeck and its "
+                          "fine-tune extra installed (see the README, \"Fine-tuning on a cluster\")")
+    choice = gpus.strip().lower()
+    count = 1 if choice == "auto" else 0 if choice == "cpu" else int(choice) if choice.isdigit() else -1
+    if not 0 <= count <= 16:
+        raise EngineError(f"GPUs {gpus!r}: on a cluster, give how many GPUs the pod gets (0 or cpu for its CPUs)")
+    return OnCluster(f"{context}/{namespace}", image.strip(), count)
+
+
+def _check_dataset_fits_configmaps(path: Path) -> None:
+    """A cluster's pod gets the dataset through ConfigMaps (gzip, in parts): it has a limit."""
+    from engine.kube.manifests import DATASET_MAX_PARTS, DATASET_PART_BYTES
+
+    limit = DATASET_MAX_PARTS * DATASET_PART_BYTES
+    size = path.stat().st_size
+    if size > limit and len(gzip.compress(path.read_bytes(), compresslevel=6)) > limit:
+        raise EngineError(f"{path.name} is {human_bytes(size)}, over {human_bytes(limit)} even compressed: a fine-tune "
+                          "on a cluster sends its dataset in ConfigMaps; use a smaller dataset there")
+
+
+def cluster_job(name: str, on: dict, base: Model, dataset: Path, hyperparameters: dict, attempt: int = 1):
+    """The Job of a cluster fine-tune and the objects around it (engine/kube/manifests.py)."""
+    from engine.kube.cluster import parse_target
+    from engine.kube.manifests import ClusterFinetune
+
+    _context, namespace = parse_target(on["target"])
+    return ClusterFinetune(name, namespace, on["image"], base.name, base.repo_id, base.revision,
+                           gzip.compress(dataset.read_bytes(), compresslevel=6, mtime=0), dataset.name,
+                           hyperparameters, on["gpus"], attempt, hub.token())
 
 
 def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, Job]:
     """Register the adapter as Pending and start its job. A base model still downloading is waited for
-    by the job itself."""
+    by the job itself. On a cluster, the adapter's files stay there, on a volume of their own."""
+    given = name
     hp, base = checked.hyperparameters, checked.base
-    _check_space(estimated_disk_bytes(hp, checked.limits), models_dir(db))
+    if checked.cluster is None:
+        _check_space(estimated_disk_bytes(hp, checked.limits), models_dir(db))
     with db.write() as session:
         row = session.get(Model, base.id)
         if row is None:
@@ -123,11 +190,18 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
         meta = {"dataset": dataset, "format": checked.dataset.format_name,
                 "rows": {"train": checked.train_rows, "validation": checked.validation_rows},
                 "hyperparameters": dataclasses.asdict(hp), "gpus": checked.gpus}
+        on = dataclasses.asdict(checked.cluster) if checked.cluster else None
+        name = name or default_name(session, row, checked.dataset.path)
+        if on is not None:
+            from engine.kube.manifests import adapter_folder, adapter_volume
+
+            meta["cluster"] = on | {"volume": adapter_volume(name), "folder": adapter_folder(name)}
+        where = f" on {on['target']}" if on else ""
         model, job = _output_model(
-            session, db, name or default_name(session, row, checked.dataset.path), bool(name),
+            session, db, name, name == given,
             Model(kind=ModelKind.ADAPTER, source=f"finetune:{row.name}", base_id=row.id, meta_json=Model.dumps(meta)),
-            JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}",
-            base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus)
+            JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}{where}",
+            base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus, cluster=on)
     jobs.spawn(db, job)
     return model, job
 
@@ -135,13 +209,17 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
 def _output_model(session, db: Database, name: str, chosen: bool, model: Model, kind: JobKind, title: str,
                   **params) -> tuple[Model, Job]:
     """Register a Pending model that a job writes under MODELDECK_HOME/models/NAME, and its job. A name
-    the user chose is checked; a folder already there (ours or not) is never overwritten."""
+    the user chose is checked; a folder already there (ours or not) is never overwritten. A fine-tune on a
+    cluster writes there instead, and has no folder here."""
     if chosen:
         _check_name(session, name)
     target = models_dir(db) / name
-    if any(folder.exists() for folder in output_folders(target)):
+    if params.get("cluster"):
+        model.name, model.path, model.owns_path = name, None, False
+    elif any(folder.exists() for folder in output_folders(target)):
         raise EngineError(f"{target} already exists; choose another name")
-    model.name, model.path, model.owns_path = name, str(target), True
+    else:
+        model.name, model.path, model.owns_path = name, str(target), True
     session.add(model)
     session.flush()
     record(session, f"model:{model.id}", "created", title)

@@ -164,6 +164,9 @@ def delete_consequence(plan: DeletePlan) -> str:
     ended = len(plan.ended_deployments)
     history = (f" Its {ended} stopped or failed deployment{'s' if ended > 1 else ''} and their chats go too."
                if ended else "")
+    if on := model.meta.get("cluster"):
+        return (f"Its volume {on['volume']} on the cluster {on['target']} is deleted, with the adapter's files "
+                f"and anything left of its run.{history}")
     if plan.frees_bytes is None:
         return f"Its files in {model.path} are not modeldeck's and stay where they are.{history}"
     running = " Its running job is cancelled first." if plan.running_jobs else ""

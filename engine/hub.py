@@ -34,6 +34,20 @@ def hub_cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")).expanduser() / "hub"
 
 
+def token() -> str | None:
+    """The user's Hugging Face token, found where huggingface_hub looks: HF_TOKEN, then the file
+    `hf auth login` writes (a cluster's pods get it through a Secret)."""
+    found = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if found:
+        return found.strip()
+    home = Path(os.environ.get("HF_HOME") or hub_cache_dir().parent).expanduser()
+    path = Path(os.environ.get("HF_TOKEN_PATH") or home / "token").expanduser()
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
 def repo_cache_dir(repo_id: str) -> Path:
     return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 

@@ -71,8 +71,10 @@ class Hyperparameters:
                 errors[f.name] = f"{f.metadata['label']}: {text!r} is not {'a whole number' if field_type(f) is int else 'a number'}"
         return cls(**parsed), errors
 
-    def problems(self, model_max_length: int | None = None, gpus: str = "cpu") -> dict[str, str]:
-        """Each field's problem, worded for the user; empty when the run can start."""
+    def problems(self, model_max_length: int | None = None, gpus: str = "cpu",
+                 bitsandbytes: bool | None = None) -> dict[str, str]:
+        """Each field's problem, worded for the user; empty when the run can start. `bitsandbytes`: whether
+        QLoRA's package is there (None: look on this machine)."""
         errors = {}
 
         def positive(name: str, label: str) -> None:
@@ -81,7 +83,8 @@ class Hyperparameters:
 
         if self.method not in ("lora", "qlora"):
             errors["method"] = f"method {self.method!r}: choose lora or qlora"
-        elif self.method == "qlora" and (gpus == "cpu" or not has_bitsandbytes()):
+        elif self.method == "qlora" and (gpus == "cpu" or not (has_bitsandbytes() if bitsandbytes is None
+                                                                 else bitsandbytes)):
             errors["method"] = "QLoRA needs a CUDA GPU and the bitsandbytes package; use lora"
         for name, label in (("rank", "LoRA rank"), ("alpha", "LoRA alpha"), ("learning_rate", "learning rate"),
                             ("batch_size", "batch size"), ("grad_accum", "gradient accumulation")):

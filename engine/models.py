@@ -284,8 +284,9 @@ def ended_deployments(session: Session, model: Model) -> list[Deployment]:
 
 def owns_files(model: Model) -> bool:
     """Whether deleting the model frees its files: a download's cache revision, or what modeldeck wrote
-    under MODELDECK_HOME/models. An imported folder stays where the user keeps it."""
-    return model.owns_path or model.source.startswith("hub:")
+    under MODELDECK_HOME/models, or a cluster fine-tune's volume. An imported folder stays where the user
+    keeps it."""
+    return model.owns_path or model.source.startswith("hub:") or "cluster" in model.meta
 
 
 @dataclass
@@ -337,6 +338,9 @@ def delete_model(db: Database, name: str) -> int:
         session.delete(row)
         record(session, f"model:{model.id}", "deleted", f"deleted {model.name}")
     # The row is gone first: no record ever points at half-deleted files.
+    if "cluster" in model.meta:
+        _delete_from_cluster(model)
+        return 0
     try:
         if model.owns_path and model.path:
             freed = 0
@@ -350,6 +354,21 @@ def delete_model(db: Database, name: str) -> int:
     except OSError as exc:
         raise EngineError(f"deleted {model.name!r}, but could not remove all of its files: {exc}") from exc
     return 0
+
+
+def _delete_from_cluster(model: Model) -> None:
+    """A cluster fine-tune's adapter lives on a volume there: it goes, with anything else of its run."""
+    from engine.kube import cluster
+    from engine.kube.manifests import Owner
+
+    owner = Owner.finetune(model.name)
+    context, namespace = cluster.parse_target(model.meta["cluster"]["target"])
+    try:
+        cluster.delete_all(cluster.api_client(context), namespace, owner)
+    except EngineError as exc:
+        raise EngineError(f"deleted {model.name!r} from modeldeck, but not its objects on the cluster ({exc}); "
+                          f"delete them with: kubectl --context {context} -n {namespace} delete "
+                          f"job,configmap,secret,pvc -l {owner.selector()}") from None
 
 
 def job_rows(db: Database, limit: int = 200) -> list[Job]:

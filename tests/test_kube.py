@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+from pathlib import Path
 
 import pytest
 
+from engine import models
 from engine.backends import DeploySettings
 from engine.errors import EngineError
 
@@ -20,9 +22,9 @@ pytest.importorskip("kmock", reason="the test extra brings kmock")
 
 from engine.kube import cluster  # noqa: E402
 from engine.kube.manifests import (  # noqa: E402
-    LABEL_DEPLOYMENT,
     MANAGED_BY,
     ClusterDeploy,
+    Owner,
     deployment_objects,
     in_cluster_url,
     k8s_name,
@@ -49,7 +51,7 @@ def test_every_manifest_passes_the_strict_kubernetes_schemas(variant):
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert obj["metadata"]["labels"][MANAGED_BY] == "modeldeck"  # every object is traceable, nothing orphaned
-        assert obj["metadata"]["labels"][LABEL_DEPLOYMENT] == k8s_name(variant.name, "")
+        assert obj["metadata"]["labels"]["modeldeck.dev/deployment"] == k8s_name(variant.name, "")
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
@@ -76,7 +78,9 @@ def test_the_schemas_do_reject_what_is_wrong():
 
 
 def test_names_yaml_and_the_in_cluster_url():
-    assert k8s_name("Qwen2.5 Coder 7B!") == "md-qwen2-5-coder-7b" and len(k8s_name("x" * 200)) == 63
+    assert k8s_name("Qwen2.5 Coder 7B!") == "md-qwen2-5-coder-7b"
+    long_a, long_b = k8s_name("x" * 200 + "a"), k8s_name("x" * 200 + "b")
+    assert len(long_a) == 50 and long_a != long_b  # room for suffixes; cut names stay apart
     text = to_yaml(deployment_objects(spec()))
     assert text.count("\n---\n") + text.startswith("---\n") == 4 and "kind: Service" in text
     assert in_cluster_url(spec()) == "http://md-qwen-small.ml.svc.cluster.local:8000/v1"
@@ -114,7 +118,9 @@ def test_pods_map_to_the_lifecycle(pods, expected):
 
 @pytest.fixture
 def emulator(kmock):
-    for resource in ("batch/v1/jobs", "v1/configmaps", "v1/pods"):  # beyond what the manifests declare
+    # Every kind modeldeck creates or lists, as a real API server serves them all.
+    for resource in ("batch/v1/jobs", "v1/configmaps", "v1/pods", "v1/secrets", "v1/persistentvolumeclaims",
+                     "v1/services", "apps/v1/deployments"):
         kmock.resources[resource] = {}
     return kmock
 
@@ -134,7 +140,7 @@ async def test_apply_refuses_a_taken_name_and_delete_removes_only_its_own(emulat
     assert ("deployments", "md-one") in live(emulator) and ("services", "md-two") in live(emulator)
     with pytest.raises(EngineError, match=r"creating Secret md-one-api-key: it already exists in namespace 'ml'"):
         await asyncio.to_thread(cluster.apply, client, deployment_objects(spec("one")))
-    removed = await asyncio.to_thread(cluster.delete_all, client, "ml", "one")
+    removed = await asyncio.to_thread(cluster.delete_all, client, "ml", Owner.deployment("one"))
     assert sorted(removed) == ["Deployment/md-one", "PersistentVolumeClaim/md-one-cache", "Secret/md-one-api-key",
                                "Service/md-one"]
     assert {name for _, name in live(emulator)} == {"md-two", "md-two-cache", "md-two-api-key"}
@@ -168,7 +174,7 @@ async def test_pods_are_read_back_and_mapped(emulator):
     core = __import__("kubernetes").client.CoreV1Api(client)
     for body in (stranger, ours):
         await asyncio.to_thread(core.create_namespaced_pod, "ml", body)
-    found = await asyncio.to_thread(cluster.pods, client, "ml", "qwen-small")
+    found = await asyncio.to_thread(cluster.pods, client, "ml", Owner.deployment("qwen-small"))
     assert [p["metadata"]["name"] for p in found] == ["md-qwen-small-1"]
     assert server_state(found).phase == "not schedulable: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
 
@@ -211,9 +217,9 @@ def test_a_real_cluster_accepts_and_removes_a_deployment(monkeypatch):
                                                "smol", DeploySettings(), 1, "sk-md-ci"))
     try:
         cluster.apply(client, objects)
-        assert cluster.pods(client, namespace, "md-ci-check") is not None
+        assert cluster.pods(client, namespace, Owner.deployment("md-ci-check")) is not None
     finally:
-        removed = cluster.delete_all(client, namespace, "md-ci-check")
+        removed = cluster.delete_all(client, namespace, Owner.deployment("md-ci-check"))
     assert len(removed) == len(objects)
 
 
@@ -287,7 +293,6 @@ async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(d
     import kubernetes
 
     from engine import deployments
-    from engine.kube.manifests import labels
 
     deployment, _ = await asyncio.to_thread(deployments.deploy, db, "qwen",
                                             DeploySettings(target="emu/ml", tensor_parallel=2))
@@ -298,7 +303,7 @@ async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(d
     # The scheduler's part: no node has the GPUs.
     core = kubernetes.client.CoreV1Api(client_for(on_emulator))
     pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "md-qwen-7f9", "namespace": "ml", "labels": labels("qwen", "server")},
+           "metadata": {"name": "md-qwen-7f9", "namespace": "ml", "labels": Owner.deployment("qwen").labels("server")},
            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "message":
                                                           "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}}
@@ -349,3 +354,279 @@ async def test_a_killed_cluster_supervisor_says_its_objects_remain_and_delete_re
         await asyncio.sleep(0.1)  # the emulator answers on this loop
     await removing
     assert live(on_emulator) == set()
+
+
+# Fine-tuning on a cluster: a Job running modeldeck's own fine-tune entry point.
+
+IMAGE = "registry.local/modeldeck-finetune:0.1"
+
+
+def finetune_spec(name="qwen-chat-lora", data=b'{"text": "hi"}\n', gpus=1, **extra):
+    import gzip
+
+    from engine.kube.manifests import ClusterFinetune
+
+    return ClusterFinetune(name, "ml", IMAGE, "qwen", "Qwen/Qwen2.5-0.5B-Instruct", "7ae5576",
+                           gzip.compress(data, mtime=0), "chat.jsonl", {"rank": 8, "max_steps": 3}, gpus, **extra)
+
+
+def mount(objects: list[dict], folder):
+    """What the kubelet makes of the Job's projected volume: each ConfigMap key a file in one folder."""
+    import base64
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            for key, text in obj.get("data", {}).items():
+                (folder / key).write_text(text)
+            for key, packed in obj.get("binaryData", {}).items():
+                (folder / key).write_bytes(base64.b64decode(packed))
+    return folder
+
+
+@pytest.mark.parametrize("variant", [
+    finetune_spec(), finetune_spec("CPU run", gpus=0),
+    finetune_spec("big-data " + "x" * 80, data=os.urandom(2_500_000), gpus=4, hf_token="hf_secret", attempt=2),
+], ids=["one-gpu", "cpu", "three-parts-token-long-name"])
+def test_every_finetune_manifest_passes_the_strict_schemas_and_the_dataset_survives_the_trip(variant, tmp_path):
+    import gzip
+    import json
+
+    from engine.jobs.finetune import join_parts
+    from engine.kube.manifests import finetune_objects
+
+    objects = finetune_objects(variant)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert variant.owner.owns(obj["metadata"]["labels"]) and len(obj["metadata"]["name"]) <= 63
+    job = objects[-1]
+    assert job["kind"] == "Job" and variant.owner.owns(job["spec"]["template"]["metadata"]["labels"])
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == IMAGE and container["command"][-2:] == ["--spec", "/modeldeck/spec/finetune.json"]
+    assert container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") == (str(variant.gpus) if variant.gpus else None)
+    assert "hf_secret" not in json.dumps(job)  # the token reaches the pod through its Secret only
+    # The ConfigMaps, projected into one folder as the kubelet does, give back the very dataset.
+    sources = {s["configMap"]["name"] for s in next(v for v in pod["volumes"] if v["name"] == "spec")["projected"]["sources"]}
+    assert sources == {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
+    folder = mount(objects, tmp_path / "spec")
+    join_parts(folder, tmp_path / "whole")
+    assert (tmp_path / "whole").read_bytes() == gzip.decompress(variant.dataset_gz)
+    run = json.loads((folder / "finetune.json").read_text())
+    assert run["output"] == variant.adapter_folder and run["gpus"] == (",".join(map(str, range(variant.gpus))) or "cpu")
+
+
+def run_entry_point(tmp_path, tiny_model_dir, name="tiny-chat-lora"):
+    """The Job's command, run here as a real process on the tiny model (a pod would download its base)."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.kube.manifests import finetune_objects
+    from tests.tinydata import write_dataset
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_dataset(tmp_path, "openai").read_bytes()
+    spec = finetune_spec(name, data=data, gpus=0)
+    spec.hyperparameters = {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2, "max_steps": 4}
+    folder = mount(finetune_objects(spec), tmp_path / "spec")
+    run = json.loads((folder / "finetune.json").read_text())
+    (folder / "finetune.json").unlink()
+    run |= {"dataset_parts": str(folder), "output": str(tmp_path / "adapter" / name), "base_path": str(tiny_model_dir)}
+    (tmp_path / "finetune.json").write_text(json.dumps(run))
+    from engine.jobs import child_env
+
+    result = subprocess.run([sys.executable, "-m", "engine.jobs.finetune", "--spec", str(tmp_path / "finetune.json")],
+                            capture_output=True, text=True, timeout=240, env=child_env())
+    return result, tmp_path / "adapter" / name
+
+
+def test_the_jobs_entry_point_trains_without_a_database_and_tells_its_progress_in_its_log(tmp_path, tiny_model_dir):
+    from engine.jobs.reported import parse
+
+    result, adapter = run_entry_point(tmp_path, tiny_model_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    events = [e for e in map(parse, result.stdout.splitlines()) if e is not None]
+    assert {"phase": "loading the base model"} in events and {"phase": "saving the adapter"} in events
+    reports = [e for e in events if "metrics" in e]
+    assert reports[-1]["metrics"]["step"] == 4 and reports[-1]["fields"]["progress"] == 1.0
+    told = [p[0] for e in reports for p in e["points"].get("train", [])]
+    assert told == sorted(set(told)) and told[-1] == 4  # each loss point told once
+    done = events[-1]["done"]
+    assert done["steps"] == 4 and done["base"] == "qwen" and done["size_bytes"] > 0
+    assert (adapter / "adapter_model.safetensors").exists() and not adapter.with_name(adapter.name + ".partial").exists()
+    # A pod that runs again after finishing (its node went away after the run, say) does not train again.
+    again, _ = run_entry_point(tmp_path, tiny_model_dir)
+    assert again.returncode == 0 and parse(again.stdout.splitlines()[-1]) == {"done": done}
+
+
+async def model_where(db, model_id, predicate, timeout=60):
+    from catalog.schema import Model
+    from engine import jobs
+
+    end = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < end:
+        await asyncio.to_thread(jobs.reconcile, db)
+        with db.read() as session:
+            row = session.get(Model, model_id)
+        if predicate(row):
+            return row
+        await asyncio.sleep(0.2)  # the emulator lives on this loop: let it answer the supervisor
+    raise AssertionError(f"timed out; the model is {row.state.value} ({row.reason})")
+
+
+def timestamped(text: str):
+    """A pod's log as the API gives it with timestamps=true (RFC 3339, trailing zeros of the fraction
+    dropped), as text/plain."""
+    import kmock
+
+    lines = [f"2026-11-26T10:{i // 600:02d}:{i // 10 % 60:02d}.{i % 10 or ''}".rstrip(".") + f"Z {line}"
+             for i, line in enumerate(text.splitlines(), start=1)]
+    return kmock.Response(payload=("\n".join(lines) + "\n").encode(), headers={"Content-Type": "text/plain"})
+
+
+def job_pod(adapter: str, state: dict, name: str = "md-ft-run-x1") -> dict:
+    from engine.kube.manifests import Owner
+
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ml", "labels": Owner.finetune(adapter).labels("finetune")},
+            "spec": {"containers": [{"name": "finetune", "image": IMAGE}]},
+            "status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                       "containerStatuses": [{"name": "finetune", "image": IMAGE, "imageID": "", "ready": True,
+                                              "restartCount": 0, "state": state}]}}
+
+
+async def start_on_emulator(db, tmp_path, name):
+    from engine import finetune
+    from engine.hyperparameters import Hyperparameters
+    from tests.tinydata import write_dataset
+
+    checked = await asyncio.to_thread(finetune.plan, db, "qwen", write_dataset(tmp_path, "openai"),
+                                      Hyperparameters(max_steps=4), "1", target="emu/ml", image=IMAGE)
+    assert "4 steps on 1 GPU on the cluster emu/ml" in checked.summary()
+    return await asyncio.to_thread(finetune.start, db, checked, name)
+
+
+async def test_a_cluster_finetune_follows_its_job_and_registers_the_adapter_it_wrote(db, on_emulator, tmp_path,
+                                                                                    tiny_model_dir):
+    import json
+
+    import kubernetes
+
+    from catalog.schema import ModelKind, ModelState
+    from engine import jobs
+
+    result, _ = await asyncio.to_thread(run_entry_point, tmp_path / "pod", tiny_model_dir, "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, job = await start_on_emulator(db, tmp_path, "run")
+    assert (model.kind, model.state, model.path) == (ModelKind.ADAPTER, ModelState.PENDING, None)
+    assert model.meta["cluster"] == {"target": "emu/ml", "image": IMAGE, "gpus": 1, "volume": "md-ft-run-adapter",
+                                     "folder": "/modeldeck/adapter/run"}
+    await model_where(db, model.id, lambda m: ("jobs", "md-ft-run") in live(on_emulator))
+    assert {("configmaps", "md-ft-run-spec"), ("configmaps", "md-ft-run-data-000"),
+            ("persistentvolumeclaims", "md-ft-run-adapter")} <= live(on_emulator)
+    # The Job controller's and the kubelet's part: a pod runs modeldeck's entry point; its log is the real one.
+    client = client_for(on_emulator)
+    core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
+    on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << timestamped(result.stdout)
+    await asyncio.to_thread(core.create_namespaced_pod, "ml", job_pod("run", {"running": {}}))
+    await model_where(db, model.id, lambda m: json.loads(jobs.get(db, job.id).metrics_json or "{}").get("step") == 4)
+    await asyncio.to_thread(batch.patch_namespaced_job, "md-ft-run", "ml", {"status": {
+        "conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}})
+    done = await model_where(db, model.id, lambda m: m.state != ModelState.PENDING)
+    finished = jobs.get(db, job.id)
+    assert done.state == ModelState.READY, (done.reason, jobs.log_tail(finished.log_path, 20))
+    metrics = json.loads(finished.metrics_json)
+    steps = [p[0] for p in metrics["curve"]["train"]]
+    assert steps[-1] == 4 and steps == sorted(set(steps)) and metrics["tokens_per_s"] > 0
+    assert done.meta["steps"] == 4 and done.meta["final_loss"] > 0 and done.size_bytes > 0
+    log = Path(finished.log_path).read_text()
+    assert "step 4/4" in log and "@modeldeck" not in log  # the pod's own lines, without the events
+    # The Job and its inputs are gone; the adapter's volume stays, and deleting the adapter removes it.
+    # (kmock has no garbage collector: the pod stays; the Job was deleted with Background propagation, so
+    # a real cluster removes its pods with it.)
+    assert live(on_emulator) - {("pods", "md-ft-run-x1")} == {("persistentvolumeclaims", "md-ft-run-adapter")}
+    deleted_job = next(r for r in on_emulator._requests if r.method.value == "DELETE" and r.name == "md-ft-run")
+    assert (deleted_job.data or {}).get("propagationPolicy") == "Background" or \
+        deleted_job.params.get("propagationPolicy") == "Background"
+    await until_done(asyncio.to_thread(models.delete_model, db, "run"))
+    assert live(on_emulator) - {("pods", "md-ft-run-x1")} == set()
+
+
+async def until_done(call):
+    task = asyncio.ensure_future(call)
+    while not task.done():
+        await asyncio.sleep(0.1)  # the emulator answers on this loop
+    return await task
+
+
+async def test_a_failed_cluster_finetune_says_why_and_keeps_what_a_retry_needs(db, on_emulator, tmp_path):
+    import kubernetes
+
+    from catalog.schema import ModelState
+    from engine.jobs.reported import PREFIX
+
+    model, _job = await start_on_emulator(db, tmp_path, "oops")
+    await model_where(db, model.id, lambda m: ("jobs", "md-ft-oops") in live(on_emulator))
+    client = client_for(on_emulator)
+    core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
+    # Not schedulable first: the model says so while it waits.
+    pending = job_pod("oops", {"waiting": {"reason": "ContainerCreating"}})
+    pending["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "message":
+                                                             "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}
+    await asyncio.to_thread(core.create_namespaced_pod, "ml", pending)
+    from engine import jobs
+
+    await model_where(db, model.id, lambda m: "Insufficient nvidia.com/gpu" in (jobs.get(db, m.job_id).metrics_json or ""))
+    on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << timestamped(
+        "10:00:01 loading\n" + PREFIX + '{"failed":"out of GPU memory: lower the batch size or the max length (or use QLoRA)"}')
+    await asyncio.to_thread(core.patch_namespaced_pod, "md-ft-run-x1", "ml", {"status": job_pod("oops", {
+        "terminated": {"exitCode": 1, "reason": "Error"}})["status"]})
+    await asyncio.to_thread(batch.patch_namespaced_job, "md-ft-oops", "ml", {"status": {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}], "failed": 1}})
+    failed = await model_where(db, model.id, lambda m: m.state != ModelState.PENDING)
+    assert failed.state == ModelState.FAILED
+    assert failed.reason == "out of GPU memory: lower the batch size or the max length (or use QLoRA)"
+    await model_where(db, model.id, lambda m: ("jobs", "md-ft-oops") not in live(on_emulator))
+    assert {kind for kind, _ in live(on_emulator)} == {"persistentvolumeclaims", "pods"}  # the pod is the Job's to remove
+    assert {n for k, n in live(on_emulator) if k == "persistentvolumeclaims"} == {"md-ft-oops-adapter", "md-ft-oops-cache"}
+
+
+async def test_stopping_a_cluster_finetune_deletes_its_job_and_a_retry_reuses_its_volumes(db, on_emulator, tmp_path):
+    from catalog.schema import ModelState
+    from engine import finetune, jobs
+
+    model, job = await start_on_emulator(db, tmp_path, "halt")
+    await model_where(db, model.id, lambda m: ("jobs", "md-ft-halt") in live(on_emulator))
+    await until_done(asyncio.to_thread(jobs.cancel, db, job.id))
+    stopped = await model_where(db, model.id, lambda m: m.state != ModelState.PENDING)
+    assert stopped.reason == "finetune cancelled" and jobs.get(db, job.id).state.value == "cancelled"
+    assert live(on_emulator) == {("persistentvolumeclaims", "md-ft-halt-adapter"),
+                                 ("persistentvolumeclaims", "md-ft-halt-cache")}
+    # A retry makes the Job again, and finds its volumes where they were (created once, not refused).
+    _row, again = await asyncio.to_thread(finetune.rerun, db, stopped)
+    await model_where(db, model.id, lambda m: ("jobs", "md-ft-halt") in live(on_emulator))
+    assert jobs.get(db, again.id).state.value == "running"
+    await until_done(asyncio.to_thread(jobs.cancel, db, again.id))
+
+
+async def test_cluster_finetune_plans_refuse_what_cannot_run_there(db, on_emulator, tmp_path, tiny_model_dir):
+    from engine import finetune
+    from engine.hyperparameters import Hyperparameters
+    from tests.tinydata import write_dataset
+
+    data = write_dataset(tmp_path, "openai")
+    models.import_path(db, tiny_model_dir, "local-tiny")
+    for base, target, image, gpus, message in [
+        ("qwen", "nope/ml", IMAGE, "1", "no context 'nope' in the kubeconfig; it has: emu"),
+        ("qwen", "emu/ml", "", "1", r"runs in an image you name \(--image\)"),
+        ("qwen", "emu/ml", IMAGE, "0,1", "on a cluster, give how many GPUs the pod gets"),
+        ("local-tiny", "emu/ml", IMAGE, "1", "local-tiny is not a model from the Hub"),
+    ]:
+        with pytest.raises(EngineError, match=message):
+            finetune.plan(db, base, data, Hyperparameters(), gpus, target=target, image=image)
+    with pytest.raises(EngineError, match="QLoRA needs a CUDA GPU"):
+        finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "cpu", target="emu/ml", image=IMAGE)
+    # bitsandbytes is the image's to have, not this machine's: the pod's run checks it.
+    two = finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "2", target="emu/ml", image=IMAGE)
+    assert two.gpus == "0,1" and two.cluster.gpus == 2

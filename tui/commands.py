@@ -4,7 +4,6 @@ a one-line reason on failure. No logic lives here that the dashboard lacks: both
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -14,7 +13,7 @@ from sqlmodel import select
 
 from catalog.schema import Job, Model, ModelState
 from catalog.tags import tag_order
-from engine import jobs, models
+from engine import hub, jobs, models
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
 from engine.format import (
@@ -316,7 +315,7 @@ def _deploy_manifests(args, db, settings) -> int:
     if not model.repo_id or model.kind.value != "base":
         raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
                           "a downloaded base model can be deployed there")
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    token = hub.token()
     spec = ClusterDeploy(args.name or settings.served_name or model.name, namespace, model.repo_id, model.revision,
                          settings.served_name or model.name, settings, settings.tensor_parallel,
                          "sk-md-" + secrets.token_urlsafe(24), token)

@@ -247,6 +247,8 @@ def reconcile(db: Database) -> list[int]:
                 moved, reason = transition(session, job, JobState.FAILED, error=failure), failure
             if not moved:
                 continue
+            if job.params.get("cluster"):  # a fine-tune's Job runs on without its supervisor
+                reason += "; its Job and volumes stay on the cluster until you delete this adapter"
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
             if job.kind == JobKind.SERVE:  # the supervisor is gone: its server must not outlive it
                 deployment = session.get(Deployment, job.params.get("deployment_id"))

@@ -4,6 +4,11 @@ It writes step, epoch, loss, validation loss, learning rate, tokens/s and ETA to
 goes (at most once a second, plus every validation), checkpoints periodically into the adapter's
 `.partial` folder, resumes from the newest complete checkpoint when run again after a failure, and stops
 cleanly between steps on SIGTERM (cancel). The adapter's folder appears only once it is complete.
+
+Two entry points share the training (`train`): `python -m engine.jobs.finetune DB JOB_ID`, a job on this
+machine that records its progress in the database, and `python -m engine.jobs.finetune --spec FILE`, the
+command of a Job on a Kubernetes cluster, which has no database and tells its progress in its log
+(engine/jobs/reported.py) for the supervisor here (engine/jobs/finetune_cluster.py) to read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.schema import Model
@@ -29,6 +35,7 @@ from engine.format import human_duration
 from engine.hyperparameters import Hyperparameters
 from engine.jobs import JobCancelled
 from engine.jobs.harness import JobContext, JobFailure, main
+from engine.jobs.reported import LogReporter
 from engine.localmodel import output_folders, publish
 
 REPORT_EVERY_S = 1.0
@@ -55,15 +62,16 @@ class Stopping:
 
 
 def work(ctx: JobContext) -> None:
+    """A fine-tune on this machine, recorded in the database."""
+    if ctx.params.get("cluster"):  # a Job on a Kubernetes cluster, followed from here
+        from engine.jobs.finetune_cluster import FinetuneOnCluster
+
+        FinetuneOnCluster(ctx).run()
+        return
     stopping = Stopping()
     p = ctx.params
-    hp = Hyperparameters(**p["hyperparameters"])
     final, partial = output_folders(Path(p["target"]))
     base = ctx.wait_for_model(p["base_id"], "the base model", stopping.check)
-    limits = model_limits(base.path)
-    hp = hp.resolved(limits.max_length)
-    if problems := hp.problems(limits.max_length, p["gpus"]):
-        raise JobFailure("; ".join(problems.values()))
 
     # The run trains on its own copy of the data, so a resumed run sees exactly what the first one saw.
     partial.mkdir(parents=True, exist_ok=True)
@@ -74,9 +82,46 @@ def work(ctx: JobContext) -> None:
             os.replace(copy.with_name(copy.name + ".tmp"), copy)
         except OSError as exc:
             raise JobFailure(f"cannot read the dataset {p['dataset']}: {exc.strerror}") from exc
+    lineage = train(ctx, stopping, Run(base.path, base.name, base.repo_id, copy, p["dataset"], p["hyperparameters"],
+                                       p["gpus"], final, p.get("attempt", 1)))
+    with ctx.db.read() as session:
+        meta = session.get(Model, ctx.model_id).meta
+    meta.update({k: lineage[k] for k in LINEAGE_IN_META})
+    ctx.succeed(size_bytes=hub.snapshot_size(final), meta_json=Model.dumps(meta))
+
+
+LINEAGE_IN_META = ("rows", "target_modules", "steps", "final_loss", "final_eval_loss", "train_runtime_s",
+                   "tokens_per_s")
+
+
+@dataclass
+class Run:
+    """One fine-tune, wherever it runs: the base model's folder, the dataset (the run's own copy, kept in
+    the output's .partial folder) and where the adapter goes."""
+
+    base_path: str
+    base_name: str
+    base_repo: str | None
+    dataset: Path
+    dataset_label: str  # where the data came from, as the user gave it
+    hyperparameters: dict
+    gpus: str  # "cpu" or the comma list of indexes the run may use
+    output: Path
+    attempt: int = 1
+
+
+def train(ctx, stopping: Stopping, run: Run) -> dict:
+    """Train, save the adapter into run.output and return its lineage. `ctx` reports progress: the job's
+    database context here, or log events on a cluster (engine/jobs/reported.py)."""
+    hp = Hyperparameters(**run.hyperparameters)
+    final, partial = output_folders(run.output)
+    limits = model_limits(run.base_path)
+    hp = hp.resolved(limits.max_length)
+    if problems := hp.problems(limits.max_length, run.gpus):
+        raise JobFailure("; ".join(problems.values()))
+    copy = run.dataset
     dataset = read_dataset(copy)
     train_idx, val_idx = dataset.split(hp.val_split, hp.seed)
-
     with ctx.phase("loading the base model"):
         import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -88,22 +133,22 @@ def work(ctx: JobContext) -> None:
             TrainingArguments,
         )
 
-        on_gpu = p["gpus"] != "cpu" and torch.cuda.is_available()
-        if p["gpus"] != "cpu" and not on_gpu:
-            raise JobFailure(f"GPU {p['gpus']} was chosen but CUDA is not available to PyTorch")
+        on_gpu = run.gpus != "cpu" and torch.cuda.is_available()
+        if run.gpus != "cpu" and not on_gpu:
+            raise JobFailure(f"GPU {run.gpus} was chosen but CUDA is not available to PyTorch")
         bf16 = on_gpu and torch.cuda.is_bf16_supported()
         dtype = (torch.bfloat16 if bf16 else torch.float16) if on_gpu else torch.float32
-        tokenizer = load_tokenizer(base.path)
+        tokenizer = load_tokenizer(run.base_path)
         load_args = {"dtype": dtype}
         if on_gpu:
-            load_args["device_map"] = "auto" if "," in p["gpus"] else {"": 0}
+            load_args["device_map"] = "auto" if "," in run.gpus else {"": 0}
         if hp.method == "qlora":
             from transformers import BitsAndBytesConfig
 
             load_args["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_use_double_quant=True)
-        model = AutoModelForCausalLM.from_pretrained(base.path, **load_args)
+        model = AutoModelForCausalLM.from_pretrained(run.base_path, **load_args)
         if hp.method == "qlora":
             model = prepare_model_for_kbit_training(model)
         targets = hp.targets_for(limits.model_type)
@@ -116,7 +161,7 @@ def work(ctx: JobContext) -> None:
             raise JobFailure(f"LoRA cannot be applied: {exc}") from exc
         trainable, total = model.get_nb_trainable_parameters()
         ctx.log(f"LoRA r={hp.rank} alpha={hp.alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
-                f"({'GPU ' + p['gpus'] if on_gpu else 'CPU'}, {str(dtype).removeprefix('torch.')})")
+                f"({'GPU ' + run.gpus if on_gpu else 'CPU'}, {str(dtype).removeprefix('torch.')})")
 
     stopping.check()
     with ctx.phase("tokenizing the dataset"):
@@ -156,7 +201,7 @@ def work(ctx: JobContext) -> None:
     resume = latest_checkpoint(partial / "checkpoints")
     if resume is not None:
         ctx.log(f"resuming from {resume.name} (step {resume.name.split('-')[-1]} of {total_steps})")
-    elif p.get("attempt", 1) > 1:
+    elif run.attempt > 1:
         ctx.log("no checkpoint was saved before the last run stopped: starting from step 0")
     ctx.log(f"training: {len(train)} rows, {len(validation)} validation, {total_steps} steps"
             + (f" ({len(dataset.examples) - len(train) - len(validation)} left out: nothing to learn "
@@ -177,8 +222,8 @@ def work(ctx: JobContext) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         lineage = {
-            "base": base.name, "base_repo": base.repo_id, "dataset": p["dataset"], "format": dataset.format_name,
-            "rows": {"train": len(train), "validation": len(validation)}, "hyperparameters": p["hyperparameters"],
+            "base": run.base_name, "base_repo": run.base_repo, "dataset": run.dataset_label, "format": dataset.format_name,
+            "rows": {"train": len(train), "validation": len(validation)}, "hyperparameters": run.hyperparameters,
             "target_modules": targets, "steps": trainer.state.global_step,
             "final_loss": reporter.last_loss, "final_eval_loss": final_eval,
             "train_runtime_s": round(result.metrics["train_runtime"], 3),
@@ -190,11 +235,7 @@ def work(ctx: JobContext) -> None:
         copy.unlink(missing_ok=True)
         publish(final)
     ctx.log(f"adapter written to {final}")
-    with ctx.db.read() as session:
-        meta = session.get(Model, ctx.model_id).meta
-    meta.update({k: lineage[k] for k in ("rows", "target_modules", "steps", "final_loss", "final_eval_loss",
-                                          "train_runtime_s", "tokens_per_s")})
-    ctx.succeed(size_bytes=hub.snapshot_size(final), meta_json=Model.dumps(meta))
+    return lineage
 
 
 class Collator:
@@ -273,7 +314,7 @@ class Reporter:
         self.step, self.total_steps = state.global_step, state.max_steps or self.total_steps
         for entry in state.log_history:
             if "loss" in entry:
-                self._add(self.train_curve, entry["step"], entry["loss"])
+                self.add_point(self.train_curve, entry["step"], entry["loss"])
                 self.last_loss = entry["loss"]
             if "eval_loss" in entry:
                 self.add_eval(entry["step"], entry["eval_loss"])
@@ -307,7 +348,7 @@ class Reporter:
         if "loss" in logs:
             self.last_loss = logs["loss"]
             self.lr = logs.get("learning_rate", self.lr)
-            self._add(self.train_curve, state.global_step, logs["loss"])
+            self.add_point(self.train_curve, state.global_step, logs["loss"])
             eta = f"  ETA {human_duration(self.eta_s)}" if self.eta_s is not None else ""
             self.ctx.log(f"step {state.global_step}/{self.total_steps}  epoch {state.epoch or 0:.2f}  "
                          f"loss {logs['loss']:.4f}  lr {self.lr or 0:.2e}  {self.tokens_per_s:,.0f} tok/s{eta}")
@@ -318,10 +359,10 @@ class Reporter:
 
     def add_eval(self, step: int, loss: float) -> None:
         self.last_eval = loss
-        self._add(self.eval_curve, step, loss)
+        self.add_point(self.eval_curve, step, loss)
 
     @staticmethod
-    def _add(curve: list, step: int, loss: float) -> None:
+    def add_point(curve: list, step: int, loss: float) -> None:
         if curve and curve[-1][0] == step:
             curve[-1] = [step, round(loss, 5)]
             return
@@ -343,5 +384,79 @@ class Reporter:
         self.ctx.report(metrics, progress=self.step / self.total_steps if self.total_steps else None, eta_s=self.eta_s)
 
 
+def run_from_spec(spec_file: Path) -> int:
+    """A fine-tune with no database: the entry point of a Job on a Kubernetes cluster
+    (`python -m engine.jobs.finetune --spec FILE`). The spec (engine/kube/finetune.py writes it) names the
+    base model on the Hub, the dataset's gzip parts, the hyperparameters and the output folder on a
+    volume; progress and the outcome are told as events in the log (engine/jobs/reported.py). Run again on
+    the same volume (a new pod after an eviction, or a retry), it resumes from the newest checkpoint."""
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    ctx = LogReporter(spec)
+    stopping = Stopping()
+    try:
+        final, partial = output_folders(Path(spec["output"]))
+        if (final / "modeldeck.json").exists():  # done before (the pod ran again after finishing)
+            lineage = json.loads((final / "modeldeck.json").read_text(encoding="utf-8"))
+            ctx.emit({"done": lineage | {"size_bytes": hub.snapshot_size(final)}})
+            return 0
+        partial.mkdir(parents=True, exist_ok=True)
+        copy = partial / ("dataset" + Path(spec["dataset_name"]).suffix)
+        if not copy.exists():
+            join_parts(Path(spec["dataset_parts"]), copy)
+        base_path = spec.get("base_path")
+        if not base_path:
+            with ctx.phase("downloading the base model"):
+                base_path = download_base(spec["base_repo"], spec.get("revision"))
+        stopping.check()
+        lineage = train(ctx, stopping, Run(base_path, spec["base_name"], spec["base_repo"], copy, spec["dataset_name"],
+                                           spec["hyperparameters"], spec["gpus"], final, spec.get("attempt", 1)))
+        lineage["size_bytes"] = hub.snapshot_size(final)
+        ctx.emit({"done": lineage})
+        return 0
+    except JobCancelled:
+        ctx.log("stopped; the newest checkpoint is kept on the volume for a retry")
+        ctx.emit({"cancelled": True})
+        return 143
+    except JobFailure as exc:
+        ctx.emit({"failed": str(exc)})
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the reason reaches the dashboard; the traceback stays in the log
+        import traceback
+
+        traceback.print_exc()
+        ctx.emit({"failed": f"{type(exc).__name__}: {exc}"})
+        return 1
+
+
+def join_parts(parts: Path, out: Path) -> None:
+    """The dataset, sent in gzip parts (ConfigMaps hold at most 1 MiB each), made whole again."""
+    import gzip
+
+    chunks = sorted(parts.glob("dataset.gz.*"))
+    if not chunks:
+        raise JobFailure(f"no dataset parts in {parts}")
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as whole:
+        packed = b"".join(chunk.read_bytes() for chunk in chunks)
+        try:
+            whole.write(gzip.decompress(packed))
+        except (OSError, EOFError) as exc:
+            raise JobFailure(f"the dataset parts in {parts} do not make a whole gzip file: {exc}") from exc
+    os.replace(tmp, out)
+
+
+def download_base(repo_id: str, revision: str | None) -> str:
+    """The base model's files from the Hub, into the cache volume (HF_HOME): kept for the next run."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
+    wanted = hub.select_files([s.rfilename for s in info.siblings or []])
+    return snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--spec"]:
+        sys.exit(run_from_spec(Path(sys.argv[2])))
     main(work)

@@ -20,13 +20,14 @@ import time
 import httpx2 as httpx
 
 from catalog.schema import Deployment, DeploymentState, Model
+from engine import hub
 from engine.backends import DeploySettings
 from engine.errors import EngineError
 from engine.jobs import settle_deployment
 from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.serve import healthy, set_phase, warm_up
 from engine.kube import cluster
-from engine.kube.manifests import PORT, ClusterDeploy, deployment_objects, k8s_name
+from engine.kube.manifests import PORT, ClusterDeploy, Owner, deployment_objects
 from engine.kube.status import server_state
 
 POLL_S = 2.0  # how often the pods are read
@@ -38,9 +39,8 @@ def cluster_spec(deployment: Deployment, model: Model) -> tuple[ClusterDeploy, s
     """The deployment's objects' description, and its kubeconfig context."""
     settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
     context, namespace = cluster.parse_target(settings.target)
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     spec = ClusterDeploy(deployment.name, namespace, model.repo_id, model.revision, deployment.served_name,
-                         settings, settings.tensor_parallel, deployment.api_key, hf_token=token)
+                         settings, settings.tensor_parallel, deployment.api_key, hf_token=hub.token())
     return spec, context
 
 
@@ -51,6 +51,7 @@ class OnCluster:
         self.client = None
         self.forward: subprocess.Popen | None = None
         self.applied = False
+        self.owner = Owner.deployment(deployment.name)
 
     def set_phase(self, phase: str) -> None:
         set_phase(self.ctx, self.deployment.id, phase)
@@ -74,12 +75,12 @@ class OnCluster:
             warm_up(client, base_url, self.deployment)
         with self.ctx.db.write() as session:
             settle_deployment(session, self.deployment.id, DeploymentState.READY, phase=None)
-        self.ctx.log(f"ready at {self.deployment.endpoint} (forwarded from service {k8s_name(self.spec.name)})")
+        self.ctx.log(f"ready at {self.deployment.endpoint} (forwarded from service {self.owner.base_name})")
         self.watch()
 
     def state(self):
         try:
-            pods = cluster.pods(self.client, self.spec.namespace, self.spec.name)
+            pods = cluster.pods(self.client, self.spec.namespace, self.owner)
         except EngineError as exc:
             raise JobFailure(str(exc)) from None
         return server_state(pods, lambda pod: cluster.last_log_lines(self.client, self.spec.namespace, pod))
@@ -102,11 +103,11 @@ class OnCluster:
         kubectl = shutil.which("kubectl")
         if kubectl is None:
             raise JobFailure("the deployment is Ready on the cluster, but reaching it from here needs kubectl "
-                             f"on PATH (kubectl port-forward -n {self.spec.namespace} svc/{k8s_name(self.spec.name)}"
+                             f"on PATH (kubectl port-forward -n {self.spec.namespace} svc/{self.owner.base_name}"
                              f" PORT:{PORT})")
         local = self.deployment.endpoint.removesuffix("/v1").rsplit(":", 1)[1]
         argv = [kubectl, "--context", self.context, "-n", self.spec.namespace, "port-forward", "--address",
-                "127.0.0.1", f"svc/{k8s_name(self.spec.name)}", f"{local}:{PORT}"]
+                "127.0.0.1", f"svc/{self.owner.base_name}", f"{local}:{PORT}"]
         if os.environ.get("KUBECONFIG") is None and cluster.kubeconfig_path() is not None:
             argv[1:1] = ["--kubeconfig", str(cluster.kubeconfig_path())]
         self.ctx.log("port-forward: " + " ".join(argv))
@@ -145,7 +146,7 @@ class OnCluster:
                 self.forward.kill()
         if self.client is not None and self.applied:
             try:
-                removed = cluster.delete_all(self.client, self.spec.namespace, self.spec.name)
+                removed = cluster.delete_all(self.client, self.spec.namespace, self.owner)
                 self.ctx.log("deleted from the cluster: " + (", ".join(removed) or "nothing left"))
             except EngineError as exc:
                 self.ctx.log(f"could not delete everything from the cluster: {exc}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
-from engine.kube.manifests import LABEL_DEPLOYMENT, MANAGED_BY, labels, selector
+from engine.kube.manifests import LABEL_ROLE, Owner
 
 # kind -> (API class, the name in its create_/list_/delete_namespaced_* methods); applied in this order
 KINDS = {
@@ -59,6 +59,16 @@ def parse_target(target: str) -> tuple[str, str]:
     if not context:
         raise EngineError(f"target {target!r}: expected CONTEXT/NAMESPACE, like prod-gpu/ml")
     return context, namespace or "default"
+
+
+def check_target(target: str) -> tuple[str, str]:
+    """A CONTEXT/NAMESPACE target whose context is in the kubeconfig, as (context, namespace)."""
+    context, namespace = parse_target(target)
+    known, _current = contexts()
+    if context not in known:
+        raise EngineError(f"no context {context!r} in the kubeconfig" + (f"; it has: {', '.join(known)}" if known
+                                                                        else " (none found)"))
+    return context, namespace
 
 
 def api_client(context: str | None = None, host: str | None = None):
@@ -108,14 +118,25 @@ def _api(client, kind: str):
     return getattr(kubernetes.client, class_name)(client), method
 
 
-def apply(client, objects: list[dict]) -> None:
-    """Create each object; on a failure, remove what this call created (nothing half-made stays)."""
+def apply(client, objects: list[dict], reuse_roles: tuple[str, ...] = ()) -> None:
+    """Create each object; on a failure, remove what this call created (nothing half-made stays). An
+    object whose role is in `reuse_roles` and that exists already, carrying the same owner's labels, is
+    kept as it is: a retried fine-tune finds its checkpoints and its model cache where it left them."""
+    kubernetes = _kubernetes()
     created: list[dict] = []
     for obj in objects:
         api, method = _api(client, obj["kind"])
-        namespace = obj["metadata"]["namespace"]
+        namespace, labels = obj["metadata"]["namespace"], obj["metadata"]["labels"]
         try:
-            getattr(api, f"create_namespaced_{method}")(namespace, obj)
+            try:
+                getattr(api, f"create_namespaced_{method}")(namespace, obj)
+            except kubernetes.client.exceptions.ApiException as exc:
+                if exc.status != 409 or labels.get(LABEL_ROLE) not in reuse_roles:
+                    raise
+                there = getattr(api, f"read_namespaced_{method}")(obj["metadata"]["name"], namespace)
+                if there.metadata.labels != labels:
+                    raise
+                continue
         except Exception as exc:  # noqa: BLE001 - every failure is explained, then undone
             for done in reversed(created):
                 _delete_one(client, done["kind"], done["metadata"]["namespace"], done["metadata"]["name"])
@@ -127,43 +148,74 @@ def _delete_one(client, kind: str, namespace: str, name: str) -> None:
     kubernetes = _kubernetes()
     api, method = _api(client, kind)
     try:
-        getattr(api, f"delete_namespaced_{method}")(name, namespace)
+        # In the background, with what the object owns: a Job's pods, a Deployment's ReplicaSets (the API
+        # would leave a Job's pods running otherwise).
+        getattr(api, f"delete_namespaced_{method}")(name, namespace, propagation_policy="Background")
     except kubernetes.client.exceptions.ApiException as exc:
         if exc.status != 404:  # gone already is what we wanted
             raise
 
 
-def delete_all(client, namespace: str, deployment: str) -> list[str]:
-    """Delete every object that carries the deployment's labels; returns 'Kind/name' of each."""
+def delete_all(client, namespace: str, owner: Owner, keep_roles: tuple[str, ...] = ()) -> list[str]:
+    """Delete every object that carries the owner's labels, but those whose role is in `keep_roles`;
+    returns 'Kind/name' of each deleted."""
     removed = []
     for kind in reversed(list(KINDS)):
         api, method = _api(client, kind)
         try:
-            found = getattr(api, f"list_namespaced_{method}")(namespace, label_selector=selector(deployment))
+            found = getattr(api, f"list_namespaced_{method}")(namespace, label_selector=owner.selector())
             for item in found.items:
-                if not ours(item.metadata.labels, deployment):  # checked here too: never another's object
+                if not owner.owns(item.metadata.labels):  # checked here too: never another's object
+                    continue
+                if (item.metadata.labels or {}).get(LABEL_ROLE) in keep_roles:
                     continue
                 _delete_one(client, kind, namespace, item.metadata.name)
                 removed.append(f"{kind}/{item.metadata.name}")
         except Exception as exc:  # noqa: BLE001
-            raise explain(exc, f"deleting the {kind}s of {deployment}", namespace) from None
+            raise explain(exc, f"deleting the {kind}s of {owner.kind} {owner.name}", namespace) from None
     return removed
 
 
-def ours(item_labels: dict | None, deployment: str) -> bool:
-    wanted = labels(deployment, "")
-    return all((item_labels or {}).get(key) == wanted[key] for key in (MANAGED_BY, LABEL_DEPLOYMENT))
-
-
-def pods(client, namespace: str, deployment: str) -> list[dict[str, Any]]:
-    """The deployment's pods as plain dicts (what the status mapping reads)."""
+def pods(client, namespace: str, owner: Owner) -> list[dict[str, Any]]:
+    """The owner's pods as plain dicts (what the status mapping reads)."""
     kubernetes = _kubernetes()
     core = kubernetes.client.CoreV1Api(client)
     try:
-        found = core.list_namespaced_pod(namespace, label_selector=selector(deployment))
+        found = core.list_namespaced_pod(namespace, label_selector=owner.selector())
     except Exception as exc:  # noqa: BLE001
-        raise explain(exc, f"reading the pods of {deployment}", namespace) from None
-    return [client.sanitize_for_serialization(pod) for pod in found.items if ours(pod.metadata.labels, deployment)]
+        raise explain(exc, f"reading the pods of {owner.kind} {owner.name}", namespace) from None
+    return [client.sanitize_for_serialization(pod) for pod in found.items if owner.owns(pod.metadata.labels)]
+
+
+def job(client, namespace: str, name: str) -> dict[str, Any] | None:
+    """A Job as a plain dict; None when it is gone."""
+    kubernetes = _kubernetes()
+    try:
+        found = kubernetes.client.BatchV1Api(client).read_namespaced_job(name, namespace)
+    except kubernetes.client.exceptions.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise explain(exc, f"reading the Job {name}", namespace) from None
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, f"reading the Job {name}", namespace) from None
+    return client.sanitize_for_serialization(found)
+
+
+def log_lines(client, namespace: str, pod: str, since_seconds: int | None = None) -> list[str]:
+    """A pod's log lines, each starting with the kubelet's RFC 3339 timestamp (the last `since_seconds`
+    only, when given); none while it has no log yet."""
+    kubernetes = _kubernetes()
+    core = kubernetes.client.CoreV1Api(client)
+    extra = {"since_seconds": since_seconds} if since_seconds else {}
+    try:
+        text = core.read_namespaced_pod_log(pod, namespace, timestamps=True, **extra)
+    except kubernetes.client.exceptions.ApiException as exc:
+        if exc.status in (400, 404):  # the container has not started, or the pod is gone
+            return []
+        raise explain(exc, f"reading the log of {pod}", namespace) from None
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, f"reading the log of {pod}", namespace) from None
+    return text.splitlines()
 
 
 def last_log_lines(client, namespace: str, pod: str, lines: int = 5) -> list[str]:

@@ -6,12 +6,13 @@
   and probes on /health (startup, readiness, liveness);
 - a ClusterIP Service in front of it.
 
-Every object carries the labels that tie it to its modeldeck deployment (LABEL_DEPLOYMENT), so stopping
+Every object carries the labels that tie it to its modeldeck deployment (Owner), so stopping
 removes them all by label and nothing is left behind. Pure functions: no cluster, no client library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -20,24 +21,59 @@ from engine.backends import DeploySettings
 VLLM_IMAGE = "vllm/vllm-openai:latest"
 PORT = 8000
 MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_DEPLOYMENT = "modeldeck.dev/deployment"
 LABEL_ROLE = "modeldeck.dev/role"
 CACHE_PATH = "/root/.cache/huggingface"
 
 
+NAME_ROOM = 50  # an object's base name; suffixes like "-api-key" or "-data-000" keep it within 63
+
+
 def k8s_name(name: str, prefix: str = "md-") -> str:
-    """A DNS-1123 name (lowercase letters, digits, '-', at most 63) made from a modeldeck name."""
+    """A DNS-1123 name (lowercase letters, digits, '-') made from a modeldeck name, short enough for the
+    suffixes of the objects made from it. A name cut short ends in a hash of the whole, so two long names
+    that start alike stay apart."""
     cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    return (prefix + cleaned)[:63].rstrip("-") or prefix.rstrip("-")
+    if len(prefix + cleaned) > NAME_ROOM:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+        cleaned = cleaned[:NAME_ROOM - len(prefix) - 7].rstrip("-") + "-" + digest
+    return (prefix + cleaned).rstrip("-") or prefix.rstrip("-")
 
 
-def labels(deployment: str, role: str) -> dict[str, str]:
-    return {MANAGED_BY: "modeldeck", LABEL_DEPLOYMENT: k8s_name(deployment, ""), LABEL_ROLE: role}
+@dataclass(frozen=True)
+class Owner:
+    """What a set of cluster objects belongs to: a deployment, or a fine-tune (named after its adapter).
+    Its label is on every object, so deleting by label leaves nothing behind and touches nothing else."""
 
+    kind: str  # "deployment" | "finetune"
+    name: str  # the modeldeck name
 
-def selector(deployment: str) -> str:
-    """The label selector of everything that belongs to a deployment."""
-    return f"{MANAGED_BY}=modeldeck,{LABEL_DEPLOYMENT}={k8s_name(deployment, '')}"
+    @classmethod
+    def deployment(cls, name: str) -> Owner:
+        return cls("deployment", name)
+
+    @classmethod
+    def finetune(cls, adapter: str) -> Owner:
+        return cls("finetune", adapter)
+
+    @property
+    def label(self) -> str:
+        return f"modeldeck.dev/{self.kind}"
+
+    @property
+    def base_name(self) -> str:
+        """The name of its main object; the others add a suffix."""
+        return k8s_name(self.name, "md-" if self.kind == "deployment" else "md-ft-")
+
+    def labels(self, role: str) -> dict[str, str]:
+        return {MANAGED_BY: "modeldeck", self.label: k8s_name(self.name, ""), LABEL_ROLE: role}
+
+    def selector(self) -> str:
+        """The label selector of everything it owns."""
+        return f"{MANAGED_BY}=modeldeck,{self.label}={k8s_name(self.name, '')}"
+
+    def owns(self, item_labels: dict | None) -> bool:
+        wanted = self.labels("")
+        return all((item_labels or {}).get(key) == wanted[key] for key in (MANAGED_BY, self.label))
 
 
 @dataclass
@@ -57,23 +93,24 @@ class ClusterDeploy:
     image: str = VLLM_IMAGE
 
 
-def _meta(spec: ClusterDeploy, name: str, role: str) -> dict:
-    return {"name": name, "namespace": spec.namespace, "labels": labels(spec.name, role)}
+def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:
+    return {"name": name, "namespace": namespace, "labels": owner.labels(role)}
 
 
 def deployment_objects(spec: ClusterDeploy) -> list[dict]:
     """Every object of a deployment, in the order they are applied."""
-    base = k8s_name(spec.name)
+    owner = Owner.deployment(spec.name)
+    base = owner.base_name
     key_secret, token_secret, cache = f"{base}-api-key", f"{base}-hf-token", f"{base}-cache"
     objects: list[dict] = [{
-        "apiVersion": "v1", "kind": "Secret", "metadata": _meta(spec, key_secret, "api-key"),
+        "apiVersion": "v1", "kind": "Secret", "metadata": _meta(owner, spec.namespace, key_secret, "api-key"),
         "type": "Opaque", "stringData": {"api-key": spec.api_key},
     }]
     if spec.hf_token:
-        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(spec, token_secret, "hf-token"),
+        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(owner, spec.namespace, token_secret, "hf-token"),
                         "type": "Opaque", "stringData": {"token": spec.hf_token}})
     objects.append({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(spec, cache, "model-cache"),
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(owner, spec.namespace, cache, "model-cache"),
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{spec.cache_size_gib}Gi"}}},
     })
     s = spec.settings
@@ -89,7 +126,7 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
     if spec.hf_token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": "token"}}})
     probe = {"httpGet": {"path": "/health", "port": "http"}}
-    pod_labels = labels(spec.name, "server")
+    pod_labels = owner.labels("server")
     container = {
         "name": "vllm", "image": spec.image, "args": args, "env": env,
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
@@ -101,11 +138,11 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_PATH}, {"name": "shm", "mountPath": "/dev/shm"}],
     }
     objects.append({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, base, "server"),
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(owner, spec.namespace, base, "server"),
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # one pod holds the GPUs and the cache volume at a time
-            "selector": {"matchLabels": {LABEL_DEPLOYMENT: pod_labels[LABEL_DEPLOYMENT], LABEL_ROLE: "server"}},
+            "selector": {"matchLabels": {owner.label: pod_labels[owner.label], LABEL_ROLE: "server"}},
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {
@@ -118,9 +155,135 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         },
     })
     objects.append({
-        "apiVersion": "v1", "kind": "Service", "metadata": _meta(spec, base, "service"),
-        "spec": {"type": "ClusterIP", "selector": {LABEL_DEPLOYMENT: pod_labels[LABEL_DEPLOYMENT], LABEL_ROLE: "server"},
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, spec.namespace, base, "service"),
+        "spec": {"type": "ClusterIP", "selector": {owner.label: pod_labels[owner.label], LABEL_ROLE: "server"},
                  "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]},
+    })
+    return objects
+
+
+DATASET_PART_BYTES = 900 * 1024  # a ConfigMap holds at most 1 MiB
+DATASET_MAX_PARTS = 30  # about 26 MiB of gzip: a JSONL dataset of a few hundred MB
+SPEC_PATH, CACHE_MOUNT, ADAPTER_MOUNT = "/modeldeck/spec", "/modeldeck/cache", "/modeldeck/adapter"
+KEPT_AFTER_SUCCESS = ("adapter",)  # the fine-tune's output stays on the cluster as the adapter's files
+KEPT_FOR_A_RETRY = ("adapter", "model-cache")  # its checkpoints, and the base model already downloaded
+
+
+def adapter_volume(adapter: str) -> str:
+    """The volume claim a cluster fine-tune writes its adapter to (kept after the run)."""
+    return f"{Owner.finetune(adapter).base_name}-adapter"
+
+
+def adapter_folder(adapter: str) -> str:
+    """Where the adapter's files are on its volume, as the fine-tune's pod (and a server's) sees them."""
+    return f"{ADAPTER_MOUNT}/{adapter}"
+
+
+@dataclass
+class ClusterFinetune:
+    """A fine-tune run as a Job on a cluster: modeldeck's own fine-tune entry point, in an image that has
+    modeldeck installed with its fine-tune extra (see the README), reading its spec and the dataset from
+    ConfigMaps and writing the adapter to a volume that outlives the Job."""
+
+    name: str  # the adapter's modeldeck name
+    namespace: str
+    image: str
+    base_name: str
+    base_repo: str  # the Job downloads the base model from the Hub
+    revision: str | None
+    dataset_gz: bytes  # the dataset file, gzip-compressed
+    dataset_name: str  # its file name (the format is told by its rows; the suffix says JSONL or JSON)
+    hyperparameters: dict
+    gpus: int  # nvidia.com/gpu for the pod; 0 trains on its CPUs
+    attempt: int = 1
+    hf_token: str | None = None
+    cache_size_gib: int = 50
+    adapter_size_gib: int = 2
+
+    @property
+    def owner(self) -> Owner:
+        return Owner.finetune(self.name)
+
+    @property
+    def job_name(self) -> str:
+        return self.owner.base_name
+
+    @property
+    def adapter_volume(self) -> str:
+        return adapter_volume(self.name)
+
+    @property
+    def adapter_folder(self) -> str:
+        return adapter_folder(self.name)
+
+    def parts(self) -> list[bytes]:
+        return [self.dataset_gz[i:i + DATASET_PART_BYTES]
+                for i in range(0, max(len(self.dataset_gz), 1), DATASET_PART_BYTES)]
+
+
+def finetune_objects(spec: ClusterFinetune) -> list[dict]:
+    """Every object of a fine-tune, in the order they are applied."""
+    import base64
+    import json
+
+    owner, base = spec.owner, spec.job_name
+    meta = lambda name, role: _meta(owner, spec.namespace, name, role)
+    run = {"base_name": spec.base_name, "base_repo": spec.base_repo, "revision": spec.revision,
+           "dataset_parts": SPEC_PATH, "dataset_name": spec.dataset_name, "hyperparameters": spec.hyperparameters,
+           "gpus": ",".join(str(i) for i in range(spec.gpus)) or "cpu", "output": spec.adapter_folder,
+           "attempt": spec.attempt}
+    objects: list[dict] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{base}-spec", "spec"),
+                            "data": {"finetune.json": json.dumps(run, indent=2)}}]
+    parts = spec.parts()
+    for i, part in enumerate(parts):
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{base}-data-{i:03d}", "dataset"),
+                        "binaryData": {f"dataset.gz.{i:03d}": base64.b64encode(part).decode()}})
+    token_secret = f"{base}-hf-token"
+    if spec.hf_token:
+        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(token_secret, "hf-token"),
+                        "type": "Opaque", "stringData": {"token": spec.hf_token}})
+    for role, name, size in (("model-cache", f"{base}-cache", spec.cache_size_gib),
+                             ("adapter", spec.adapter_volume, spec.adapter_size_gib)):
+        objects.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(name, role),
+                        "spec": {"accessModes": ["ReadWriteOnce"],
+                                 "resources": {"requests": {"storage": f"{size}Gi"}}}})
+    env = [{"name": "HF_HOME", "value": CACHE_MOUNT}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if spec.hf_token:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": "token"}}})
+    container = {
+        "name": "finetune", "image": spec.image,
+        "command": ["python", "-m", "engine.jobs.finetune", "--spec", f"{SPEC_PATH}/finetune.json"],
+        "env": env,
+        "volumeMounts": [{"name": "spec", "mountPath": SPEC_PATH, "readOnly": True},
+                         {"name": "cache", "mountPath": CACHE_MOUNT},
+                         {"name": "adapter", "mountPath": ADAPTER_MOUNT},
+                         {"name": "shm", "mountPath": "/dev/shm"}],
+    }
+    if spec.gpus:
+        gpus = {"nvidia.com/gpu": str(spec.gpus)}
+        container["resources"] = {"limits": gpus, "requests": gpus}
+    sources = [{"configMap": {"name": f"{base}-spec"}}] + [
+        {"configMap": {"name": f"{base}-data-{i:03d}"}} for i in range(len(parts))]
+    objects.append({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta(base, "finetune"),
+        "spec": {
+            # An evicted or preempted pod is replaced, and resumes from its last checkpoint on the volume;
+            # a run that fails on its own is not retried behind the user's back (retry is theirs to ask).
+            "backoffLimit": 0,
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+            "template": {
+                "metadata": {"labels": owner.labels("finetune")},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 120,  # a stop saves a checkpoint first
+                    "containers": [container],
+                    "volumes": [{"name": "spec", "projected": {"sources": sources}},
+                                {"name": "cache", "persistentVolumeClaim": {"claimName": f"{base}-cache"}},
+                                {"name": "adapter", "persistentVolumeClaim": {"claimName": spec.adapter_volume}},
+                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+                },
+            },
+        },
     })
     return objects
 
@@ -131,13 +294,13 @@ def in_cluster_url(spec: ClusterDeploy) -> str:
 
 def service_url(deployment: str, namespace: str) -> str:
     """How other pods in the cluster reach the deployment."""
-    return f"http://{k8s_name(deployment)}.{namespace}.svc.cluster.local:{PORT}/v1"
+    return f"http://{Owner.deployment(deployment).base_name}.{namespace}.svc.cluster.local:{PORT}/v1"
 
 
 def port_forward_command(deployment: str, target: str, local_port: int | str = PORT) -> str:
     """The kubectl command that makes the deployment reachable on this machine, as modeldeck does itself."""
     context, _, namespace = target.partition("/")
-    return (f"kubectl --context {context} -n {namespace or 'default'} port-forward svc/{k8s_name(deployment)} "
+    return (f"kubectl --context {context} -n {namespace or 'default'} port-forward svc/{Owner.deployment(deployment).base_name} "
             f"{local_port}:{PORT}")
 
 

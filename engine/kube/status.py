@@ -61,3 +61,37 @@ def server_state(pods: list[dict], log_tail: Callable[[str], list[str]] = lambda
     if status.get("phase") == "Pending":
         return ClusterState("pending", "pulling the image" if conditions.get("PodScheduled") else "scheduling")
     return ClusterState("pending", (status.get("phase") or "starting").lower())
+
+
+def finetune_state(job: dict | None, pods: list[dict], log_tail: Callable[[str], list[str]] = lambda pod: []
+                   ) -> ClusterState:
+    """A fine-tune Job and its pods: pending (with the cluster's reason), running, succeeded, or failed
+    with the reason (OOMKilled, or the crashed container's exit code and last lines). A pod that cannot
+    pull its image fails the fine-tune: the Job itself would wait for ever."""
+    if job is None:
+        return ClusterState("failed", reason="its Job was deleted from the cluster")
+    conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
+    if conditions.get("Complete", {}).get("status") == "True":
+        return ClusterState("succeeded")
+    newest = max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "") if pods else None
+    if conditions.get("Failed", {}).get("status") == "True":
+        return ClusterState("failed", reason=_why_it_ended(newest, log_tail) or conditions["Failed"].get("message")
+                            or conditions["Failed"].get("reason") or "the Job failed")
+    if newest is not None:
+        running = [c for c in (newest.get("status") or {}).get("containerStatuses") or []
+                   if "running" in (c.get("state") or {})]
+        if running:
+            return ClusterState("running")
+    now = server_state([newest] if newest else [], log_tail)
+    return now if now.state == "failed" else ClusterState("pending", now.phase)
+
+
+def _why_it_ended(pod: dict | None, log_tail: Callable[[str], list[str]]) -> str | None:
+    for container in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+        ended = (container.get("state") or {}).get("terminated") or {}
+        if ended.get("reason") == "OOMKilled":
+            return "OOMKilled: the fine-tune ran out of memory; lower the batch size or the max length (or use QLoRA)"
+        if ended.get("exitCode"):
+            tail = tail_reason(log_tail(pod.get("metadata", {}).get("name", "?")))
+            return f"the fine-tune exited with code {ended['exitCode']}" + (f": {tail}" if tail else "")
+    return None
