@@ -107,15 +107,16 @@ class Plan:
 
 
 def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparameters, gpus: str = "auto",
-         target: str | None = None, image: str | None = None) -> Plan:
+         target: str | None = None, image: str | None = None, offline: bool = False) -> Plan:
     """Check everything a fine-tune needs before anything starts; raises EngineError saying what is wrong.
-    With a `target` (CONTEXT/NAMESPACE), it runs as a Job on that Kubernetes cluster, in `image`."""
+    With a `target` (CONTEXT/NAMESPACE), it runs as a Job on that Kubernetes cluster, in `image`;
+    `offline` (a dry run that only prints its manifests) does not look the context up."""
     with db.read() as session:
         base = find_model(session, base_name)
     check_base(base)
     cluster = None
     if target:
-        cluster = _cluster_target(base, target, image, gpus)
+        cluster = _cluster_target(base, target, image, gpus, offline)
         gpus = ",".join(str(i) for i in range(cluster.gpus)) or "cpu"  # as the pod will see them
     else:
         try:
@@ -135,10 +136,10 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
     return Plan(base, dataset, hp, gpus, train, val, hp.steps(train), limits, cluster)
 
 
-def _cluster_target(base: Model, target: str, image: str | None, gpus: str) -> OnCluster:
-    from engine.kube.cluster import check_target
+def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offline: bool) -> OnCluster:
+    from engine.kube.cluster import check_target, parse_target
 
-    context, namespace = check_target(target)
+    context, namespace = parse_target(target) if offline else check_target(target)
     if base.kind != ModelKind.BASE or not base.repo_id:
         raise EngineError(f"{base.name} is not a model from the Hub: a fine-tune on a cluster downloads its base "
                           "model there, so only a base model from the Hub can be fine-tuned on one")

@@ -630,3 +630,41 @@ async def test_cluster_finetune_plans_refuse_what_cannot_run_there(db, on_emulat
     # bitsandbytes is the image's to have, not this machine's: the pod's run checks it.
     two = finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "2", target="emu/ml", image=IMAGE)
     assert two.gpus == "0,1" and two.cluster.gpus == 2
+
+
+def test_finetune_dry_run_prints_valid_manifests_and_touches_nothing(db, hub, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from engine import models
+    from tests.conftest import settled
+    from tests.tinydata import write_dataset
+
+    model, _ = models.pull(db, "org/tiny")
+    settled(db, model.id)
+    data = write_dataset(tmp_path, "alpaca")
+    cli = [sys.executable, "-m", "tui.cli", "finetune", model.name, str(data)]
+    env = dict(os.environ, MODELDECK_FINETUNE_IMAGE=IMAGE)
+    result = subprocess.run(cli + ["--target", "prod-gpu/ml", "--gpus", "2", "--rank", "32", "--dry-run"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    objects = list(yaml.safe_load_all(result.stdout))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim",
+                                            "Job"]
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert obj["metadata"]["namespace"] == "ml"
+    container = objects[-1]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == IMAGE and container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    import json
+
+    run = json.loads(objects[0]["data"]["finetune.json"])
+    assert run["base_repo"] == "org/tiny" and run["hyperparameters"]["rank"] == 32 and run["gpus"] == "0,1"
+    assert "30 rows, Alpaca format" in result.stderr and "2 GPUs on the cluster prod-gpu/ml" in result.stderr
+    assert [r.model.name for r in models.model_rows(db)] == [model.name]  # nothing registered, nothing started
+    for extra, message in ((["--dry-run"], "give --target CONTEXT/NAMESPACE"),
+                           (["--target", "prod-gpu/ml", "--image", "", "--dry-run"], "runs in an image you name")):
+        refused = subprocess.run(cli + extra, capture_output=True, text=True, env=dict(os.environ), timeout=60)
+        assert refused.returncode == 1 and message in refused.stderr

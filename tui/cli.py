@@ -7,6 +7,7 @@ Textual before its first frame.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from catalog.errors import CatalogError
@@ -49,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="a Ready base or merged custom model (or one still downloading)")
     p.add_argument("dataset", help="a .jsonl file (or a .json list of records)")
     p.add_argument("--name", help="the adapter's name (default: BASE-DATASET-lora)")
-    p.add_argument("--gpus", default="auto", help="auto (the first GPU, else the CPU), cpu, or GPU numbers like 0,1")
+    p.add_argument("--gpus", default="auto", help="auto (the first GPU, else the CPU), cpu, or GPU numbers like 0,1; "
+                   "with --target, how many GPUs the pod gets (auto: 1; 0 or cpu: its CPUs)")
     _hyperparameter_flags(p)
+    p.add_argument("--target", help="CONTEXT/NAMESPACE of a Kubernetes cluster in your kubeconfig: run it there as a Job")
+    p.add_argument("--image", default=os.environ.get("MODELDECK_FINETUNE_IMAGE"),
+                   help="with --target: the image to run it in, with modeldeck[finetune] installed (default: "
+                        "$MODELDECK_FINETUNE_IMAGE; see the README)")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="with --target: print the manifests as YAML (for kubectl apply, or git) and touch nothing")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed, showing progress")
     p = verb("merge", "cmd_merge", "merge a Ready adapter into its base: a standalone Merged model")
     p.add_argument("adapter")

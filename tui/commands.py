@@ -163,11 +163,35 @@ def cmd_finetune(args, db) -> int:
 
     values = {f.name: getattr(args, f.name) for f in finetune.Hyperparameters.fields()
               if getattr(args, f.name) is not None}
-    plan = finetune.plan(db, args.base, args.dataset, finetune.Hyperparameters(**values), args.gpus)
+    if args.dry_run and not args.target:
+        raise EngineError("--dry-run prints a cluster's manifests: give --target CONTEXT/NAMESPACE")
+    plan = finetune.plan(db, args.base, args.dataset, finetune.Hyperparameters(**values), args.gpus,
+                         target=args.target, image=args.image, offline=args.dry_run)
     if not args.json:
         print(plan.summary(), file=sys.stderr)
+    if args.dry_run:
+        return _finetune_manifests(args, db, plan)
     model, job = finetune.start(db, plan, args.name)
     return _started(args, db, model, job)
+
+
+def _finetune_manifests(args, db, plan) -> int:
+    """`finetune --target CONTEXT/NAMESPACE --dry-run`: the Job and what it needs, as YAML."""
+    import dataclasses
+
+    from engine import finetune
+    from engine.kube.manifests import finetune_objects, to_yaml
+
+    with db.read() as session:
+        name = args.name or finetune.default_name(session, plan.base, plan.dataset.path)
+    spec = finetune.cluster_job(name, dataclasses.asdict(plan.cluster), plan.base, plan.dataset.path,
+                                dataclasses.asdict(plan.hyperparameters))
+    sys.stdout.write(to_yaml(finetune_objects(spec)))
+    print(f"# {name}: Job {spec.job_name} in {plan.cluster.target}; the adapter lands on the volume "
+          f"{spec.adapter_volume} at {spec.adapter_folder}"
+          + ("; the YAML holds your Hugging Face token: keep it out of git, or seal it" if spec.hf_token else ""),
+          file=sys.stderr)
+    return 0
 
 
 def cmd_merge(args, db) -> int:
