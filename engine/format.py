@@ -158,6 +158,14 @@ def listening_on(settings: dict) -> tuple[str, bool]:
     return f"{f'[{host}]' if ':' in host else host}:{settings.get('port', '?')}", exposed
 
 
+def model_location(model) -> str | None:
+    """Where a model's files are: a folder here, or a folder on a volume of a cluster (a fine-tune run
+    there)."""
+    if on := model.meta.get("cluster"):
+        return f"{on['folder']} on volume {on['volume']}, cluster {on['target']}"
+    return model.path
+
+
 def delete_consequence(plan: DeletePlan) -> str:
     """What deleting frees, for the confirmation (dashboard and CLI alike)."""
     model = plan.model

@@ -668,3 +668,43 @@ def test_finetune_dry_run_prints_valid_manifests_and_touches_nothing(db, hub, tm
                            (["--target", "prod-gpu/ml", "--image", "", "--dry-run"], "runs in an image you name")):
         refused = subprocess.run(cli + extra, capture_output=True, text=True, env=dict(os.environ), timeout=60)
         assert refused.returncode == 1 and message in refused.stderr
+
+
+async def test_the_finetune_dialog_starts_a_run_on_a_cluster(db, on_emulator, tmp_path):
+    """The dashboard's way: the fine-tune dialog's Target, Namespace, Image and GPUs start a Job on the
+    cluster; Custom shows the adapter Pending, its files to be on the cluster's volume."""
+    from textual.widgets import Input
+
+    from engine import jobs
+    from tests.tinydata import write_dataset
+    from tests.tui_helpers import wait_for
+    from tui.app import ModelDeckApp
+    from tui.screens.custom import CustomScreen
+    from tui.screens.finetune_dialog import FinetuneDialog
+
+    data = write_dataset(tmp_path, "alpaca")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.store.loaded, what="first load")
+        await pilot.press("2", "f")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog) and app.screen)
+        await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the kubeconfig's contexts")
+        assert not dialog.query_one("#image-row").display  # this machine: its GPUs, no image
+        dialog.query_one("#target").value = "emu"
+        await pilot.pause()
+        assert dialog.query_one("#image-row").display and not dialog.query_one("#gpus-row").display
+        for field, value in {"namespace": "ml", "image": IMAGE, "gpu_count": "2", "dataset": str(data),
+                             "name": "alpaca-on-emu", "max_steps": "10"}.items():
+            dialog.query_one(f"#{field}", Input).value = value
+        await pilot.press("ctrl+s")
+        while not isinstance(app.screen, CustomScreen):
+            await pilot.pause(0.1)  # the emulator answers on this loop
+            assert "error" not in str(dialog.query_one("#error").render()).lower()
+        adapter = next(r.model for r in app.store.models.values() if r.model.name == "alpaca-on-emu")
+        assert adapter.meta["cluster"]["target"] == "emu/ml" and adapter.meta["cluster"]["gpus"] == 2
+        await wait_for(pilot, lambda: "/modeldeck/adapter/alpaca-on-emu on volume md-ft-alpaca-on-emu-adapter, "
+                                      "cluster emu/ml" in str(app.screen.query_one("#preview").render()),
+                       what="where its files will be")
+        while ("jobs", "md-ft-alpaca-on-emu") not in live(on_emulator):
+            await pilot.pause(0.1)
+        await until_done(asyncio.to_thread(jobs.cancel, db, adapter.job_id))

@@ -220,7 +220,7 @@ class TestDialogs:
 
         async def choose_cluster(pilot):
             drawer = pilot.app.screen
-            await wait_for(pilot, lambda: drawer.query_one("#target-row").display, what="the targets")
+            await wait_for(pilot, lambda: drawer.query_one("TargetSelect").display, what="the targets")
             drawer.query_one("#target").value = "prod-gpu"
             drawer.query_one("#namespace").value = "ml"
             drawer.query_one("#tensor_parallel").value = "2"
@@ -228,6 +228,29 @@ class TestDialogs:
             await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
 
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), choose_cluster))
+
+    def test_finetune_dialog_on_a_kubernetes_target(self, snap_compare, db, size, monkeypatch, tmp_path):
+        config = tmp_path / "kubeconfig"
+        config.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://10.0.0.1'}}]\n"
+                          "users: [{name: u, user: {token: t}}]\ncontexts: [{name: prod-gpu, context: {cluster: c, "
+                          "user: u}}]\ncurrent-context: prod-gpu\n")
+        monkeypatch.setenv("KUBECONFIG", str(config))
+        monkeypatch.setenv("MODELDECK_FINETUNE_IMAGE", "registry.local/modeldeck-finetune:0.1")
+
+        async def choose_cluster(pilot):
+            dialog = pilot.app.screen
+            await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the targets")
+            dialog.query_one("#target").value = "prod-gpu"
+            dialog.query_one("#namespace").value = "ml"
+            dialog.query_one("#gpu_count").value = "2"
+            dialog.query_one("#dataset").value = "tests/data/support-chat.jsonl"
+            await wait_for(pilot, lambda: "rows" in str(dialog.query_one("#dataset-summary").render()), what="the dataset")
+            await wait_for(pilot, lambda: "Counting" not in str(dialog.query_one("#token-summary").render()), 30,
+                           what="the token count to end")
+            dialog.query_one("#dataset").focus()
+            dialog.query_one("#dataset").cursor_blink = False
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "f", shown(FinetuneDialog), choose_cluster))
 
     def test_deploy_drawer_exposed_and_too_big(self, snap_compare, db, size, monkeypatch):
         free_ram(monkeypatch, 512 * 2**20)

@@ -27,6 +27,7 @@ from engine.format import (
     job_progress,
     listening_on,
     meta_label,
+    model_location,
     state_text,
 )
 from engine.logs import follow
@@ -99,7 +100,7 @@ def cmd_show(args, db) -> int:
     m = row.model
     fields = [
         ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long")),
-        ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", m.path),
+        ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", model_location(m)),
         ("size", human_bytes(m.size_bytes)), ("base", row.base_name), ("created", human_time(m.created_at)),
         *((meta_label(key).lower(), human_value(v)) for key, v in m.meta.items()),
     ]

@@ -19,6 +19,7 @@ from engine.format import (
     human_value,
     job_progress,
     meta_label,
+    model_location,
 )
 from tui.screens.action_menu import ActionMenu
 from tui.screens.base import DeckScreen
@@ -131,7 +132,7 @@ class CustomScreen(DeckScreen):
         text.append_text(model_status(row, "long", deployed=self.store.is_deployed(m.id)))
         if row.job and m.state == ModelState.PENDING:
             text.append(f"  (job {row.job.id}: x cancels)", style="dim")
-        text.append(f"\n{m.path or 'no files yet'}", style="dim")
+        text.append(f"\n{model_location(m) or 'no files yet'}", style="dim")
         preview.update(text)
 
     # -- actions ------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ class CustomScreen(DeckScreen):
         if m.repo_id:
             fields += [("Repo", m.repo_id), ("Link", f"https://huggingface.co/{m.repo_id}")]
         fields += [
-            ("Revision", m.revision or "—"), ("Path", m.path or "—"),
+            ("Revision", m.revision or "—"), ("Path", model_location(m) or "—"),
             ("Files owned", "yes: deleting frees them" if owns_files(m) else
              "no: imported in place; deleting leaves the folder"),
             ("Size on disk", human_bytes(m.size_bytes)),

@@ -25,6 +25,7 @@ from engine.errors import EngineError
 from engine.format import human_bytes
 from tui.screens.base import ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
+from tui.widgets.target_select import TargetSelect
 
 if TYPE_CHECKING:
     from engine.deployments import DeployPlan
@@ -68,15 +69,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
             yield Label(f"Deploy {name}", classes="dialog-title")
             yield Static(self._about(row), id="about", classes="form-note drawer-note")
             with VerticalScroll(classes="dialog-scroll"):
-                # Shown only when the kubeconfig has contexts (see load_targets)
-                with Horizontal(classes="form-row", id="target-row"):
-                    yield Label(FIELD_LABELS["target"], classes="form-label")
-                    yield Select([("this machine", "")], value="", allow_blank=False, id="target", compact=True,
-                                 tooltip="This machine, or a Kubernetes context from your kubeconfig")
-                with Horizontal(classes="form-row", id="namespace-row"):
-                    yield Label("Namespace", classes="form-label")
-                    yield Input(placeholder="default", id="namespace", compact=True,
-                                tooltip="The namespace on the cluster to deploy in")
+                yield TargetSelect("deploy")
                 with Horizontal(classes="form-row", id="backend-row"):
                     yield Label(FIELD_LABELS["backend"], classes="form-label")
                     yield Select(BACKENDS, value="auto", allow_blank=False, id="backend", compact=True,
@@ -112,33 +105,9 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_mount(self) -> None:
         self.query_one("#force", Checkbox).display = False
-        self.query_one("#target-row").display = self.query_one("#namespace-row").display = False
-        self.load_targets()
-
-    @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
-    def load_targets(self) -> None:
-        """Kubernetes contexts, when a kubeconfig exists (the client library is imported only then)."""
-        from engine.kube.cluster import contexts, kubeconfig_path
-
-        if kubeconfig_path() is None:
-            return
-        try:
-            names, _current = contexts()
-        except EngineError as exc:
-            self.app.call_from_thread(self.notify, str(exc), title="Kubernetes targets", severity="warning")
-            return
-        if names:
-            self.app.call_from_thread(self._show_targets, names)
-
-    def _show_targets(self, names: list[str]) -> None:
-        self.query_one("#target", Select).set_options([("this machine", ""), *((f"{n} (Kubernetes)", n) for n in names)])
-        self.query_one("#target-row").display = True
 
     def _target(self) -> str:
-        context = self.query_one("#target", Select).value
-        if not context or context == Select.NULL:
-            return ""
-        return f"{context}/{self.query_one('#namespace', Input).value.strip() or 'default'}"
+        return self.query_one(TargetSelect).value
 
     def on_gpu_select_loaded(self, event: GpuSelect.Loaded) -> None:
         self._schedule_plan()  # the first plan waits for the GPUs
@@ -165,7 +134,6 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
     @on(Select.Changed)
     def settings_changed(self) -> None:
         on_cluster = bool(self._target())
-        self.query_one("#namespace-row").display = on_cluster
         for row_id in ("#backend-row", "#gpus-row", "#host-row"):  # the cluster's vLLM decides these
             self.query_one(row_id).display = not on_cluster
         self._schedule_plan()

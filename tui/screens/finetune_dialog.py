@@ -1,4 +1,5 @@
-"""FinetuneDialog (`f`): base model, dataset, output name, GPUs, method and the LoRA hyperparameters.
+"""FinetuneDialog (`f`): base model, dataset, output name, where it runs (this machine's GPUs, or a
+Kubernetes cluster with an image and a GPU count), method and the LoRA hyperparameters.
 
 Empty fields take the sound defaults shown in grey, so picking a base model and a dataset is enough.
 The dataset is read and checked as soon as it is named (its first bad line shown here), with token
@@ -8,6 +9,7 @@ fine-tune has started, and returns the new adapter's id.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.text import Text
@@ -27,6 +29,7 @@ from tui.screens.base import ReportsWorkerErrors
 from tui.screens.file_picker import FilePicker
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.info import InfoLine
+from tui.widgets.target_select import TargetSelect
 
 # Shown on their own rows above the grid of numbers.
 WIDE_FIELDS = ("method", "target_modules")
@@ -47,6 +50,7 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         self._check_timer = None
         self._rows: tuple[str, int, str] | None = None  # the dataset read last: path, rows, format name
         self._starting = False
+        self._local_qlora = False  # a GPU here and bitsandbytes: known once the GPUs are read
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -70,9 +74,20 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
                 with Horizontal(classes="form-row"):
                     yield Label("Output name", classes="form-label")
                     yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
-                with Horizontal(classes="form-row"):
+                yield TargetSelect("fine-tune")
+                with Horizontal(classes="form-row", id="image-row"):
+                    yield Label("Image", classes="form-label")
+                    yield Input(os.environ.get("MODELDECK_FINETUNE_IMAGE", ""), id="image", compact=True,
+                                placeholder="an image with modeldeck[finetune] installed",
+                                tooltip="The image the cluster runs the fine-tune in: modeldeck with its fine-tune "
+                                        "extra (README: Fine-tuning on a cluster); $MODELDECK_FINETUNE_IMAGE sets it")
+                with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label("GPUs", classes="form-label")
                     yield GpuSelect(id="gpus")
+                with Horizontal(classes="form-row", id="gpu-count-row"):
+                    yield Label("GPUs", classes="form-label")
+                    yield Input(placeholder="1", id="gpu_count", compact=True,
+                                tooltip="How many GPUs the cluster gives the fine-tune's pod (0: its CPUs)")
                 with Horizontal(classes="form-row"):
                     yield Label("Method", classes="form-label")
                     yield Select([("LoRA", "lora")], value="lora", allow_blank=False, id="method", compact=True)
@@ -116,19 +131,44 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         return ids[0] if len(ids) == 1 else Select.NULL
 
     def on_mount(self) -> None:
+        self.query_one("#image-row").display = self.query_one("#gpu-count-row").display = False
         if self.initial_dataset:
             self.check_dataset()
 
     def on_gpu_select_loaded(self, event: GpuSelect.Loaded) -> None:
         from engine.gpus import has_bitsandbytes
 
-        if event.gpus and has_bitsandbytes():
-            self.query_one("#method", Select).set_options([("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora")])
+        self._local_qlora = bool(event.gpus) and has_bitsandbytes()
+        self._offer_methods()
+
+    def on_target_select_changed(self, event: TargetSelect.Changed) -> None:
+        on_cluster = bool(event.target)
+        self.query_one("#image-row").display = self.query_one("#gpu-count-row").display = on_cluster
+        self.query_one("#gpus-row").display = not on_cluster
+        self._offer_methods()
+        self._show_problems(self._hyperparameters()[1])
+
+    def _offer_methods(self) -> None:
+        """QLoRA where it can run: a GPU here with bitsandbytes, or a cluster (the image is the user's)."""
+        method = self.query_one("#method", Select)
+        qlora = self._local_qlora or bool(self._target())
+        kept = method.value if qlora or method.value != "qlora" else "lora"
+        method.set_options([("LoRA", "lora")] + ([("QLoRA (4-bit base)", "qlora")] if qlora else []))
+        method.value = kept
 
     # -- reading what was typed ---------------------------------------------------------------------
 
     def _value(self, widget_id: str) -> str:
         return self.query_one(f"#{widget_id}", Input).value.strip()
+
+    def _target(self) -> str:
+        return self.query_one(TargetSelect).value
+
+    def _gpus(self) -> str:
+        """As the plan takes them: GPUs of this machine, or how many a cluster's pod gets."""
+        if self._target():
+            return self._value("gpu_count") or "1"
+        return str(self.query_one("#gpus", Select).value)
 
     def _base(self):
         value = self.query_one("#base", Select).value
@@ -139,7 +179,10 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         values["method"] = str(self.query_one("#method", Select).value)
         hp, errors = Hyperparameters.from_strings(values)
         if not errors:  # the model's own limits are checked when the run is planned
-            errors = hp.problems(None, str(self.query_one("#gpus", Select).value))
+            if self._target():  # a count; bitsandbytes is the image's to have
+                errors = hp.problems(None, "cpu" if self._gpus() in ("0", "cpu") else "0", bitsandbytes=True)
+            else:
+                errors = hp.problems(None, self._gpus())
         return hp, errors
 
     def _show_summary(self) -> None:
@@ -229,6 +272,10 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         if base is None or base.state != ModelState.READY:
             self.app.call_from_thread(show, tokens, "Token counts once the base model is Ready.")
             return
+        if not Path(base.path).is_dir():
+            self.app.call_from_thread(show, tokens, Text(f"No token counts: the base model's folder {base.path} is "
+                                                         "missing", style="red"))
+            return
         self.app.call_from_thread(show, tokens, "Counting tokens with the base model's tokenizer…")
         max_length = hp.resolved(model_limits(base.path).max_length).max_length
         try:
@@ -278,15 +325,16 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         error.update("Checking and starting…")
         self._starting = True
         self.query_one("#start", Button).disabled = True
-        self._start(base.model.name, dataset, hp, str(self.query_one("#gpus", Select).value),
-                    self._value("name") or None)
+        self._start(base.model.name, dataset, hp, self._gpus(), self._value("name") or None, self._target(),
+                    self._value("image"))
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
-    def _start(self, base: str, dataset: str, hp: Hyperparameters, gpus: str, name: str | None) -> None:
+    def _start(self, base: str, dataset: str, hp: Hyperparameters, gpus: str, name: str | None, target: str,
+               image: str) -> None:
         from engine import finetune
 
         try:
-            plan = finetune.plan(self.app.db, base, dataset, hp, gpus)
+            plan = finetune.plan(self.app.db, base, dataset, hp, gpus, target=target or None, image=image)
             model, _job = finetune.start(self.app.db, plan, name)
         except EngineError as exc:
             self.app.call_from_thread(self._refused, str(exc))
