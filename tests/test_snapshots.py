@@ -41,6 +41,15 @@ def app_for(db, seeded: bool = True, training: bool = False) -> ModelDeckApp:
     return ModelDeckApp(db, follow=False)
 
 
+def kubeconfig_with(tmp_path, monkeypatch, *contexts: str) -> None:
+    """A kubeconfig with these contexts (of a cluster nobody calls): the Kubernetes targets appear."""
+    config = tmp_path / "kubeconfig"
+    listed = ", ".join(f"{{name: {name}, context: {{cluster: c, user: u}}}}" for name in contexts)
+    config.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://10.0.0.1'}}]\n"
+                      f"users: [{{name: u, user: {{token: t}}}}]\ncontexts: [{listed}]\ncurrent-context: {contexts[-1]}\n")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+
+
 def shown(screen_type):
     """A step for `keys`: wait until a dialog is on top, so the next keys reach it even on a busy machine."""
     async def wait(pilot) -> None:
@@ -212,11 +221,7 @@ class TestDialogs:
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), plan_shown()))
 
     def test_deploy_drawer_on_a_kubernetes_target(self, snap_compare, db, size, monkeypatch, tmp_path):
-        config = tmp_path / "kubeconfig"
-        config.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://10.0.0.1'}}]\n"
-                          "users: [{name: u, user: {token: t}}]\ncontexts: [{name: prod-gpu, context: {cluster: c, "
-                          "user: u}}, {name: staging, context: {cluster: c, user: u}}]\ncurrent-context: staging\n")
-        monkeypatch.setenv("KUBECONFIG", str(config))
+        kubeconfig_with(tmp_path, monkeypatch, "prod-gpu", "staging")
 
         async def choose_cluster(pilot):
             drawer = pilot.app.screen
@@ -230,11 +235,7 @@ class TestDialogs:
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer), choose_cluster))
 
     def test_finetune_dialog_on_a_kubernetes_target(self, snap_compare, db, size, monkeypatch, tmp_path):
-        config = tmp_path / "kubeconfig"
-        config.write_text("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://10.0.0.1'}}]\n"
-                          "users: [{name: u, user: {token: t}}]\ncontexts: [{name: prod-gpu, context: {cluster: c, "
-                          "user: u}}]\ncurrent-context: prod-gpu\n")
-        monkeypatch.setenv("KUBECONFIG", str(config))
+        kubeconfig_with(tmp_path, monkeypatch, "prod-gpu")
         monkeypatch.setenv("MODELDECK_FINETUNE_IMAGE", "registry.local/modeldeck-finetune:0.1")
 
         async def choose_cluster(pilot):
