@@ -115,6 +115,11 @@ class ServeCommand:
         return " ".join([program, *self.argv[1:]])
 
 
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds an adapter of this rank."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
 def _lora_rank(adapter: Path) -> int:
     try:
         config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
@@ -137,7 +142,7 @@ def vllm_command(model_path: str, settings: DeploySettings, served_name: str, ap
         name, path = adapter
         rank = _lora_rank(Path(path))
         argv += ["--enable-lora", "--lora-modules", f"{name}={path}",
-                 "--max-lora-rank", str(next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1]))]
+                 "--max-lora-rank", str(vllm_lora_rank(rank))]
     argv.append("--disable-uvicorn-access-log")  # the supervisor's health checks would fill the log
     return ServeCommand(argv, {"VLLM_API_KEY": api_key} | cuda_env(gpus))
 

@@ -27,7 +27,7 @@ from catalog.schema import (
     ModelState,
 )
 from catalog.states import LIVE_DEPLOYMENT_STATES
-from engine import jobs
+from engine import hub, jobs
 from engine.backends import (
     DTYPE_BYTES,
     DeploySettings,
@@ -258,14 +258,43 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
     check_target(settings.target)
     with db.read() as session:
         model = _model(session, model_name)
-        if not model.repo_id or model.kind != ModelKind.BASE:
-            raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
-                              "a downloaded or downloading base model can be deployed there")
+        base = session.get(Model, model.base_id) if model.kind == ModelKind.ADAPTER and model.base_id else None
         name, kept = _name_and_kept_ports(session, name, settings, model)
+    served = settings.served_name or model.name
+    cluster_deploy(name, settings.target, model, base, served, settings, "")  # refuses what the cluster cannot serve
     local = dataclasses.replace(settings, host="127.0.0.1", backend="vllm")  # the port-forward's end, here
     local = _listen_check(local, kept)
-    return DeployPlan(model, None, local, "kubernetes", str(settings.tensor_parallel), None,
-                      settings.served_name or model.name, name)
+    return DeployPlan(model, base, local, "kubernetes", str(settings.tensor_parallel), None, served, name)
+
+
+def cluster_deploy(name: str, target: str, model: Model, base: Model | None, served_name: str,
+                   settings: DeploySettings, api_key: str):
+    """The objects' description of a deployment on a cluster (engine/kube/manifests.py). The cluster
+    downloads a base model from the Hub itself; an adapter must be one fine-tuned on that same cluster and
+    namespace, whose files are on a volume there."""
+    from engine.kube.cluster import parse_target
+    from engine.kube.manifests import ClusterAdapter, ClusterDeploy
+
+    _context, namespace = parse_target(target)
+    adapter, weights = None, model
+    if model.kind == ModelKind.ADAPTER:
+        on = model.meta.get("cluster")
+        if not on:
+            raise EngineError(f"{model.name}'s files are on this machine: a cluster serves an adapter fine-tuned on "
+                              "it (fine-tune with that target)")
+        if parse_target(on["target"]) != parse_target(target):
+            raise EngineError(f"{model.name} was fine-tuned on {on['target']}, where its files are: deploy it there")
+        if model.state != ModelState.READY:
+            raise EngineError(f"{model.name!r} is {model.state.value}; deploy it once it is Ready")
+        if base is None or not base.repo_id:
+            raise EngineError(f"the base model of {model.name!r} is missing")
+        rank = int((model.meta.get("hyperparameters") or {}).get("rank", 16))
+        adapter, weights = ClusterAdapter(on["volume"], on["folder"], rank), base
+    elif not model.repo_id or model.kind != ModelKind.BASE:
+        raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only a "
+                          "base model from the Hub (or an adapter fine-tuned on that cluster) can be deployed there")
+    return ClusterDeploy(name, namespace, weights.repo_id, weights.revision, served_name, settings,
+                         settings.tensor_parallel, api_key, hf_token=hub.token(), adapter=adapter)
 
 
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,

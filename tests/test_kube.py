@@ -708,3 +708,41 @@ async def test_the_finetune_dialog_starts_a_run_on_a_cluster(db, on_emulator, tm
         while ("jobs", "md-ft-alpaca-on-emu") not in live(on_emulator):
             await pilot.pause(0.1)
         await until_done(asyncio.to_thread(jobs.cancel, db, adapter.job_id))
+
+
+async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_volume(db, on_emulator):
+    import kubernetes
+
+    from catalog.schema import Model, ModelKind, ModelState
+    from engine import deployments
+    from engine.kube.manifests import adapter_folder, adapter_volume
+
+    with db.write() as session:
+        base = session.exec(__import__("sqlmodel").select(Model).where(Model.name == "qwen")).one()
+        cluster_meta = {"target": "emu/ml", "image": IMAGE, "gpus": 1, "volume": adapter_volume("support-lora"),
+                        "folder": adapter_folder("support-lora")}
+        session.add(Model(name="support-lora", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune:qwen",
+                          base_id=base.id, meta_json=Model.dumps({"cluster": cluster_meta,
+                                                                  "hyperparameters": {"rank": 24}})))
+        session.add(Model(name="local-lora", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune:qwen",
+                          base_id=base.id, path="/tmp/local-lora"))
+    with pytest.raises(EngineError, match="local-lora's files are on this machine"):
+        await asyncio.to_thread(deployments.plan, db, "local-lora", DeploySettings(target="emu/ml"))
+    with pytest.raises(EngineError, match="support-lora was fine-tuned on emu/ml, where its files are: deploy it there"):
+        await asyncio.to_thread(deployments.plan, db, "support-lora", DeploySettings(target="emu/other"))
+    deployment, _ = await asyncio.to_thread(deployments.deploy, db, "support-lora",
+                                            DeploySettings(target="emu/ml", served_name="support"))
+    await deployment_where(db, deployment.id, lambda d: ("deployments", "md-support") in live(on_emulator))
+    apps = kubernetes.client.AppsV1Api(client_for(on_emulator))
+    served = client_for(on_emulator).sanitize_for_serialization(
+        await asyncio.to_thread(apps.read_namespaced_deployment, "md-support", "ml"))
+    kubernetes_validate.validate(served, K8S_VERSION, strict=True)
+    pod = served["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "Qwen/Qwen2.5-0.5B-Instruct"  # the base, from the Hub
+    assert args[args.index("--lora-modules") + 1] == "support=/modeldeck/adapter/support-lora"
+    assert args[args.index("--max-lora-rank") + 1] == "32" and args[args.index("--served-model-name") + 1] == "support-base"
+    claim = next(v for v in pod["volumes"] if v["name"] == "adapter")["persistentVolumeClaim"]
+    assert claim == {"claimName": "md-ft-support-lora-adapter", "readOnly": True}
+    await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
+    assert live(on_emulator) == set()

@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from catalog.schema import Job, Model, ModelState
 from catalog.tags import tag_order
-from engine import hub, jobs, models
+from engine import jobs, models
 from engine.community import haystack, matches, terms
 from engine.errors import EngineError
 from engine.format import (
@@ -321,32 +321,24 @@ def _deploy_manifests(args, db, settings) -> int:
     """`deploy --target CONTEXT/NAMESPACE --dry-run`: the objects a cluster deployment is made of, as YAML."""
     import secrets
 
-    from engine.kube.cluster import parse_target
-    from engine.kube.manifests import (
-        ClusterDeploy,
-        deployment_objects,
-        in_cluster_url,
-        to_yaml,
-    )
+    from engine import deployments
+    from engine.kube.manifests import deployment_objects, in_cluster_url, to_yaml
     from engine.models import find_model
 
     if not args.target:
         raise EngineError("--dry-run prints a cluster's manifests: give --target CONTEXT/NAMESPACE")
-    _context, namespace = parse_target(args.target)
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
     with db.read() as session:
         model = find_model(session, args.model)
-    if not model.repo_id or model.kind.value != "base":
-        raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only "
-                          "a downloaded base model can be deployed there")
-    token = hub.token()
-    spec = ClusterDeploy(args.name or settings.served_name or model.name, namespace, model.repo_id, model.revision,
-                         settings.served_name or model.name, settings, settings.tensor_parallel,
-                         "sk-md-" + secrets.token_urlsafe(24), token)
+        base = session.get(Model, model.base_id) if model.base_id else None
+    served = settings.served_name or model.name
+    spec = deployments.cluster_deploy(args.name or served, args.target, model, base, served, settings,
+                                      "sk-md-" + secrets.token_urlsafe(24))
     sys.stdout.write(to_yaml(deployment_objects(spec)))
     print(f"# {spec.name} in {args.target}: {in_cluster_url(spec)} once applied; the YAML holds its API key"
-          + (" and your Hugging Face token" if token else "") + ": keep it out of git, or seal it", file=sys.stderr)
+          + (" and your Hugging Face token" if spec.hf_token else "") + ": keep it out of git, or seal it",
+          file=sys.stderr)
     return 0
 
 

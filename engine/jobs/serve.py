@@ -67,7 +67,7 @@ def work(ctx: JobContext) -> None:
         if deployment.backend == "kubernetes":  # the cluster downloads the model itself
             from engine.jobs.serve_cluster import OnCluster
 
-            on_cluster = OnCluster(ctx, deployment, model)
+            on_cluster = OnCluster(ctx, deployment, model, base)
             on_cluster.run()  # until stopped or failed
             return
         if model.state != ModelState.READY:  # deployed from Community while it downloads

@@ -20,8 +20,8 @@ import time
 import httpx2 as httpx
 
 from catalog.schema import Deployment, DeploymentState, Model
-from engine import hub
 from engine.backends import DeploySettings
+from engine.deployments import cluster_deploy
 from engine.errors import EngineError
 from engine.jobs import settle_deployment
 from engine.jobs.harness import JobContext, JobFailure
@@ -35,19 +35,22 @@ READY_TIMEOUT_S = 3600.0  # pulling a vLLM image and a large model can take long
 FORWARD_TIMEOUT_S = 60.0
 
 
-def cluster_spec(deployment: Deployment, model: Model) -> tuple[ClusterDeploy, str]:
+def cluster_spec(deployment: Deployment, model: Model, base: Model | None) -> tuple[ClusterDeploy, str]:
     """The deployment's objects' description, and its kubeconfig context."""
     settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
-    context, namespace = cluster.parse_target(settings.target)
-    spec = ClusterDeploy(deployment.name, namespace, model.repo_id, model.revision, deployment.served_name,
-                         settings, settings.tensor_parallel, deployment.api_key, hf_token=hub.token())
+    context, _namespace = cluster.parse_target(settings.target)
+    try:
+        spec = cluster_deploy(deployment.name, settings.target, model, base, deployment.served_name, settings,
+                              deployment.api_key)
+    except EngineError as exc:
+        raise JobFailure(str(exc)) from None
     return spec, context
 
 
 class OnCluster:
-    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model):
+    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model, base: Model | None):
         self.ctx, self.deployment = ctx, deployment
-        self.spec, self.context = cluster_spec(deployment, model)
+        self.spec, self.context = cluster_spec(deployment, model, base)
         self.client = None
         self.forward: subprocess.Popen | None = None
         self.applied = False

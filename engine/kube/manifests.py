@@ -16,13 +16,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from engine.backends import DeploySettings
+from engine.backends import DeploySettings, vllm_lora_rank
 
 VLLM_IMAGE = "vllm/vllm-openai:latest"
 PORT = 8000
 MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_ROLE = "modeldeck.dev/role"
 CACHE_PATH = "/root/.cache/huggingface"
+SPEC_PATH, CACHE_MOUNT, ADAPTER_MOUNT = "/modeldeck/spec", "/modeldeck/cache", "/modeldeck/adapter"
 
 
 NAME_ROOM = 50  # an object's base name; suffixes like "-api-key" or "-data-000" keep it within 63
@@ -77,6 +78,15 @@ class Owner:
 
 
 @dataclass
+class ClusterAdapter:
+    """A LoRA adapter a cluster fine-tune left on its volume, served by vLLM on its base model."""
+
+    volume: str
+    folder: str
+    rank: int
+
+
+@dataclass
 class ClusterDeploy:
     """What a deployment on a cluster needs beyond the drawer's settings."""
 
@@ -91,6 +101,7 @@ class ClusterDeploy:
     hf_token: str | None = None
     cache_size_gib: int = 50
     image: str = VLLM_IMAGE
+    adapter: ClusterAdapter | None = None  # served under served_name; the base under served_name-base
 
 
 def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:
@@ -114,13 +125,17 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{spec.cache_size_gib}Gi"}}},
     })
     s = spec.settings
-    args = ["--model", spec.repo_id, "--served-model-name", spec.served_name, "--host", "0.0.0.0", "--port", str(PORT),
+    base_served = spec.served_name if spec.adapter is None else f"{spec.served_name}-base"
+    args = ["--model", spec.repo_id, "--served-model-name", base_served, "--host", "0.0.0.0", "--port", str(PORT),
             "--tensor-parallel-size", str(s.tensor_parallel), "--dtype", s.dtype,
             "--gpu-memory-utilization", str(s.gpu_memory_fraction), "--disable-uvicorn-access-log"]
     if spec.revision:
         args += ["--revision", spec.revision]
     if s.max_model_len:
         args += ["--max-model-len", str(s.max_model_len)]
+    if spec.adapter is not None:
+        args += ["--enable-lora", "--lora-modules", f"{spec.served_name}={spec.adapter.folder}",
+                 "--max-lora-rank", str(vllm_lora_rank(spec.adapter.rank))]
     env = [{"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": key_secret, "key": "api-key"}}},
            {"name": "HF_HOME", "value": CACHE_PATH}]
     if spec.hf_token:
@@ -137,6 +152,13 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         "livenessProbe": probe | {"periodSeconds": 10, "failureThreshold": 6},
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_PATH}, {"name": "shm", "mountPath": "/dev/shm"}],
     }
+    volumes = [{"name": "cache", "persistentVolumeClaim": {"claimName": cache}},
+               # tensor parallel talks through shared memory; the default 64 MiB is too small
+               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
+    if spec.adapter is not None:
+        container["volumeMounts"].append({"name": "adapter", "mountPath": ADAPTER_MOUNT, "readOnly": True})
+        volumes.append({"name": "adapter", "persistentVolumeClaim": {"claimName": spec.adapter.volume,
+                                                                      "readOnly": True}})
     objects.append({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(owner, spec.namespace, base, "server"),
         "spec": {
@@ -147,9 +169,7 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
                 "metadata": {"labels": pod_labels},
                 "spec": {
                     "containers": [container],
-                    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": cache}},
-                                # tensor parallel talks through shared memory; the default 64 MiB is too small
-                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+                    "volumes": volumes,
                 },
             },
         },
@@ -164,7 +184,6 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
 
 DATASET_PART_BYTES = 900 * 1024  # a ConfigMap holds at most 1 MiB
 DATASET_MAX_PARTS = 30  # about 26 MiB of gzip: a JSONL dataset of a few hundred MB
-SPEC_PATH, CACHE_MOUNT, ADAPTER_MOUNT = "/modeldeck/spec", "/modeldeck/cache", "/modeldeck/adapter"
 KEPT_AFTER_SUCCESS = ("adapter",)  # the fine-tune's output stays on the cluster as the adapter's files
 KEPT_FOR_A_RETRY = ("adapter", "model-cache")  # its checkpoints, and the base model already downloaded
 
