@@ -208,19 +208,24 @@ current-context: staging
 
 @pytest.mark.skipif(not os.environ.get("MODELDECK_TEST_KUBECONFIG"),
                     reason="no real cluster: set MODELDECK_TEST_KUBECONFIG to a kubeconfig to run this")
-def test_a_real_cluster_accepts_and_removes_a_deployment(monkeypatch):
+def test_a_real_cluster_accepts_and_removes_a_deployment_and_a_finetune(monkeypatch):
+    from engine.kube.manifests import finetune_objects
+
     monkeypatch.setenv("KUBECONFIG", os.environ["MODELDECK_TEST_KUBECONFIG"])
     _, current = cluster.contexts()
     namespace = os.environ.get("MODELDECK_TEST_NAMESPACE", "default")
     client = cluster.api_client(current)
     objects = deployment_objects(ClusterDeploy("md-ci-check", namespace, "HuggingFaceTB/SmolLM2-135M-Instruct", None,
                                                "smol", DeploySettings(), 1, "sk-md-ci"))
-    try:
-        cluster.apply(client, objects)
-        assert cluster.pods(client, namespace, Owner.deployment("md-ci-check")) is not None
-    finally:
-        removed = cluster.delete_all(client, namespace, Owner.deployment("md-ci-check"))
-    assert len(removed) == len(objects)
+    run = finetune_spec("md-ci-check", gpus=0)
+    run.namespace = namespace
+    for owner, made in ((Owner.deployment("md-ci-check"), objects), (run.owner, finetune_objects(run))):
+        try:
+            cluster.apply(client, made)  # the real API server's own validation and admission
+            assert cluster.pods(client, namespace, owner) is not None
+        finally:
+            removed = cluster.delete_all(client, namespace, owner)
+        assert len(removed) == len(made)
 
 
 def test_deploy_dry_run_prints_valid_manifests_and_touches_nothing(db, hub):
@@ -746,3 +751,31 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
     assert claim == {"claimName": "md-ft-support-lora-adapter", "readOnly": True}
     await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
     assert live(on_emulator) == set()
+
+
+def test_the_finetune_image_recipe_installs_the_jobs_entry_point(tmp_path):
+    """deploy/finetune.Dockerfile, as far as it can be checked without a container engine: what it copies
+    builds the modeldeck package, and that package holds the module the Job's command runs."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from engine.kube.manifests import finetune_objects
+
+    root = Path(__file__).resolve().parents[1]
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in (root / "deploy" / "finetune.Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _destination = line.split()[1:]
+            for source in sources:  # as `docker build .` copies them from the checkout
+                (shutil.copytree if (root / source).is_dir() else shutil.copy)(root / source, context / source)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                            str(context), "-w", str(tmp_path / "wheels")], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    names = zipfile.ZipFile(next((tmp_path / "wheels").glob("modeldeck-*.whl"))).namelist()
+    command = finetune_objects(finetune_spec())[-1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    module = command[command.index("-m") + 1]
+    assert module.replace(".", "/") + ".py" in names
+    assert {"engine/jobs/reported.py", "engine/jobs/harness.py", "catalog/community.toml"} <= set(names)
