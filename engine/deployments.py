@@ -141,6 +141,9 @@ def _model(session: Session, model_name: str | int) -> Model:
 def _deployable(session: Session, model: Model) -> Model | None:
     """Refuse a model that cannot be served; returns an adapter's base. A model still downloading from
     the Hub can be deployed: its server starts once the download is done."""
+    if on := model.meta.get("cluster"):
+        raise EngineError(f"{model.name}'s files are on the cluster {on['target']}, where it was fine-tuned: deploy "
+                          "it there (Target)")
     downloading = model.state == ModelState.PENDING and model.repo_id and model.kind == ModelKind.BASE
     if not downloading and (model.state != ModelState.READY or not model.path):
         raise EngineError(f"{model.name!r} is {model.state.value}; deploy it once it is Ready")

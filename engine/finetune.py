@@ -246,6 +246,9 @@ def merge(db: Database, adapter_name: str, name: str | None = None) -> tuple[Mod
         raise EngineError(f"{adapter.name!r} is a {adapter.kind.value} model; only an adapter can be merged")
     if adapter.state != ModelState.READY:
         raise EngineError(f"{adapter.name!r} is {adapter.state.value}; merge it once it is Ready")
+    if on := adapter.meta.get("cluster"):
+        raise EngineError(f"{adapter.name}'s files are on the cluster {on['target']}; merging works on files here. "
+                          "Deploy it on that cluster instead")
     if base is None or base.state != ModelState.READY or not base.path:
         raise EngineError(f"the base model of {adapter.name!r} is missing or not Ready")
     _check_space(int((base.size_bytes or 0) * 1.1), models_dir(db))

@@ -735,6 +735,12 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
         await asyncio.to_thread(deployments.plan, db, "local-lora", DeploySettings(target="emu/ml"))
     with pytest.raises(EngineError, match="support-lora was fine-tuned on emu/ml, where its files are: deploy it there"):
         await asyncio.to_thread(deployments.plan, db, "support-lora", DeploySettings(target="emu/other"))
+    with pytest.raises(EngineError, match="support-lora's files are on the cluster emu/ml, where it was fine-tuned"):
+        await asyncio.to_thread(deployments.plan, db, "support-lora", DeploySettings(), [])  # on this machine
+    from engine import finetune
+
+    with pytest.raises(EngineError, match="support-lora's files are on the cluster emu/ml; merging works on files here"):
+        finetune.merge(db, "support-lora")
     deployment, _ = await asyncio.to_thread(deployments.deploy, db, "support-lora",
                                             DeploySettings(target="emu/ml", served_name="support"))
     await deployment_where(db, deployment.id, lambda d: ("deployments", "md-support") in live(on_emulator))
