@@ -785,3 +785,31 @@ def test_the_finetune_image_recipe_installs_the_jobs_entry_point(tmp_path):
     module = command[command.index("-m") + 1]
     assert module.replace(".", "/") + ".py" in names
     assert {"engine/jobs/reported.py", "engine/jobs/harness.py", "catalog/community.toml"} <= set(names)
+
+
+async def test_a_passing_outage_of_the_api_neither_fails_nor_tears_down_a_cluster_deployment(db, on_emulator):
+    import kmock
+
+    from engine import deployments, jobs
+
+    deployment, job = await asyncio.to_thread(deployments.deploy, db, "qwen", DeploySettings(target="emu/ml"))
+    await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
+    outage = {"on": True}
+    on_emulator[lambda request: outage["on"]]["get /api/v1/namespaces/ml/pods"] << kmock.Response(
+        status=503, payload={"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
+                             "message": "the server is currently unable to handle the request"})
+    await deployment_where(db, deployment.id, lambda d: "unable to handle the request; trying again" in
+                           Path(jobs.get(db, job.id).log_path).read_text(), timeout=20)
+    await asyncio.sleep(4)  # two more polls of the outage
+    row = (await asyncio.to_thread(deployments.deployment_rows, db, {deployment.id}))[0]
+    assert row.state.value == "pending" and ("deployments", "md-qwen") in live(on_emulator)
+    outage["on"] = False
+    core = __import__("kubernetes").client.CoreV1Api(client_for(on_emulator))
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "md-qwen-1", "namespace": "ml", "labels": Owner.deployment("qwen").labels("server")},
+           "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
+           "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                          "message": "0/1 nodes are available"}]}}
+    await asyncio.to_thread(core.create_namespaced_pod, "ml", pod)
+    await deployment_where(db, deployment.id, lambda d: d.phase == "not schedulable: 0/1 nodes are available")
+    await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))

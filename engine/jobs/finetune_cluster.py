@@ -28,7 +28,6 @@ from engine.kube.status import finetune_state
 
 POLL_S = 2.0
 LOG_WINDOW_S = 120  # each read asks for the log's last two minutes; lines already read are skipped
-API_GRACE_S = 300.0  # the cluster's API may fail to answer this long before the fine-tune is given up
 PENDING_TIMEOUT_S = 3600.0  # a pod that has not started within an hour (no GPU frees up, say) fails
 
 
@@ -93,7 +92,7 @@ class FinetuneOnCluster:
 
     def follow(self) -> bool:
         """Until the Job ends: True when it succeeded; a failure or a stop raises."""
-        waiting_since, failing_since = time.monotonic(), None
+        waiting_since, outage = time.monotonic(), cluster.Outage()
         while True:
             self.stopping.check()
             try:
@@ -101,11 +100,9 @@ class FinetuneOnCluster:
                 pods = cluster.pods(self.client, self.namespace, self.spec.owner)
                 self.read_log(pods)
                 now = finetune_state(job, pods, lambda pod: cluster.last_log_lines(self.client, self.namespace, pod))
-                failing_since = None
-            except EngineError as exc:
-                # The run goes on on the cluster: a passing outage of the API is waited out, not made its end.
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > API_GRACE_S:
+                outage.over()
+            except EngineError as exc:  # the run goes on on the cluster meanwhile
+                if outage.lasted_too_long():
                     raise JobFailure(str(exc)) from None
                 self.ctx.log(f"{exc}; trying again")
                 self.pause()

@@ -28,7 +28,7 @@ from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.serve import healthy, set_phase, warm_up
 from engine.kube import cluster
 from engine.kube.manifests import PORT, ClusterDeploy, Owner, deployment_objects
-from engine.kube.status import server_state
+from engine.kube.status import ClusterState, server_state
 
 POLL_S = 2.0  # how often the pods are read
 READY_TIMEOUT_S = 3600.0  # pulling a vLLM image and a large model can take long on a cold node
@@ -55,6 +55,8 @@ class OnCluster:
         self.forward: subprocess.Popen | None = None
         self.applied = False
         self.owner = Owner.deployment(deployment.name)
+        self.outage = cluster.Outage()
+        self.last_state = ClusterState("pending", "creating the pod")
 
     def set_phase(self, phase: str) -> None:
         set_phase(self.ctx, self.deployment.id, phase)
@@ -82,11 +84,18 @@ class OnCluster:
         self.watch()
 
     def state(self):
+        """The pods' state; while the cluster's API fails to answer (for less than the outage's grace),
+        the last state known, so a blip neither fails nor tears down a deployment that is serving."""
         try:
             pods = cluster.pods(self.client, self.spec.namespace, self.owner)
+            self.outage.over()
         except EngineError as exc:
-            raise JobFailure(str(exc)) from None
-        return server_state(pods, lambda pod: cluster.last_log_lines(self.client, self.spec.namespace, pod))
+            if self.outage.lasted_too_long():
+                raise JobFailure(str(exc)) from None
+            self.ctx.log(f"{exc}; trying again")
+            return self.last_state
+        self.last_state = server_state(pods, lambda pod: cluster.last_log_lines(self.client, self.spec.namespace, pod))
+        return self.last_state
 
     def wait_for_pods(self) -> None:
         start = time.monotonic()
