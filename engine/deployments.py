@@ -333,7 +333,7 @@ def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deplo
         record(session, f"deployment:{deployment.id}", "created", f"deploy {model.name} with {checked.backend}",
                state="pending")
         job = jobs.create(session, JobKind.SERVE, f"serve {model.name} ({checked.backend})", None,
-                          deployment_id=deployment.id)
+                          deployment_id=deployment.id, on_cluster=checked.backend == "kubernetes")
         deployment.job_id = job.id
     jobs.spawn(db, job)
     return deployment, job
@@ -370,7 +370,7 @@ def delete(db: Database, name: str | int) -> None:
         kept_in_keyring = deployment.backend == "external" and deployment.loads(deployment.settings_json, {}).get(
             "key_keyring")
         target = deployment.loads(deployment.settings_json, {}).get("target") if deployment.backend == "kubernetes" else None
-        name = deployment.name
+        name, api_key = deployment.name, deployment.api_key
         session.delete(deployment)
         record(session, f"deployment:{deployment.id}", "deleted", f"deleted {name}")
     if kept_in_keyring:
@@ -379,13 +379,7 @@ def delete(db: Database, name: str | int) -> None:
         from engine.kube import cluster
         from engine.kube.manifests import Owner
 
-        context, namespace = cluster.parse_target(target)
-        try:
-            cluster.delete_all(cluster.api_client(context), namespace, Owner.deployment(name))
-        except EngineError as exc:
-            raise EngineError(f"removed {name!r} from modeldeck, but not its objects on the cluster ({exc}); "
-                              f"delete them with: kubectl --context {context} -n {namespace} delete "
-                              f"deployment,service,secret,pvc -l {Owner.deployment(name).selector()}") from None
+        cluster.delete_owned(target, Owner.deployment(name, api_key), f"deployment {name!r}")
 
 
 # Counters in the Prometheus text of the built-in server and of vLLM.

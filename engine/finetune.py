@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +75,11 @@ def default_name(session, base: Model, dataset: Path) -> str:
 
 
 @dataclass
-class OnCluster:
+class ClusterTarget:
     """Where a fine-tune runs when it runs on Kubernetes."""
 
     target: str  # CONTEXT/NAMESPACE
-    image: str  # has modeldeck installed with its fine-tune extra (README: "Fine-tuning on a cluster")
+    image: str  # has modeldeck installed with its [training] extra (README: Kubernetes, Fine-tuning)
     gpus: int  # 0: the pod's CPUs
 
 
@@ -93,14 +95,15 @@ class Plan:
     validation_rows: int
     steps: int
     limits: ModelLimits
-    cluster: OnCluster | None = None
+    cluster: ClusterTarget | None = None
 
     def summary(self) -> str:
         where = "CPU" if self.gpus == "cpu" else f"GPU {self.gpus}"
         if self.cluster is not None:
             count = self.cluster.gpus
             where = (f"{count} GPU{'s' if count > 1 else ''}" if count else "CPU") + \
-                f" on the cluster {self.cluster.target}, in {self.cluster.image}"
+                f" on the cluster {self.cluster.target}, in {self.cluster.image}" + \
+                ("; your Hugging Face token goes with it, as a Secret" if hub.token() else "")
         val = f"{self.validation_rows} held out for validation" if self.validation_rows else "no validation rows"
         return (f"{len(self.dataset.examples):,} rows, {self.dataset.format_name} format: {self.train_rows:,} to train on, "
                 f"{val}; {self.steps:,} steps on {where}")
@@ -117,7 +120,9 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
     cluster = None
     if target:
         cluster = _cluster_target(base, target, image, gpus, offline)
-        gpus = ",".join(str(i) for i in range(cluster.gpus)) or "cpu"  # as the pod will see them
+        from engine.kube.manifests import gpu_list
+
+        gpus = gpu_list(cluster.gpus)  # as the pod will see them
     else:
         try:
             gpus = parse_choice(gpus, list_gpus())
@@ -136,7 +141,7 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
     return Plan(base, dataset, hp, gpus, train, val, hp.steps(train), limits, cluster)
 
 
-def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offline: bool) -> OnCluster:
+def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offline: bool) -> ClusterTarget:
     from engine.kube.cluster import check_target, parse_target
 
     context, namespace = parse_target(target) if offline else check_target(target)
@@ -145,12 +150,12 @@ def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offl
                           "model there, so only a base model from the Hub can be fine-tuned on one")
     if not (image or "").strip():
         raise EngineError("a fine-tune on a cluster runs in an image you name (--image): one with modeldeck and its "
-                          "fine-tune extra installed (see the README, \"Fine-tuning on a cluster\")")
+                          "[training] extra installed (README: Kubernetes; deploy/finetune.Dockerfile builds one)")
     choice = gpus.strip().lower()
     count = 1 if choice == "auto" else 0 if choice == "cpu" else int(choice) if choice.isdigit() else -1
     if not 0 <= count <= 16:
         raise EngineError(f"GPUs {gpus!r}: on a cluster, give how many GPUs the pod gets (0 or cpu for its CPUs)")
-    return OnCluster(f"{context}/{namespace}", image.strip(), count)
+    return ClusterTarget(f"{context}/{namespace}", image.strip(), count)
 
 
 def _check_dataset_fits_configmaps(path: Path) -> None:
@@ -165,14 +170,19 @@ def _check_dataset_fits_configmaps(path: Path) -> None:
 
 
 def cluster_job(name: str, on: dict, base: Model, dataset: Path, hyperparameters: dict, attempt: int = 1):
-    """The Job of a cluster fine-tune and the objects around it (engine/kube/manifests.py)."""
+    """The Job of a cluster fine-tune and the objects around it (engine/kube/manifests.py). `on` is the
+    adapter's meta["cluster"]: target, image, gpus and uid."""
     from engine.kube.cluster import parse_target
     from engine.kube.manifests import ClusterFinetune
 
     _context, namespace = parse_target(on["target"])
-    return ClusterFinetune(name, namespace, on["image"], base.name, base.repo_id, base.revision,
+    # The adapter's volume holds two checkpoints, the dataset's copy and the adapter, with room to spare.
+    limits = model_limits(base.path if base.state == ModelState.READY else None)
+    needed = estimated_disk_bytes(Hyperparameters(**hyperparameters), limits) + 2 * dataset.stat().st_size
+    return ClusterFinetune(name, on["uid"], namespace, on["image"], base.name, base.repo_id, base.revision,
                            gzip.compress(dataset.read_bytes(), compresslevel=6, mtime=0), dataset.name,
-                           hyperparameters, on["gpus"], attempt, hub.token())
+                           hyperparameters, on["gpus"], attempt, hub.token(),
+                           adapter_size_gib=max(2, math.ceil(needed * 1.5 / 2**30)))
 
 
 def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, Job]:
@@ -191,7 +201,7 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
         meta = {"dataset": dataset, "format": checked.dataset.format_name,
                 "rows": {"train": checked.train_rows, "validation": checked.validation_rows},
                 "hyperparameters": dataclasses.asdict(hp), "gpus": checked.gpus}
-        on = dataclasses.asdict(checked.cluster) if checked.cluster else None
+        on = dataclasses.asdict(checked.cluster) | {"uid": secrets.token_hex(6)} if checked.cluster else None
         name = name or default_name(session, row, checked.dataset.path)
         if on is not None:
             from engine.kube.manifests import adapter_folder, adapter_volume

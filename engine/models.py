@@ -361,14 +361,8 @@ def _delete_from_cluster(model: Model) -> None:
     from engine.kube import cluster
     from engine.kube.manifests import Owner
 
-    owner = Owner.finetune(model.name)
-    context, namespace = cluster.parse_target(model.meta["cluster"]["target"])
-    try:
-        cluster.delete_all(cluster.api_client(context), namespace, owner)
-    except EngineError as exc:
-        raise EngineError(f"deleted {model.name!r} from modeldeck, but not its objects on the cluster ({exc}); "
-                          f"delete them with: kubectl --context {context} -n {namespace} delete "
-                          f"job,configmap,secret,pvc -l {owner.selector()}") from None
+    on = model.meta["cluster"]
+    cluster.delete_owned(on["target"], Owner.finetune(model.name, on["uid"]), f"adapter {model.name!r}")
 
 
 def job_rows(db: Database, limit: int = 200) -> list[Job]:

@@ -120,7 +120,7 @@ def test_pods_map_to_the_lifecycle(pods, expected):
 def emulator(kmock):
     # Every kind modeldeck creates or lists, as a real API server serves them all.
     for resource in ("batch/v1/jobs", "v1/configmaps", "v1/pods", "v1/secrets", "v1/persistentvolumeclaims",
-                     "v1/services", "apps/v1/deployments"):
+                     "v1/services", "apps/v1/deployments", "v1/events"):
         kmock.resources[resource] = {}
     return kmock
 
@@ -140,7 +140,7 @@ async def test_apply_refuses_a_taken_name_and_delete_removes_only_its_own(emulat
     assert ("deployments", "md-one") in live(emulator) and ("services", "md-two") in live(emulator)
     with pytest.raises(EngineError, match=r"creating Secret md-one-api-key: it already exists in namespace 'ml'"):
         await asyncio.to_thread(cluster.apply, client, deployment_objects(spec("one")))
-    removed = await asyncio.to_thread(cluster.delete_all, client, "ml", Owner.deployment("one"))
+    removed = await asyncio.to_thread(cluster.delete_all, client, "ml", spec("one").owner)
     assert sorted(removed) == ["Deployment/md-one", "PersistentVolumeClaim/md-one-cache", "Secret/md-one-api-key",
                                "Service/md-one"]
     assert {name for _, name in live(emulator)} == {"md-two", "md-two-cache", "md-two-api-key"}
@@ -174,7 +174,7 @@ async def test_pods_are_read_back_and_mapped(emulator):
     core = __import__("kubernetes").client.CoreV1Api(client)
     for body in (stranger, ours):
         await asyncio.to_thread(core.create_namespaced_pod, "ml", body)
-    found = await asyncio.to_thread(cluster.pods, client, "ml", Owner.deployment("qwen-small"))
+    found = await asyncio.to_thread(cluster.pods, client, "ml", spec().owner)
     assert [p["metadata"]["name"] for p in found] == ["md-qwen-small-1"]
     assert server_state(found).phase == "not schedulable: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
 
@@ -219,10 +219,9 @@ def test_a_real_cluster_accepts_and_removes_a_deployment_and_a_finetune(monkeypa
                                                "smol", DeploySettings(), 1, "sk-md-ci"))
     run = finetune_spec("md-ci-check", gpus=0)
     run.namespace = namespace
-    for owner, made in ((Owner.deployment("md-ci-check"), objects), (run.owner, finetune_objects(run))):
+    for owner, made in ((Owner.deployment("md-ci-check", "sk-md-ci"), objects), (run.owner, finetune_objects(run))):
         try:
             cluster.apply(client, made)  # the real API server's own validation and admission
-            assert cluster.pods(client, namespace, owner) is not None
         finally:
             removed = cluster.delete_all(client, namespace, owner)
         assert len(removed) == len(made)
@@ -308,7 +307,7 @@ async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(d
     # The scheduler's part: no node has the GPUs.
     core = kubernetes.client.CoreV1Api(client_for(on_emulator))
     pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "md-qwen-7f9", "namespace": "ml", "labels": Owner.deployment("qwen").labels("server")},
+           "metadata": {"name": "md-qwen-7f9", "namespace": "ml", "labels": Owner.deployment("qwen", deployment.api_key).labels("server")},
            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "message":
                                                           "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}}
@@ -371,12 +370,13 @@ def finetune_spec(name="qwen-chat-lora", data=b'{"text": "hi"}\n', gpus=1, **ext
 
     from engine.kube.manifests import ClusterFinetune
 
-    return ClusterFinetune(name, "ml", IMAGE, "qwen", "Qwen/Qwen2.5-0.5B-Instruct", "7ae5576",
+    return ClusterFinetune(name, "u1", "ml", IMAGE, "qwen", "Qwen/Qwen2.5-0.5B-Instruct", "7ae5576",
                            gzip.compress(data, mtime=0), "chat.jsonl", {"rank": 8, "max_steps": 3}, gpus, **extra)
 
 
 def mount(objects: list[dict], folder):
-    """What the kubelet makes of the Job's projected volume: each ConfigMap key a file in one folder."""
+    """What the kubelet makes of the Job's projected volume: each key of its ConfigMap and Secrets a file
+    in one folder."""
     import base64
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,7 +384,8 @@ def mount(objects: list[dict], folder):
         if obj["kind"] == "ConfigMap":
             for key, text in obj.get("data", {}).items():
                 (folder / key).write_text(text)
-            for key, packed in obj.get("binaryData", {}).items():
+        if obj["kind"] == "Secret" and obj["metadata"]["labels"]["modeldeck.dev/role"] == "dataset":
+            for key, packed in obj.get("data", {}).items():
                 (folder / key).write_bytes(base64.b64decode(packed))
     return folder
 
@@ -412,8 +413,11 @@ def test_every_finetune_manifest_passes_the_strict_schemas_and_the_dataset_survi
     assert container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") == (str(variant.gpus) if variant.gpus else None)
     assert "hf_secret" not in json.dumps(job)  # the token reaches the pod through its Secret only
     # The ConfigMaps, projected into one folder as the kubelet does, give back the very dataset.
-    sources = {s["configMap"]["name"] for s in next(v for v in pod["volumes"] if v["name"] == "spec")["projected"]["sources"]}
-    assert sources == {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
+    sources = {(s.get("configMap") or s["secret"])["name"]
+               for s in next(v for v in pod["volumes"] if v["name"] == "spec")["projected"]["sources"]}
+    assert sources == {o["metadata"]["name"] for o in objects if o["metadata"]["labels"]["modeldeck.dev/role"]
+                       in ("spec", "dataset")}
+    assert all(o["kind"] == "Secret" for o in objects if o["metadata"]["labels"]["modeldeck.dev/role"] == "dataset")
     folder = mount(objects, tmp_path / "spec")
     join_parts(folder, tmp_path / "whole")
     assert (tmp_path / "whole").read_bytes() == gzip.decompress(variant.dataset_gz)
@@ -480,6 +484,15 @@ async def model_where(db, model_id, predicate, timeout=60):
     raise AssertionError(f"timed out; the model is {row.state.value} ({row.reason})")
 
 
+def owner_of(db, adapter: str):
+    from catalog.schema import Model
+    from engine.models import find_model
+
+    with db.read() as session:
+        model: Model = find_model(session, adapter)
+    return Owner.finetune(adapter, model.meta["cluster"]["uid"])
+
+
 def timestamped(text: str):
     """A pod's log as the API gives it with timestamps=true (RFC 3339, trailing zeros of the fraction
     dropped), as text/plain."""
@@ -490,11 +503,10 @@ def timestamped(text: str):
     return kmock.Response(payload=("\n".join(lines) + "\n").encode(), headers={"Content-Type": "text/plain"})
 
 
-def job_pod(adapter: str, state: dict, name: str = "md-ft-run-x1") -> dict:
-    from engine.kube.manifests import Owner
-
+def job_pod(db, adapter: str, state: dict, name: str = "md-ft-run-x1") -> dict:
+    """A pod of the fine-tune's Job, as the Job controller makes it (with the pod template's labels)."""
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "ml", "labels": Owner.finetune(adapter).labels("finetune")},
+            "metadata": {"name": name, "namespace": "ml", "labels": owner_of(db, adapter).labels("finetune")},
             "spec": {"containers": [{"name": "finetune", "image": IMAGE}]},
             "status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}],
                        "containerStatuses": [{"name": "finetune", "image": IMAGE, "imageID": "", "ready": True,
@@ -525,16 +537,18 @@ async def test_a_cluster_finetune_follows_its_job_and_registers_the_adapter_it_w
     assert result.returncode == 0, result.stderr[-2000:]
     model, job = await start_on_emulator(db, tmp_path, "run")
     assert (model.kind, model.state, model.path) == (ModelKind.ADAPTER, ModelState.PENDING, None)
-    assert model.meta["cluster"] == {"target": "emu/ml", "image": IMAGE, "gpus": 1, "volume": "md-ft-run-adapter",
-                                     "folder": "/modeldeck/adapter/run"}
+    on = model.meta["cluster"]
+    uid = on.pop("uid")
+    assert on == {"target": "emu/ml", "image": IMAGE, "gpus": 1, "volume": "md-ft-run-adapter",
+                                     "folder": "/modeldeck/adapter/run"} and len(uid) == 12
     await model_where(db, model.id, lambda m: ("jobs", "md-ft-run") in live(on_emulator))
-    assert {("configmaps", "md-ft-run-spec"), ("configmaps", "md-ft-run-data-000"),
+    assert {("configmaps", "md-ft-run-spec"), ("secrets", "md-ft-run-data-000"),
             ("persistentvolumeclaims", "md-ft-run-adapter")} <= live(on_emulator)
     # The Job controller's and the kubelet's part: a pod runs modeldeck's entry point; its log is the real one.
     client = client_for(on_emulator)
     core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
     on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << timestamped(result.stdout)
-    await asyncio.to_thread(core.create_namespaced_pod, "ml", job_pod("run", {"running": {}}))
+    await asyncio.to_thread(core.create_namespaced_pod, "ml", job_pod(db, "run", {"running": {}}))
     await model_where(db, model.id, lambda m: json.loads(jobs.get(db, job.id).metrics_json or "{}").get("step") == 4)
     await asyncio.to_thread(batch.patch_namespaced_job, "md-ft-run", "ml", {"status": {
         "conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}})
@@ -576,7 +590,7 @@ async def test_a_failed_cluster_finetune_says_why_and_keeps_what_a_retry_needs(d
     client = client_for(on_emulator)
     core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
     # Not schedulable first: the model says so while it waits.
-    pending = job_pod("oops", {"waiting": {"reason": "ContainerCreating"}})
+    pending = job_pod(db, "oops", {"waiting": {"reason": "ContainerCreating"}})
     pending["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "message":
                                                              "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}
     await asyncio.to_thread(core.create_namespaced_pod, "ml", pending)
@@ -585,10 +599,11 @@ async def test_a_failed_cluster_finetune_says_why_and_keeps_what_a_retry_needs(d
     await model_where(db, model.id, lambda m: "Insufficient nvidia.com/gpu" in (jobs.get(db, m.job_id).metrics_json or ""))
     on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << timestamped(
         "10:00:01 loading\n" + PREFIX + '{"failed":"out of GPU memory: lower the batch size or the max length (or use QLoRA)"}')
-    await asyncio.to_thread(core.patch_namespaced_pod, "md-ft-run-x1", "ml", {"status": job_pod("oops", {
+    await asyncio.to_thread(core.patch_namespaced_pod, "md-ft-run-x1", "ml", {"status": job_pod(db, "oops", {
         "terminated": {"exitCode": 1, "reason": "Error"}})["status"]})
     await asyncio.to_thread(batch.patch_namespaced_job, "md-ft-oops", "ml", {"status": {
-        "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}], "failed": 1}})
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit"}], "failed": 1}})
     failed = await model_where(db, model.id, lambda m: m.state != ModelState.PENDING)
     assert failed.state == ModelState.FAILED
     assert failed.reason == "out of GPU memory: lower the batch size or the max length (or use QLoRA)"
@@ -656,7 +671,7 @@ def test_finetune_dry_run_prints_valid_manifests_and_touches_nothing(db, hub, tm
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     objects = list(yaml.safe_load_all(result.stdout))
-    assert [o["kind"] for o in objects] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim",
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Secret", "PersistentVolumeClaim", "PersistentVolumeClaim",
                                             "Job"]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -725,7 +740,7 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
     with db.write() as session:
         base = session.exec(__import__("sqlmodel").select(Model).where(Model.name == "qwen")).one()
         cluster_meta = {"target": "emu/ml", "image": IMAGE, "gpus": 1, "volume": adapter_volume("support-lora"),
-                        "folder": adapter_folder("support-lora")}
+                        "folder": adapter_folder("support-lora"), "uid": "a1b2c3"}
         session.add(Model(name="support-lora", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune:qwen",
                           base_id=base.id, meta_json=Model.dumps({"cluster": cluster_meta,
                                                                   "hyperparameters": {"rank": 24}})))
@@ -806,10 +821,71 @@ async def test_a_passing_outage_of_the_api_neither_fails_nor_tears_down_a_cluste
     outage["on"] = False
     core = __import__("kubernetes").client.CoreV1Api(client_for(on_emulator))
     pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "md-qwen-1", "namespace": "ml", "labels": Owner.deployment("qwen").labels("server")},
+           "metadata": {"name": "md-qwen-1", "namespace": "ml", "labels": Owner.deployment("qwen", deployment.api_key).labels("server")},
            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
                                                           "message": "0/1 nodes are available"}]}}
     await asyncio.to_thread(core.create_namespaced_pod, "ml", pod)
     await deployment_where(db, deployment.id, lambda d: d.phase == "not schedulable: 0/1 nodes are available")
     await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
+
+
+def test_log_lines_are_read_once_even_when_a_runtime_stamps_several_alike():
+    from engine.jobs.finetune_cluster import fresh_lines
+
+    first = ["2026-11-26T10:00:01.5Z loading", "2026-11-26T10:00:02.25Z step 1",
+             # CRI-O gives every line of one buffer the same stamp: the last two lines of a run, say
+             "2026-11-26T10:00:03.1Z adapter written", "2026-11-26T10:00:03.1Z @modeldeck {\"done\": {}}"]
+    fresh, mark = fresh_lines(first[:3], None)
+    assert fresh == ["loading", "step 1", "adapter written"]
+    # The next read goes back before the last one: what was read is skipped, the line stamped alike is not.
+    fresh, mark = fresh_lines(first[1:], mark)
+    assert fresh == ['@modeldeck {"done": {}}']
+    # RFC 3339 drops trailing zeros: .1 is after .05, though "1Z" sorts before "05Z" as text.
+    fresh, _ = fresh_lines(["2026-11-26T10:00:03.05Z earlier", "2026-11-26T10:00:03.2Z later"], mark)
+    assert fresh == ["later"]
+
+
+async def test_a_namesake_on_the_cluster_is_refused_and_left_alone(db, on_emulator, tmp_path):
+    """Another modeldeck (or another adapter whose name cleans to the same) has objects of that name in the
+    namespace: this run is refused with the reason, and the other's objects are neither reused nor deleted."""
+    import kubernetes
+
+    from catalog.schema import ModelState
+
+    theirs = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+              "metadata": {"name": "md-ft-twin-adapter", "namespace": "ml",
+                           "labels": Owner.finetune("twin", "someone-else").labels("adapter")},
+              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}}
+    core = kubernetes.client.CoreV1Api(client_for(on_emulator))
+    await asyncio.to_thread(core.create_namespaced_persistent_volume_claim, "ml", theirs)
+    model, _job = await start_on_emulator(db, tmp_path, "twin")
+    failed = await model_where(db, model.id, lambda m: m.state != ModelState.PENDING)
+    assert failed.reason.startswith("creating PersistentVolumeClaim md-ft-twin-adapter: it already exists in "
+                                    "namespace 'ml'") and "choose another name" in failed.reason
+    assert live(on_emulator) == {("persistentvolumeclaims", "md-ft-twin-adapter")}  # theirs, still there
+    await until_done(asyncio.to_thread(models.delete_model, db, "twin"))
+    assert live(on_emulator) == {("persistentvolumeclaims", "md-ft-twin-adapter")}
+
+
+async def test_a_job_that_cannot_make_its_pod_says_why(db, on_emulator, tmp_path):
+    import json
+
+    import kubernetes
+
+    from engine import jobs
+
+    model, job = await start_on_emulator(db, tmp_path, "quota")
+    await model_where(db, model.id, lambda m: ("jobs", "md-ft-quota") in live(on_emulator))
+    event = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": "md-ft-quota.1", "namespace": "ml"},
+             "involvedObject": {"kind": "Job", "name": "md-ft-quota", "namespace": "ml"}, "type": "Warning",
+             "reason": "FailedCreate", "lastTimestamp": "2026-11-26T10:00:00Z",
+             "message": 'pods "md-ft-quota-x" is forbidden: exceeded quota: gpu-quota, requested: '
+                        'requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8'}
+    await asyncio.to_thread(kubernetes.client.CoreV1Api(client_for(on_emulator)).create_namespaced_event, "ml", event)
+    def phase(m) -> str:
+        return json.loads(jobs.get(db, job.id).metrics_json or "{}").get("phase", "")
+
+    await model_where(db, model.id, lambda m: phase(m).startswith(
+        'the Job cannot create its pod: pods "md-ft-quota-x" is forbidden: exceeded quota: gpu-quota'))
+    await until_done(asyncio.to_thread(jobs.cancel, db, job.id))

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _hyperparameter_flags(p)
     p.add_argument("--target", help="CONTEXT/NAMESPACE of a Kubernetes cluster in your kubeconfig: run it there as a Job")
     p.add_argument("--image", default=os.environ.get("MODELDECK_FINETUNE_IMAGE"),
-                   help="with --target: the image to run it in, with modeldeck[finetune] installed (default: "
+                   help="with --target: the image to run it in, with modeldeck[training] installed (default: "
                         "$MODELDECK_FINETUNE_IMAGE; see the README)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="with --target: print the manifests as YAML (for kubectl apply, or git) and touch nothing")

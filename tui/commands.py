@@ -179,14 +179,15 @@ def cmd_finetune(args, db) -> int:
 def _finetune_manifests(args, db, plan) -> int:
     """`finetune --target CONTEXT/NAMESPACE --dry-run`: the Job and what it needs, as YAML."""
     import dataclasses
+    import secrets
 
     from engine import finetune
     from engine.kube.manifests import finetune_objects, to_yaml
 
     with db.read() as session:
         name = args.name or finetune.default_name(session, plan.base, plan.dataset.path)
-    spec = finetune.cluster_job(name, dataclasses.asdict(plan.cluster), plan.base, plan.dataset.path,
-                                dataclasses.asdict(plan.hyperparameters))
+    on = dataclasses.asdict(plan.cluster) | {"uid": secrets.token_hex(6)}  # as a start would make it
+    spec = finetune.cluster_job(name, on, plan.base, plan.dataset.path, dataclasses.asdict(plan.hyperparameters))
     sys.stdout.write(to_yaml(finetune_objects(spec)))
     print(f"# {name}: Job {spec.job_name} in {plan.cluster.target}; the adapter lands on the volume "
           f"{spec.adapter_volume} at {spec.adapter_folder}"

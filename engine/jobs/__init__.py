@@ -39,6 +39,7 @@ from engine.gpus import cuda_env
 from engine.logs import tail_reason  # noqa: F401  (re-exported: the serve job uses it)
 
 STOP_DEADLINE_S = 5.0
+CLUSTER_STOP_DEADLINE_S = 60.0  # a cluster's supervisor deletes its objects through the API before it exits
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
 LOG_TAIL_LINES = 8
 _ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer",
@@ -98,6 +99,11 @@ def fail_model(session: Session, model_id: int | None, reason: str) -> None:
         model.updated_at = now()
         session.add(model)
         record(session, f"model:{model.id}", "state", reason, state="failed")
+
+
+def on_a_cluster(job: Job) -> bool:
+    """A job that supervises work on a Kubernetes cluster (a fine-tune's Job, a deployment there)."""
+    return bool(job.params.get("cluster") or job.params.get("on_cluster"))
 
 
 def child_env() -> dict[str, str]:
@@ -247,7 +253,7 @@ def reconcile(db: Database) -> list[int]:
                 moved, reason = transition(session, job, JobState.FAILED, error=failure), failure
             if not moved:
                 continue
-            if job.params.get("cluster"):  # a fine-tune's Job runs on without its supervisor
+            if job.kind == JobKind.FINETUNE and on_a_cluster(job):  # its Job runs on without its supervisor
                 reason += "; its Job and volumes stay on the cluster until you delete this adapter"
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
             if job.kind == JobKind.SERVE:  # the supervisor is gone: its server must not outlive it
@@ -300,7 +306,7 @@ def cancel(db: Database, job_id: int) -> Job:
             transition(session, job, JobState.CANCELLED)
             fail_model(session, job.model_id, f"{job.kind.value} cancelled")
     if process_alive(job.pid, job.pid_started_at):
-        stop_process_group(job.pid)
+        stop_process_group(job.pid, CLUSTER_STOP_DEADLINE_S if on_a_cluster(job) else STOP_DEADLINE_S)
     reconcile(db)
     with db.read() as session:
         return session.get(Job, job_id)

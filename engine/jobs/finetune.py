@@ -386,7 +386,7 @@ class Reporter:
 
 def run_from_spec(spec_file: Path) -> int:
     """A fine-tune with no database: the entry point of a Job on a Kubernetes cluster
-    (`python -m engine.jobs.finetune --spec FILE`). The spec (engine/kube/finetune.py writes it) names the
+    (`python -m engine.jobs.finetune --spec FILE`). The spec (engine/kube/manifests.py writes it) names the
     base model on the Hub, the dataset's gzip parts, the hyperparameters and the output folder on a
     volume; progress and the outcome are told as events in the log (engine/jobs/reported.py). Run again on
     the same volume (a new pod after an eviction, or a retry), it resumes from the newest checkpoint."""

@@ -12,6 +12,7 @@ without downloading the base again).
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,11 +25,13 @@ from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.reported import parse
 from engine.kube import cluster
 from engine.kube.manifests import KEPT_AFTER_SUCCESS, KEPT_FOR_A_RETRY, finetune_objects
-from engine.kube.status import finetune_state
+from engine.kube.status import finetune_state, newest
 
 POLL_S = 2.0
-LOG_WINDOW_S = 120  # each read asks for the log's last two minutes; lines already read are skipped
+LOG_MARGIN_S = 30  # each read of the log goes back this much before the last read
 PENDING_TIMEOUT_S = 3600.0  # a pod that has not started within an hour (no GPU frees up, say) fails
+LAST_POD_TIMEOUT_S = 300.0  # a retry waits this long for the last run's pod to stop writing the volume
+REPORTED_FIELDS = ("progress", "eta_s")  # what a run's log may set on the job (its modeldeck may be another version)
 
 
 def log_time(line: str) -> tuple[str, str] | None:
@@ -43,6 +46,24 @@ def log_time(line: str) -> tuple[str, str] | None:
     return whole, fraction.ljust(9, "0")
 
 
+def fresh_lines(lines: list[str], seen: tuple | None) -> tuple[list[str], tuple | None]:
+    """The lines of a read not read before, without their timestamps, and the new mark. A line is known by
+    its timestamp and its place among the lines with that same timestamp: some runtimes (CRI-O) stamp a
+    whole buffer of lines alike."""
+    fresh, count = [], {}
+    for line in lines:
+        stamp = log_time(line)
+        if stamp is None:
+            continue
+        count[stamp] = count.get(stamp, -1) + 1
+        key = (stamp, count[stamp])
+        if seen is not None and key <= seen:
+            continue
+        seen = key
+        fresh.append(line.split(" ", 1)[1] if " " in line else "")
+    return fresh, seen
+
+
 class FinetuneOnCluster:
     def __init__(self, ctx: JobContext):
         self.ctx, self.params = ctx, ctx.params
@@ -54,8 +75,10 @@ class FinetuneOnCluster:
         self.train_curve: list[list[float]] = []
         self.eval_curve: list[list[float]] = []
         self.metrics: dict = {}
-        self.outcome: dict | None = None  # the run's last word: done, failed or cancelled
-        self.read_to: dict[str, tuple[str, str]] = {}  # per pod, the newest log line read
+        self.outcome: dict | None = None  # the followed pod's last word: done, failed or cancelled
+        self.following: str | None = None  # the pod whose log is read
+        self.read_to: tuple | None = None  # where its log was read to (see fresh_lines)
+        self.read_at: float | None = None  # when it was last read
         self.phase: tuple[str, float] | None = None  # what is happening, and since when
         self.run_phase: str | None = None  # the last phase the run itself told
 
@@ -70,9 +93,11 @@ class FinetuneOnCluster:
                                     self.params["hyperparameters"], self.params.get("attempt", 1))
         except OSError as exc:
             raise JobFailure(f"cannot read the dataset {self.params['dataset']}: {exc.strerror}") from exc
-        self.set_phase("creating its Job on the cluster")
         try:
             self.client = cluster.api_client(self.context)
+            if self.params.get("attempt", 1) > 1:
+                self.clear_the_last_run()
+            self.set_phase("creating its Job on the cluster")
             cluster.apply(self.client, finetune_objects(self.spec), reuse_roles=KEPT_FOR_A_RETRY)
         except EngineError as exc:
             raise JobFailure(str(exc)) from None
@@ -84,6 +109,19 @@ class FinetuneOnCluster:
         finally:
             self.cleanup(KEPT_AFTER_SUCCESS if succeeded else KEPT_FOR_A_RETRY)
         self.succeed()
+
+    def clear_the_last_run(self) -> None:
+        """A retry: what the last run left (its Job, if its supervisor was killed; its inputs) goes, and its
+        pod must have stopped writing the volume before a new one starts on it."""
+        cluster.delete_all(self.client, self.namespace, self.spec.owner, keep_roles=KEPT_FOR_A_RETRY)
+        start = time.monotonic()
+        while cluster.pods(self.client, self.namespace, self.spec.owner):
+            self.stopping.check()
+            self.set_phase("waiting for the last run's pod to stop")
+            if time.monotonic() - start > LAST_POD_TIMEOUT_S:
+                raise JobFailure(f"the last run's pod is still there after {LAST_POD_TIMEOUT_S / 60:.0f} min; "
+                                 "retry once it is gone")
+            self.pause()
 
     def set_phase(self, name: str) -> None:
         if self.phase is None or self.phase[0] != name:
@@ -99,7 +137,11 @@ class FinetuneOnCluster:
                 job = cluster.job(self.client, self.namespace, self.spec.job_name)
                 pods = cluster.pods(self.client, self.namespace, self.spec.owner)
                 self.read_log(pods)
-                now = finetune_state(job, pods, lambda pod: cluster.last_log_lines(self.client, self.namespace, pod))
+                warning = cluster.warning(self.client, self.namespace, self.spec.job_name) if not pods else None
+                now = finetune_state(job, pods, lambda pod: cluster.last_log_lines(self.client, self.namespace, pod),
+                                     warning)
+                if now.state == "succeeded" and "done" not in (self.outcome or {}):
+                    self.read_log(pods, whole=True)  # its last lines may have come after the last read
                 outage.over()
             except EngineError as exc:  # the run goes on on the cluster meanwhile
                 if outage.lasted_too_long():
@@ -131,18 +173,21 @@ class FinetuneOnCluster:
                 return
             time.sleep(0.2)
 
-    def read_log(self, pods: list[dict]) -> None:
-        """The newest pod's log lines not read yet: events become progress, the rest goes to this job's log."""
-        if not pods:
+    def read_log(self, pods: list[dict], whole: bool = False) -> None:
+        """The newest pod's log lines not read yet: events become progress, the rest goes to this job's log.
+        Each read asks for the log since shortly before the last one."""
+        pod = newest(pods)
+        if pod is None:
             return
-        pod = max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")["metadata"]["name"]
-        seen = self.read_to.get(pod)
-        for line in cluster.log_lines(self.client, self.namespace, pod, LOG_WINDOW_S if seen else None):
-            stamp = log_time(line)
-            if stamp is None or (seen is not None and stamp <= seen):
-                continue
-            seen = self.read_to[pod] = stamp
-            text = line.split(" ", 1)[1] if " " in line else ""
+        name = pod["metadata"]["name"]
+        if name != self.following:  # a new pod (the last was evicted): its own log, its own outcome
+            self.following, self.read_to, self.read_at, self.outcome = name, None, None, None
+        since = None if whole or self.read_at is None else \
+            math.ceil(time.monotonic() - self.read_at) + LOG_MARGIN_S
+        started = time.monotonic()
+        fresh, self.read_to = fresh_lines(cluster.log_lines(self.client, self.namespace, name, since), self.read_to)
+        self.read_at = started
+        for text in fresh:
             event = parse(text)
             if event is None:
                 print(text, flush=True)
@@ -160,8 +205,8 @@ class FinetuneOnCluster:
                     if not curve or step > curve[-1][0]:  # a resumed run tells its history again
                         Reporter.add_point(curve, step, loss)
             self.metrics = event["metrics"]
-            self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}},
-                            **event.get("fields", {}))
+            fields = {k: v for k, v in (event.get("fields") or {}).items() if k in REPORTED_FIELDS}
+            self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}}, **fields)
         else:
             self.outcome = event
 

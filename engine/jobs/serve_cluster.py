@@ -27,7 +27,7 @@ from engine.jobs import settle_deployment
 from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.serve import healthy, set_phase, warm_up
 from engine.kube import cluster
-from engine.kube.manifests import PORT, ClusterDeploy, Owner, deployment_objects
+from engine.kube.manifests import PORT, ClusterDeploy, deployment_objects
 from engine.kube.status import ClusterState, server_state
 
 POLL_S = 2.0  # how often the pods are read
@@ -54,7 +54,7 @@ class OnCluster:
         self.client = None
         self.forward: subprocess.Popen | None = None
         self.applied = False
-        self.owner = Owner.deployment(deployment.name)
+        self.owner = self.spec.owner
         self.outage = cluster.Outage()
         self.last_state = ClusterState("pending", "creating the pod")
 

@@ -16,6 +16,8 @@ from typing import Any
 from engine.errors import EngineError
 from engine.kube.manifests import LABEL_ROLE, Owner
 
+REQUEST_TIMEOUT_S = 15  # a cleanup must end within its supervisor's stop deadline, answered or not
+
 # kind -> (API class, the name in its create_/list_/delete_namespaced_* methods); applied in this order
 KINDS = {
     "Secret": ("CoreV1Api", "secret"),
@@ -117,8 +119,8 @@ def explain(exc: Exception, doing: str, namespace: str) -> EngineError:
         except (ValueError, AttributeError):
             pass
         if exc.status == 409:
-            return EngineError(f"{doing}: it already exists in namespace {namespace!r} ({message}); stop the "
-                               "deployment that owns it, or choose another name")
+            return EngineError(f"{doing}: it already exists in namespace {namespace!r} ({message}); another "
+                               "deployment or fine-tune of that name has it: choose another name")
         if exc.status == 403 and "quota" in message.lower():
             return EngineError(f"{doing}: the namespace {namespace!r} is over its quota: {message}")
         if exc.status == 403:
@@ -155,10 +157,15 @@ def apply(client, objects: list[dict], reuse_roles: tuple[str, ...] = ()) -> Non
                 there = getattr(api, f"read_namespaced_{method}")(obj["metadata"]["name"], namespace)
                 if there.metadata.labels != labels:
                     raise
+                if there.metadata.deletion_timestamp:  # going: a pod could not mount it
+                    raise EngineError(f"{obj['kind']} {obj['metadata']['name']} is still being deleted from "
+                                      f"namespace {namespace!r}; try again once it is gone") from None
                 continue
-        except Exception as exc:  # noqa: BLE001 - every failure is explained, then undone
+        except Exception as exc:  # every failure is explained, then undone
             for done in reversed(created):
                 _delete_one(client, done["kind"], done["metadata"]["namespace"], done["metadata"]["name"])
+            if isinstance(exc, EngineError):
+                raise
             raise explain(exc, f"creating {obj['kind']} {obj['metadata']['name']}", namespace) from None
         created.append(obj)
 
@@ -169,7 +176,8 @@ def _delete_one(client, kind: str, namespace: str, name: str) -> None:
     try:
         # In the background, with what the object owns: a Job's pods, a Deployment's ReplicaSets (the API
         # would leave a Job's pods running otherwise).
-        getattr(api, f"delete_namespaced_{method}")(name, namespace, propagation_policy="Background")
+        getattr(api, f"delete_namespaced_{method}")(name, namespace, propagation_policy="Background",
+                                                    _request_timeout=REQUEST_TIMEOUT_S)
     except kubernetes.client.exceptions.ApiException as exc:
         if exc.status != 404:  # gone already is what we wanted
             raise
@@ -182,7 +190,8 @@ def delete_all(client, namespace: str, owner: Owner, keep_roles: tuple[str, ...]
     for kind in reversed(list(KINDS)):
         api, method = _api(client, kind)
         try:
-            found = getattr(api, f"list_namespaced_{method}")(namespace, label_selector=owner.selector())
+            found = getattr(api, f"list_namespaced_{method}")(namespace, label_selector=owner.selector(),
+                                                              _request_timeout=REQUEST_TIMEOUT_S)
             for item in found.items:
                 if not owner.owns(item.metadata.labels):  # checked here too: never another's object
                     continue
@@ -193,6 +202,18 @@ def delete_all(client, namespace: str, owner: Owner, keep_roles: tuple[str, ...]
         except Exception as exc:  # noqa: BLE001
             raise explain(exc, f"deleting the {kind}s of {owner.kind} {owner.name}", namespace) from None
     return removed
+
+
+def delete_owned(target: str, owner: Owner, what: str) -> None:
+    """After its record is gone from modeldeck: delete what it owned on the cluster, or say how to."""
+    context, namespace = parse_target(target)
+    try:
+        delete_all(api_client(context), namespace, owner)
+    except EngineError as exc:
+        kinds = ",".join(sorted({KINDS[kind][1].replace("_", "") for kind in KINDS}))
+        raise EngineError(f"removed {what} from modeldeck, but not its objects on the cluster ({exc}); delete them "
+                          f"with: kubectl --context {context} -n {namespace} delete {kinds} -l {owner.selector()}"
+                          ) from None
 
 
 def pods(client, namespace: str, owner: Owner) -> list[dict[str, Any]]:
@@ -218,6 +239,19 @@ def job(client, namespace: str, name: str) -> dict[str, Any] | None:
     except Exception as exc:  # noqa: BLE001
         raise explain(exc, f"reading the Job {name}", namespace) from None
     return client.sanitize_for_serialization(found)
+
+
+def warning(client, namespace: str, name: str) -> str | None:
+    """The newest Warning event about an object (a Job that cannot create its pod says why there)."""
+    kubernetes = _kubernetes()
+    try:
+        found = kubernetes.client.CoreV1Api(client).list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name}")
+    except Exception as exc:  # noqa: BLE001
+        raise explain(exc, f"reading the events of {name}", namespace) from None
+    warnings = [e for e in found.items if e.type == "Warning" and e.involved_object and e.involved_object.name == name]
+    newest = max(warnings, key=lambda e: str(e.last_timestamp or e.event_time or ""), default=None)
+    return newest.message if newest is not None else None
 
 
 def log_lines(client, namespace: str, pod: str, since_seconds: int | None = None) -> list[str]:

@@ -22,6 +22,7 @@ VLLM_IMAGE = "vllm/vllm-openai:latest"
 PORT = 8000
 MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_ROLE = "modeldeck.dev/role"
+LABEL_UID = "modeldeck.dev/uid"
 CACHE_PATH = "/root/.cache/huggingface"
 SPEC_PATH, CACHE_MOUNT, ADAPTER_MOUNT = "/modeldeck/spec", "/modeldeck/cache", "/modeldeck/adapter"
 
@@ -43,18 +44,23 @@ def k8s_name(name: str, prefix: str = "md-") -> str:
 @dataclass(frozen=True)
 class Owner:
     """What a set of cluster objects belongs to: a deployment, or a fine-tune (named after its adapter).
-    Its label is on every object, so deleting by label leaves nothing behind and touches nothing else."""
+    Its labels are on every object, so deleting by label leaves nothing behind and touches nothing else.
+    Names are not enough for that (two modeldecks can share a namespace, and names are cleaned for
+    Kubernetes), so the labels also carry a uid that is this owner's alone."""
 
     kind: str  # "deployment" | "finetune"
     name: str  # the modeldeck name
+    uid: str
 
     @classmethod
-    def deployment(cls, name: str) -> Owner:
-        return cls("deployment", name)
+    def deployment(cls, name: str, api_key: str) -> Owner:
+        """A deployment's uid comes from its API key (random, its own), hashed: nothing to store."""
+        return cls("deployment", name, hashlib.sha256(api_key.encode()).hexdigest()[:12])
 
     @classmethod
-    def finetune(cls, adapter: str) -> Owner:
-        return cls("finetune", adapter)
+    def finetune(cls, adapter: str, uid: str) -> Owner:
+        """A fine-tune's uid is made when it starts, and kept with its adapter."""
+        return cls("finetune", adapter, uid)
 
     @property
     def label(self) -> str:
@@ -66,15 +72,15 @@ class Owner:
         return k8s_name(self.name, "md-" if self.kind == "deployment" else "md-ft-")
 
     def labels(self, role: str) -> dict[str, str]:
-        return {MANAGED_BY: "modeldeck", self.label: k8s_name(self.name, ""), LABEL_ROLE: role}
+        return {MANAGED_BY: "modeldeck", self.label: k8s_name(self.name, ""), LABEL_UID: self.uid, LABEL_ROLE: role}
 
     def selector(self) -> str:
         """The label selector of everything it owns."""
-        return f"{MANAGED_BY}=modeldeck,{self.label}={k8s_name(self.name, '')}"
+        return f"{MANAGED_BY}=modeldeck,{self.label}={k8s_name(self.name, '')},{LABEL_UID}={self.uid}"
 
     def owns(self, item_labels: dict | None) -> bool:
         wanted = self.labels("")
-        return all((item_labels or {}).get(key) == wanted[key] for key in (MANAGED_BY, self.label))
+        return all((item_labels or {}).get(key) == wanted[key] for key in (MANAGED_BY, self.label, LABEL_UID))
 
 
 @dataclass
@@ -103,6 +109,10 @@ class ClusterDeploy:
     image: str = VLLM_IMAGE
     adapter: ClusterAdapter | None = None  # served under served_name; the base under served_name-base
 
+    @property
+    def owner(self) -> Owner:
+        return Owner.deployment(self.name, self.api_key)
+
 
 def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:
     return {"name": name, "namespace": namespace, "labels": owner.labels(role)}
@@ -110,7 +120,7 @@ def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:
 
 def deployment_objects(spec: ClusterDeploy) -> list[dict]:
     """Every object of a deployment, in the order they are applied."""
-    owner = Owner.deployment(spec.name)
+    owner = spec.owner
     base = owner.base_name
     key_secret, token_secret, cache = f"{base}-api-key", f"{base}-hf-token", f"{base}-cache"
     objects: list[dict] = [{
@@ -190,7 +200,7 @@ KEPT_FOR_A_RETRY = ("adapter", "model-cache")  # its checkpoints, and the base m
 
 def adapter_volume(adapter: str) -> str:
     """The volume claim a cluster fine-tune writes its adapter to (kept after the run)."""
-    return f"{Owner.finetune(adapter).base_name}-adapter"
+    return f"{k8s_name(adapter, 'md-ft-')}-adapter"
 
 
 def adapter_folder(adapter: str) -> str:
@@ -201,13 +211,14 @@ def adapter_folder(adapter: str) -> str:
 @dataclass
 class ClusterFinetune:
     """A fine-tune run as a Job on a cluster: modeldeck's own fine-tune entry point, in an image that has
-    modeldeck installed with its fine-tune extra (see the README), reading its spec and the dataset from
-    ConfigMaps and writing the adapter to a volume that outlives the Job."""
+    modeldeck installed with its [training] extra (see the README), reading its spec and the dataset from
+    a ConfigMap and Secrets, and writing the adapter to a volume that outlives the Job."""
 
     name: str  # the adapter's modeldeck name
+    uid: str  # its Owner's
     namespace: str
     image: str
-    base_name: str
+    base_model: str  # its name in modeldeck
     base_repo: str  # the Job downloads the base model from the Hub
     revision: str | None
     dataset_gz: bytes  # the dataset file, gzip-compressed
@@ -221,7 +232,7 @@ class ClusterFinetune:
 
     @property
     def owner(self) -> Owner:
-        return Owner.finetune(self.name)
+        return Owner.finetune(self.name, self.uid)
 
     @property
     def job_name(self) -> str:
@@ -240,28 +251,35 @@ class ClusterFinetune:
                 for i in range(0, max(len(self.dataset_gz), 1), DATASET_PART_BYTES)]
 
 
+def gpu_list(count: int) -> str:
+    """The GPUs a pod given `count` of them sees, as the fine-tune's --gpus takes them ("cpu" for none)."""
+    return ",".join(str(i) for i in range(count)) or "cpu"
+
+
 def finetune_objects(spec: ClusterFinetune) -> list[dict]:
     """Every object of a fine-tune, in the order they are applied."""
     import base64
     import json
 
-    owner, base = spec.owner, spec.job_name
-    meta = lambda name, role: _meta(owner, spec.namespace, name, role)
-    run = {"base_name": spec.base_name, "base_repo": spec.base_repo, "revision": spec.revision,
+    owner, prefix = spec.owner, spec.job_name
+
+    def meta(name: str, role: str) -> dict:
+        return _meta(owner, spec.namespace, name, role)
+
+    run = {"base_name": spec.base_model, "base_repo": spec.base_repo, "revision": spec.revision,
            "dataset_parts": SPEC_PATH, "dataset_name": spec.dataset_name, "hyperparameters": spec.hyperparameters,
-           "gpus": ",".join(str(i) for i in range(spec.gpus)) or "cpu", "output": spec.adapter_folder,
-           "attempt": spec.attempt}
-    objects: list[dict] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{base}-spec", "spec"),
+           "gpus": gpu_list(spec.gpus), "output": spec.adapter_folder, "attempt": spec.attempt}
+    objects: list[dict] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{prefix}-spec", "spec"),
                             "data": {"finetune.json": json.dumps(run, indent=2)}}]
     parts = spec.parts()
-    for i, part in enumerate(parts):
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{base}-data-{i:03d}", "dataset"),
-                        "binaryData": {f"dataset.gz.{i:03d}": base64.b64encode(part).decode()}})
-    token_secret = f"{base}-hf-token"
+    for i, part in enumerate(parts):  # Secrets, not ConfigMaps: a namespace's readers should not see the data
+        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(f"{prefix}-data-{i:03d}", "dataset"),
+                        "type": "Opaque", "data": {f"dataset.gz.{i:03d}": base64.b64encode(part).decode()}})
+    token_secret = f"{prefix}-hf-token"
     if spec.hf_token:
         objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(token_secret, "hf-token"),
                         "type": "Opaque", "stringData": {"token": spec.hf_token}})
-    for role, name, size in (("model-cache", f"{base}-cache", spec.cache_size_gib),
+    for role, name, size in (("model-cache", f"{prefix}-cache", spec.cache_size_gib),
                              ("adapter", spec.adapter_volume, spec.adapter_size_gib)):
         objects.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(name, role),
                         "spec": {"accessModes": ["ReadWriteOnce"],
@@ -269,22 +287,26 @@ def finetune_objects(spec: ClusterFinetune) -> list[dict]:
     env = [{"name": "HF_HOME", "value": CACHE_MOUNT}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if spec.hf_token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": "token"}}})
+    # Requests, so the pod is not the first evicted (nor refused where a quota asks for them); no memory
+    # limit: loading a base model peaks above what training holds.
+    requests = {"cpu": "4", "memory": "16Gi"} if spec.gpus else {"cpu": "2", "memory": "4Gi"}
+    resources = {"requests": dict(requests)}
+    if spec.gpus:
+        resources["requests"]["nvidia.com/gpu"] = str(spec.gpus)
+        resources["limits"] = {"nvidia.com/gpu": str(spec.gpus)}
     container = {
         "name": "finetune", "image": spec.image,
         "command": ["python", "-m", "engine.jobs.finetune", "--spec", f"{SPEC_PATH}/finetune.json"],
-        "env": env,
+        "env": env, "resources": resources,
         "volumeMounts": [{"name": "spec", "mountPath": SPEC_PATH, "readOnly": True},
                          {"name": "cache", "mountPath": CACHE_MOUNT},
                          {"name": "adapter", "mountPath": ADAPTER_MOUNT},
                          {"name": "shm", "mountPath": "/dev/shm"}],
     }
-    if spec.gpus:
-        gpus = {"nvidia.com/gpu": str(spec.gpus)}
-        container["resources"] = {"limits": gpus, "requests": gpus}
-    sources = [{"configMap": {"name": f"{base}-spec"}}] + [
-        {"configMap": {"name": f"{base}-data-{i:03d}"}} for i in range(len(parts))]
+    sources = [{"configMap": {"name": f"{prefix}-spec"}}] + [
+        {"secret": {"name": f"{prefix}-data-{i:03d}"}} for i in range(len(parts))]
     objects.append({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta(base, "finetune"),
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta(prefix, "finetune"),
         "spec": {
             # An evicted or preempted pod is replaced, and resumes from its last checkpoint on the volume;
             # a run that fails on its own is not retried behind the user's back (retry is theirs to ask).
@@ -297,7 +319,7 @@ def finetune_objects(spec: ClusterFinetune) -> list[dict]:
                     "terminationGracePeriodSeconds": 120,  # a stop saves a checkpoint first
                     "containers": [container],
                     "volumes": [{"name": "spec", "projected": {"sources": sources}},
-                                {"name": "cache", "persistentVolumeClaim": {"claimName": f"{base}-cache"}},
+                                {"name": "cache", "persistentVolumeClaim": {"claimName": f"{prefix}-cache"}},
                                 {"name": "adapter", "persistentVolumeClaim": {"claimName": spec.adapter_volume}},
                                 {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
                 },
@@ -313,13 +335,13 @@ def in_cluster_url(spec: ClusterDeploy) -> str:
 
 def service_url(deployment: str, namespace: str) -> str:
     """How other pods in the cluster reach the deployment."""
-    return f"http://{Owner.deployment(deployment).base_name}.{namespace}.svc.cluster.local:{PORT}/v1"
+    return f"http://{k8s_name(deployment)}.{namespace}.svc.cluster.local:{PORT}/v1"
 
 
 def port_forward_command(deployment: str, target: str, local_port: int | str = PORT) -> str:
     """The kubectl command that makes the deployment reachable on this machine, as modeldeck does itself."""
     context, _, namespace = target.partition("/")
-    return (f"kubectl --context {context} -n {namespace or 'default'} port-forward svc/{Owner.deployment(deployment).base_name} "
+    return (f"kubectl --context {context} -n {namespace or 'default'} port-forward svc/{k8s_name(deployment)} "
             f"{local_port}:{PORT}")
 
 

@@ -21,11 +21,16 @@ class ClusterState:
     reason: str | None = None  # a Failed one's
 
 
+def newest(pods: list[dict]) -> dict | None:
+    """The pod created last (a Deployment's or a Job's replacement for an earlier one)."""
+    return max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "", default=None)
+
+
 def server_state(pods: list[dict], log_tail: Callable[[str], list[str]] = lambda pod: []) -> ClusterState:
     """`log_tail(pod_name)` gives a crashed container's last lines."""
     if not pods:
         return ClusterState("pending", "creating the pod")
-    pod = max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")  # the newest
+    pod = newest(pods)
     status = pod.get("status") or {}
     name = pod.get("metadata", {}).get("name", "?")
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
@@ -63,26 +68,26 @@ def server_state(pods: list[dict], log_tail: Callable[[str], list[str]] = lambda
     return ClusterState("pending", (status.get("phase") or "starting").lower())
 
 
-def finetune_state(job: dict | None, pods: list[dict], log_tail: Callable[[str], list[str]] = lambda pod: []
-                   ) -> ClusterState:
+def finetune_state(job: dict | None, pods: list[dict], log_tail: Callable[[str], list[str]] = lambda pod: [],
+                   warning: str | None = None) -> ClusterState:
     """A fine-tune Job and its pods: pending (with the cluster's reason), running, succeeded, or failed
     with the reason (OOMKilled, or the crashed container's exit code and last lines). A pod that cannot
-    pull its image fails the fine-tune: the Job itself would wait for ever."""
+    pull its image fails the fine-tune: the Job itself would wait for ever. `warning`: the Job's newest
+    Warning event, which says why it has no pod (a quota, an admission policy)."""
     if job is None:
         return ClusterState("failed", reason="its Job was deleted from the cluster")
     conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
     if conditions.get("Complete", {}).get("status") == "True":
         return ClusterState("succeeded")
-    newest = max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "") if pods else None
+    pod = newest(pods)
     if conditions.get("Failed", {}).get("status") == "True":
-        return ClusterState("failed", reason=_why_it_ended(newest, log_tail) or conditions["Failed"].get("message")
+        return ClusterState("failed", reason=_why_it_ended(pod, log_tail) or conditions["Failed"].get("message")
                             or conditions["Failed"].get("reason") or "the Job failed")
-    if newest is not None:
-        running = [c for c in (newest.get("status") or {}).get("containerStatuses") or []
-                   if "running" in (c.get("state") or {})]
-        if running:
-            return ClusterState("running")
-    now = server_state([newest] if newest else [], log_tail)
+    if pod is None:
+        return ClusterState("pending", f"the Job cannot create its pod: {warning}" if warning else "creating the pod")
+    if any("running" in (c.get("state") or {}) for c in (pod.get("status") or {}).get("containerStatuses") or []):
+        return ClusterState("running")
+    now = server_state([pod], log_tail)
     return now if now.state == "failed" else ClusterState("pending", now.phase)
 
 

@@ -78,9 +78,9 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
                 with Horizontal(classes="form-row", id="image-row"):
                     yield Label("Image", classes="form-label")
                     yield Input(os.environ.get("MODELDECK_FINETUNE_IMAGE", ""), id="image", compact=True,
-                                placeholder="an image with modeldeck[finetune] installed",
-                                tooltip="The image the cluster runs the fine-tune in: modeldeck with its fine-tune "
-                                        "extra (README: Fine-tuning on a cluster); $MODELDECK_FINETUNE_IMAGE sets it")
+                                placeholder="an image with modeldeck[training] installed",
+                                tooltip="The image the cluster runs the fine-tune in: modeldeck with its [training] "
+                                        "extra (README: Kubernetes); $MODELDECK_FINETUNE_IMAGE sets it")
                 with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label("GPUs", classes="form-label")
                     yield GpuSelect(id="gpus")
