@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
+import shutil
 import socket
 from dataclasses import dataclass
 
@@ -124,6 +125,9 @@ class DeployPlan:
             context, _, namespace = self.settings.target.partition("/")
             notes.append(f"runs on the cluster {context!r}, namespace {namespace or 'default'!r}, with "
                          f"{self.gpus} GPU{'s' if self.gpus != '1' else ''}; reached here through a port-forward")
+            if shutil.which("kubectl") is None:
+                notes.append("kubectl is not on PATH: the server will run on the cluster, but Connect and chat "
+                             "from here need kubectl port-forward")
             return notes
         if self.model.state == ModelState.PENDING:
             notes.append(f"{self.model.name} is still downloading; the server starts once it is Ready")
@@ -143,7 +147,7 @@ def _deployable(session: Session, model: Model) -> Model | None:
     the Hub can be deployed: its server starts once the download is done."""
     if on := model.meta.get("cluster"):
         raise EngineError(f"{model.name}'s files are on the cluster {on['target']}, where it was fine-tuned: deploy "
-                          "it there (Target)")
+                          "it with that target")
     downloading = model.state == ModelState.PENDING and model.repo_id and model.kind == ModelKind.BASE
     if not downloading and (model.state != ModelState.READY or not model.path):
         raise EngineError(f"{model.name!r} is {model.state.value}; deploy it once it is Ready")
@@ -258,7 +262,8 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
     from here through a port-forward on a free local port. The fit is the cluster scheduler's to judge."""
     from engine.kube.cluster import check_target
 
-    check_target(settings.target)
+    context, namespace = check_target(settings.target)
+    settings = dataclasses.replace(settings, target=f"{context}/{namespace}")  # the context's namespace, if none given
     with db.read() as session:
         model = _model(session, model_name)
         base = session.get(Model, model.base_id) if model.kind == ModelKind.ADAPTER and model.base_id else None
@@ -284,7 +289,7 @@ def cluster_deploy(name: str, target: str, model: Model, base: Model | None, ser
         on = model.meta.get("cluster")
         if not on:
             raise EngineError(f"{model.name}'s files are on this machine: a cluster serves an adapter fine-tuned on "
-                              "it (fine-tune with that target)")
+                              "it (a fine-tune with that cluster as its target)")
         if parse_target(on["target"]) != parse_target(target):
             raise EngineError(f"{model.name} was fine-tuned on {on['target']}, where its files are: deploy it there")
         if model.state != ModelState.READY:

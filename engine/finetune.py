@@ -149,12 +149,13 @@ def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offl
         raise EngineError(f"{base.name} is not a model from the Hub: a fine-tune on a cluster downloads its base "
                           "model there, so only a base model from the Hub can be fine-tuned on one")
     if not (image or "").strip():
-        raise EngineError("a fine-tune on a cluster runs in an image you name (--image): one with modeldeck and its "
+        raise EngineError("a fine-tune on a cluster runs in an image you name (Image; --image): one with modeldeck and its "
                           "[training] extra installed (README: Kubernetes; deploy/finetune.Dockerfile builds one)")
     choice = gpus.strip().lower()
     count = 1 if choice == "auto" else 0 if choice == "cpu" else int(choice) if choice.isdigit() else -1
     if not 0 <= count <= 16:
-        raise EngineError(f"GPUs {gpus!r}: on a cluster, give how many GPUs the pod gets (0 or cpu for its CPUs)")
+        raise EngineError(f"GPUs {gpus!r}: on a cluster, give how many GPUs the pod gets, from 0 (or cpu: its CPUs) "
+                          "to 16")
     return ClusterTarget(f"{context}/{namespace}", image.strip(), count)
 
 
@@ -200,7 +201,9 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
         dataset = str(checked.dataset.path.resolve())
         meta = {"dataset": dataset, "format": checked.dataset.format_name,
                 "rows": {"train": checked.train_rows, "validation": checked.validation_rows},
-                "hyperparameters": dataclasses.asdict(hp), "gpus": checked.gpus}
+                "hyperparameters": dataclasses.asdict(hp)}
+        if checked.cluster is None:  # on a cluster, its GPU count is in meta["cluster"]
+            meta["gpus"] = checked.gpus
         on = dataclasses.asdict(checked.cluster) | {"uid": secrets.token_hex(6)} if checked.cluster else None
         name = name or default_name(session, row, checked.dataset.path)
         if on is not None:

@@ -78,11 +78,14 @@ def test_the_schemas_do_reject_what_is_wrong():
 
 
 def test_names_yaml_and_the_in_cluster_url():
+    from engine.kube.manifests import finetune_objects
+
     assert k8s_name("Qwen2.5 Coder 7B!") == "md-qwen2-5-coder-7b"
     long_a, long_b = k8s_name("x" * 200 + "a"), k8s_name("x" * 200 + "b")
     assert len(long_a) == 50 and long_a != long_b  # room for suffixes; cut names stay apart
     text = to_yaml(deployment_objects(spec()))
     assert text.count("\n---\n") + text.startswith("---\n") == 4 and "kind: Service" in text
+    assert "&id" not in text + to_yaml(finetune_objects(finetune_spec(gpus=2)))  # plain YAML: no anchors
     assert in_cluster_url(spec()) == "http://md-qwen-small.ml.svc.cluster.local:8000/v1"
 
 
@@ -204,6 +207,11 @@ current-context: staging
     assert cluster.parse_target("prod-gpu/ml") == ("prod-gpu", "ml") and cluster.parse_target("staging") == ("staging", "default")
     with pytest.raises(EngineError, match="expected CONTEXT/NAMESPACE"):
         cluster.parse_target("/ml")
+    # Without a namespace, a target takes its context's own; a namespace Kubernetes would refuse is refused.
+    assert cluster.check_target("prod-gpu") == ("prod-gpu", "ml") and cluster.check_target("staging") == ("staging", "default")
+    assert cluster.check_target("prod-gpu/team-a") == ("prod-gpu", "team-a")
+    with pytest.raises(EngineError, match="namespace 'ML_bad': Kubernetes takes lowercase letters"):
+        cluster.parse_target("prod-gpu/ML_bad")
 
 
 @pytest.mark.skipif(not os.environ.get("MODELDECK_TEST_KUBECONFIG"),
@@ -547,9 +555,16 @@ async def test_a_cluster_finetune_follows_its_job_and_registers_the_adapter_it_w
     # The Job controller's and the kubelet's part: a pod runs modeldeck's entry point; its log is the real one.
     client = client_for(on_emulator)
     core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
-    on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << timestamped(result.stdout)
+    # The log so far: up to the end of training (before the adapter is saved), then the whole of it.
+    lines = result.stdout.splitlines()
+    so_far = {"log": "\n".join(lines[:next(i for i, line in enumerate(lines) if "saving the adapter" in line)])}
+    on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << (lambda: timestamped(so_far["log"]))
     await asyncio.to_thread(core.create_namespaced_pod, "ml", job_pod(db, "run", {"running": {}}))
     await model_where(db, model.id, lambda m: json.loads(jobs.get(db, job.id).metrics_json or "{}").get("step") == 4)
+    from engine.format import job_progress
+
+    assert "100% loss " in job_progress(jobs.get(db, job.id))  # the row shows training, not a phase
+    so_far["log"] = result.stdout
     await asyncio.to_thread(batch.patch_namespaced_job, "md-ft-run", "ml", {"status": {
         "conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}})
     done = await model_where(db, model.id, lambda m: m.state != ModelState.PENDING)
@@ -639,7 +654,7 @@ async def test_cluster_finetune_plans_refuse_what_cannot_run_there(db, on_emulat
     models.import_path(db, tiny_model_dir, "local-tiny")
     for base, target, image, gpus, message in [
         ("qwen", "nope/ml", IMAGE, "1", "no context 'nope' in the kubeconfig; it has: emu"),
-        ("qwen", "emu/ml", "", "1", r"runs in an image you name \(--image\)"),
+        ("qwen", "emu/ml", "", "1", r"runs in an image you name \(Image; --image\)"),
         ("qwen", "emu/ml", IMAGE, "0,1", "on a cluster, give how many GPUs the pod gets"),
         ("local-tiny", "emu/ml", IMAGE, "1", "local-tiny is not a model from the Hub"),
     ]:
@@ -889,3 +904,44 @@ async def test_a_job_that_cannot_make_its_pod_says_why(db, on_emulator, tmp_path
     await model_where(db, model.id, lambda m: phase(m).startswith(
         'the Job cannot create its pod: pods "md-ft-quota-x" is forbidden: exceeded quota: gpu-quota'))
     await until_done(asyncio.to_thread(jobs.cancel, db, job.id))
+
+
+async def test_a_ready_pod_without_kubectl_here_keeps_the_deployment_and_says_why(db, on_emulator, monkeypatch):
+    """The server is Ready on the cluster; reaching it from here fails (no kubectl on PATH, as on this
+    machine): the deployment waits, saying so in its phase, and nothing on the cluster is torn down. The
+    dashboard's Active deployments follows the phase as it changes."""
+    import kubernetes
+
+    from engine import deployments
+    from tests.tui_helpers import wait_for
+    from tui.app import ModelDeckApp
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # wherever kubectl might be, it is not reachable now
+    checked = await asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="emu/ml"))
+    assert any("kubectl is not on PATH" in note for note in checked.warnings)
+    deployment, _ = await asyncio.to_thread(deployments.start, db, checked)
+    await deployment_where(db, deployment.id, lambda d: ("deployments", "md-qwen") in live(on_emulator))
+    core = kubernetes.client.CoreV1Api(client_for(on_emulator))
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(160, 30)) as pilot:
+        await wait_for(pilot, lambda: app.store.loaded, what="first load")
+        await pilot.press("3")
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "md-qwen-1", "namespace": "ml",
+                            "labels": Owner.deployment("qwen", deployment.api_key).labels("server")},
+               "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai:latest"}]},
+               "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+        await asyncio.to_thread(core.create_namespaced_pod, "ml", pod)
+        from tui.widgets.live_table import LiveTable
+
+        def state_cell() -> str:
+            cells = app.screen.query_one("#table", LiveTable).cells(deployment.id)
+            return " ".join(getattr(c, "plain", str(c)) for c in cells)
+
+        await wait_for(pilot, lambda: "port-forward failed" in state_cell(), 30,
+                       what="the phase on screen")
+    row = await deployment_where(db, deployment.id, lambda d: "port-forward failed" in (d.phase or ""))
+    assert row.state.value == "pending" and "install kubectl on PATH" in row.phase
+    assert ("deployments", "md-qwen") in live(on_emulator)
+    await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
+    assert live(on_emulator) - {("pods", "md-qwen-1")} == set()

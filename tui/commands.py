@@ -386,7 +386,9 @@ def cmd_rm(args, db) -> int:
             print("kept")
             return 1
     freed = models.delete_model(db, name)
-    _emit(args, {"deleted": name, "freed_bytes": freed}, f"deleted {name} (freed {human_bytes(freed)})")
+    on = plan.model.meta.get("cluster")
+    _emit(args, {"deleted": name, "freed_bytes": freed}, f"deleted {name} " + (
+        f"(with its volume on the cluster {on['target']})" if on else f"(freed {human_bytes(freed)})"))
     return 0
 
 

@@ -205,6 +205,7 @@ class FinetuneOnCluster:
                     if not curve or step > curve[-1][0]:  # a resumed run tells its history again
                         Reporter.add_point(curve, step, loss)
             self.metrics = event["metrics"]
+            self.ctx.metrics.pop("elapsed_s", None)  # training now: steps and loss, not a phase's time
             fields = {k: v for k, v in (event.get("fields") or {}).items() if k in REPORTED_FIELDS}
             self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}}, **fields)
         else:

@@ -26,6 +26,7 @@ from catalog.schema import (
 )
 from engine import jobs
 from engine.backends import serve_command
+from engine.events import record
 from engine.jobs import (
     STOP_DEADLINE_S,
     JobCancelled,
@@ -107,6 +108,7 @@ def set_phase(ctx: JobContext, deployment_id: int, phase: str) -> None:
         if deployment is not None and deployment.phase != phase:
             deployment.phase, deployment.updated_at = phase, now()
             session.add(deployment)
+            record(session, f"deployment:{deployment_id}", "phase", phase)  # screens follow the events
     ctx.report(metrics={"phase": phase})
 
 

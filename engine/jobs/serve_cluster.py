@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
+import threading
 import time
 
 import httpx2 as httpx
@@ -33,6 +33,7 @@ from engine.kube.status import ClusterState, server_state
 POLL_S = 2.0  # how often the pods are read
 READY_TIMEOUT_S = 3600.0  # pulling a vLLM image and a large model can take long on a cold node
 FORWARD_TIMEOUT_S = 60.0
+FORWARD_RETRY_S = 5.0
 
 
 def cluster_spec(deployment: Deployment, model: Model, base: Model | None) -> tuple[ClusterDeploy, str]:
@@ -111,30 +112,53 @@ class OnCluster:
             time.sleep(POLL_S)
 
     def open_forward(self) -> None:
-        """`kubectl port-forward` to the service, on the local port of the deployment's endpoint."""
-        kubectl = shutil.which("kubectl")
-        if kubectl is None:
-            raise JobFailure("the deployment is Ready on the cluster, but reaching it from here needs kubectl "
-                             f"on PATH (kubectl port-forward -n {self.spec.namespace} svc/{self.owner.base_name}"
-                             f" PORT:{PORT})")
+        """`kubectl port-forward` to the service, on the local port of the deployment's endpoint. Its
+        output goes to this job's log; its last line is kept, to say why it ended."""
         local = self.deployment.endpoint.removesuffix("/v1").rsplit(":", 1)[1]
-        argv = [kubectl, "--context", self.context, "-n", self.spec.namespace, "port-forward", "--address",
-                "127.0.0.1", f"svc/{self.owner.base_name}", f"{local}:{PORT}"]
+        self.forward_said = ""
+        argv = [shutil.which("kubectl") or "kubectl", "--context", self.context, "-n", self.spec.namespace,
+                "port-forward", "--address", "127.0.0.1", f"svc/{self.owner.base_name}", f"{local}:{PORT}"]
         if os.environ.get("KUBECONFIG") is None and cluster.kubeconfig_path() is not None:
             argv[1:1] = ["--kubeconfig", str(cluster.kubeconfig_path())]
         self.ctx.log("port-forward: " + " ".join(argv))
-        self.forward = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=subprocess.STDOUT)
+        try:
+            self.forward = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, errors="replace")
+        except OSError as exc:  # no kubectl: said in the phase, and tried again (it may be installed meanwhile)
+            self.forward, self.forward_said = None, f"kubectl: {exc.strerror}; install kubectl on PATH"
+            return
+
+        def relay(stream) -> None:  # drained all along: kubectl blocks on a full pipe
+            for line in stream:
+                print(line, end="", flush=True)
+                if line.strip():
+                    self.forward_said = line.strip()
+
+        threading.Thread(target=relay, args=(self.forward.stdout,), name="port-forward", daemon=True).start()
+
+    def forward_ended(self) -> bool:
+        return self.forward is None or self.forward.poll() is not None
 
     def wait_for_health(self, client: httpx.Client, base_url: str) -> None:
+        """Until the forwarded /health answers. A port-forward that fails is opened again: the server is
+        Ready on the cluster, and a problem here (kubectl, this machine's network) is no reason to tear it
+        down; the phase says what kubectl said, and stopping the deployment is the user's to choose."""
         self.set_phase("opening the port-forward")
-        start = time.monotonic()
+        opened = time.monotonic()
         while True:
-            if self.forward.poll() is not None:
-                raise JobFailure(f"kubectl port-forward exited with code {self.forward.returncode} (see the log)")
-            if healthy(client, base_url):
+            if self.forward_ended():
+                said = self.forward_said or f"exit code {self.forward.returncode}"
+                self.set_phase(f"the port-forward failed ({said}); trying again")
+                time.sleep(FORWARD_RETRY_S)
+                if (now := self.state()).state == "failed":
+                    raise JobFailure(now.reason)
+                self.open_forward()
+                opened = time.monotonic()
+            elif healthy(client, base_url):
                 return
-            if time.monotonic() - start > FORWARD_TIMEOUT_S:
-                raise JobFailure(f"the port-forward did not answer /health within {FORWARD_TIMEOUT_S:.0f} s")
+            elif time.monotonic() - opened > FORWARD_TIMEOUT_S:
+                self.set_phase(f"the port-forward does not answer /health after {FORWARD_TIMEOUT_S:.0f} s; "
+                               "still trying")
             time.sleep(0.5)
 
     def watch(self) -> None:
@@ -144,7 +168,7 @@ class OnCluster:
             now = self.state()
             if now.state == "failed":
                 raise JobFailure(now.reason)
-            if self.forward.poll() is not None and now.state == "ready":
+            if self.forward_ended() and now.state == "ready":
                 self.ctx.log("the port-forward ended; opening it again")
                 self.open_forward()
 

@@ -9,6 +9,7 @@ already taken, a context that cannot be reached.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,19 @@ def _kubernetes():
     return kubernetes
 
 
+def namespaces() -> dict[str, str]:
+    """The kubeconfig's contexts, each with its namespace ('default' where it names none); none without
+    a kubeconfig."""
+    if kubeconfig_path() is None:
+        return {}
+    kubernetes = _kubernetes()
+    try:
+        found, _current = kubernetes.config.list_kube_config_contexts(config_file=str(kubeconfig_path()))
+    except Exception as exc:  # noqa: BLE001 - a broken kubeconfig is a message, not a crash
+        raise EngineError(f"cannot read the kubeconfig {kubeconfig_path()}: {exc}") from None
+    return {c["name"]: (c.get("context") or {}).get("namespace") or "default" for c in found}
+
+
 def contexts() -> tuple[list[str], str | None]:
     """The kubeconfig's context names and the current one; none without a kubeconfig."""
     if kubeconfig_path() is None:
@@ -74,22 +88,28 @@ def contexts() -> tuple[list[str], str | None]:
     return [c["name"] for c in found], (current or {}).get("name")
 
 
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS-1123 label
+
+
 def parse_target(target: str) -> tuple[str, str]:
-    """'CONTEXT/NAMESPACE' (the namespace defaults to 'default')."""
+    """'CONTEXT/NAMESPACE' (without a namespace: 'default'; check_target takes the context's own)."""
     context, _, namespace = target.partition("/")
     if not context:
         raise EngineError(f"target {target!r}: expected CONTEXT/NAMESPACE, like prod-gpu/ml")
+    if namespace and not NAMESPACE.match(namespace):
+        raise EngineError(f"namespace {namespace!r}: Kubernetes takes lowercase letters, digits and '-' (at most 63)")
     return context, namespace or "default"
 
 
 def check_target(target: str) -> tuple[str, str]:
-    """A CONTEXT/NAMESPACE target whose context is in the kubeconfig, as (context, namespace)."""
+    """A CONTEXT[/NAMESPACE] target whose context is in the kubeconfig, as (context, namespace); without
+    a namespace, the context's own."""
     context, namespace = parse_target(target)
-    known, _current = contexts()
+    known = namespaces()
     if context not in known:
         raise EngineError(f"no context {context!r} in the kubeconfig" + (f"; it has: {', '.join(known)}" if known
                                                                         else " (none found)"))
-    return context, namespace
+    return context, namespace if "/" in target else known[context]
 
 
 def api_client(context: str | None = None, host: str | None = None):
@@ -246,9 +266,9 @@ def warning(client, namespace: str, name: str) -> str | None:
     kubernetes = _kubernetes()
     try:
         found = kubernetes.client.CoreV1Api(client).list_namespaced_event(
-            namespace, field_selector=f"involvedObject.name={name}")
-    except Exception as exc:  # noqa: BLE001
-        raise explain(exc, f"reading the events of {name}", namespace) from None
+            namespace, field_selector=f"involvedObject.name={name}", _request_timeout=REQUEST_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - a hint only: no permission to read events is no reason to fail
+        return None
     warnings = [e for e in found.items if e.type == "Warning" and e.involved_object and e.involved_object.name == name]
     newest = max(warnings, key=lambda e: str(e.last_timestamp or e.event_time or ""), default=None)
     return newest.message if newest is not None else None

@@ -349,4 +349,8 @@ def to_yaml(objects: list[dict]) -> str:
     """The objects as one YAML stream, secrets' values included (what `kubectl apply -f -` takes)."""
     import yaml  # the kubernetes extra brings PyYAML
 
-    return "".join("---\n" + yaml.safe_dump(obj, sort_keys=False) for obj in objects)
+    class Plain(yaml.SafeDumper):  # no &anchors / *aliases for dicts that happen to be shared
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    return "".join("---\n" + yaml.dump(obj, Dumper=Plain, sort_keys=False) for obj in objects)

@@ -69,7 +69,7 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
             yield Label(f"Deploy {name}", classes="dialog-title")
             yield Static(self._about(row), id="about", classes="form-note drawer-note")
             with VerticalScroll(classes="dialog-scroll"):
-                yield TargetSelect("deploy")
+                yield TargetSelect("deploy", initial=(row.model.meta.get("cluster") or {}).get("target", "") if row else "")
                 with Horizontal(classes="form-row", id="backend-row"):
                     yield Label(FIELD_LABELS["backend"], classes="form-label")
                     yield Select(BACKENDS, value="auto", allow_blank=False, id="backend", compact=True,

@@ -22,9 +22,11 @@ class TargetSelect(Vertical):
             super().__init__()
             self.target = target
 
-    def __init__(self, what: str, **kwargs):
+    def __init__(self, what: str, initial: str = "", **kwargs):
         super().__init__(**kwargs)
         self.what = what  # "deploy", "fine-tune": said in the tooltips
+        self.initial = initial  # CONTEXT/NAMESPACE to start on (where an adapter's files are, say)
+        self.namespaces: dict[str, str] = {}  # each context's own namespace
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="form-row", id="target-row"):
@@ -34,7 +36,7 @@ class TargetSelect(Vertical):
         with Horizontal(classes="form-row", id="namespace-row"):
             yield Label("Namespace", classes="form-label")
             yield Input(placeholder="default", id="namespace", compact=True,
-                        tooltip=f"The namespace on the cluster to {self.what} in")
+                        tooltip=f"The namespace on the cluster to {self.what} in (empty: the context's own)")
 
     def on_mount(self) -> None:
         self.display = False
@@ -43,21 +45,27 @@ class TargetSelect(Vertical):
 
     @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
     def load(self) -> None:
-        from engine.kube.cluster import contexts, kubeconfig_path
+        from engine.kube.cluster import kubeconfig_path, namespaces
 
         if kubeconfig_path() is None:
             return
         try:
-            names, _current = contexts()
+            found = namespaces()
         except EngineError as exc:
             self.app.call_from_thread(self.notify, str(exc), title="Kubernetes targets", severity="warning")
             return
-        if names:
-            self.app.call_from_thread(self._show, names)
+        if found:
+            self.app.call_from_thread(self._show, found)
 
-    def _show(self, names: list[str]) -> None:
-        self.query_one("#target", Select).set_options([("this machine", ""), *((f"{n} (Kubernetes)", n) for n in names)])
+    def _show(self, found: dict[str, str]) -> None:
+        self.namespaces = found
+        select = self.query_one("#target", Select)
+        select.set_options([("this machine", ""), *((f"{n} (Kubernetes)", n) for n in found)])
         self.display = True
+        context, _, namespace = self.initial.partition("/")
+        if context in found:
+            select.value = context
+            self.query_one("#namespace", Input).value = namespace
 
     @property
     def value(self) -> str:
@@ -65,10 +73,14 @@ class TargetSelect(Vertical):
         context = self.query_one("#target", Select).value
         if not context or context == Select.NULL:
             return ""
-        return f"{context}/{self.query_one('#namespace', Input).value.strip() or 'default'}"
+        namespace = self.query_one("#namespace", Input).value.strip() or self.namespaces.get(context, "default")
+        return f"{context}/{namespace}"
 
     @on(Select.Changed, "#target")
     @on(Input.Changed, "#namespace")
     def _changed(self) -> None:
+        context = self.query_one("#target", Select).value
+        self.query_one("#namespace", Input).placeholder = self.namespaces.get(context, "default") \
+            if isinstance(context, str) else "default"
         self.query_one("#namespace-row").display = bool(self.value)
         self.post_message(self.Changed(self.value))
