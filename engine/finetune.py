@@ -130,7 +130,7 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
             raise EngineError(str(exc)) from None
     dataset = read_dataset(dataset_path)
     if cluster is not None:
-        _check_dataset_fits_configmaps(dataset.path)
+        _check_dataset_fits_secrets(dataset.path)
     limits = model_limits(base.path if base.state == ModelState.READY else None)
     hp = hp.resolved(limits.max_length) if base.state == ModelState.READY else hp
     # On a cluster, bitsandbytes is the image's to have: the run checks it there.
@@ -159,15 +159,15 @@ def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offl
     return ClusterTarget(f"{context}/{namespace}", image.strip(), count)
 
 
-def _check_dataset_fits_configmaps(path: Path) -> None:
-    """A cluster's pod gets the dataset through ConfigMaps (gzip, in parts): it has a limit."""
+def _check_dataset_fits_secrets(path: Path) -> None:
+    """A cluster's pod gets the dataset through Secrets (gzip, in parts): it has a limit."""
     from engine.kube.manifests import DATASET_MAX_PARTS, DATASET_PART_BYTES
 
     limit = DATASET_MAX_PARTS * DATASET_PART_BYTES
     size = path.stat().st_size
     if size > limit and len(gzip.compress(path.read_bytes(), compresslevel=6)) > limit:
         raise EngineError(f"{path.name} is {human_bytes(size)}, over {human_bytes(limit)} even compressed: a fine-tune "
-                          "on a cluster sends its dataset in ConfigMaps; use a smaller dataset there")
+                          "on a cluster sends its dataset in Secrets; use a smaller dataset there")
 
 
 def cluster_job(name: str, on: dict, base: Model, dataset: Path, hyperparameters: dict, attempt: int = 1):

@@ -429,7 +429,7 @@ def run_from_spec(spec_file: Path) -> int:
 
 
 def join_parts(parts: Path, out: Path) -> None:
-    """The dataset, sent in gzip parts (ConfigMaps hold at most 1 MiB each), made whole again."""
+    """The dataset, sent in gzip parts (a Secret holds at most 1 MiB), made whole again."""
     import gzip
 
     chunks = sorted(parts.glob("dataset.gz.*"))

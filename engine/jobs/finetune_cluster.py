@@ -1,6 +1,6 @@
 """The fine-tune job's cluster half: a fine-tune run as a Kubernetes Job, followed from here.
 
-It applies the Job and what it needs (engine/kube/manifests.py: the spec and the dataset in ConfigMaps,
+It applies the Job and what it needs (engine/kube/manifests.py: the spec in a ConfigMap, the dataset in Secrets,
 volumes for the model cache and the adapter), then follows it: Pending with the cluster's reason (not
 schedulable, pulling the image...), then the run's own progress, read from the pod's log where the
 entry point prints it as events (engine/jobs/reported.py), into the same metrics a local fine-tune

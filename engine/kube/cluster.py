@@ -63,28 +63,25 @@ def _kubernetes():
     return kubernetes
 
 
-def namespaces() -> dict[str, str]:
-    """The kubeconfig's contexts, each with its namespace ('default' where it names none); none without
-    a kubeconfig."""
-    if kubeconfig_path() is None:
-        return {}
-    kubernetes = _kubernetes()
-    try:
-        found, _current = kubernetes.config.list_kube_config_contexts(config_file=str(kubeconfig_path()))
-    except Exception as exc:  # noqa: BLE001 - a broken kubeconfig is a message, not a crash
-        raise EngineError(f"cannot read the kubeconfig {kubeconfig_path()}: {exc}") from None
-    return {c["name"]: (c.get("context") or {}).get("namespace") or "default" for c in found}
-
-
-def contexts() -> tuple[list[str], str | None]:
-    """The kubeconfig's context names and the current one; none without a kubeconfig."""
+def _kubeconfig_contexts() -> tuple[list[dict], dict | None]:
+    """The kubeconfig's contexts as it lists them, and the current one; none without a kubeconfig."""
     if kubeconfig_path() is None:
         return [], None
     kubernetes = _kubernetes()
     try:
-        found, current = kubernetes.config.list_kube_config_contexts(config_file=str(kubeconfig_path()))
+        return kubernetes.config.list_kube_config_contexts(config_file=str(kubeconfig_path()))
     except Exception as exc:  # noqa: BLE001 - a broken kubeconfig is a message, not a crash
         raise EngineError(f"cannot read the kubeconfig {kubeconfig_path()}: {exc}") from None
+
+
+def namespaces() -> dict[str, str]:
+    """The kubeconfig's contexts, each with its namespace ('default' where it names none)."""
+    return {c["name"]: (c.get("context") or {}).get("namespace") or "default" for c in _kubeconfig_contexts()[0]}
+
+
+def contexts() -> tuple[list[str], str | None]:
+    """The kubeconfig's context names and the current one."""
+    found, current = _kubeconfig_contexts()
     return [c["name"] for c in found], (current or {}).get("name")
 
 

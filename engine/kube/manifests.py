@@ -192,7 +192,7 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
     return objects
 
 
-DATASET_PART_BYTES = 900 * 1024  # a ConfigMap holds at most 1 MiB
+DATASET_PART_BYTES = 900 * 1024  # a Secret holds at most 1 MiB
 DATASET_MAX_PARTS = 30  # about 26 MiB of gzip: a JSONL dataset of a few hundred MB
 KEPT_AFTER_SUCCESS = ("adapter",)  # the fine-tune's output stays on the cluster as the adapter's files
 KEPT_FOR_A_RETRY = ("adapter", "model-cache")  # its checkpoints, and the base model already downloaded
