@@ -172,12 +172,12 @@ def delete_consequence(plan: DeletePlan) -> str:
     ended = len(plan.ended_deployments)
     history = (f" Its {ended} stopped or failed deployment{'s' if ended > 1 else ''} and their chats go too."
                if ended else "")
+    running = " Its running job is cancelled first." if plan.running_jobs else ""
     if on := model.meta.get("cluster"):
         return (f"Its volume {on['volume']} on the cluster {on['target']} is deleted, with the adapter's files "
-                f"and anything left of its run.{history}")
+                f"and anything left of its run.{running}{history}")
     if plan.frees_bytes is None:
         return f"Its files in {model.path} are not modeldeck's and stay where they are.{history}"
-    running = " Its running job is cancelled first." if plan.running_jobs else ""
     if plan.frees_bytes:
         return f"This frees {human_bytes(plan.frees_bytes)} on disk.{running}{history}"
     return f"Any partial files are removed.{running}{history}"

@@ -281,7 +281,7 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
         try:
             text = Text(token_stats_in_subprocess(base.path, path, max_length))
         except EngineError as exc:
-            text = Text(str(exc), style="red")
+            text = Text("No token counts: " + str(exc).splitlines()[0], style="red")  # the first line says it
         self.app.call_from_thread(show, tokens, text)
 
     # -- starting -----------------------------------------------------------------------------------
