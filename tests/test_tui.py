@@ -256,6 +256,23 @@ async def test_import_dialog_reports_a_bad_path_and_keeps_what_was_typed(db, tmp
         assert row.model.name == "imported" and row.model.state == ModelState.READY
 
 
+async def test_a_dialogs_buttons_run_its_action_or_close_it(db, tmp_path):
+    """Clicked, not keyed: the primary button runs the dialog's action (here: the import's check), Cancel
+    closes the dialog with nothing done."""
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2", "i")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, ImportDialog) and app.screen)
+        dialog.query_one("#path").value = str(tmp_path / "nothing-here")
+        await pilot.click("#import")
+        await wait_for(pilot, lambda: "no such folder" in str(dialog.query_one("#error").render()), what="the check")
+        assert app.screen is dialog
+        await pilot.click("#cancel")
+        await wait_for(pilot, lambda: isinstance(app.screen, CustomScreen), what="the dialog to close")
+        assert app.store.models == {}
+
+
 async def test_cancel_from_custom_ends_the_download(db, hub):
     hub.bytes_per_second = 2_000_000
     model, job = models.pull(db, "org/big")

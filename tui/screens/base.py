@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from textual.app import ComposeResult
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Button, Footer, Input
 from textual.worker import Worker
 
 from engine.errors import EngineError
@@ -25,6 +25,19 @@ class ReportsWorkerErrors:
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         self.app.report_worker_error(event)
+
+
+class PrimaryButton:
+    """A form dialog's buttons: the primary one (its id is PRIMARY) runs action_PRIMARY, as the dialog's
+    key does; any other (Cancel) closes the dialog with nothing."""
+
+    PRIMARY = ""
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == self.PRIMARY:
+            getattr(self, f"action_{self.PRIMARY}")()
+        else:
+            self.dismiss(None)
 
 
 class DeckScreen(ReportsWorkerErrors, Screen):

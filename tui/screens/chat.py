@@ -29,7 +29,7 @@ from engine.chat import ChatParams, ReplyStats
 from engine.errors import EngineError
 from engine.format import human_time
 from tui.screens.action_menu import ActionMenu
-from tui.screens.base import ReportsWorkerErrors
+from tui.screens.base import PrimaryButton, ReportsWorkerErrors
 from tui.widgets.info import InfoLine
 
 if TYPE_CHECKING:
@@ -399,7 +399,8 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         conversations.update_settings(self.app.db, conversation_id, system_prompt, params)
 
 
-class ChatSettingsDialog(ModalScreen[tuple[str, ChatParams] | None]):
+class ChatSettingsDialog(PrimaryButton, ModalScreen[tuple[str, ChatParams] | None]):
+    PRIMARY = "save"
     """The system prompt and sampling of a conversation; empty fields take the defaults."""
 
     AUTO_FOCUS = "#system"
@@ -443,12 +444,6 @@ class ChatSettingsDialog(ModalScreen[tuple[str, ChatParams] | None]):
             self.query_one(f"#{name}", Input).set_class(name in errors, "-invalid")
         self.query_one("#error", Static).update(Text("; ".join(errors.values())))
         return params, errors
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "save":
-            self.action_save()
-        else:
-            self.dismiss(None)
 
     def action_save(self) -> None:
         params, errors = self._check()

@@ -23,7 +23,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
-from tui.screens.base import ReportsWorkerErrors
+from tui.screens.base import PrimaryButton, ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.target_select import TargetSelect
 
@@ -49,7 +49,8 @@ TYPED = [
 ]
 
 
-class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
+class DeployDrawer(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]):
+    PRIMARY = "start"
     AUTO_FOCUS = "#backend"
     BINDINGS = [
         Binding("escape", "dismiss(None)", "Cancel"),
@@ -199,12 +200,6 @@ class DeployDrawer(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.focus_next()  # enter finishes a field; ctrl+s (or the button) deploys
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "start":
-            self.action_start()
-        else:
-            self.dismiss(None)
 
     def action_start(self) -> None:
         if self._starting:  # enter and ctrl+s also reach here while a start is under way

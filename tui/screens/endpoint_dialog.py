@@ -16,7 +16,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
 from engine.errors import EngineError
-from tui.screens.base import ReportsWorkerErrors
+from tui.screens.base import PrimaryButton, ReportsWorkerErrors
 
 FIELDS = [
     ("name", "Name", "team-llm", "how it is listed (letters, digits, . _ -)", False),
@@ -27,7 +27,8 @@ FIELDS = [
 ]
 
 
-class EndpointDialog(ReportsWorkerErrors, ModalScreen[int | None]):
+class EndpointDialog(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]):
+    PRIMARY = "add"
     AUTO_FOCUS = "#name"
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "add", "Add")]
 
@@ -53,12 +54,6 @@ class EndpointDialog(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_add()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "add":
-            self.action_add()
-        else:
-            self.dismiss(None)
 
     def action_add(self) -> None:
         if self._adding:

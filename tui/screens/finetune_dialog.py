@@ -25,7 +25,7 @@ from catalog.states import ModelKind, ModelState
 from engine.errors import EngineError
 from engine.format import job_progress
 from engine.hyperparameters import DEFAULT_MAX_LENGTH, Hyperparameters
-from tui.screens.base import ReportsWorkerErrors
+from tui.screens.base import PrimaryButton, ReportsWorkerErrors
 from tui.screens.file_picker import FilePicker
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.info import InfoLine
@@ -36,7 +36,8 @@ WIDE_FIELDS = ("method", "target_modules")
 CHECK_DELAY_S = 0.4  # wait for typing to pause before reading the dataset again
 
 
-class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
+class FinetuneDialog(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]):
+    PRIMARY = "start"
     AUTO_FOCUS = "#dataset"
     BINDINGS = [
         Binding("escape", "dismiss(None)", "Cancel"),
@@ -288,12 +289,6 @@ class FinetuneDialog(ReportsWorkerErrors, ModalScreen[int | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_start()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "start":
-            self.action_start()
-        else:
-            self.dismiss(None)
 
     def action_browse(self) -> None:
         current = Path(self._value("dataset") or ".").expanduser()

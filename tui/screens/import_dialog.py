@@ -13,9 +13,11 @@ from textual.widgets import Button, Input, Label, Static
 
 from engine.errors import EngineError
 from engine.localmodel import NAME_PATTERN, check_gguf, check_model_folder
+from tui.screens.base import PrimaryButton
 
 
-class ImportDialog(ModalScreen[tuple[Path, str | None] | None]):
+class ImportDialog(PrimaryButton, ModalScreen[tuple[Path, str | None] | None]):
+    PRIMARY = "import"
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
     def compose(self) -> ComposeResult:
@@ -33,19 +35,13 @@ class ImportDialog(ModalScreen[tuple[Path, str | None] | None]):
                 yield Button("Cancel", id="cancel")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.submit()
+        self.action_import()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "path":
             self.query_one("#error", Static).update("")  # an old error must not describe a new path
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "import":
-            self.submit()
-        else:
-            self.dismiss(None)
-
-    def submit(self) -> None:
+    def action_import(self) -> None:
         raw = self.query_one("#path", Input).value.strip()
         error = self.query_one("#error", Static)
         if not raw:
