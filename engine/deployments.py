@@ -46,7 +46,7 @@ from engine.events import record
 from engine.format import human_bytes
 from engine.gpus import Gpu, list_gpus, parse_choice
 from engine.jobs import settle_deployment
-from engine.localmodel import NAME_PATTERN
+from engine.localmodel import check_name
 from engine.models import find_model
 
 LIVE = LIVE_DEPLOYMENT_STATES
@@ -182,16 +182,20 @@ def _fit(session: Session, model: Model, base: Model | None, settings: DeploySet
     return FitCheck(needed, int(free), where, rough)
 
 
-def _check_name_and_port(session: Session, name: str, port: int) -> None:
+def _check_name_and_port(session: Session, name: str, port: int) -> set[int]:
     """A live deployment keeps its name and its port (a server binds its port only once its model is
-    loaded: the port is taken even while nothing listens on it yet)."""
+    loaded: the port is taken even while nothing listens on it yet). Returns the ports kept."""
+    kept = set()
     for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE))):
+        live_port = live.loads(live.settings_json, {}).get("port")
         if live.name == name:
             raise EngineError(f"a deployment named {name!r} is already running; stop it, or give this one another "
                               "name")
-        if port and live.loads(live.settings_json, {}).get("port") == port:
+        if port and live_port == port:
             raise EngineError(f"port {port} is kept for deployment {live.name!r}; choose another, or leave it "
                               "empty for a free one")
+        kept.add(live_port)
+    return kept
 
 
 def _name_and_kept_ports(session: Session, name: str | None, settings: DeploySettings,
@@ -199,12 +203,8 @@ def _name_and_kept_ports(session: Session, name: str | None, settings: DeploySet
     """The deployment's name (given, else from the served name or the model's), checked free, and the
     ports live deployments keep."""
     name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", settings.served_name).strip("-.") or model.name
-    if not NAME_PATTERN.match(name):
-        raise EngineError(f"invalid deployment name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
-    _check_name_and_port(session, name, settings.port)
-    kept = {live.loads(live.settings_json, {}).get("port")
-            for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE)))}
-    return name, kept
+    check_name(name, "deployment name")
+    return name, _check_name_and_port(session, name, settings.port)
 
 
 def _listen_check(settings: DeploySettings, kept_ports: set[int]) -> DeploySettings:
@@ -372,9 +372,9 @@ def delete(db: Database, name: str | int) -> None:
         deployment = find_deployment(session, name)
         if deployment.state in LIVE and deployment.backend != "external":
             raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}; stop it first")
-        kept_in_keyring = deployment.backend == "external" and deployment.loads(deployment.settings_json, {}).get(
-            "key_keyring")
-        target = deployment.loads(deployment.settings_json, {}).get("target") if deployment.backend == "kubernetes" else None
+        settings = deployment.loads(deployment.settings_json, {})
+        kept_in_keyring = deployment.backend == "external" and settings.get("key_keyring")
+        target = settings.get("target") if deployment.backend == "kubernetes" else None
         name, api_key = deployment.name, deployment.api_key
         session.delete(deployment)
         record(session, f"deployment:{deployment.id}", "deleted", f"deleted {name}")

@@ -20,7 +20,7 @@ from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine.chat import ChatError, list_models, new_client
 from engine.errors import EngineError
 from engine.events import record
-from engine.localmodel import NAME_PATTERN
+from engine.localmodel import check_name
 
 EXTERNAL = "external"
 KEYRING_SERVICE = "modeldeck"
@@ -98,8 +98,7 @@ def add(db: Database, name: str, base_url: str, model: str | None = None, key_en
         key: str | None = None) -> Deployment:
     """Check the endpoint answers with this key, then list it. `key_env` names an environment variable
     holding the key; `key` is kept in the system keyring. The model defaults to the only one it serves."""
-    if not NAME_PATTERN.match(name):
-        raise EngineError(f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
+    check_name(name)
     if key_env and key:
         raise EngineError("give the key one way: an environment variable's name, or the key for the keyring")
     base_url = check_url(base_url)

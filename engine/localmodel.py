@@ -13,6 +13,12 @@ GGUF_MAGIC = b"GGUF"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a custom model's name
 
 
+def check_name(name: str, what: str = "name") -> None:
+    """A name modeldeck keeps (a model's, a deployment's, an endpoint's), refused with what it may hold."""
+    if not NAME_PATTERN.match(name):
+        raise EngineError(f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
+
+
 def _unreadable_is_a_reason(check):
     """A permission error or the like is a reason to show, not a crash."""
     @functools.wraps(check)

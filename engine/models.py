@@ -31,9 +31,9 @@ from engine import hub, jobs
 from engine.errors import EngineError
 from engine.events import record
 from engine.localmodel import (
-    NAME_PATTERN,
     check_gguf,
     check_model_folder,
+    check_name,
     output_folders,
 )
 
@@ -107,8 +107,7 @@ def _name_taken(session: Session, name: str) -> bool:
 
 
 def _check_name(session: Session, name: str) -> None:
-    if not NAME_PATTERN.match(name):
-        raise EngineError(f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (up to 100)")
+    check_name(name)
     if _name_taken(session, name):
         raise EngineError(f"a custom model named {name!r} already exists; choose another name")
 
