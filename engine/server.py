@@ -133,7 +133,7 @@ class Job:
 
 
 class Engine:
-    """The loaded model and the thread that generates for one request at a time."""
+    """The loaded model and the thread that generates for the active requests, a token each in turn."""
 
     def __init__(self, model_path: str, adapter: str | None, dtype: str, max_model_len: int | None,
                  max_concurrent: int = 8):
@@ -187,14 +187,14 @@ class Engine:
         return job
 
     def _serve(self) -> None:
+        # Inference mode for the whole thread: the generations interleave, so none may enter or leave it.
+        with self.torch.inference_mode():
+            self._round_robin()
+
+    def _round_robin(self) -> None:
         """Round-robin over the active generations, one token each per turn; admit queued requests
         between turns (waiting for one only when nothing is active)."""
         active: list[tuple[Job, Iterator[None]]] = []
-        # Inference mode for the whole thread: the generations interleave, so none may enter or leave it.
-        with self.torch.inference_mode():
-            self._round_robin(active)
-
-    def _round_robin(self, active: list[tuple[Job, Iterator[None]]]) -> None:
         while True:
             while len(active) < self.max_concurrent:
                 try:

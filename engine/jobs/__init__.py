@@ -36,7 +36,7 @@ from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine.errors import EngineError
 from engine.events import record
 from engine.gpus import cuda_env
-from engine.logs import tail_reason  # noqa: F401  (re-exported: the serve job uses it)
+from engine.logs import tail_reason
 
 STOP_DEADLINE_S = 5.0
 CLUSTER_STOP_DEADLINE_S = 60.0  # a cluster's supervisor deletes its objects through the API before it exits
@@ -257,10 +257,9 @@ def reconcile(db: Database) -> list[int]:
                 reason += "; its Job and volumes stay on the cluster until you delete this adapter"
             fail_model(session, job.model_id, f"{job.kind.value} {reason}")
             if job.kind == JobKind.SERVE:  # the supervisor is gone: its server must not outlive it
-                deployment = session.get(Deployment, job.params.get("deployment_id"))
                 # A cluster's objects cannot be killed from here: deleting the deployment removes them.
                 on_cluster = ("; its objects are still on the cluster until you delete this deployment"
-                              if deployment is not None and deployment.backend == "kubernetes" else "")
+                              if on_a_cluster(job) else "")
                 settle_deployment(session, job.params.get("deployment_id"),
                                   DeploymentState.STOPPED if job.cancel_requested else DeploymentState.FAILED,
                                   ("stopped" if job.cancel_requested else

@@ -27,14 +27,9 @@ from catalog.schema import (
 from engine import jobs
 from engine.backends import serve_command
 from engine.events import record
-from engine.jobs import (
-    STOP_DEADLINE_S,
-    JobCancelled,
-    log_tail,
-    settle_deployment,
-    tail_reason,
-)
+from engine.jobs import STOP_DEADLINE_S, JobCancelled, log_tail, settle_deployment
 from engine.jobs.harness import JobContext, JobFailure, main
+from engine.logs import tail_reason
 
 READY_TIMEOUT_S = 900.0  # loading a large model can take minutes
 WATCH_EVERY_S = 0.5  # a server that exits turns the deployment Failed within a second
