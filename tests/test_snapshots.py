@@ -50,6 +50,15 @@ def kubeconfig_with(tmp_path, monkeypatch, *contexts: str) -> None:
     monkeypatch.setenv("KUBECONFIG", str(config))
 
 
+async def on_target(pilot, context: str, namespace: str):
+    """The dialog on top, once its targets are read, set to a Kubernetes context and namespace."""
+    dialog = pilot.app.screen
+    await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the targets")
+    dialog.query_one("#target").value = context
+    dialog.query_one("#namespace").value = namespace
+    return dialog
+
+
 def shown(screen_type):
     """A step for `keys`: wait until a dialog is on top, so the next keys reach it even on a busy machine."""
     async def wait(pilot) -> None:
@@ -224,10 +233,7 @@ class TestDialogs:
         kubeconfig_with(tmp_path, monkeypatch, "prod-gpu", "staging")
 
         async def choose_cluster(pilot):
-            drawer = pilot.app.screen
-            await wait_for(pilot, lambda: drawer.query_one("TargetSelect").display, what="the targets")
-            drawer.query_one("#target").value = "prod-gpu"
-            drawer.query_one("#namespace").value = "ml"
+            drawer = await on_target(pilot, "prod-gpu", "ml")
             drawer.query_one("#tensor_parallel").value = "2"
             await pilot.pause(0.4)
             await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
@@ -239,10 +245,7 @@ class TestDialogs:
         monkeypatch.setenv("MODELDECK_FINETUNE_IMAGE", "registry.local/modeldeck-finetune:0.1")
 
         async def choose_cluster(pilot):
-            dialog = pilot.app.screen
-            await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the targets")
-            dialog.query_one("#target").value = "prod-gpu"
-            dialog.query_one("#namespace").value = "ml"
+            dialog = await on_target(pilot, "prod-gpu", "ml")
             dialog.query_one("#gpu_count").value = "2"
             dialog.query_one("#dataset").value = "tests/data/support-chat.jsonl"
             await wait_for(pilot, lambda: "rows" in str(dialog.query_one("#dataset-summary").render()), what="the dataset")
