@@ -273,6 +273,26 @@ async def test_a_dialogs_buttons_run_its_action_or_close_it(db, tmp_path):
         assert app.store.models == {}
 
 
+async def test_form_dialogs_say_what_the_focused_field_is_for(db):
+    from engine.hyperparameters import Hyperparameters
+    from tui.screens.deploy_drawer import TYPED, DeployDrawer
+    from tui.screens.finetune_dialog import FinetuneDialog
+
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        rank_help = next(f.metadata["help"] for f in Hyperparameters.fields() if f.name == "rank")
+        port_help = next(help_text for field_id, _, help_text in TYPED if field_id == "port")
+        for dialog, field, text in ((FinetuneDialog(), "#rank", rank_help), (DeployDrawer(0), "#port", port_help)):
+            app.push_screen(dialog)
+            await wait_for(pilot, lambda d=dialog: app.screen is d, what="the dialog")
+            await pilot.pause()  # mounted, not only on top
+            dialog.query_one(field).focus()
+            await wait_for(pilot, lambda d=dialog, t=text: t in str(d.query_one("#field-help").render()),
+                           what=f"the help of {field}")
+            app.pop_screen()
+
+
 async def test_cancel_from_custom_ends_the_download(db, hub):
     hub.bytes_per_second = 2_000_000
     model, job = models.pull(db, "org/big")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input
@@ -38,6 +39,14 @@ class PrimaryButton:
             getattr(self, f"action_{self.PRIMARY}")()
         else:
             self.dismiss(None)
+
+
+class FieldHelp:
+    """A form dialog's help line (#field-help) says what the focused field is for: its tooltip."""
+
+    def on_descendant_focus(self, event) -> None:
+        tooltip = getattr(event.widget, "tooltip", None)
+        self.query_one("#field-help").update(Text(tooltip if isinstance(tooltip, str) else ""))
 
 
 class DeckScreen(ReportsWorkerErrors, Screen):

@@ -23,7 +23,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
-from tui.screens.base import PrimaryButton, ReportsWorkerErrors
+from tui.screens.base import FieldHelp, PrimaryButton, ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.target_select import TargetSelect
 
@@ -49,7 +49,7 @@ TYPED = [
 ]
 
 
-class DeployDrawer(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]):
+class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[int | None]):
     PRIMARY = "start"
     AUTO_FOCUS = "#backend"
     BINDINGS = [
@@ -138,10 +138,6 @@ class DeployDrawer(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]):
         for row_id in ("#backend-row", "#gpus-row", "#host-row"):  # the cluster's vLLM decides these
             self.query_one(row_id).display = not on_cluster
         self._schedule_plan()
-
-    def on_descendant_focus(self, event) -> None:
-        tooltip = getattr(event.widget, "tooltip", None)
-        self.query_one("#field-help", Static).update(Text(tooltip if isinstance(tooltip, str) else ""))
 
     def _schedule_plan(self) -> None:
         if self._plan_timer is not None:

@@ -25,7 +25,7 @@ from catalog.states import ModelKind, ModelState
 from engine.errors import EngineError
 from engine.format import job_progress
 from engine.hyperparameters import DEFAULT_MAX_LENGTH, Hyperparameters
-from tui.screens.base import PrimaryButton, ReportsWorkerErrors
+from tui.screens.base import FieldHelp, PrimaryButton, ReportsWorkerErrors
 from tui.screens.file_picker import FilePicker
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.info import InfoLine
@@ -36,7 +36,7 @@ WIDE_FIELDS = ("method", "target_modules")
 CHECK_DELAY_S = 0.4  # wait for typing to pause before reading the dataset again
 
 
-class FinetuneDialog(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]):
+class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[int | None]):
     PRIMARY = "start"
     AUTO_FOCUS = "#dataset"
     BINDINGS = [
@@ -223,10 +223,6 @@ class FinetuneDialog(PrimaryButton, ReportsWorkerErrors, ModalScreen[int | None]
         if event.select.id == "base":
             self._schedule_check()
         self._show_problems(self._hyperparameters()[1])
-
-    def on_descendant_focus(self, event) -> None:
-        tooltip = getattr(event.widget, "tooltip", None)
-        self.query_one("#field-help", InfoLine).update(Text(tooltip if isinstance(tooltip, str) else ""))
 
     def _schedule_check(self) -> None:
         if self._check_timer is not None:
