@@ -150,7 +150,7 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     from openai import OpenAI
 
     reply = OpenAI(base_url=deployed["endpoint"], api_key=deployed["api_key"], max_retries=0).completions.create(
-        model="tiny", prompt="hello", max_tokens=2)
+        model="tiny", prompt="hello", max_tokens=2, temperature=0)
     assert reply.usage.completion_tokens >= 1
     listed = run("ps").stdout
     assert "tiny" in listed and "Ready" in listed and deployed["endpoint"] in listed

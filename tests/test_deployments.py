@@ -53,7 +53,8 @@ def test_deploy_serves_the_model_to_the_openai_sdk_then_stops_and_frees_the_port
     done = ready(db, deployment.id)
     assert done.phase is None and done.backend == "transformers" and done.gpus == "cpu"
     client = OpenAI(base_url=done.endpoint, api_key=done.api_key, max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0)
     assert reply.usage.completion_tokens >= 1
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=done.endpoint, api_key="wrong", max_retries=0).models.list()
@@ -181,7 +182,7 @@ def test_a_model_deployed_while_it_downloads_is_served_once_it_is_ready(db, tiny
         done = ready(db, deployment.id)
         assert done.state == DeploymentState.READY, done.reason
         client = OpenAI(base_url=done.endpoint, api_key=done.api_key)
-        reply = client.completions.create(model=done.served_name, prompt="hi", max_tokens=2)
+        reply = client.completions.create(model=done.served_name, prompt="hi", max_tokens=2, temperature=0)
         assert reply.usage.completion_tokens >= 1
         deployments.stop(db, deployment.id)
     finally:
