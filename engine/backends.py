@@ -31,7 +31,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FIELD_LABELS = {
     "backend": "Backend", "gpus": "GPUs", "tensor_parallel": "Tensor parallel", "dtype": "Dtype",
     "max_model_len": "Max model length", "gpu_memory_fraction": "GPU memory", "port": "Port",
-    "host": "Bind address", "served_name": "Served name", "target": "Target",
+    "host": "Bind address", "served_name": "Served name", "target": "Target", "image": "Image",
 }
 
 
@@ -47,6 +47,7 @@ class DeploySettings:
     host: str = "127.0.0.1"
     served_name: str = ""  # empty: the model's name
     target: str = ""  # empty: this machine; else a Kubernetes CONTEXT/NAMESPACE from the kubeconfig
+    image: str = ""  # on a cluster, the vLLM image (empty: engine.kube.manifests.vllm_image's default)
 
     def problems(self) -> dict[str, str]:
         errors = {}
@@ -66,6 +67,9 @@ class DeploySettings:
             errors["host"] = f"Bind address {self.host!r}: an IP address or host name, like 127.0.0.1"
         if not 0 <= self.port <= 65535:
             errors["port"] = "Port must be from 1 to 65535 (or empty for a free one)"
+        if self.image and (not self.target or any(c.isspace() for c in self.image)):
+            errors["image"] = ("Image: a name like vllm/vllm-openai:v0.11.0, without spaces" if self.target
+                               else "Image: a vLLM image is for a Kubernetes target (--target)")
         return errors
 
     @classmethod

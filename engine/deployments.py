@@ -261,9 +261,11 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
     """A Kubernetes target: vLLM on the cluster, which downloads the model from the Hub itself; reached
     from here through a port-forward on a free local port. The fit is the cluster scheduler's to judge."""
     from engine.kube.cluster import check_target
+    from engine.kube.manifests import vllm_image
 
     context, namespace = check_target(settings.target)
-    settings = dataclasses.replace(settings, target=f"{context}/{namespace}")  # the context's namespace, if none given
+    # The context's namespace if none was given; the image is kept as chosen now, so a restart runs the same one.
+    settings = dataclasses.replace(settings, target=f"{context}/{namespace}", image=vllm_image(settings.image))
     with db.read() as session:
         model = _model(session, model_name)
         base = session.get(Model, model.base_id) if model.kind == ModelKind.ADAPTER and model.base_id else None
@@ -281,7 +283,7 @@ def cluster_deploy(name: str, target: str, model: Model, base: Model | None, ser
     downloads a base model from the Hub itself; an adapter must be one fine-tuned on that same cluster and
     namespace, whose files are on a volume there."""
     from engine.kube.cluster import parse_target
-    from engine.kube.manifests import ClusterAdapter, ClusterDeploy
+    from engine.kube.manifests import ClusterAdapter, ClusterDeploy, vllm_image
 
     _context, namespace = parse_target(target)
     adapter, weights = None, model
@@ -302,7 +304,8 @@ def cluster_deploy(name: str, target: str, model: Model, base: Model | None, ser
         raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only a "
                           "base model from the Hub (or an adapter fine-tuned on that cluster) can be deployed there")
     return ClusterDeploy(name, namespace, weights.repo_id, weights.revision, served_name, settings,
-                         settings.tensor_parallel, api_key, hf_token=hub.token(), adapter=adapter)
+                         settings.tensor_parallel, api_key, hf_token=hub.token(), image=vllm_image(settings.image),
+                         adapter=adapter)
 
 
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,

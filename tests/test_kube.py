@@ -247,7 +247,8 @@ def test_deploy_dry_run_prints_valid_manifests_and_touches_nothing(db, hub):
     model, _ = models.pull(db, "org/tiny")
     settled(db, model.id)
     result = subprocess.run([sys.executable, "-m", "tui.cli", "deploy", model.name, "--target", "prod-gpu/ml",
-                             "--dry-run", "--tensor-parallel", "2", "--max-model-len", "4096"],
+                             "--dry-run", "--tensor-parallel", "2", "--max-model-len", "4096",
+                             "--image", "vllm/vllm-openai:v0.11.0"],
                             capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert result.returncode == 0, result.stderr
     objects = list(yaml.safe_load_all(result.stdout))
@@ -255,13 +256,18 @@ def test_deploy_dry_run_prints_valid_manifests_and_touches_nothing(db, hub):
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         assert obj["metadata"]["namespace"] == "ml"
-    args = objects[2]["spec"]["template"]["spec"]["containers"][0]["args"]
+    [container] = objects[2]["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
     assert args[args.index("--model") + 1] == "org/tiny" and args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert container["image"] == "vllm/vllm-openai:v0.11.0"
     assert "keep it out of git" in result.stderr
     assert deployments.deployment_rows(db) == []  # nothing registered, nothing started
     refused = subprocess.run([sys.executable, "-m", "tui.cli", "deploy", model.name, "--dry-run"],
                              capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert refused.returncode == 1 and "give --target CONTEXT/NAMESPACE" in refused.stderr
+    here = subprocess.run([sys.executable, "-m", "tui.cli", "deploy", model.name, "--image", "vllm/vllm-openai:v0.11.0"],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    assert here.returncode == 1 and "a vLLM image is for a Kubernetes target" in here.stderr
 
 
 KUBECONFIG = """
@@ -301,17 +307,23 @@ async def deployment_where(db, deployment_id, predicate, timeout=30):
     raise AssertionError(f"timed out; the deployment is {row.state.value} ({row.phase}, {row.reason})")
 
 
-async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(db, on_emulator):
+async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(db, on_emulator, monkeypatch):
     import kubernetes
 
     from engine import deployments
 
+    monkeypatch.setenv("MODELDECK_VLLM_IMAGE", "registry.local/vllm-openai:v0.11.0")
     deployment, _ = await asyncio.to_thread(deployments.deploy, db, "qwen",
                                             DeploySettings(target="emu/ml", tensor_parallel=2))
     assert deployment.backend == "kubernetes" and deployment.gpus == "2"
     assert deployment.endpoint.startswith("http://127.0.0.1:")  # where the port-forward will listen
+    # The image is kept with the deployment as chosen at its start: a supervisor re-attaching runs the same one.
+    assert deployment.loads(deployment.settings_json, {})["image"] == "registry.local/vllm-openai:v0.11.0"
     await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
     assert {("deployments", "md-qwen"), ("services", "md-qwen")} <= live(on_emulator)
+    served = await asyncio.to_thread(kubernetes.client.AppsV1Api(client_for(on_emulator)).read_namespaced_deployment,
+                                     "md-qwen", "ml")
+    assert served.spec.template.spec.containers[0].image == "registry.local/vllm-openai:v0.11.0"
     # The scheduler's part: no node has the GPUs.
     core = kubernetes.client.CoreV1Api(client_for(on_emulator))
     pod = {"apiVersion": "v1", "kind": "Pod",
@@ -743,6 +755,46 @@ async def test_the_finetune_dialog_starts_a_run_on_a_cluster(db, on_emulator, tm
         while ("jobs", "md-ft-alpaca-on-emu") not in live(on_emulator):
             await pilot.pause(0.1)
         await until_done(asyncio.to_thread(jobs.cancel, db, adapter.job_id))
+
+
+async def test_the_deploy_drawer_deploys_on_a_cluster_in_the_image_typed(db, on_emulator):
+    """The dashboard's way: the drawer's Target shows the Image row (and hides what the cluster's vLLM
+    decides); the image typed there is the one the cluster runs."""
+    import kubernetes
+    from textual.widgets import Input
+
+    from engine import deployments, jobs
+    from tests.tui_helpers import wait_for
+    from tui.app import ModelDeckApp
+    from tui.screens.deploy_drawer import DeployDrawer
+    from tui.screens.deployments import DeploymentsScreen
+
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.store.loaded, what="first load")
+        await pilot.press("2", "p")
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen)
+        await wait_for(pilot, lambda: drawer.query_one("TargetSelect").display, what="the kubeconfig's contexts")
+        assert not drawer.query_one("#image-row").display and drawer.query_one("#gpus-row").display
+        drawer.query_one("#target").value = "emu"
+        await pilot.pause()
+        assert drawer.query_one("#image-row").display and not drawer.query_one("#gpus-row").display
+        assert app.focused is drawer.query_one("#target")  # not the Backend it started on, hidden now
+        assert drawer.query_one("#image", Input).placeholder == "vllm/vllm-openai:latest"
+        drawer.query_one("#image", Input).value = "vllm/vllm-openai:v0.11.0"
+        await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
+        await pilot.press("ctrl+s")
+        while app.screen is drawer:
+            assert str(drawer.query_one("#error").render()) == ""
+            await pilot.pause(0.1)  # the emulator answers on this loop
+        assert isinstance(app.screen, DeploymentsScreen)  # where the new deployment is followed
+        [deployment] = await asyncio.to_thread(deployments.deployment_rows, db)
+        while ("deployments", "md-qwen") not in live(on_emulator):
+            await pilot.pause(0.1)
+        apps = kubernetes.client.AppsV1Api(client_for(on_emulator))
+        served = await asyncio.to_thread(apps.read_namespaced_deployment, "md-qwen", "ml")
+        assert served.spec.template.spec.containers[0].image == "vllm/vllm-openai:v0.11.0"
+        await until_done(asyncio.to_thread(jobs.cancel, db, deployment.job_id))
 
 
 async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_volume(db, on_emulator):

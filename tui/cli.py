@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-name", dest="served_name", help="the model name clients send (default: the model's)")
     p.add_argument("--force", action="store_true", help="deploy even when the fit check says it does not fit")
     p.add_argument("--target", help="CONTEXT/NAMESPACE of a Kubernetes cluster in your kubeconfig (vLLM runs there)")
+    p.add_argument("--image", help="with --target: the vLLM image, like vllm/vllm-openai:v0.11.0 to pin a version "
+                   "(default: $MODELDECK_VLLM_IMAGE, else vllm/vllm-openai:latest)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="with --target: print the manifests as YAML (for kubectl apply, or git) and touch nothing")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")

@@ -2,8 +2,8 @@
 
 - a Secret holding the deployment's API key (and one holding the Hugging Face token, when there is one);
 - a PersistentVolumeClaim for the model cache, so a restarted pod does not download the model again;
-- a Deployment running the official vLLM OpenAI server image with the drawer's settings, GPU requests,
-  and probes on /health (startup, readiness, liveness);
+- a Deployment running the vLLM OpenAI server image (the official one unless another is chosen) with
+  the drawer's settings, GPU requests, and probes on /health (startup, readiness, liveness);
 - a ClusterIP Service in front of it.
 
 Every object carries the labels that tie it to its modeldeck deployment (Owner), so stopping
@@ -13,12 +13,14 @@ removes them all by label and nothing is left behind. Pure functions: no cluster
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 
 from engine.backends import DeploySettings, vllm_lora_rank
 
-VLLM_IMAGE = "vllm/vllm-openai:latest"
+VLLM_IMAGE = "vllm/vllm-openai:latest"  # the official one; set an image with a version to pin it
+VLLM_IMAGE_ENV = "MODELDECK_VLLM_IMAGE"
 PORT = 8000
 MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_ROLE = "modeldeck.dev/role"
@@ -112,6 +114,12 @@ class ClusterDeploy:
     @property
     def owner(self) -> Owner:
         return Owner.deployment(self.name, self.api_key)
+
+
+def vllm_image(chosen: str = "") -> str:
+    """The image a deployment on a cluster runs: the one chosen, else $MODELDECK_VLLM_IMAGE, else the
+    official one."""
+    return chosen.strip() or os.environ.get(VLLM_IMAGE_ENV, "").strip() or VLLM_IMAGE
 
 
 def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:

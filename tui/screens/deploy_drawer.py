@@ -23,6 +23,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
+from engine.kube.manifests import VLLM_IMAGE_ENV, vllm_image
 from tui.screens.base import FieldHelp, PrimaryButton, ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.target_select import TargetSelect
@@ -46,7 +47,11 @@ TYPED = [
     ("port", "a free one", "The port to listen on; empty or 0 picks a free one"),
     ("host", "127.0.0.1", "Bind address: 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network"),
     ("served_name", "", "The model name clients send in requests"),
+    ("image", "", f"The vLLM image to run; pin a version, like vllm/vllm-openai:v0.11.0 (${VLLM_IMAGE_ENV} sets "
+                  "the default)"),
 ]
+CLUSTER_ONLY = ("image",)  # rows shown only for a Kubernetes target
+LOCAL_ONLY = ("#backend-row", "#gpus-row", "#host-row")  # the cluster's vLLM decides these
 
 
 class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[int | None]):
@@ -85,7 +90,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                 for field_id, placeholder, help_text in TYPED:
                     with Horizontal(classes="form-row", id=f"{field_id}-row"):
                         yield Label(LABELS.get(field_id) or FIELD_LABELS[field_id], classes="form-label")
-                        yield Input(placeholder=placeholder or name, id=field_id, compact=True, tooltip=help_text)
+                        default = vllm_image() if field_id == "image" else placeholder or name
+                        yield Input(placeholder=default, id=field_id, compact=True, tooltip=help_text)
                 yield Static("Checking…", id="plan", classes="drawer-plan")
             yield Checkbox("Deploy even if it does not fit", id="force", compact=True)
             yield Static("", id="error", classes="dialog-error")
@@ -106,6 +112,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
 
     def on_mount(self) -> None:
         self.query_one("#force", Checkbox).display = False
+        for field_id in CLUSTER_ONLY:
+            self.query_one(f"#{field_id}-row").display = False
 
     def _target(self) -> str:
         return self.query_one(TargetSelect).value
@@ -116,8 +124,9 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
     # -- the settings and their plan ----------------------------------------------------------------
 
     def _settings(self) -> tuple[DeploySettings, dict[str, str]]:
+        on_cluster = bool(self._target())
         values = {field_id: self.query_one(f"#{field_id}", Input).value for field_id, _, _ in TYPED
-                  if field_id not in LABELS}
+                  if field_id not in LABELS and (on_cluster or field_id not in CLUSTER_ONLY)}
         values |= {select_id: str(self.query_one(f"#{select_id}", Select).value)
                    for select_id in ("backend", "gpus", "dtype")}
         values["target"] = self._target()
@@ -135,9 +144,21 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
     @on(Select.Changed)
     def settings_changed(self) -> None:
         on_cluster = bool(self._target())
-        for row_id in ("#backend-row", "#gpus-row", "#host-row"):  # the cluster's vLLM decides these
+        for row_id in LOCAL_ONLY:
             self.query_one(row_id).display = not on_cluster
+        for field_id in CLUSTER_ONLY:
+            self.query_one(f"#{field_id}-row").display = on_cluster
+        if self.focused is not None and not self._shown(self.focused):
+            self.query_one("#target").focus()  # its row was hidden (the backend, focused first, on a cluster)
         self._schedule_plan()
+
+    def _shown(self, widget) -> bool:
+        for node in widget.ancestors_with_self:
+            if node is self:
+                return True
+            if not node.display:
+                return False
+        return True
 
     def _schedule_plan(self) -> None:
         if self._plan_timer is not None:

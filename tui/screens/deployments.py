@@ -287,10 +287,11 @@ class DeploymentsScreen(DeckScreen):
         base = self.store.models.get(row.model.base_id) if row and row.model.base_id else None
         adapter_base = base.model if base and row.model.kind.value == "adapter" else None
         if dep.backend == "kubernetes":
-            from engine.kube.manifests import port_forward_command
+            from engine.kube.manifests import VLLM_IMAGE, port_forward_command
 
-            target = dep.loads(dep.settings_json, {}).get("target", "")
-            command = (f"vLLM on the cluster {target} (deploy --target {target} --dry-run prints its manifests); "
+            settings = dep.loads(dep.settings_json, {})
+            target, image = settings.get("target", ""), settings.get("image") or VLLM_IMAGE
+            command = (f"vLLM ({image}) on the cluster {target} (deploy --target {target} --dry-run prints its manifests); "
                        f"reached through: {port_forward_command(dep.name, target, dep.endpoint.rsplit(':', 1)[1].split('/')[0])}")
         else:
             command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
