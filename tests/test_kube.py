@@ -717,6 +717,18 @@ def test_finetune_dry_run_prints_valid_manifests_and_touches_nothing(db, hub, tm
         assert refused.returncode == 1 and message in refused.stderr
 
 
+async def dialog_on_custom(pilot, key: str, dialog_type):
+    """The dialog `key` opens on Custom's first model, once it shows the kubeconfig's contexts."""
+    from tests.tui_helpers import wait_for
+
+    app = pilot.app
+    await wait_for(pilot, lambda: app.store.loaded, what="first load")
+    await pilot.press("2", key)
+    dialog = await wait_for(pilot, lambda: isinstance(app.screen, dialog_type) and app.screen)
+    await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the kubeconfig's contexts")
+    return dialog
+
+
 async def test_the_finetune_dialog_starts_a_run_on_a_cluster(db, on_emulator, tmp_path):
     """The dashboard's way: the fine-tune dialog's Target, Namespace, Image and GPUs start a Job on the
     cluster; Custom shows the adapter Pending, its files to be on the cluster's volume."""
@@ -732,10 +744,7 @@ async def test_the_finetune_dialog_starts_a_run_on_a_cluster(db, on_emulator, tm
     data = write_dataset(tmp_path, "alpaca")
     app = ModelDeckApp(db)
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.store.loaded, what="first load")
-        await pilot.press("2", "f")
-        dialog = await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog) and app.screen)
-        await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the kubeconfig's contexts")
+        dialog = await dialog_on_custom(pilot, "f", FinetuneDialog)
         assert not dialog.query_one("#image-row").display  # this machine: its GPUs, no image
         dialog.query_one("#target").value = "emu"
         await pilot.pause()
@@ -771,10 +780,7 @@ async def test_the_deploy_drawer_deploys_on_a_cluster_in_the_image_typed(db, on_
 
     app = ModelDeckApp(db)
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.store.loaded, what="first load")
-        await pilot.press("2", "p")
-        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen)
-        await wait_for(pilot, lambda: drawer.query_one("TargetSelect").display, what="the kubeconfig's contexts")
+        drawer = await dialog_on_custom(pilot, "p", DeployDrawer)
         assert not drawer.query_one("#image-row").display and drawer.query_one("#gpus-row").display
         drawer.query_one("#target").value = "emu"
         await pilot.pause()
