@@ -261,11 +261,13 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
     """A Kubernetes target: vLLM on the cluster, which downloads the model from the Hub itself; reached
     from here through a port-forward on a free local port. The fit is the cluster scheduler's to judge."""
     from engine.kube.cluster import check_target
-    from engine.kube.manifests import vllm_image
+    from engine.kube.manifests import VLLM_IMAGE_ENV, vllm_image
 
     context, namespace = check_target(settings.target)
     # The context's namespace if none was given; the image is kept as chosen now, so a restart runs the same one.
     settings = dataclasses.replace(settings, target=f"{context}/{namespace}", image=vllm_image(settings.image))
+    if problems := settings.problems():  # the image may come from $MODELDECK_VLLM_IMAGE
+        raise EngineError("; ".join(problems.values()) + f" (${VLLM_IMAGE_ENV})")
     with db.read() as session:
         model = _model(session, model_name)
         base = session.get(Model, model.base_id) if model.kind == ModelKind.ADAPTER and model.base_id else None

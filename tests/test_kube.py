@@ -347,6 +347,16 @@ async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(d
                                                              "persistentvolumeclaims"} & {k for k, _ in live(on_emulator)}))
 
 
+async def test_a_vllm_image_with_spaces_is_refused_wherever_it_comes_from(db, on_emulator, monkeypatch):
+    from engine import deployments
+
+    with pytest.raises(EngineError, match="without spaces$"):
+        await until_done(asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="emu/ml", image="a b")))
+    monkeypatch.setenv("MODELDECK_VLLM_IMAGE", "registry.local/vllm openai")
+    with pytest.raises(EngineError, match=r"without spaces \(\$MODELDECK_VLLM_IMAGE\)$"):
+        await until_done(asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="emu/ml")))
+
+
 async def test_stopping_a_cluster_deployment_deletes_its_objects(db, on_emulator):
     from engine import deployments
 
@@ -791,7 +801,7 @@ async def test_the_deploy_drawer_deploys_on_a_cluster_in_the_image_typed(db, on_
         await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
         await pilot.press("ctrl+s")
         while app.screen is drawer:
-            assert str(drawer.query_one("#error").render()) == ""
+            assert str(drawer.query_one("#error").render()) in ("", "Checking and starting…")
             await pilot.pause(0.1)  # the emulator answers on this loop
         assert isinstance(app.screen, DeploymentsScreen)  # where the new deployment is followed
         [deployment] = await asyncio.to_thread(deployments.deployment_rows, db)

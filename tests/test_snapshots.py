@@ -231,7 +231,6 @@ class TestDialogs:
 
     def test_deploy_drawer_on_a_kubernetes_target(self, snap_compare, db, size, monkeypatch, tmp_path):
         kubeconfig_with(tmp_path, monkeypatch, "prod-gpu", "staging")
-        monkeypatch.delenv("MODELDECK_VLLM_IMAGE", raising=False)  # the Image field shows the official default
 
         async def choose_cluster(pilot):
             drawer = await on_target(pilot, "prod-gpu", "ml")

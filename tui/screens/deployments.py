@@ -291,7 +291,8 @@ class DeploymentsScreen(DeckScreen):
 
             settings = dep.loads(dep.settings_json, {})
             target, image = settings.get("target", ""), settings.get("image") or VLLM_IMAGE
-            command = (f"vLLM ({image}) on the cluster {target} (deploy --target {target} --dry-run prints its manifests); "
+            command = (f"vLLM ({image}) on the cluster {target} (deploy --target {target} --image {image} --dry-run "
+                       "prints its manifests); "
                        f"reached through: {port_forward_command(dep.name, target, dep.endpoint.rsplit(':', 1)[1].split('/')[0])}")
         else:
             command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
