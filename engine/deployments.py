@@ -264,7 +264,8 @@ def _plan_on_cluster(db: Database, model_name: str | int, settings: DeploySettin
     from engine.kube.manifests import VLLM_IMAGE_ENV, vllm_image
 
     context, namespace = check_target(settings.target)
-    # The context's namespace if none was given; the image is kept as chosen now, so a restart runs the same one.
+    # The context's namespace if none was given. The image is resolved here and stored with the deployment: its
+    # supervisor and its details read it there, whatever their own environment.
     settings = dataclasses.replace(settings, target=f"{context}/{namespace}", image=vllm_image(settings.image))
     if problems := settings.problems():  # the image may come from $MODELDECK_VLLM_IMAGE
         raise EngineError("; ".join(problems.values()) + f" (${VLLM_IMAGE_ENV})")

@@ -317,7 +317,7 @@ async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(d
                                             DeploySettings(target="emu/ml", tensor_parallel=2))
     assert deployment.backend == "kubernetes" and deployment.gpus == "2"
     assert deployment.endpoint.startswith("http://127.0.0.1:")  # where the port-forward will listen
-    # The image is kept with the deployment as chosen at its start: a supervisor re-attaching runs the same one.
+    # The image is stored with the deployment as resolved at its start: its supervisor reads it there.
     assert deployment.loads(deployment.settings_json, {})["image"] == "registry.local/vllm-openai:v0.11.0"
     await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
     assert {("deployments", "md-qwen"), ("services", "md-qwen")} <= live(on_emulator)
