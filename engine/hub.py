@@ -34,20 +34,6 @@ def hub_cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")).expanduser() / "hub"
 
 
-def token() -> str | None:
-    """The user's Hugging Face token, found where huggingface_hub looks: HF_TOKEN, then the file
-    `hf auth login` writes (a cluster's pods get it through a Secret)."""
-    found = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if found:
-        return found.strip()
-    home = Path(os.environ.get("HF_HOME") or hub_cache_dir().parent).expanduser()
-    path = Path(os.environ.get("HF_TOKEN_PATH") or home / "token").expanduser()
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
 def repo_cache_dir(repo_id: str) -> Path:
     return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
@@ -130,10 +116,12 @@ def delete_from_cache(repo_id: str, revision: str | None) -> int:
     return freed
 
 
-def has_token() -> bool:
+def token() -> str | None:
+    """The user's Hugging Face token, where huggingface_hub finds it: HF_TOKEN, or the file `hf auth login`
+    writes (a cluster's pods get it through a Secret)."""
     from huggingface_hub import get_token
 
-    return get_token() is not None
+    return get_token()
 
 
 def explain_error(exc: BaseException, repo_id: str) -> tuple[str, str]:
@@ -143,7 +131,7 @@ def explain_error(exc: BaseException, repo_id: str) -> tuple[str, str]:
 
     link = model_link(repo_id)
     if isinstance(exc, errors.GatedRepoError):
-        if has_token():
+        if token():
             return "gated", (f"{repo_id} is gated and your Hugging Face account has no access yet: "
                              f"accept its licence at {link}, then retry")
         return "gated", (f"{repo_id} is gated: accept its licence at {link}, then log in "

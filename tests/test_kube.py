@@ -270,6 +270,35 @@ def test_deploy_dry_run_prints_valid_manifests_and_touches_nothing(db, hub):
     assert here.returncode == 1 and "a vLLM image is for a Kubernetes target" in here.stderr
 
 
+def test_the_users_hugging_face_token_goes_to_the_cluster_as_a_secret(db, hub):
+    """Found where huggingface_hub finds it: the file `hf auth login` writes, or HF_TOKEN before it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from engine import models
+    from tests.conftest import settled
+
+    model, _ = models.pull(db, "org/tiny")
+    settled(db, model.id)
+
+    def token_secrets(**env) -> list[dict]:
+        result = subprocess.run([sys.executable, "-m", "tui.cli", "deploy", model.name, "--target", "prod-gpu/ml",
+                                 "--dry-run"], capture_output=True, text=True, env=dict(os.environ, **env), timeout=60)
+        assert result.returncode == 0, result.stderr
+        found = [o for o in yaml.safe_load_all(result.stdout) if o["metadata"]["name"].endswith("-hf-token")]
+        assert bool(found) == ("your Hugging Face token" in result.stderr)
+        return found
+
+    assert token_secrets() == []
+    (Path(os.environ["HF_HOME"]) / "token").write_text("hf_fromTheLoginFile\n")
+    [secret] = token_secrets()
+    assert secret["stringData"] == {"token": "hf_fromTheLoginFile"}
+    [secret] = token_secrets(HF_TOKEN="hf_fromTheEnvironment")
+    assert secret["stringData"] == {"token": "hf_fromTheEnvironment"}
+
+
 KUBECONFIG = """
 apiVersion: v1
 kind: Config
