@@ -148,17 +148,9 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
             self.query_one(row_id).display = not on_cluster
         for field_id in CLUSTER_ONLY:
             self.query_one(f"#{field_id}-row").display = on_cluster
-        if self.focused is not None and not self._shown(self.focused):
+        if self.focused is not None and self.focused not in self.focus_chain:
             self.query_one("#target").focus()  # its row was hidden (the backend, focused first, on a cluster)
         self._schedule_plan()
-
-    def _shown(self, widget) -> bool:
-        for node in widget.ancestors_with_self:
-            if node is self:
-                return True
-            if not node.display:
-                return False
-        return True
 
     def _schedule_plan(self) -> None:
         if self._plan_timer is not None:
