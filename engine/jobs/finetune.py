@@ -84,14 +84,19 @@ def work(ctx: JobContext) -> None:
             raise JobFailure(f"cannot read the dataset {p['dataset']}: {exc.strerror}") from exc
     lineage = train(ctx, stopping, Run(base.path, base.name, base.repo_id, copy, p["dataset"], p["hyperparameters"],
                                        p["gpus"], final, p.get("attempt", 1)))
-    with ctx.db.read() as session:
-        meta = session.get(Model, ctx.model_id).meta
-    meta.update({k: lineage[k] for k in LINEAGE_IN_META})
-    ctx.succeed(size_bytes=hub.snapshot_size(final), meta_json=Model.dumps(meta))
+    succeed_with(ctx, lineage, hub.snapshot_size(final))
 
 
 LINEAGE_IN_META = ("rows", "target_modules", "steps", "final_loss", "final_eval_loss", "train_runtime_s",
                    "tokens_per_s")
+
+
+def succeed_with(ctx: JobContext, lineage: dict, size_bytes: int | None) -> None:
+    """The adapter is Ready: the headline figures of its run (its lineage) join its meta, for the screens."""
+    with ctx.db.read() as session:
+        meta = session.get(Model, ctx.model_id).meta
+    meta.update({k: lineage[k] for k in LINEAGE_IN_META if k in lineage})
+    ctx.succeed(size_bytes=size_bytes, meta_json=Model.dumps(meta))
 
 
 @dataclass

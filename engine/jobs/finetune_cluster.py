@@ -20,7 +20,7 @@ from pathlib import Path
 from catalog.schema import Model
 from engine.errors import EngineError
 from engine.finetune import cluster_job
-from engine.jobs.finetune import LINEAGE_IN_META, Reporter, Stopping
+from engine.jobs.finetune import Reporter, Stopping, succeed_with
 from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.reported import parse
 from engine.kube import cluster
@@ -213,11 +213,8 @@ class FinetuneOnCluster:
 
     def succeed(self) -> None:
         lineage = self.outcome["done"]
-        with self.ctx.db.read() as session:
-            meta = session.get(Model, self.ctx.model_id).meta
-        meta.update({k: lineage[k] for k in LINEAGE_IN_META if k in lineage})
         self.ctx.log(f"adapter written to {self.spec.adapter_folder} on volume {self.spec.adapter_volume}")
-        self.ctx.succeed(size_bytes=lineage.get("size_bytes"), meta_json=Model.dumps(meta))
+        succeed_with(self.ctx, lineage, lineage.get("size_bytes"))
 
     def cleanup(self, keep: tuple[str, ...]) -> None:
         """Delete the Job (its pod saves a checkpoint as it stops) and its inputs; keep the volumes asked."""
