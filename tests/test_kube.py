@@ -689,6 +689,8 @@ async def test_stopping_a_cluster_finetune_deletes_its_job_and_a_retry_reuses_it
     assert stopped.reason == "finetune cancelled" and jobs.get(db, job.id).state.value == "cancelled"
     assert live(on_emulator) == {("persistentvolumeclaims", "md-ft-halt-adapter"),
                                  ("persistentvolumeclaims", "md-ft-halt-cache")}
+    said = Path(jobs.get(db, job.id).log_path).read_text()  # the job's log says what went and what stays
+    assert "deleted from the cluster: Job/md-ft-halt" in said and "; kept: adapter, model-cache" in said
     # A retry makes the Job again, and finds its volumes where they were (created once, not refused).
     _row, again = await asyncio.to_thread(finetune.rerun, db, stopped)
     await model_where(db, model.id, lambda m: ("jobs", "md-ft-halt") in live(on_emulator))

@@ -218,9 +218,4 @@ class FinetuneOnCluster:
 
     def cleanup(self, keep: tuple[str, ...]) -> None:
         """Delete the Job (its pod saves a checkpoint as it stops) and its inputs; keep the volumes asked."""
-        try:
-            removed = cluster.delete_all(self.client, self.namespace, self.spec.owner, keep_roles=keep)
-            self.ctx.log("deleted from the cluster: " + (", ".join(removed) or "nothing left")
-                         + f"; kept: {', '.join(keep)}")
-        except EngineError as exc:
-            self.ctx.log(f"could not delete everything from the cluster: {exc}")
+        cluster.clean_up(self.client, self.namespace, self.spec.owner, self.ctx.log, keep_roles=keep)

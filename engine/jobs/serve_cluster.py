@@ -181,8 +181,4 @@ class OnCluster:
             except subprocess.TimeoutExpired:
                 self.forward.kill()
         if self.client is not None and self.applied:
-            try:
-                removed = cluster.delete_all(self.client, self.spec.namespace, self.owner)
-                self.ctx.log("deleted from the cluster: " + (", ".join(removed) or "nothing left"))
-            except EngineError as exc:
-                self.ctx.log(f"could not delete everything from the cluster: {exc}")
+            cluster.clean_up(self.client, self.spec.namespace, self.owner, self.ctx.log)

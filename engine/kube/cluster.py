@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,18 @@ def delete_all(client, namespace: str, owner: Owner, keep_roles: tuple[str, ...]
         except Exception as exc:  # noqa: BLE001
             raise explain(exc, f"deleting the {kind}s of {owner.kind} {owner.name}", namespace) from None
     return removed
+
+
+def clean_up(client, namespace: str, owner: Owner, log: Callable[[str], None],
+             keep_roles: tuple[str, ...] = ()) -> None:
+    """A supervisor's last step: delete what its owner has on the cluster (but the roles kept), saying so
+    in its log. A failure is logged, not raised: deleting the owner's record from modeldeck tries again."""
+    try:
+        removed = delete_all(client, namespace, owner, keep_roles=keep_roles)
+        log("deleted from the cluster: " + (", ".join(removed) or "nothing left")
+            + (f"; kept: {', '.join(keep_roles)}" if keep_roles else ""))
+    except EngineError as exc:
+        log(f"could not delete everything from the cluster: {exc}")
 
 
 def delete_owned(target: str, owner: Owner, what: str) -> None:
