@@ -126,22 +126,34 @@ def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:
     return {"name": name, "namespace": namespace, "labels": owner.labels(role)}
 
 
+def _secret(metadata: dict, string_data: dict[str, str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "stringData": string_data}
+
+
+def _volume_claim(metadata: dict, size_gib: int) -> dict:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata,
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{size_gib}Gi"}}}}
+
+
+def _hf_token_env(secret: str) -> dict:
+    """The pod's HF_TOKEN, from the Secret that holds the user's Hugging Face token."""
+    return {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}
+
+
+def _shared_memory() -> dict:
+    """/dev/shm: tensor parallel and data loaders talk through shared memory; a pod's default 64 MiB is too small."""
+    return {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
+
+
 def deployment_objects(spec: ClusterDeploy) -> list[dict]:
     """Every object of a deployment, in the order they are applied."""
     owner = spec.owner
     base = owner.base_name
     key_secret, token_secret, cache = f"{base}-api-key", f"{base}-hf-token", f"{base}-cache"
-    objects: list[dict] = [{
-        "apiVersion": "v1", "kind": "Secret", "metadata": _meta(owner, spec.namespace, key_secret, "api-key"),
-        "type": "Opaque", "stringData": {"api-key": spec.api_key},
-    }]
+    objects = [_secret(_meta(owner, spec.namespace, key_secret, "api-key"), {"api-key": spec.api_key})]
     if spec.hf_token:
-        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(owner, spec.namespace, token_secret, "hf-token"),
-                        "type": "Opaque", "stringData": {"token": spec.hf_token}})
-    objects.append({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(owner, spec.namespace, cache, "model-cache"),
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": f"{spec.cache_size_gib}Gi"}}},
-    })
+        objects.append(_secret(_meta(owner, spec.namespace, token_secret, "hf-token"), {"token": spec.hf_token}))
+    objects.append(_volume_claim(_meta(owner, spec.namespace, cache, "model-cache"), spec.cache_size_gib))
     s = spec.settings
     base_served = spec.served_name if spec.adapter is None else f"{spec.served_name}-base"
     args = ["--model", spec.repo_id, "--served-model-name", base_served, "--host", "0.0.0.0", "--port", str(PORT),
@@ -157,7 +169,7 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
     env = [{"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": key_secret, "key": "api-key"}}},
            {"name": "HF_HOME", "value": CACHE_PATH}]
     if spec.hf_token:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": "token"}}})
+        env.append(_hf_token_env(token_secret))
     probe = {"httpGet": {"path": "/health", "port": "http"}}
     pod_labels = owner.labels("server")
     container = {
@@ -170,9 +182,7 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         "livenessProbe": probe | {"periodSeconds": 10, "failureThreshold": 6},
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_PATH}, {"name": "shm", "mountPath": "/dev/shm"}],
     }
-    volumes = [{"name": "cache", "persistentVolumeClaim": {"claimName": cache}},
-               # tensor parallel talks through shared memory; the default 64 MiB is too small
-               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
+    volumes = [{"name": "cache", "persistentVolumeClaim": {"claimName": cache}}, _shared_memory()]
     if spec.adapter is not None:
         container["volumeMounts"].append({"name": "adapter", "mountPath": ADAPTER_MOUNT, "readOnly": True})
         volumes.append({"name": "adapter", "persistentVolumeClaim": {"claimName": spec.adapter.volume,
@@ -285,16 +295,12 @@ def finetune_objects(spec: ClusterFinetune) -> list[dict]:
                         "type": "Opaque", "data": {f"dataset.gz.{i:03d}": base64.b64encode(part).decode()}})
     token_secret = f"{prefix}-hf-token"
     if spec.hf_token:
-        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(token_secret, "hf-token"),
-                        "type": "Opaque", "stringData": {"token": spec.hf_token}})
-    for role, name, size in (("model-cache", f"{prefix}-cache", spec.cache_size_gib),
-                             ("adapter", spec.adapter_volume, spec.adapter_size_gib)):
-        objects.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(name, role),
-                        "spec": {"accessModes": ["ReadWriteOnce"],
-                                 "resources": {"requests": {"storage": f"{size}Gi"}}}})
+        objects.append(_secret(meta(token_secret, "hf-token"), {"token": spec.hf_token}))
+    objects.append(_volume_claim(meta(f"{prefix}-cache", "model-cache"), spec.cache_size_gib))
+    objects.append(_volume_claim(meta(spec.adapter_volume, "adapter"), spec.adapter_size_gib))
     env = [{"name": "HF_HOME", "value": CACHE_MOUNT}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if spec.hf_token:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": "token"}}})
+        env.append(_hf_token_env(token_secret))
     # Requests, so the pod is not the first evicted (nor refused where a quota asks for them); no memory
     # limit: loading a base model peaks above what training holds.
     requests = {"cpu": "4", "memory": "16Gi"} if spec.gpus else {"cpu": "2", "memory": "4Gi"}
@@ -329,7 +335,7 @@ def finetune_objects(spec: ClusterFinetune) -> list[dict]:
                     "volumes": [{"name": "spec", "projected": {"sources": sources}},
                                 {"name": "cache", "persistentVolumeClaim": {"claimName": f"{prefix}-cache"}},
                                 {"name": "adapter", "persistentVolumeClaim": {"claimName": spec.adapter_volume}},
-                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+                                _shared_memory()],
                 },
             },
         },
