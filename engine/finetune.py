@@ -189,7 +189,7 @@ def cluster_job(name: str, on: dict, base: Model, dataset: Path, hyperparameters
 def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, Job]:
     """Register the adapter as Pending and start its job. A base model still downloading is waited for
     by the job itself. On a cluster, the adapter's files stay there, on a volume of their own."""
-    given = name
+    chosen = bool(name)  # a name the user gave is checked; a default one is made free
     hp, base = checked.hyperparameters, checked.base
     if checked.cluster is None:
         _check_space(estimated_disk_bytes(hp, checked.limits), models_dir(db))
@@ -212,7 +212,7 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
             meta["cluster"] = on | {"volume": adapter_volume(name), "folder": adapter_folder(name)}
         where = f" on {on['target']}" if on else ""
         model, job = _output_model(
-            session, db, name, name == given,
+            session, db, name, chosen,
             Model(kind=ModelKind.ADAPTER, source=f"finetune:{row.name}", base_id=row.id, meta_json=Model.dumps(meta)),
             JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}{where}",
             base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus, cluster=on)
