@@ -49,8 +49,6 @@ from engine.jobs import settle_deployment
 from engine.localmodel import check_name
 from engine.models import find_model
 
-LIVE = LIVE_DEPLOYMENT_STATES
-
 
 def deployment_rows(db: Database, ids: set[int] | None = None) -> list[Deployment]:
     with db.read() as session:
@@ -186,7 +184,7 @@ def _check_name_and_port(session: Session, name: str, port: int) -> set[int]:
     """A live deployment keeps its name and its port (a server binds its port only once its model is
     loaded: the port is taken even while nothing listens on it yet). Returns the ports kept."""
     kept = set()
-    for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE))):
+    for live in session.exec(select(Deployment).where(Deployment.state.in_(LIVE_DEPLOYMENT_STATES))):
         live_port = live.loads(live.settings_json, {}).get("port")
         if live.name == name:
             raise EngineError(f"a deployment named {name!r} is already running; stop it, or give this one another "
@@ -357,7 +355,7 @@ def stop(db: Database, name: str | int) -> Deployment:
     if deployment.backend == "external":
         raise EngineError(f"{deployment.name!r} is an external endpoint: modeldeck does not run it, so there is "
                           "nothing to stop; delete removes it from the list")
-    if deployment.state not in LIVE:
+    if not deployment.state.is_live():
         raise EngineError(f"deployment {deployment.name!r} is already {deployment.state.value}")
     try:
         jobs.cancel(db, deployment.job_id)
@@ -376,7 +374,7 @@ def delete(db: Database, name: str | int) -> None:
 
     with db.write() as session:
         deployment = find_deployment(session, name)
-        if deployment.state in LIVE and deployment.backend != "external":
+        if deployment.state.is_live() and deployment.backend != "external":
             raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}; stop it first")
         settings = deployment.loads(deployment.settings_json, {})
         kept_in_keyring = deployment.backend == "external" and settings.get("key_keyring")

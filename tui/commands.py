@@ -363,7 +363,7 @@ def cmd_stop(args, db) -> int:
 
     with db.read() as session:
         deployment = deployments.find_deployment(session, args.deployment)
-    if (deployment.backend != "external" and deployment.state in deployments.LIVE) or not args.rm:
+    if (deployment.backend != "external" and deployment.state.is_live()) or not args.rm:
         deployment = deployments.stop(db, deployment.id)
     if args.rm:
         deployments.delete(db, deployment.id)
