@@ -32,7 +32,14 @@ from engine.kube.manifests import (  # noqa: E402
 )
 from engine.kube.status import server_state  # noqa: E402
 
-K8S_VERSION = "1.37.0"  # the newest schemas kubernetes-validate ships
+# Clusters in service: the oldest still supported by most providers to the newest schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.30.0", "1.32.0", "1.34.0", "1.37.0")
+
+
+def validate_strictly(obj: dict) -> None:
+    """Valid for every Kubernetes version above, strictly (no unknown fields)."""
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
 def spec(name: str = "qwen-small", **settings) -> ClusterDeploy:
@@ -49,7 +56,7 @@ def test_every_manifest_passes_the_strict_kubernetes_schemas(variant):
     objects = deployment_objects(variant)
     assert [o["kind"] for o in objects][-2:] == ["Deployment", "Service"]
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        validate_strictly(obj)
         assert obj["metadata"]["labels"][MANAGED_BY] == "modeldeck"  # every object is traceable, nothing orphaned
         assert obj["metadata"]["labels"]["modeldeck.dev/deployment"] == k8s_name(variant.name, "")
     deployment = next(o for o in objects if o["kind"] == "Deployment")
@@ -73,8 +80,9 @@ def test_the_schemas_do_reject_what_is_wrong():
     wrong_type = copy.deepcopy(deployment)
     wrong_type["spec"]["replicas"] = "one"
     for broken in (unknown, no_selector, wrong_type):
-        with pytest.raises(kubernetes_validate.ValidationError):
-            kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+        for version in K8S_VERSIONS:
+            with pytest.raises(kubernetes_validate.ValidationError):
+                kubernetes_validate.validate(broken, version, strict=True)
 
 
 def test_names_yaml_and_the_in_cluster_url():
@@ -254,7 +262,7 @@ def test_deploy_dry_run_prints_valid_manifests_and_touches_nothing(db, hub):
     objects = list(yaml.safe_load_all(result.stdout))
     assert [o["kind"] for o in objects] == ["Secret", "PersistentVolumeClaim", "Deployment", "Service"]
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        validate_strictly(obj)
         assert obj["metadata"]["namespace"] == "ml"
     [container] = objects[2]["spec"]["template"]["spec"]["containers"]
     args = container["args"]
@@ -462,7 +470,7 @@ def test_every_finetune_manifest_passes_the_strict_schemas_and_the_dataset_survi
 
     objects = finetune_objects(variant)
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        validate_strictly(obj)
         assert variant.owner.owns(obj["metadata"]["labels"]) and len(obj["metadata"]["name"]) <= 63
     job = objects[-1]
     assert job["kind"] == "Job" and variant.owner.owns(job["spec"]["template"]["metadata"]["labels"])
@@ -742,7 +750,7 @@ def test_finetune_dry_run_prints_valid_manifests_and_touches_nothing(db, hub, tm
     assert [o["kind"] for o in objects] == ["ConfigMap", "Secret", "PersistentVolumeClaim", "PersistentVolumeClaim",
                                             "Job"]
     for obj in objects:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        validate_strictly(obj)
         assert obj["metadata"]["namespace"] == "ml"
     container = objects[-1]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == IMAGE and container["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -876,7 +884,7 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
     apps = kubernetes.client.AppsV1Api(client_for(on_emulator))
     served = client_for(on_emulator).sanitize_for_serialization(
         await asyncio.to_thread(apps.read_namespaced_deployment, "md-support", "ml"))
-    kubernetes_validate.validate(served, K8S_VERSION, strict=True)
+    validate_strictly(served)
     pod = served["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "Qwen/Qwen2.5-0.5B-Instruct"  # the base, from the Hub

@@ -325,7 +325,9 @@ def finetune_objects(spec: ClusterFinetune) -> list[dict]:
             # An evicted or preempted pod is replaced, and resumes from its last checkpoint on the volume;
             # a run that fails on its own is not retried behind the user's back (retry is theirs to ask).
             "backoffLimit": 0,
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+            # (`status` is optional since Kubernetes 1.35; the schemas before it require it.)
+            "podFailurePolicy": {"rules": [{"action": "Ignore",
+                                            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
             "template": {
                 "metadata": {"labels": owner.labels("finetune")},
                 "spec": {
