@@ -115,6 +115,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ix_chat_message_conversation_id ON chat_message (conversation_id);
     """,
+    # 4: when a deployment's target ends it (a SLURM batch job's time limit).
+    """
+    ALTER TABLE deployment ADD COLUMN ends_at FLOAT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

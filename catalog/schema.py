@@ -11,7 +11,9 @@ from sqlalchemy.types import String, TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from catalog.states import (  # noqa: F401  (re-exported: the tables' columns use them)
+    DEPLOYMENT_TRANSITIONS,
     JOB_TRANSITIONS,
+    MODEL_TRANSITIONS,
     DeploymentState,
     JobKind,
     JobState,
@@ -152,6 +154,7 @@ class Deployment(SQLModel, JsonMixin, table=True):
     settings_json: str = "{}"
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
+    ends_at: float | None = None  # when its target ends it (a batch job's time limit)
 
 
 class Conversation(SQLModel, JsonMixin, table=True):

@@ -15,6 +15,15 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
+# Pending while its files are made (downloaded, converted, trained, merged); a failed one is retried; a
+# Ready one whose files live on a target only is Pending again while they are downloaded here.
+MODEL_TRANSITIONS: dict[ModelState, set[ModelState]] = {
+    ModelState.PENDING: {ModelState.READY, ModelState.FAILED},
+    ModelState.READY: {ModelState.PENDING},
+    ModelState.FAILED: {ModelState.PENDING},
+}
+
+
 class JobKind(StrEnum):
     DOWNLOAD = "download"
     IMPORT = "import"
@@ -56,3 +65,14 @@ class DeploymentState(StrEnum):
 
 
 LIVE_DEPLOYMENT_STATES = (DeploymentState.PENDING, DeploymentState.READY)
+
+# A deployment moves through its phases while Pending; a Ready one is Pending again while its server comes
+# back elsewhere (a batch job requeued); Failed and Stopped are never left (it is deployed anew).
+DEPLOYMENT_TRANSITIONS: dict[DeploymentState, set[DeploymentState]] = {
+    DeploymentState.PENDING: {DeploymentState.PENDING, DeploymentState.READY, DeploymentState.FAILED,
+                              DeploymentState.STOPPED},
+    DeploymentState.READY: {DeploymentState.READY, DeploymentState.PENDING, DeploymentState.FAILED,
+                            DeploymentState.STOPPED},
+    DeploymentState.FAILED: set(),
+    DeploymentState.STOPPED: set(),
+}

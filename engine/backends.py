@@ -14,15 +14,16 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from engine.errors import EngineError
 from engine.gpus import cuda_env
 from engine.localmodel import model_config
 
 if TYPE_CHECKING:
     from catalog.schema import Deployment, Model
 
-BACKENDS = ("auto", "vllm", "transformers")  # on a Kubernetes target it is always vLLM
+BACKENDS = ("auto", "vllm", "transformers")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -31,7 +32,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FIELD_LABELS = {
     "backend": "Backend", "gpus": "GPUs", "tensor_parallel": "Tensor parallel", "dtype": "Dtype",
     "max_model_len": "Max model length", "gpu_memory_fraction": "GPU memory", "port": "Port",
-    "host": "Bind address", "served_name": "Served name", "target": "Target", "image": "Image",
+    "host": "Bind address", "served_name": "Served name", "target": "Target",
 }
 
 
@@ -46,8 +47,8 @@ class DeploySettings:
     port: int = 0  # 0: a free one
     host: str = "127.0.0.1"
     served_name: str = ""  # empty: the model's name
-    target: str = ""  # empty: this machine; else a Kubernetes CONTEXT/NAMESPACE from the kubeconfig
-    image: str = ""  # on a cluster, the vLLM image (empty: engine.kube.manifests.vllm_image's default)
+    target: str = ""  # where it runs: a target's spec (engine/targets); empty: this machine
+    options: dict[str, Any] = field(default_factory=dict)  # the target's own (a cluster's image, a batch job's time)
 
     def problems(self) -> dict[str, str]:
         errors = {}
@@ -67,9 +68,6 @@ class DeploySettings:
             errors["host"] = f"Bind address {self.host!r}: an IP address or host name, like 127.0.0.1"
         if not 0 <= self.port <= 65535:
             errors["port"] = "Port must be from 1 to 65535 (or empty for a free one)"
-        if self.image and (not self.target or any(c.isspace() for c in self.image)):
-            errors["image"] = ("Image: a name like vllm/vllm-openai:v0.11.0, without spaces" if self.target
-                               else "Image: a vLLM image is for a Kubernetes target (--target)")
         return errors
 
     @classmethod
@@ -79,7 +77,7 @@ class DeploySettings:
         parsed, errors = {}, {}
         for f in dataclasses.fields(cls):
             text = str(values.get(f.name, "")).strip()
-            if not text:
+            if not text or f.name == "options":  # a target's options are its own to parse
                 continue
             kind = type(getattr(cls, f.name))
             try:
@@ -229,6 +227,52 @@ def estimate_memory(model_path: str, size_on_disk: int, dtype: str, max_len: int
     tokens = max_len or text.get("max_position_embeddings", 2048)
     kv = 2 * layers * kv_heads * head_dim * tokens * serving * concurrent
     return MemoryEstimate(weights, kv)
+
+
+def checked_listen(settings: DeploySettings, kept_ports: set[int]) -> DeploySettings:
+    """The port a server will listen on here: a free one when not given (none of `kept_ports`, which live
+    deployments keep), else one nothing listens on; the address must be this machine's."""
+    try:
+        if settings.port == 0:
+            return dataclasses.replace(settings, port=free_port(settings.host, avoid=kept_ports))
+        if not port_free(settings.host, settings.port):
+            raise EngineError(f"port {settings.port} on {settings.host} is in use by another program; choose "
+                              "another, or leave it empty for a free one")
+    except socket.gaierror:
+        raise EngineError(f"bind address {settings.host!r}: not a known host name or IP address") from None
+    except OSError as exc:
+        raise EngineError(f"bind address {settings.host!r}: cannot listen there ({exc.strerror}); use 127.0.0.1, "
+                          "0.0.0.0 or an address of this machine") from None
+    return settings
+
+
+@dataclass
+class FitCheck:
+    """Whether the model fits where it will run: estimated weights + KV cache against what is free."""
+
+    needed: MemoryEstimate
+    available: int  # bytes free on the chosen GPUs (within vLLM's fraction), or RAM on the CPU
+    where: str  # "GPU 0", "GPUs 0,1", "RAM"
+    rough: bool = False  # from the parameter count alone: the model is not downloaded yet
+
+    @property
+    def verdict(self) -> str:
+        return fit_verdict(self.needed.total, self.available)
+
+    @property
+    def needs(self) -> str:
+        from engine.format import human_bytes  # it imports this module
+
+        if self.rough:
+            kv = " (weights only, until it is downloaded)"
+        elif not self.needed.kv_cache:
+            kv = " (weights only; no config.json gives the KV cache)"
+        else:
+            kv = f" (weights {human_bytes(self.needed.weights)} + KV cache {human_bytes(self.needed.kv_cache)})"
+        return f"needs about {human_bytes(self.needed.total)} of {human_bytes(self.available)} free {self.where}{kv}"
+
+    def describe(self) -> str:
+        return f"{self.needs}: {self.verdict}"
 
 
 def fit_verdict(needed: int, available: int) -> str:

@@ -52,9 +52,17 @@ def ssh_tunnel(base_url: str, environ: dict[str, str] | None = None) -> str | No
     if parts.hostname not in LOOPBACK or not environ.get("SSH_CONNECTION"):
         return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    fields = environ["SSH_CONNECTION"].split()  # client address, client port, this server's address, port
-    host = fields[2] if len(fields) >= 3 else socket.gethostname()  # the address the user reached us at
-    host = f"[{host}]" if ":" in host else host
+    return ssh_command(port, parts.hostname, port, environ)
+
+
+def ssh_command(local_port: int, host: str, port: int, environ: dict[str, str] | None = None) -> str:
+    """`ssh -N -L LOCAL:HOST:PORT user@this-machine`: run on a laptop, it reaches HOST:PORT as this machine
+    does (its own loopback, or a compute node of the cluster this is the login node of), on the laptop's
+    127.0.0.1:LOCAL. This machine is named as the user reached it (SSH_CONNECTION), else by its name."""
+    environ = os.environ if environ is None else environ
+    fields = environ.get("SSH_CONNECTION", "").split()  # client address, client port, this server's address, port
+    here = fields[2] if len(fields) >= 3 else socket.getfqdn()
+    here = f"[{here}]" if ":" in here else here
     ssh_port = f"-p {fields[3]} " if len(fields) >= 4 and fields[3] != "22" else ""
-    target = "[::1]" if parts.hostname == "::1" else parts.hostname
-    return f"ssh -N {ssh_port}-L {port}:{target}:{port} {getpass.getuser()}@{host}"
+    target = f"[{host}]" if ":" in host else host
+    return f"ssh -N {ssh_port}-L {local_port}:{target}:{port} {getpass.getuser()}@{here}"

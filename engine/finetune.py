@@ -7,23 +7,20 @@ Everything here is light (no torch): the work itself runs in engine/jobs/finetun
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import select
 
 from catalog import Database
 from catalog.schema import Job, JobKind, Model, ModelKind, ModelState
-from engine import hub, jobs
+from engine import hub, jobs, targets
 from engine.datasets import Dataset, read_dataset, validation_count
 from engine.errors import EngineError
 from engine.events import record
-from engine.format import human_bytes
-from engine.gpus import list_gpus, parse_choice
 from engine.hyperparameters import Hyperparameters
+from engine.lifecycle import move_model
 from engine.localmodel import model_config, output_folders
 from engine.models import _check_name, _free_name, find_model, models_dir
 
@@ -75,124 +72,59 @@ def default_name(session, base: Model, dataset: Path) -> str:
 
 
 @dataclass
-class ClusterTarget:
-    """Where a fine-tune runs when it runs on Kubernetes."""
-
-    target: str  # CONTEXT/NAMESPACE
-    image: str  # has modeldeck installed with its [training] extra (README: Kubernetes, Fine-tuning)
-    gpus: int  # 0: the pod's CPUs
-
-
-@dataclass
 class Plan:
     """A fine-tune checked and ready to start: what the dialog and the CLI show before it runs."""
 
     base: Model
     dataset: Dataset
     hyperparameters: Hyperparameters
-    gpus: str
+    placement: targets.Placement  # where it runs, as its target checked it
     train_rows: int
     validation_rows: int
     steps: int
     limits: ModelLimits
-    cluster: ClusterTarget | None = None
+
+    @property
+    def gpus(self) -> str:
+        """As the run will see them: "cpu" or a comma list of indexes."""
+        return self.placement.gpus
 
     def summary(self) -> str:
-        where = "CPU" if self.gpus == "cpu" else f"GPU {self.gpus}"
-        if self.cluster is not None:
-            count = self.cluster.gpus
-            where = (f"{count} GPU{'s' if count > 1 else ''}" if count else "CPU") + \
-                f" on the cluster {self.cluster.target}, in {self.cluster.image}" + \
-                ("; your Hugging Face token goes with it, as a Secret" if hub.token() else "")
         val = f"{self.validation_rows} held out for validation" if self.validation_rows else "no validation rows"
         return (f"{len(self.dataset.examples):,} rows, {self.dataset.format_name} format: {self.train_rows:,} to train on, "
-                f"{val}; {self.steps:,} steps on {where}")
+                f"{val}; {self.steps:,} steps on {self.placement.where}")
 
 
 def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparameters, gpus: str = "auto",
-         target: str | None = None, image: str | None = None, offline: bool = False) -> Plan:
+         target: str | None = None, options: dict[str, Any] | None = None, offline: bool = False) -> Plan:
     """Check everything a fine-tune needs before anything starts; raises EngineError saying what is wrong.
-    With a `target` (CONTEXT/NAMESPACE), it runs as a Job on that Kubernetes cluster, in `image`;
-    `offline` (a dry run that only prints its manifests) does not look the context up."""
+    `target` is where it runs (a target's spec; none: this machine), with that target's `options`;
+    `offline` (a dry run that only prints what it would run) asks the target's system nothing."""
     with db.read() as session:
         base = find_model(session, base_name)
     check_base(base)
-    cluster = None
-    if target:
-        cluster = _cluster_target(base, target, image, gpus, offline)
-        from engine.kube.manifests import gpu_list
-
-        gpus = gpu_list(cluster.gpus)  # as the pod will see them
-    else:
-        try:
-            gpus = parse_choice(gpus, list_gpus())
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
+    where = targets.resolve(target)
+    if not offline:
+        where = where.checked()
+    placement = where.plan_finetune(base, gpus, where.options(options or {}, "finetune"), offline)
     dataset = read_dataset(dataset_path)
-    if cluster is not None:
-        _check_dataset_fits_secrets(dataset.path)
-    limits = model_limits(base.path if base.state == ModelState.READY else None)
+    placement.check(dataset)
+    limits = model_limits(base.path if base.state == ModelState.READY and base.path else None)
     hp = hp.resolved(limits.max_length) if base.state == ModelState.READY else hp
-    # On a cluster, bitsandbytes is the image's to have: the run checks it there.
-    if problems := hp.problems(limits.max_length, gpus, bitsandbytes=True if cluster else None):
+    if problems := hp.problems(limits.max_length, placement.gpus, bitsandbytes=placement.bitsandbytes):
         raise EngineError("; ".join(problems.values()))
     val = validation_count(len(dataset.examples), hp.val_split)
     train = len(dataset.examples) - val
-    return Plan(base, dataset, hp, gpus, train, val, hp.steps(train), limits, cluster)
-
-
-def _cluster_target(base: Model, target: str, image: str | None, gpus: str, offline: bool) -> ClusterTarget:
-    from engine.kube.cluster import check_target, parse_target
-
-    context, namespace = parse_target(target) if offline else check_target(target)
-    if base.kind != ModelKind.BASE or not base.repo_id:
-        raise EngineError(f"{base.name} is not a model from the Hub: a fine-tune on a cluster downloads its base "
-                          "model there, so only a base model from the Hub can be fine-tuned on one")
-    if not (image or "").strip():
-        raise EngineError("a fine-tune on a cluster runs in an image you name (Image; --image): one with modeldeck and its "
-                          "[training] extra installed (README: Kubernetes; deploy/finetune.Dockerfile builds one)")
-    choice = gpus.strip().lower()
-    count = 1 if choice == "auto" else 0 if choice == "cpu" else int(choice) if choice.isdigit() else -1
-    if not 0 <= count <= 16:
-        raise EngineError(f"GPUs {gpus!r}: on a cluster, give how many GPUs the pod gets, from 0 (or cpu: its CPUs) "
-                          "to 16")
-    return ClusterTarget(f"{context}/{namespace}", image.strip(), count)
-
-
-def _check_dataset_fits_secrets(path: Path) -> None:
-    """A cluster's pod gets the dataset through Secrets (gzip, in parts): it has a limit."""
-    from engine.kube.manifests import DATASET_MAX_PARTS, DATASET_PART_BYTES
-
-    limit = DATASET_MAX_PARTS * DATASET_PART_BYTES
-    size = path.stat().st_size
-    if size > limit and len(gzip.compress(path.read_bytes(), compresslevel=6)) > limit:
-        raise EngineError(f"{path.name} is {human_bytes(size)}, over {human_bytes(limit)} even compressed: a fine-tune "
-                          "on a cluster sends its dataset in Secrets; use a smaller dataset there")
-
-
-def cluster_job(name: str, on: dict, base: Model, dataset: Path, hyperparameters: dict, attempt: int = 1):
-    """The Job of a cluster fine-tune and the objects around it (engine/kube/manifests.py). `on` is the
-    adapter's meta["cluster"]: target, image, gpus and uid."""
-    from engine.kube.cluster import parse_target
-    from engine.kube.manifests import ClusterFinetune
-
-    _context, namespace = parse_target(on["target"])
-    # The adapter's volume holds two checkpoints, the dataset's copy and the adapter, with room to spare.
-    limits = model_limits(base.path if base.state == ModelState.READY else None)
-    needed = estimated_disk_bytes(Hyperparameters(**hyperparameters), limits) + 2 * dataset.stat().st_size
-    return ClusterFinetune(name, on["uid"], namespace, on["image"], base.name, base.repo_id, base.revision,
-                           gzip.compress(dataset.read_bytes(), compresslevel=6, mtime=0), dataset.name,
-                           hyperparameters, on["gpus"], attempt, hub.token(),
-                           adapter_size_gib=max(2, math.ceil(needed * 1.5 / 2**30)))
+    return Plan(base, dataset, hp, placement, train, val, hp.steps(train), limits)
 
 
 def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, Job]:
     """Register the adapter as Pending and start its job. A base model still downloading is waited for
-    by the job itself. On a cluster, the adapter's files stay there, on a volume of their own."""
+    by the job itself. Where its target keeps the files elsewhere (a cluster's volume), they stay there."""
     chosen = bool(name)  # a name the user gave is checked; a default one is made free
-    hp, base = checked.hyperparameters, checked.base
-    if checked.cluster is None:
-        _check_space(estimated_disk_bytes(hp, checked.limits), models_dir(db))
+    hp, base, placement = checked.hyperparameters, checked.base, checked.placement
+    if placement.files_here:
+        _check_space(estimated_disk_bytes(hp, checked.limits), placement.output_folder or models_dir(db))
     with db.write() as session:
         row = session.get(Model, base.id)
         if row is None:
@@ -202,42 +134,39 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
         meta = {"dataset": dataset, "format": checked.dataset.format_name,
                 "rows": {"train": checked.train_rows, "validation": checked.validation_rows},
                 "hyperparameters": dataclasses.asdict(hp)}
-        if checked.cluster is None:  # on a cluster, its GPU count is in meta["cluster"]
-            meta["gpus"] = checked.gpus
-        on = dataclasses.asdict(checked.cluster) | {"uid": secrets.token_hex(6)} if checked.cluster else None
         name = name or default_name(session, row, checked.dataset.path)
-        if on is not None:
-            from engine.kube.manifests import adapter_folder, adapter_volume
-
-            meta["cluster"] = on | {"volume": adapter_volume(name), "folder": adapter_folder(name)}
-        where = f" on {on['target']}" if on else ""
+        meta |= placement.target.finetune_meta(placement, name)  # where its run is (its GPUs, a cluster's volume)
+        where = "" if placement.target.is_here else f" on {placement.target.spec}"
         model, job = _output_model(
             session, db, name, chosen,
             Model(kind=ModelKind.ADAPTER, source=f"finetune:{row.name}", base_id=row.id, meta_json=Model.dumps(meta)),
-            JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}{where}",
-            base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus, cluster=on)
+            JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}{where}", placement.files_here,
+            placement.output_folder,
+            base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus,
+            target=placement.target.spec)
     jobs.spawn(db, job)
     return model, job
 
 
 def _output_model(session, db: Database, name: str, chosen: bool, model: Model, kind: JobKind, title: str,
-                  **params) -> tuple[Model, Job]:
-    """Register a Pending model that a job writes under MODELDECK_HOME/models/NAME, and its job. A name
-    the user chose is checked; a folder already there (ours or not) is never overwritten. A fine-tune on a
-    cluster writes there instead, and has no folder here."""
+                  files_here: bool, folder: Path | None, **params) -> tuple[Model, Job]:
+    """Register a Pending model that a job writes under `folder`/NAME (MODELDECK_HOME/models unless its
+    target says: a SLURM work directory), and its job. A name the user chose is checked; a folder already
+    there (ours or not) is never overwritten. A model whose files its target keeps elsewhere (a cluster's
+    volume) has no folder here."""
     if chosen:
         _check_name(session, name)
-    target = models_dir(db) / name
-    if params.get("cluster"):
+    output = (folder or models_dir(db)) / name
+    if not files_here:
         model.name, model.path, model.owns_path = name, None, False
-    elif any(folder.exists() for folder in output_folders(target)):
-        raise EngineError(f"{target} already exists; choose another name")
+    elif any(folder.exists() for folder in output_folders(output)):
+        raise EngineError(f"{output} already exists; choose another name")
     else:
-        model.name, model.path, model.owns_path = name, str(target), True
+        model.name, model.path, model.owns_path = name, str(output), True
     session.add(model)
     session.flush()
     record(session, f"model:{model.id}", "created", title)
-    job = jobs.create(session, kind, title, model.id, target=str(target), **params)
+    job = jobs.create(session, kind, title, model.id, output=str(output), **params)
     model.job_id = job.id
     return model, job
 
@@ -259,9 +188,9 @@ def merge(db: Database, adapter_name: str, name: str | None = None) -> tuple[Mod
         raise EngineError(f"{adapter.name!r} is a {adapter.kind.value} model; only an adapter can be merged")
     if adapter.state != ModelState.READY:
         raise EngineError(f"{adapter.name!r} is {adapter.state.value}; merge it once it is Ready")
-    if on := adapter.meta.get("cluster"):
-        raise EngineError(f"{adapter.name}'s files are on the cluster {on['target']}; merging works on files here. "
-                          "Deploy it on that cluster instead")
+    home = targets.home_of(adapter)
+    if not home.files_here(adapter):
+        raise home.refuse_here(adapter, "merge")
     if base is None or base.state != ModelState.READY or not base.path:
         raise EngineError(f"the base model of {adapter.name!r} is missing or not Ready")
     _check_space(int((base.size_bytes or 0) * 1.1), models_dir(db))
@@ -278,7 +207,8 @@ def merge(db: Database, adapter_name: str, name: str | None = None) -> tuple[Mod
             session, db, name or _free_name(session, [f"{adapter.name[:90]}-merged"]), bool(name),
             Model(kind=ModelKind.MERGED, source=f"merge:{adapter.name}", base_id=adapter.id,
                   meta_json=Model.dumps(meta)),
-            JobKind.MERGE, f"merge {adapter.name} into {base.name}", adapter_path=adapter.path, base_path=base.path)
+            JobKind.MERGE, f"merge {adapter.name} into {base.name}", True, None, adapter_path=adapter.path,
+            base_path=base.path)
     jobs.spawn(db, job)
     return model, job
 
@@ -298,12 +228,9 @@ def rerun(db: Database, model: Model) -> tuple[Model, Job]:
             if base is None:
                 raise EngineError(f"the base model of {model.name!r} was deleted; delete this adapter")
             check_base(base)
-        row.state, row.reason = ModelState.PENDING, None
         job = jobs.create(session, last.kind, last.title, row.id,
                           **(last.params | {"attempt": last.params.get("attempt", 1) + 1}))
-        row.job_id = job.id
-        session.add(row)
-        record(session, f"model:{row.id}", "state", f"retrying {last.kind.value}", state="pending")
+        move_model(session, row, ModelState.PENDING, message=f"retrying {last.kind.value}", job_id=job.id)
     jobs.spawn(db, job)
     return row, job
 

@@ -151,19 +151,26 @@ def backend_label(backend: str) -> str:
     return BACKEND_LABELS.get(backend, backend)
 
 
-def listening_on(settings: dict) -> tuple[str, bool]:
-    """Where a deployment's server listens ("0.0.0.0:8001"), and whether that is beyond this machine."""
+def listening_on(deployment) -> tuple[str, bool]:
+    """Where a deployment's server listens ("0.0.0.0:8001"; where its target chose the port, the address it
+    reported, "vm12:41729"), and whether that is beyond this machine."""
+    from urllib.parse import urlsplit
+
+    settings = deployment.loads(deployment.settings_json, {})
     host = settings.get("host") or "127.0.0.1"
     exposed = host not in LOOPBACK
+    if settings.get("port") == 0:  # chosen on the node it runs on
+        reported = urlsplit(deployment.endpoint or "")
+        return (f"{reported.hostname}:{reported.port}" if reported.port else "its node's address, once it runs"), exposed
     return f"{f'[{host}]' if ':' in host else host}:{settings.get('port', '?')}", exposed
 
 
 def model_location(model) -> str | None:
-    """Where a model's files are: a folder here, or a folder on a volume of a cluster (a fine-tune run
-    there)."""
-    if on := model.meta.get("cluster"):
-        return f"{on['folder']} on volume {on['volume']}, cluster {on['target']}"
-    return model.path
+    """Where a model's files are: a folder here, or where the target that keeps them has them (a volume of
+    a cluster, for a fine-tune run there)."""
+    from engine import targets
+
+    return targets.home_of(model).location(model)
 
 
 def delete_consequence(plan: DeletePlan) -> str:
@@ -173,9 +180,10 @@ def delete_consequence(plan: DeletePlan) -> str:
     history = (f" Its {ended} stopped or failed deployment{'s' if ended > 1 else ''} and their chats go too."
                if ended else "")
     running = " Its running job is cancelled first." if plan.running_jobs else ""
-    if on := model.meta.get("cluster"):
-        return (f"Its volume {on['volume']} on the cluster {on['target']} is deleted, with the adapter's files "
-                f"and anything left of its run.{running}{history}")
+    from engine import targets
+
+    if (there := targets.home_of(model).delete_consequence(model)) is not None:
+        return f"{there}{running}{history}"
     if plan.frees_bytes is None:
         return f"Its files in {model.path} are not modeldeck's and stay where they are.{history}"
     if plan.frees_bytes:

@@ -24,12 +24,12 @@ from catalog.schema import (
     Model,
     ModelKind,
     ModelState,
-    now,
 )
 from catalog.states import LIVE_DEPLOYMENT_STATES
-from engine import hub, jobs
+from engine import hub, jobs, targets
 from engine.errors import EngineError
 from engine.events import record
+from engine.lifecycle import move_model
 from engine.localmodel import (
     check_gguf,
     check_model_folder,
@@ -150,10 +150,7 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
             record(session, f"model:{model.id}", "created", f"download of {repo_id}")
         else:
             leftover = model.path if model.owns_path else None  # a failed conversion from a mirror
-            model.state, model.reason, model.updated_at = ModelState.PENDING, None, now()
-            model.path, model.owns_path = None, False
-            session.add(model)
-            record(session, f"model:{model.id}", "state", "retrying download", state="pending")
+            move_model(session, model, ModelState.PENDING, message="retrying download", path=None, owns_path=False)
         job = jobs.create(session, JobKind.DOWNLOAD, f"download {repo_id}", model.id, repo_id=repo_id)
         model.job_id = job.id
     if leftover:  # removed after the commit: not while holding the lock every writer waits on
@@ -199,11 +196,8 @@ def retry(db: Database, name: str) -> tuple[Model, Job]:
             row = session.get(Model, model.id)
             if row is None or row.state != ModelState.FAILED:  # another retry won the race
                 raise EngineError(f"{model.name!r} is already being retried")
-            row.state, row.reason, row.updated_at = ModelState.PENDING, None, now()
-            job = jobs.create(session, JobKind.IMPORT, f"import {Path(gguf).name}", row.id, gguf=gguf, target=row.path)
-            row.job_id = job.id
-            session.add(row)
-            record(session, f"model:{row.id}", "state", "retrying import", state="pending")
+            job = jobs.create(session, JobKind.IMPORT, f"import {Path(gguf).name}", row.id, gguf=gguf, output=row.path)
+            move_model(session, row, ModelState.PENDING, message="retrying import", job_id=job.id)
         jobs.spawn(db, job)
         return row, job
     if model.job_id and model.source.startswith(("finetune:", "merge:")):
@@ -246,7 +240,7 @@ def import_path(db: Database, path: str | Path, name: str | None = None) -> tupl
         record(session, f"model:{model.id}", "created", f"import of {path}", state=model.state.value)
         job = None
         if is_gguf:
-            job = jobs.create(session, JobKind.IMPORT, f"import {path.name}", model.id, gguf=str(path), target=str(target))
+            job = jobs.create(session, JobKind.IMPORT, f"import {path.name}", model.id, gguf=str(path), output=str(target))
             model.job_id = job.id
     if job is not None:
         jobs.spawn(db, job)
@@ -283,9 +277,12 @@ def ended_deployments(session: Session, model: Model) -> list[Deployment]:
 
 def owns_files(model: Model) -> bool:
     """Whether deleting the model frees its files: a download's cache revision, or what modeldeck wrote
-    under MODELDECK_HOME/models, or a cluster fine-tune's volume. An imported folder stays where the user
-    keeps it."""
-    return model.owns_path or model.source.startswith("hub:") or "cluster" in model.meta
+    under MODELDECK_HOME/models, or what its target keeps of it (a cluster fine-tune's volume). An imported
+    folder stays where the user keeps it."""
+    home = targets.home_of(model)
+    if not home.is_here:
+        return home.owns_files(model) or model.owns_path
+    return model.owns_path or model.source.startswith("hub:")
 
 
 @dataclass
@@ -337,9 +334,9 @@ def delete_model(db: Database, name: str) -> int:
         session.delete(row)
         record(session, f"model:{model.id}", "deleted", f"deleted {model.name}")
     # The row is gone first: no record ever points at half-deleted files.
-    if "cluster" in model.meta:
-        _delete_from_cluster(model)
-        return 0
+    home = targets.home_of(model)
+    if not home.is_here:
+        home.delete_files(model)  # what its target keeps of it (a cluster's volume, a batch job's folder)
     try:
         if model.owns_path and model.path:
             freed = 0
@@ -348,20 +345,11 @@ def delete_model(db: Database, name: str) -> int:
                     freed += hub.snapshot_size(folder)
                     shutil.rmtree(folder)
             return freed
-        if model.source.startswith("hub:") and model.repo_id:
+        if model.source.startswith("hub:") and model.repo_id and home.is_here:
             return hub.delete_from_cache(model.repo_id, model.revision)
     except OSError as exc:
         raise EngineError(f"deleted {model.name!r}, but could not remove all of its files: {exc}") from exc
     return 0
-
-
-def _delete_from_cluster(model: Model) -> None:
-    """A cluster fine-tune's adapter lives on a volume there: it goes, with anything else of its run."""
-    from engine.kube import cluster
-    from engine.kube.manifests import Owner
-
-    on = model.meta["cluster"]
-    cluster.delete_owned(on["target"], Owner.finetune(model.name, on["uid"]), f"adapter {model.name!r}")
 
 
 def job_rows(db: Database, limit: int = 200) -> list[Job]:

@@ -3,6 +3,7 @@ token and no network but the loopback Hub the tests start."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_ENDPOINT", OFFLINE_ENDPOINT)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))  # never the developer's clusters
+    monkeypatch.setenv("MODELDECK_SLURM", "off")  # nor their SLURM cluster (the `slurm` fixture gives one)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "XDG_CACHE_HOME",
                  "MODELDECK_VLLM_IMAGE", "MODELDECK_FINETUNE_IMAGE"):  # the images' defaults are the tests' to set
         monkeypatch.delenv(name, raising=False)
@@ -124,6 +126,28 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return make_tiny_llama(tmp_path / "tiny-llama")
 
 
+@pytest.fixture
+def tiny(db, tiny_model_dir):
+    """The tiny model in Custom, as "tiny" (imported in place)."""
+    from engine import models
+
+    models.import_path(db, tiny_model_dir, "tiny")
+    return tiny_model_dir
+
+
+FAST = {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-2}  # a fine-tune of the tiny model in seconds
+
+
+def deployment_now(db, deployment_id):
+    """A deployment as any reader sees it, after reconciling."""
+    from catalog.schema import Deployment
+    from engine import jobs
+
+    jobs.reconcile(db)
+    with db.read() as session:
+        return session.get(Deployment, deployment_id)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where nvidia-smi lists a CUDA GPU; elsewhere they skip, saying why."""
     from engine.gpus import list_gpus
@@ -133,3 +157,69 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster for the session (tests/slurmcluster.py); its tests skip, saying why,
+    where one cannot start."""
+    from tests import slurmcluster
+
+    try:
+        cluster = slurmcluster.start(tmp_path_factory.mktemp("slurm"))
+    except slurmcluster.Unavailable as exc:
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster, monkeypatch):
+    """The cluster, named by SLURM_CONF for this test's commands and jobs; whatever the test left in its queue
+    is cancelled afterwards."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    monkeypatch.delenv("MODELDECK_SLURM")
+    from engine.targets.slurm import commands
+
+    commands._cache.clear()  # what another test's cluster offered
+    yield slurm_cluster
+    slurm_cluster.command("scancel", "--user", getpass.getuser(), check=False)
+    wait_until(lambda: not slurm_cluster.queue(), 60, 0.2, "the test's batch jobs to leave the queue")
+
+
+# Kubernetes on an emulator: kmock (an in-memory API server over HTTP, with its pytest fixture `kmock`),
+# the test playing the controllers' part.
+
+@pytest.fixture
+def emulator(request):
+    pytest.importorskip("kmock", reason="the test extra brings kmock")
+    kmock = request.getfixturevalue("kmock")
+    # Every kind modeldeck creates or lists, as a real API server serves them all.
+    for resource in ("batch/v1/jobs", "v1/configmaps", "v1/pods", "v1/secrets", "v1/persistentvolumeclaims",
+                     "v1/services", "apps/v1/deployments", "v1/events"):
+        kmock.resources[resource] = {}
+    return kmock
+
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{{name: emulator, cluster: {{server: "{url}"}}}}]
+users: [{{name: ada, user: {{token: t}}}}]
+contexts: [{{name: emu, context: {{cluster: emulator, user: ada, namespace: ml}}}}]
+current-context: emu
+"""
+
+
+@pytest.fixture
+def on_emulator(emulator, db, tmp_path, monkeypatch):
+    """The kubeconfig points at the emulator; a Hub model is in Custom (the cluster downloads it itself)."""
+    from catalog.schema import Model, ModelKind, ModelState
+
+    config = tmp_path / "kubeconfig"
+    config.write_text(KUBECONFIG.format(url=str(emulator.url).rstrip("/")))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    with db.write() as session:
+        session.add(Model(name="qwen", kind=ModelKind.BASE, state=ModelState.READY, source="hub:Qwen/Qwen2.5-0.5B-Instruct",
+                          repo_id="Qwen/Qwen2.5-0.5B-Instruct", revision="7ae5576", path=str(tmp_path)))
+    return emulator

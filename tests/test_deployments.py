@@ -15,19 +15,9 @@ from catalog.schema import Deployment, DeploymentState, JobState
 from engine import deployments, jobs, models
 from engine.backends import DeploySettings, free_port, port_free
 from engine.errors import EngineError
-from tests.conftest import wait_until
+from tests.conftest import deployment_now, wait_until
 
-
-@pytest.fixture
-def tiny(db, tiny_model_dir):
-    models.import_path(db, tiny_model_dir, "tiny")
-    return tiny_model_dir
-
-
-def row(db, deployment_id) -> Deployment:
-    jobs.reconcile(db)
-    with db.read() as session:
-        return session.get(Deployment, deployment_id)
+row = deployment_now
 
 
 def ready(db, deployment_id, timeout=120, expected=DeploymentState.READY) -> Deployment:
@@ -151,7 +141,6 @@ def test_the_plan_checks_the_fit_and_warns_of_an_exposed_address(db, tiny):
 
 
 def test_a_model_that_does_not_fit_is_refused_unless_forced(db, tiny):
-    from catalog.schema import Model
 
     with db.write() as session:  # as if its weights were 100 TB: no machine has that much RAM free
         model = models.find_model(session, "tiny")

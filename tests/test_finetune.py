@@ -14,16 +14,8 @@ from catalog.schema import Job, JobState, Model, ModelKind, ModelState
 from engine import finetune, jobs, models
 from engine.errors import EngineError
 from engine.hyperparameters import Hyperparameters
-from tests.conftest import settled, wait_until
+from tests.conftest import FAST, settled, wait_until
 from tests.tinydata import write_dataset, write_jsonl
-
-FAST = dict(batch_size=4, grad_accum=1, learning_rate=1e-2)
-
-
-@pytest.fixture
-def tiny(db, tiny_model_dir):
-    models.import_path(db, tiny_model_dir, "tiny")
-    return tiny_model_dir
 
 
 def start(db, dataset, name=None, base="tiny", **hp):

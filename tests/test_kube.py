@@ -20,8 +20,8 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="the tes
 pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed")
 pytest.importorskip("kmock", reason="the test extra brings kmock")
 
-from engine.kube import cluster  # noqa: E402
-from engine.kube.manifests import (  # noqa: E402
+from engine.targets.kubernetes import cluster  # noqa: E402
+from engine.targets.kubernetes.manifests import (  # noqa: E402
     MANAGED_BY,
     ClusterDeploy,
     Owner,
@@ -30,7 +30,7 @@ from engine.kube.manifests import (  # noqa: E402
     k8s_name,
     to_yaml,
 )
-from engine.kube.status import server_state  # noqa: E402
+from engine.targets.kubernetes.status import server_state  # noqa: E402
 
 # Clusters in service: the oldest still supported by most providers to the newest schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", "1.32.0", "1.34.0", "1.37.0")
@@ -86,7 +86,7 @@ def test_the_schemas_do_reject_what_is_wrong():
 
 
 def test_names_yaml_and_the_in_cluster_url():
-    from engine.kube.manifests import finetune_objects
+    from engine.targets.kubernetes.manifests import finetune_objects
 
     assert k8s_name("Qwen2.5 Coder 7B!") == "md-qwen2-5-coder-7b"
     long_a, long_b = k8s_name("x" * 200 + "a"), k8s_name("x" * 200 + "b")
@@ -125,15 +125,6 @@ def pod(phase="Pending", conditions=(), containers=(), name="md-qwen-small-abc")
 def test_pods_map_to_the_lifecycle(pods, expected):
     found = server_state(pods, log_tail=lambda name: ["Traceback...", "ValueError: bad model", "exiting"])
     assert (found.state, found.phase, found.reason) == expected
-
-
-@pytest.fixture
-def emulator(kmock):
-    # Every kind modeldeck creates or lists, as a real API server serves them all.
-    for resource in ("batch/v1/jobs", "v1/configmaps", "v1/pods", "v1/secrets", "v1/persistentvolumeclaims",
-                     "v1/services", "apps/v1/deployments", "v1/events"):
-        kmock.resources[resource] = {}
-    return kmock
 
 
 def client_for(kmock):
@@ -225,7 +216,7 @@ current-context: staging
 @pytest.mark.skipif(not os.environ.get("MODELDECK_TEST_KUBECONFIG"),
                     reason="no real cluster: set MODELDECK_TEST_KUBECONFIG to a kubeconfig to run this")
 def test_a_real_cluster_accepts_and_removes_a_deployment_and_a_finetune(monkeypatch):
-    from engine.kube.manifests import finetune_objects
+    from engine.targets.kubernetes.manifests import finetune_objects
 
     monkeypatch.setenv("KUBECONFIG", os.environ["MODELDECK_TEST_KUBECONFIG"])
     _, current = cluster.contexts()
@@ -307,30 +298,6 @@ def test_the_users_hugging_face_token_goes_to_the_cluster_as_a_secret(db, hub):
     assert secret["stringData"] == {"token": "hf_fromTheEnvironment"}
 
 
-KUBECONFIG = """
-apiVersion: v1
-kind: Config
-clusters: [{{name: emulator, cluster: {{server: "{url}"}}}}]
-users: [{{name: ada, user: {{token: t}}}}]
-contexts: [{{name: emu, context: {{cluster: emulator, user: ada, namespace: ml}}}}]
-current-context: emu
-"""
-
-
-@pytest.fixture
-def on_emulator(emulator, db, tmp_path, monkeypatch):
-    """The kubeconfig points at the emulator; a Hub model is in Custom (the cluster downloads it itself)."""
-    from catalog.schema import Model, ModelKind, ModelState
-
-    config = tmp_path / "kubeconfig"
-    config.write_text(KUBECONFIG.format(url=str(emulator.url).rstrip("/")))
-    monkeypatch.setenv("KUBECONFIG", str(config))
-    with db.write() as session:
-        session.add(Model(name="qwen", kind=ModelKind.BASE, state=ModelState.READY, source="hub:Qwen/Qwen2.5-0.5B-Instruct",
-                          repo_id="Qwen/Qwen2.5-0.5B-Instruct", revision="7ae5576", path=str(tmp_path)))
-    return emulator
-
-
 async def deployment_where(db, deployment_id, predicate, timeout=30):
     from engine import deployments, jobs
 
@@ -355,7 +322,7 @@ async def test_a_cluster_deployment_follows_its_pods_and_leaves_nothing_behind(d
     assert deployment.backend == "kubernetes" and deployment.gpus == "2"
     assert deployment.endpoint.startswith("http://127.0.0.1:")  # where the port-forward will listen
     # The image is stored with the deployment as resolved at its start: its supervisor reads it there.
-    assert deployment.loads(deployment.settings_json, {})["image"] == "registry.local/vllm-openai:v0.11.0"
+    assert deployment.loads(deployment.settings_json, {})["options"]["image"] == "registry.local/vllm-openai:v0.11.0"
     await deployment_where(db, deployment.id, lambda d: d.phase == "creating the pod")
     assert {("deployments", "md-qwen"), ("services", "md-qwen")} <= live(on_emulator)
     served = await asyncio.to_thread(kubernetes.client.AppsV1Api(client_for(on_emulator)).read_namespaced_deployment,
@@ -388,7 +355,7 @@ async def test_a_vllm_image_with_spaces_is_refused_wherever_it_comes_from(db, on
     from engine import deployments
 
     with pytest.raises(EngineError, match="without spaces$"):
-        await until_done(asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="emu/ml", image="a b")))
+        await until_done(asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="emu/ml", options={"image": "a b"})))
     monkeypatch.setenv("MODELDECK_VLLM_IMAGE", "registry.local/vllm openai")
     with pytest.raises(EngineError, match=r"without spaces \(\$MODELDECK_VLLM_IMAGE\)$"):
         await until_done(asyncio.to_thread(deployments.plan, db, "qwen", DeploySettings(target="emu/ml")))
@@ -435,7 +402,7 @@ IMAGE = "registry.local/modeldeck-finetune:0.1"
 def finetune_spec(name="qwen-chat-lora", data=b'{"text": "hi"}\n', gpus=1, **extra):
     import gzip
 
-    from engine.kube.manifests import ClusterFinetune
+    from engine.targets.kubernetes.manifests import ClusterFinetune
 
     return ClusterFinetune(name, "u1", "ml", IMAGE, "qwen", "Qwen/Qwen2.5-0.5B-Instruct", "7ae5576",
                            gzip.compress(data, mtime=0), "chat.jsonl", {"rank": 8, "max_steps": 3}, gpus, **extra)
@@ -465,8 +432,8 @@ def test_every_finetune_manifest_passes_the_strict_schemas_and_the_dataset_survi
     import gzip
     import json
 
-    from engine.jobs.finetune import join_parts
-    from engine.kube.manifests import finetune_objects
+    from engine.jobs.training import join_parts
+    from engine.targets.kubernetes.manifests import finetune_objects
 
     objects = finetune_objects(variant)
     for obj in objects:
@@ -498,7 +465,7 @@ def run_entry_point(tmp_path, tiny_model_dir, name="tiny-chat-lora"):
     import subprocess
     import sys
 
-    from engine.kube.manifests import finetune_objects
+    from engine.targets.kubernetes.manifests import finetune_objects
     from tests.tinydata import write_dataset
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -586,7 +553,7 @@ async def start_on_emulator(db, tmp_path, name):
     from tests.tinydata import write_dataset
 
     checked = await asyncio.to_thread(finetune.plan, db, "qwen", write_dataset(tmp_path, "openai"),
-                                      Hyperparameters(max_steps=4), "1", target="emu/ml", image=IMAGE)
+                                      Hyperparameters(max_steps=4), "1", target="emu/ml", options={"image": IMAGE})
     assert "4 steps on 1 GPU on the cluster emu/ml" in checked.summary()
     return await asyncio.to_thread(finetune.start, db, checked, name)
 
@@ -720,12 +687,12 @@ async def test_cluster_finetune_plans_refuse_what_cannot_run_there(db, on_emulat
         ("local-tiny", "emu/ml", IMAGE, "1", "local-tiny is not a model from the Hub"),
     ]:
         with pytest.raises(EngineError, match=message):
-            finetune.plan(db, base, data, Hyperparameters(), gpus, target=target, image=image)
+            finetune.plan(db, base, data, Hyperparameters(), gpus, target=target, options={"image": image})
     with pytest.raises(EngineError, match="QLoRA needs a CUDA GPU"):
-        finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "cpu", target="emu/ml", image=IMAGE)
+        finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "cpu", target="emu/ml", options={"image": IMAGE})
     # bitsandbytes is the image's to have, not this machine's: the pod's run checks it.
-    two = finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "2", target="emu/ml", image=IMAGE)
-    assert two.gpus == "0,1" and two.cluster.gpus == 2
+    two = finetune.plan(db, "qwen", data, Hyperparameters(method="qlora"), "2", target="emu/ml", options={"image": IMAGE})
+    assert two.gpus == "0,1" and two.placement.gpu_count == 2
 
 
 def test_finetune_dry_run_prints_valid_manifests_and_touches_nothing(db, hub, tmp_path):
@@ -857,7 +824,7 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
 
     from catalog.schema import Model, ModelKind, ModelState
     from engine import deployments
-    from engine.kube.manifests import adapter_folder, adapter_volume
+    from engine.targets.kubernetes.manifests import adapter_folder, adapter_volume
 
     with db.write() as session:
         base = session.exec(__import__("sqlmodel").select(Model).where(Model.name == "qwen")).one()
@@ -904,7 +871,7 @@ def test_the_finetune_image_recipe_installs_the_jobs_entry_point(tmp_path):
     import sys
     import zipfile
 
-    from engine.kube.manifests import finetune_objects
+    from engine.targets.kubernetes.manifests import finetune_objects
 
     root = Path(__file__).resolve().parents[1]
     context = tmp_path / "context"
@@ -953,7 +920,7 @@ async def test_a_passing_outage_of_the_api_neither_fails_nor_tears_down_a_cluste
 
 
 def test_log_lines_are_read_once_even_when_a_runtime_stamps_several_alike():
-    from engine.jobs.finetune_cluster import fresh_lines
+    from engine.targets.kubernetes.finetune import fresh_lines
 
     first = ["2026-11-26T10:00:01.5Z loading", "2026-11-26T10:00:02.25Z step 1",
              # CRI-O gives every line of one buffer the same stamp: the last two lines of a run, say

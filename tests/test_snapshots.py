@@ -104,10 +104,10 @@ def free_ram(monkeypatch, available: int) -> None:
     """The deploy drawer's fit check against a fixed amount of free memory, not this machine's."""
     from collections import namedtuple
 
-    from engine import deployments
+    import psutil
 
     memory = namedtuple("memory", "available")
-    monkeypatch.setattr(deployments.psutil, "virtual_memory", lambda: memory(available))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available))
 
 
 def plan_shown(expected: str = "Memory"):

@@ -7,7 +7,6 @@ Textual before its first frame.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from catalog.errors import CatalogError
@@ -51,14 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="a .jsonl file (or a .json list of records)")
     p.add_argument("--name", help="the adapter's name (default: BASE-DATASET-lora)")
     p.add_argument("--gpus", default="auto", help="auto (the first GPU, else the CPU), cpu, or GPU numbers like 0,1; "
-                   "with --target, how many GPUs the pod gets (auto: 1; 0 or cpu: its CPUs)")
+                   "with --target, how many GPUs the pod or batch job gets (auto: 1; 0 or cpu: its CPUs)")
     _hyperparameter_flags(p)
-    p.add_argument("--target", help="CONTEXT/NAMESPACE of a Kubernetes cluster in your kubeconfig: run it there as a Job")
-    p.add_argument("--image", default=os.environ.get("MODELDECK_FINETUNE_IMAGE"),
-                   help="with --target: the image to run it in, with modeldeck[training] installed (default: "
-                        "$MODELDECK_FINETUNE_IMAGE; see the README)")
-    p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="with --target: print the manifests as YAML (for kubectl apply, or git) and touch nothing")
+    _target_flags(p, "finetune", "run it there (a Job on Kubernetes, a batch job on SLURM)")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed, showing progress")
     p = verb("merge", "cmd_merge", "merge a Ready adapter into its base: a standalone Merged model")
     p.add_argument("adapter")
@@ -78,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1; anything else is reachable from outside)")
     p.add_argument("--served-name", dest="served_name", help="the model name clients send (default: the model's)")
     p.add_argument("--force", action="store_true", help="deploy even when the fit check says it does not fit")
-    p.add_argument("--target", help="CONTEXT/NAMESPACE of a Kubernetes cluster in your kubeconfig (vLLM runs there)")
-    p.add_argument("--image", help="with --target: the vLLM image, like vllm/vllm-openai:v0.11.0 to pin a version "
-                   "(default: $MODELDECK_VLLM_IMAGE, else vllm/vllm-openai:latest)")
-    p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="with --target: print the manifests as YAML (for kubectl apply, or git) and touch nothing")
+    _target_flags(p, "deploy", "serve it there (vLLM on Kubernetes; vLLM or the built-in server in a SLURM batch job)")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
     verb("ps", "cmd_ps", "list deployments")
     p = verb("chat", "cmd_chat", "chat with a Ready deployment: one streamed reply to PROMPT, or the dashboard's chat")
@@ -111,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("cancel", "cmd_cancel", "cancel a running job (by job id, or a model's running job by its name)")
     p.add_argument("job", help="a job id, or a custom model's name")
     return parser
+
+
+def _target_flags(parser: argparse.ArgumentParser, what: str, runs: str) -> None:
+    """--target, --dry-run, and each target's own options (--image, --account, ...) for `what`, from the
+    same table the dialogs' rows are built from."""
+    from engine.targets import option_fields  # light: no client library
+
+    parser.add_argument("--target", help="where to run: CONTEXT[/NAMESPACE] of your kubeconfig, or slurm[:PARTITION] "
+                        f"of the SLURM cluster this machine submits to; {runs} (default: this machine)")
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true",
+                        help="with --target: print what it would apply or submit (manifests as YAML, a batch script) "
+                             "and touch nothing")
+    group = parser.add_argument_group("target options (each for its kind of target)")
+    for option, kind in option_fields():
+        if what in option.uses:
+            group.add_argument(option.flag, dest=option.name, metavar=option.name.upper(),
+                               help=f"{kind.TITLE}: {option.help}".replace("%", "%%"))
 
 
 def _hyperparameter_flags(parser: argparse.ArgumentParser) -> None:

@@ -159,41 +159,45 @@ def cmd_retry(args, db) -> int:
     return _started(args, db, model, job)
 
 
+def _target_options(args) -> dict[str, str]:
+    """The target options given as flags (--image, --account, ...): each target checks its own."""
+    from engine.targets import option_fields
+
+    return {option.name: value for option, _ in option_fields()
+            if (value := getattr(args, option.name, None)) is not None}
+
+
+def _dry_run_needs_a_target(args) -> None:
+    if args.dry_run and not args.target:
+        raise EngineError("--dry-run prints what a target would run: give --target CONTEXT/NAMESPACE or --target "
+                          "slurm[:PARTITION]")
+
+
 def cmd_finetune(args, db) -> int:
     from engine import finetune
 
     values = {f.name: getattr(args, f.name) for f in finetune.Hyperparameters.fields()
               if getattr(args, f.name) is not None}
-    if args.dry_run and not args.target:
-        raise EngineError("--dry-run prints a cluster's manifests: give --target CONTEXT/NAMESPACE")
+    _dry_run_needs_a_target(args)
+    options = _target_options(args)
     plan = finetune.plan(db, args.base, args.dataset, finetune.Hyperparameters(**values), args.gpus,
-                         target=args.target, image=args.image, offline=args.dry_run)
+                         target=args.target, options=options, offline=args.dry_run)
     if not args.json:
         print(plan.summary(), file=sys.stderr)
-    if args.dry_run:
-        return _finetune_manifests(args, db, plan)
+    if args.dry_run:  # what its target would apply or submit, touching nothing
+        import dataclasses
+
+        with db.read() as session:
+            name = args.name or finetune.default_name(session, plan.base, plan.dataset.path)
+        target = plan.placement.target
+        text, note = target.dry_run_finetune(name, plan.placement, plan.base, plan.dataset.path,
+                                             dataclasses.asdict(plan.hyperparameters),
+                                             target.options(options, "finetune"))
+        sys.stdout.write(text)
+        print(note, file=sys.stderr)
+        return 0
     model, job = finetune.start(db, plan, args.name)
     return _started(args, db, model, job)
-
-
-def _finetune_manifests(args, db, plan) -> int:
-    """`finetune --target CONTEXT/NAMESPACE --dry-run`: the Job and what it needs, as YAML."""
-    import dataclasses
-    import secrets
-
-    from engine import finetune
-    from engine.kube.manifests import finetune_objects, to_yaml
-
-    with db.read() as session:
-        name = args.name or finetune.default_name(session, plan.base, plan.dataset.path)
-    on = dataclasses.asdict(plan.cluster) | {"uid": secrets.token_hex(6)}  # as a start would make it
-    spec = finetune.cluster_job(name, on, plan.base, plan.dataset.path, dataclasses.asdict(plan.hyperparameters))
-    sys.stdout.write(to_yaml(finetune_objects(spec)))
-    print(f"# {name}: Job {spec.job_name} in {plan.cluster.target}; the adapter lands on the volume "
-          f"{spec.adapter_volume} at {spec.adapter_folder}"
-          + ("; the YAML holds your Hugging Face token: keep it out of git, or seal it" if spec.hf_token else ""),
-          file=sys.stderr)
-    return 0
 
 
 def cmd_merge(args, db) -> int:
@@ -217,12 +221,11 @@ def cmd_deploy(args, db) -> int:
     from engine.backends import DeploySettings
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DeploySettings)
-              if getattr(args, f.name, None) is not None}
+              if f.name not in ("target", "options") and getattr(args, f.name, None) is not None}
+    settings = DeploySettings(**values, target=args.target or "", options=_target_options(args))
     if args.dry_run:
-        return _deploy_manifests(args, db, DeploySettings(**values))
-    if args.target:
-        values["target"] = args.target
-    checked = deployments.plan(db, args.model, DeploySettings(**values), name=args.name)
+        return _deploy_dry_run(args, db, settings)
+    checked = deployments.plan(db, args.model, settings, name=args.name)
     try:
         deployment, _job = deployments.start(db, checked, args.force)
     except EngineError as exc:
@@ -230,7 +233,8 @@ def cmd_deploy(args, db) -> int:
     if not args.json:
         for warning in checked.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"{deployment.name}: starting with {deployment.backend} at {deployment.endpoint}"
+        where = f"at {deployment.endpoint}" if deployment.endpoint else f"({checked.serving.summary})"
+        print(f"{deployment.name}: starting with {deployment.backend} {where}"
               + (f"; {checked.fit.describe()}" if checked.fit else ""), file=sys.stderr)
     if args.wait:
         while True:
@@ -244,7 +248,7 @@ def cmd_deploy(args, db) -> int:
             time.sleep(0.5)
         if sys.stderr.isatty() and not args.json:
             sys.stderr.write("\r\033[K")
-    bound, exposed = listening_on(deployment.loads(deployment.settings_json, {}))
+    bound, exposed = listening_on(deployment)
     table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason)}\n"
              f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}"
              + (f"\nlistening on {bound}: reachable from other machines (with the API key)" if exposed else ""))
@@ -318,28 +322,24 @@ def cmd_endpoint(args, db) -> int:
     return 0
 
 
-def _deploy_manifests(args, db, settings) -> int:
-    """`deploy --target CONTEXT/NAMESPACE --dry-run`: the objects a cluster deployment is made of, as YAML."""
-    import secrets
+def _deploy_dry_run(args, db, settings) -> int:
+    """`deploy --target … --dry-run`: what the target would apply or submit (manifests, a batch script)."""
+    import dataclasses
 
-    from engine import deployments
-    from engine.kube.manifests import deployment_objects, in_cluster_url, to_yaml
+    from engine import targets
     from engine.models import find_model
 
-    if not args.target:
-        raise EngineError("--dry-run prints a cluster's manifests: give --target CONTEXT/NAMESPACE")
+    _dry_run_needs_a_target(args)
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
+    target = targets.resolve(settings.target)
+    settings = dataclasses.replace(settings, options=target.options(settings.options, "deploy"))
     with db.read() as session:
         model = find_model(session, args.model)
         base = session.get(Model, model.base_id) if model.base_id else None
-    served = settings.served_name or model.name
-    spec = deployments.cluster_deploy(args.name or served, args.target, model, base, served, settings,
-                                      "sk-md-" + secrets.token_urlsafe(24))
-    sys.stdout.write(to_yaml(deployment_objects(spec)))
-    print(f"# {spec.name} in {args.target}: {in_cluster_url(spec)} once applied; the YAML holds its API key"
-          + (" and your Hugging Face token" if spec.hf_token else "") + ": keep it out of git, or seal it",
-          file=sys.stderr)
+    text, note = target.dry_run_deploy(args.name or settings.served_name or model.name, model, base, settings)
+    sys.stdout.write(text)
+    print(note, file=sys.stderr)
     return 0
 
 
@@ -348,7 +348,7 @@ def cmd_ps(args, db) -> int:
 
     rows = deployments.deployment_rows(db)
     def endpoint(d) -> str:
-        bound, exposed = listening_on(d.loads(d.settings_json, {}))
+        bound, exposed = listening_on(d)
         return (d.endpoint or "") + (f" (open on {bound})" if exposed and d.backend != "external" else "")
 
     table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
@@ -386,9 +386,11 @@ def cmd_rm(args, db) -> int:
             print("kept")
             return 1
     freed = models.delete_model(db, name)
-    on = plan.model.meta.get("cluster")
+    from engine import targets
+
+    home = targets.home_of(plan.model)
     _emit(args, {"deleted": name, "freed_bytes": freed}, f"deleted {name} " + (
-        f"(with its volume on the cluster {on['target']})" if on else f"(freed {human_bytes(freed)})"))
+        f"(with what {home.label} kept of it)" if home.owns_files(plan.model) else f"(freed {human_bytes(freed)})"))
     return 0
 
 

@@ -22,25 +22,22 @@ from sqlmodel import Session, select
 
 from catalog import Database
 from catalog.schema import (
-    JOB_TRANSITIONS,
     Deployment,
     DeploymentState,
     Job,
     JobKind,
     JobState,
-    Model,
-    ModelState,
     now,
 )
 from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine.errors import EngineError
 from engine.events import record
-from engine.gpus import cuda_env
+from engine.lifecycle import fail_model, move_job, settle_deployment
 from engine.logs import tail_reason
 
 STOP_DEADLINE_S = 5.0
-CLUSTER_STOP_DEADLINE_S = 60.0  # a cluster's supervisor deletes its objects through the API before it exits
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
+REATTACH_LIMIT = 5  # a job's work on a target is re-attached at most this often (a supervisor that keeps dying)
 LOG_TAIL_LINES = 8
 _ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer",
                  JobKind.FINETUNE: "engine.jobs.finetune", JobKind.MERGE: "engine.jobs.merge",
@@ -68,42 +65,7 @@ def create(session: Session, kind: JobKind, title: str, model_id: int | None, **
     return job
 
 
-def transition(session: Session, job: Job, state: JobState, **fields: Any) -> bool:
-    """Move `job` to `state` if allowed; a terminal state is never left. Returns whether it moved."""
-    session.refresh(job)
-    if state not in JOB_TRANSITIONS[job.state]:
-        return False
-    job.state = state
-    stamp = now()
-    if state == JobState.RUNNING:
-        job.started_at = stamp
-    if state.is_terminal():
-        job.finished_at = stamp
-        job.eta_s = None
-        job.rate = None
-    for name, value in fields.items():
-        setattr(job, name, value)
-    session.add(job)
-    message = fields.get("error") or state.value
-    record(session, f"job:{job.id}", "state", message, state=state.value, model_id=job.model_id)
-    return True
-
-
-def fail_model(session: Session, model_id: int | None, reason: str) -> None:
-    if model_id is None:
-        return
-    model = session.get(Model, model_id)
-    if model is not None and model.state == ModelState.PENDING:
-        model.state = ModelState.FAILED
-        model.reason = reason
-        model.updated_at = now()
-        session.add(model)
-        record(session, f"model:{model.id}", "state", reason, state="failed")
-
-
-def on_a_cluster(job: Job) -> bool:
-    """A job that supervises work on a Kubernetes cluster (a fine-tune's Job, a deployment there)."""
-    return bool(job.params.get("cluster") or job.params.get("on_cluster"))
+transition = move_job  # the job's one transition function (engine/lifecycle.py)
 
 
 def child_env() -> dict[str, str]:
@@ -113,17 +75,6 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def settle_deployment(session: Session, deployment_id: int | None, state: DeploymentState,
-                      reason: str | None = None, phase: str | None = None) -> None:
-    """Move a live (Pending or Ready) deployment to Ready, Failed or Stopped; a finished one stays."""
-    deployment = session.get(Deployment, deployment_id) if deployment_id is not None else None
-    if deployment is None or not deployment.state.is_live():
-        return
-    deployment.state, deployment.reason, deployment.phase, deployment.updated_at = state, reason, phase, now()
-    session.add(deployment)
-    record(session, f"deployment:{deployment.id}", "state", reason or state.value, state=state.value)
 
 
 JOB_TAG = "MODELDECK_JOB"  # in the environment of a job and its children: which database, which job
@@ -147,9 +98,10 @@ def kill_leftovers(group: int, tag: str) -> None:
 def spawn(db: Database, job: Job) -> None:
     """Start the job's process, detached in a new session, its output going to the job's log."""
     log_path = logs_dir(db) / f"job-{job.id}-{job.kind.value}.log"
+    from engine import targets
+
     env = child_env() | {JOB_TAG: job_tag(db, job.id)}  # inherited by everything the job starts
-    if gpus := job.params.get("gpus"):  # the job sees only the GPUs chosen for it
-        env |= cuda_env(gpus)
+    env |= targets.of_job(job).job_env(job)  # the GPUs chosen for it, say
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],
@@ -230,7 +182,10 @@ def _exit_description(job: Job) -> str:
 
 
 def reconcile(db: Database) -> list[int]:
-    """Settle every unfinished job whose process is gone. Returns the ids it settled."""
+    """Settle every unfinished job whose process is gone, or start a new supervisor for one whose work
+    runs on a target that keeps its state (a SLURM batch job). Returns the ids it settled."""
+    from engine import targets
+
     for child in list(_children.values()):
         child.poll()  # reap, keeping the exit code for _exit_description
     with db.read() as session:
@@ -241,6 +196,9 @@ def reconcile(db: Database) -> list[int]:
             continue
         if job.pid is None and not job.cancel_requested and now() - job.created_at < NEVER_STARTED_S:
             continue  # being spawned right now
+        target = targets.of_job(job)
+        if not job.cancel_requested and target.reattaches(job) and _reattach(db, job):
+            continue
         # The slow parts (waiting on the exit code, reading the log) happen before taking the write
         # lock, which every job's progress writes wait on.
         tail = log_tail(job.log_path)
@@ -253,22 +211,39 @@ def reconcile(db: Database) -> list[int]:
                 moved, reason = transition(session, job, JobState.FAILED, error=failure), failure
             if not moved:
                 continue
-            if job.kind == JobKind.FINETUNE and on_a_cluster(job):  # its Job runs on without its supervisor
-                reason += "; its Job and volumes stay on the cluster until you delete this adapter"
-            fail_model(session, job.model_id, f"{job.kind.value} {reason}")
+            left = target.orphaned(job)  # what stays on the target without its supervisor
+            fail_model(session, job.model_id, f"{job.kind.value} {reason}{left}")
             if job.kind == JobKind.SERVE:  # the supervisor is gone: its server must not outlive it
-                # A cluster's objects cannot be killed from here: deleting the deployment removes them.
-                on_cluster = ("; its objects are still on the cluster until you delete this deployment"
-                              if on_a_cluster(job) else "")
                 settle_deployment(session, job.params.get("deployment_id"),
                                   DeploymentState.STOPPED if job.cancel_requested else DeploymentState.FAILED,
                                   ("stopped" if job.cancel_requested else
-                                   f"the server's supervisor stopped: {failure}") + on_cluster)
+                                   f"the server's supervisor stopped: {failure}") + left)
         if job.kind == JobKind.SERVE and job.pid:
             kill_leftovers(job.pid, job_tag(db, job.id))  # the server must not outlive its supervisor
+        target.abandon(job)
         settled.append(job.id)
     _settle_unsupervised_deployments(db)
     return settled
+
+
+def _reattach(db: Database, job: Job) -> bool:
+    """A new supervisor for a job whose work goes on without its last one (its state is on the target):
+    it finds the work again and follows it. False once a job has been re-attached REATTACH_LIMIT times."""
+    with db.write() as session:
+        row = session.get(Job, job.id)
+        if row.state.is_terminal() or row.cancel_requested or process_alive(row.pid, row.pid_started_at):
+            return True  # settled meanwhile, or another reader re-attached it first
+        metrics = row.loads(row.metrics_json, {})
+        count = metrics.get("reattached", 0)
+        if count >= REATTACH_LIMIT:
+            return False
+        row.metrics_json = row.dumps(metrics | {"reattached": count + 1})
+        row.pid = row.pid_started_at = None
+        session.add(row)
+        record(session, f"job:{row.id}", "reattached", "its supervisor was gone: a new one follows its work",
+               model_id=row.model_id)
+    spawn(db, row)
+    return True
 
 
 def _settle_unsupervised_deployments(db: Database) -> None:
@@ -305,7 +280,9 @@ def cancel(db: Database, job_id: int) -> Job:
             transition(session, job, JobState.CANCELLED)
             fail_model(session, job.model_id, f"{job.kind.value} cancelled")
     if process_alive(job.pid, job.pid_started_at):
-        stop_process_group(job.pid, CLUSTER_STOP_DEADLINE_S if on_a_cluster(job) else STOP_DEADLINE_S)
+        from engine import targets
+
+        stop_process_group(job.pid, targets.of_job(job).STOP_DEADLINE_S)
     reconcile(db)
     with db.read() as session:
         return session.get(Job, job_id)

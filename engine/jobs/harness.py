@@ -23,7 +23,8 @@ import psutil
 from catalog import Database
 from catalog.schema import Job, JobState, Model, ModelState, now
 from engine.events import record
-from engine.jobs import JobCancelled, fail_model, transition
+from engine.jobs import JobCancelled, process_alive, transition
+from engine.lifecycle import fail_model, move_model
 
 HEARTBEAT_S = 2.0
 
@@ -38,7 +39,9 @@ class JobContext:
         self.job_id = job.id
         self.model_id = job.model_id
         self.params: dict[str, Any] = job.params
-        self.metrics: dict[str, Any] = {}  # the job's metrics_json: a phase, or a fine-tune's step and losses
+        # the job's metrics_json: a phase, or a fine-tune's step and losses (kept across a re-attach)
+        self.metrics: dict[str, Any] = job.loads(job.metrics_json, {})
+        self.reattached = False  # a new supervisor of work that went on without the last one
         self._stop = threading.Event()
 
     def log(self, message: str) -> None:
@@ -110,14 +113,7 @@ class JobContext:
         with self.db.write() as session:
             job = session.get(Job, self.job_id)
             if self.model_id is not None:
-                model = session.get(Model, self.model_id)
-                for name, value in model_fields.items():
-                    setattr(model, name, value)
-                model.state = ModelState.READY
-                model.reason = None
-                model.updated_at = now()
-                session.add(model)
-                record(session, f"model:{model.id}", "state", "ready", state="ready")
+                move_model(session, session.get(Model, self.model_id), ModelState.READY, **model_fields)
             transition(session, job, JobState.SUCCEEDED, progress=1.0)
 
     def fail(self, reason: str) -> None:
@@ -149,7 +145,7 @@ class JobContext:
 def main(work: Callable[[JobContext], None]) -> None:
     db_path, job_id = Path(sys.argv[1]), int(sys.argv[2])
     db = Database(db_path)
-    refusal = None
+    refusal, reattached = None, False
     with db.write() as session:  # decide and record; exit only after the transaction has committed
         job = session.get(Job, job_id)
         me = psutil.Process()
@@ -159,13 +155,21 @@ def main(work: Callable[[JobContext], None]) -> None:
             if transition(session, job, JobState.CANCELLED):
                 fail_model(session, job.model_id, f"{job.kind.value} cancelled")
             refusal = f"job {job_id} was cancelled before it started"
+        elif job.state == JobState.RUNNING and job.loads(job.metrics_json, {}).get("reattached") and \
+                (job.pid == me.pid or not process_alive(job.pid, job.pid_started_at)):
+            # Re-attached (engine/jobs/__init__.py): this process takes over the job's work on its target.
+            job.pid, job.pid_started_at, job.heartbeat_at = me.pid, me.create_time(), now()
+            session.add(job)
+            reattached = True
         elif not transition(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
                             heartbeat_at=now()):
             refusal = f"job {job_id} is {job.state.value}; not starting"
     if refusal:
         sys.exit(refusal)
     ctx = JobContext(db, job)
-    ctx.log(f"job {job_id} ({job.kind.value}) started: {job.title}")
+    ctx.reattached = reattached
+    ctx.log(f"job {job_id} ({job.kind.value}) " + ("re-attached to its work" if reattached else "started")
+            + f": {job.title}")
     ctx.start_heartbeat()
     code = 0
     try:

@@ -10,7 +10,7 @@ from engine.localmodel import convert_gguf
 
 
 def work(ctx: JobContext) -> None:
-    gguf, target = Path(ctx.params["gguf"]), Path(ctx.params["target"])
+    gguf, target = Path(ctx.params["gguf"]), Path(ctx.params["output"])
     with ctx.phase("converting GGUF"):
         convert_gguf(gguf, target, ctx.log)
     ctx.succeed(size_bytes=hub.snapshot_size(target))

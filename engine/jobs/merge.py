@@ -14,7 +14,7 @@ from engine.localmodel import output_folders, publish
 
 def work(ctx: JobContext) -> None:
     p = ctx.params
-    final, partial = output_folders(Path(p["target"]))
+    final, partial = output_folders(Path(p["output"]))
     with ctx.phase("loading the base model and the adapter"):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,6 +1,7 @@
-"""A fine-tune's progress told through its log, for a run with no database to write to (a Job on a
-Kubernetes cluster): the pod prints one `@modeldeck {json}` line per report among its ordinary log lines,
-and the supervisor here, reading the pod's log, turns them back into the job's progress.
+"""A fine-tune's progress told through its log, for a run with no database to write to (a Job on
+Kubernetes, a batch job on SLURM): the run prints one `@modeldeck {json}` line per report among its
+ordinary log lines (LogReporter), and its supervisor here, reading that log, turns them back into the
+job's progress (RunEvents).
 
 Events, one JSON object each:
 - {"phase": NAME}: work whose progress cannot be counted started;
@@ -14,11 +15,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 PREFIX = "@modeldeck "
+CURVE_POINTS = 400  # a loss curve kept in a job's metrics is thinned to about this many points
+REPORTED_FIELDS = ("progress", "eta_s")  # what a run's log may set on the job (its modeldeck may be another version)
+
+
+def add_point(curve: list, step: int, loss: float) -> None:
+    """A loss point on a curve (the same step again replaces it), thinned evenly past CURVE_POINTS, the
+    newest point kept."""
+    if curve and curve[-1][0] == step:
+        curve[-1] = [step, round(loss, 5)]
+        return
+    curve.append([step, round(loss, 5)])
+    if len(curve) > CURVE_POINTS:
+        del curve[-2::-2]
 
 
 def parse(line: str) -> dict[str, Any] | None:
@@ -60,3 +74,46 @@ class LogReporter:
                 points[which] = new
                 self._told[which] = new[-1][0]
         self.emit({"metrics": metrics, "fields": fields, "points": points})
+
+
+class RunEvents:
+    """The supervisor's side: a run's log lines, its events become the job's progress (the same metrics a
+    local run writes: step, loss curve, tokens/s, ETA) and its other lines go to this job's own log.
+    `show_phase(name)` tells a phase the run has entered."""
+
+    def __init__(self, ctx, show_phase: Callable[[str], None]):
+        self.ctx, self.show_phase = ctx, show_phase
+        curve = ctx.metrics.get("curve") or {}  # a re-attached supervisor goes on with the curve it had
+        self.train_curve: list[list[float]] = list(curve.get("train", []))
+        self.eval_curve: list[list[float]] = list(curve.get("eval", []))
+        self.metrics: dict = {}
+        self.outcome: dict | None = None  # the run's last word: done, failed or cancelled
+        self.run_phase: str | None = None  # the last phase the run itself told
+
+    @property
+    def training(self) -> bool:
+        return self.metrics.get("phase") == "training"
+
+    def line(self, text: str) -> None:
+        event = parse(text)
+        if event is None:
+            print(text, flush=True)
+        else:
+            self.take(event)
+
+    def take(self, event: dict) -> None:
+        if "phase" in event:
+            self.run_phase = event["phase"]
+            self.metrics["phase"] = event["phase"]
+            self.show_phase(event["phase"])
+        elif "metrics" in event:
+            for which, curve in (("train", self.train_curve), ("eval", self.eval_curve)):
+                for step, loss in event.get("points", {}).get(which, []):
+                    if not curve or step > curve[-1][0]:  # a resumed run tells its history again
+                        add_point(curve, step, loss)
+            self.metrics = event["metrics"]
+            self.ctx.metrics.pop("elapsed_s", None)  # training now: steps and loss, not a phase's time
+            fields = {k: v for k, v in (event.get("fields") or {}).items() if k in REPORTED_FIELDS}
+            self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}}, **fields)
+        else:
+            self.outcome = event

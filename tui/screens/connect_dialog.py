@@ -87,14 +87,10 @@ class ConnectDialog(ModalScreen[str | None]):
         key_text = (self.key or "none") if self.revealed else masked_key(self.key)
         fields = [("Base URL", dep.endpoint), ("Model", dep.served_name or dep.name),
                   ("API key", Text(key_text) if not self.problem else Text(self.problem, style="red"))]
-        if dep.backend == "kubernetes":
-            from engine.kube.manifests import port_forward_command, service_url
+        from engine import targets
 
-            target = dep.loads(dep.settings_json, {}).get("target", "")
-            namespace = target.partition("/")[2] or "default"
-            fields += [("In the cluster", service_url(dep.name, namespace)),
-                       ("Port-forward", Text.assemble(port_forward_command(dep.name, target),
-                                                      ("  (modeldeck keeps one open to the URL above)", "dim")))]
+        for label, value, hint in targets.of_deployment(dep).connect_fields(dep):
+            fields.append((label, Text.assemble(value, (hint, "dim"))))
         if tunnel := self._tunnel():
             fields.append(("From a laptop", Text.assemble(tunnel, ("  (s copies; then use the same URL there)", "dim"))))
         self.query_one("#facts", Static).update(fields_table(fields))

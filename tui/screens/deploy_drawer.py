@@ -1,15 +1,17 @@
 """DeployDrawer (`p`): how to serve a model, with the plan checked live before anything starts.
 
-A drawer on the right: backend, GPUs, tensor parallel, dtype, max model length, GPU memory fraction,
-port, bind address and served name. Empty fields take the defaults shown in grey. Every change asks the
-engine for the plan again (off the UI thread): what will run where, the memory fit (fits / tight / does
-not fit), and warnings such as an address reachable from other machines. A model that does not fit can
-still be deployed by ticking the override. The drawer closes only once the deployment has started, and
-returns its id; nothing typed is lost on an error.
+A drawer on the right: where it runs (this machine or another target, with that target's own options),
+backend, GPUs, tensor parallel, dtype, max model length, GPU memory fraction, port, bind address and
+served name; a target shows the rows of the settings it uses. Empty fields take the defaults shown in
+grey. Every change asks the engine for the plan again (off the UI thread): what will run where, the
+memory fit (fits / tight / does not fit) or who places it, and warnings such as an address reachable from
+other machines. A model that does not fit can still be deployed by ticking the override. The drawer closes
+only once the deployment has started, and returns its id; nothing typed is lost on an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -20,10 +22,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
+from engine import targets
 from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
-from engine.kube.manifests import VLLM_IMAGE_ENV, vllm_image
 from tui.screens.base import FieldHelp, PrimaryButton, ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.target_select import TargetSelect
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from engine.deployments import DeployPlan
     from engine.gpus import Gpu
 
-LABELS = {"name": "Deployment name"}  # the rest are the settings' own labels
+LABELS = {"name": "Deployment name", "gpu_count": "GPUs"}  # the rest are the settings' own labels
 PLAN_DELAY_S = 0.3  # wait for typing to pause before asking for the plan again
 VERDICT_STYLES = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
 BACKENDS = [("auto: vLLM on a GPU, else built-in", "auto"), ("vLLM", "vllm"),
@@ -47,11 +49,11 @@ TYPED = [
     ("port", "a free one", "The port to listen on; empty or 0 picks a free one"),
     ("host", "127.0.0.1", "Bind address: 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network"),
     ("served_name", "", "The model name clients send in requests"),
-    ("image", "", f"The vLLM image to run; pin a version, like vllm/vllm-openai:v0.11.0 (${VLLM_IMAGE_ENV} sets "
-                  "the default)"),
+    ("gpu_count", "auto", "How many GPUs its job gets (0: its CPUs; auto: the tensor-parallel size on a GPU partition)"),
 ]
-CLUSTER_ONLY = ("image",)  # rows shown only for a Kubernetes target
-LOCAL_ONLY = ("#backend-row", "#gpus-row", "#host-row")  # the cluster's vLLM decides these
+# The rows of the common settings, each shown where the chosen target uses it (its DEPLOY_FIELDS).
+COMMON = ("backend", "gpus", "dtype", "tensor_parallel", "max_model_len", "gpu_memory_fraction", "port", "host",
+          "served_name")
 
 
 class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[int | None]):
@@ -75,7 +77,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
             yield Label(f"Deploy {name}", classes="dialog-title")
             yield Static(self._about(row), id="about", classes="form-note drawer-note")
             with VerticalScroll(classes="dialog-scroll"):
-                yield TargetSelect("deploy", initial=(row.model.meta.get("cluster") or {}).get("target", "") if row else "")
+                home = targets.home_of(row.model) if row else targets.here()
+                yield TargetSelect("deploy", initial="" if home.is_here else home.spec)
                 with Horizontal(classes="form-row", id="backend-row"):
                     yield Label(FIELD_LABELS["backend"], classes="form-label")
                     yield Select(BACKENDS, value="auto", allow_blank=False, id="backend", compact=True,
@@ -83,15 +86,14 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                 with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label(FIELD_LABELS["gpus"], classes="form-label")
                     yield GpuSelect(id="gpus", tooltip="Which GPUs serve the model")
-                with Horizontal(classes="form-row"):
+                with Horizontal(classes="form-row", id="dtype-row"):
                     yield Label(FIELD_LABELS["dtype"], classes="form-label")
                     yield Select(DTYPES, value="auto", allow_blank=False, id="dtype", compact=True,
                                  tooltip="The weights' number type while serving")
                 for field_id, placeholder, help_text in TYPED:
                     with Horizontal(classes="form-row", id=f"{field_id}-row"):
                         yield Label(LABELS.get(field_id) or FIELD_LABELS[field_id], classes="form-label")
-                        default = vllm_image() if field_id == "image" else placeholder or name
-                        yield Input(placeholder=default, id=field_id, compact=True, tooltip=help_text)
+                        yield Input(placeholder=placeholder or name, id=field_id, compact=True, tooltip=help_text)
                 yield Static("Checking…", id="plan", classes="drawer-plan")
             yield Checkbox("Deploy even if it does not fit", id="force", compact=True)
             yield Static("", id="error", classes="dialog-error")
@@ -112,11 +114,23 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
 
     def on_mount(self) -> None:
         self.query_one("#force", Checkbox).display = False
-        for field_id in CLUSTER_ONLY:
-            self.query_one(f"#{field_id}-row").display = False
+        self._show_rows()
 
     def _target(self) -> str:
         return self.query_one(TargetSelect).value
+
+    def _shown(self, field_id: str) -> bool:
+        """Whether the chosen target uses this setting (its GPUs: counted for a cluster's job)."""
+        kind = self.query_one(TargetSelect).kind
+        if field_id in ("gpus", "gpu_count"):
+            return "gpus" in kind.DEPLOY_FIELDS and (kind.GPUS == "here") == (field_id == "gpus")
+        return field_id not in COMMON or field_id in kind.DEPLOY_FIELDS
+
+    def _show_rows(self) -> None:
+        for field_id in (*COMMON, "gpu_count"):
+            self.query_one(f"#{field_id}-row").display = self._shown(field_id)
+        if self.focused is not None and self.focused not in self.focus_chain:
+            self.query_one("#target").focus()  # its row was hidden (the backend, focused first, on a cluster)
 
     def on_gpu_select_loaded(self, event: GpuSelect.Loaded) -> None:
         self._schedule_plan()  # the first plan waits for the GPUs
@@ -124,13 +138,15 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
     # -- the settings and their plan ----------------------------------------------------------------
 
     def _settings(self) -> tuple[DeploySettings, dict[str, str]]:
-        on_cluster = bool(self._target())
         values = {field_id: self.query_one(f"#{field_id}", Input).value for field_id, _, _ in TYPED
-                  if field_id not in LABELS and (on_cluster or field_id not in CLUSTER_ONLY)}
+                  if field_id not in LABELS and self._shown(field_id)}
         values |= {select_id: str(self.query_one(f"#{select_id}", Select).value)
-                   for select_id in ("backend", "gpus", "dtype")}
+                   for select_id in ("backend", "gpus", "dtype") if self._shown(select_id)}
+        if self._shown("gpu_count"):
+            values["gpus"] = self.query_one("#gpu_count", Input).value
         values["target"] = self._target()
-        return DeploySettings.from_strings(values)
+        settings, errors = DeploySettings.from_strings(values)
+        return dataclasses.replace(settings, options=self.query_one(TargetSelect).options), errors
 
     def _deployment_name(self) -> str | None:
         return self.query_one("#name", Input).value.strip() or None
@@ -143,13 +159,10 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
     @on(Input.Changed)
     @on(Select.Changed)
     def settings_changed(self) -> None:
-        on_cluster = bool(self._target())
-        for row_id in LOCAL_ONLY:
-            self.query_one(row_id).display = not on_cluster
-        for field_id in CLUSTER_ONLY:
-            self.query_one(f"#{field_id}-row").display = on_cluster
-        if self.focused is not None and self.focused not in self.focus_chain:
-            self.query_one("#target").focus()  # its row was hidden (the backend, focused first, on a cluster)
+        self._schedule_plan()
+
+    def on_target_select_changed(self, event: TargetSelect.Changed) -> None:
+        self._show_rows()
         self._schedule_plan()
 
     def _schedule_plan(self) -> None:
@@ -187,19 +200,18 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
             self.query_one("#plan", Static).update("")
             force.display = False
             return
-        if checked.fit is None:  # on a cluster: where it runs is the warning line; its scheduler judges the fit
-            text = Text.assemble(("Runs ", "dim"), "vLLM on Kubernetes", "\n", ("Memory ", "dim"),
-                                 "the cluster's scheduler places it on nodes with the GPUs it asks for")
-            verdict = "fits"
-        else:
-            where = "the CPU" if checked.gpus == "cpu" else f"GPU {checked.gpus}"
-            server = "vLLM" if checked.backend == "vllm" else "built-in server"
+        runs = checked.serving.summary
+        if self._shown("host"):  # where it listens is this machine's to say
             chosen = self.query_one("#port", Input).value.strip() not in ("", "0")
-            address = (f"{checked.settings.host}:{checked.settings.port}" if chosen
-                       else f"{checked.settings.host}, a free port")
+            runs += (f", {checked.settings.host}:{checked.settings.port}" if chosen
+                     else f", {checked.settings.host}, a free port")
+        if checked.fit is None:  # where its scheduler judges the fit
+            verdict = "fits"
+            text = Text.assemble(("Runs ", "dim"), runs, "\n", ("Memory ", "dim"), checked.serving.placed_by)
+        else:
             verdict = checked.fit.verdict
-            text = Text.assemble(("Runs ", "dim"), f"{server} on {where}, {address}", "\n",
-                                 ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]), f": {checked.fit.needs}")
+            text = Text.assemble(("Runs ", "dim"), runs, "\n", ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]),
+                                 f": {checked.fit.needs}")
         for warning in checked.warnings:
             text.append(f"\n⚠ {warning}", style="yellow")
         self.query_one("#plan", Static).update(text)

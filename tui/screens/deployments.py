@@ -21,6 +21,7 @@ from engine.format import (
     listening_on,
     masked_key,
 )
+from engine.targets import option_label
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.details import LiveDetails
@@ -45,7 +46,7 @@ clock = time.time  # the snapshot tests set a fixed one
 def listening_text(dep: Deployment) -> str:
     if dep.backend == "external":
         return "not run by modeldeck"
-    bound, exposed = listening_on(dep.loads(dep.settings_json, {}))
+    bound, exposed = listening_on(dep)
     return f"{bound}: reachable from other machines (the API key is required)" if exposed else f"{bound} (this machine only)"
 
 
@@ -135,7 +136,7 @@ class DeploymentsScreen(DeckScreen):
         if dep.backend == "external":
             address = Text((dep.endpoint or "—").removeprefix("http://").removeprefix("https://"))
         else:  # where it listens; an address open to other machines stands out
-            bound, exposed = listening_on(dep.loads(dep.settings_json, {}))
+            bound, exposed = listening_on(dep)
             address = Text(bound, style="bold yellow" if exposed else "")
         return (dep.name, backend_label(dep.backend), address, Text(state, style=STATE_STYLES[dep.state]),
                 requests, rate, self._uptime(dep))
@@ -281,21 +282,12 @@ class DeploymentsScreen(DeckScreen):
         self.app.push_screen(LiveDetails(dep.name, live, copy_value=dep.endpoint))
 
     def details_fields(self, dep: Deployment) -> list[tuple[str, str | Text]]:
-        from engine.backends import serve_command
+        from engine import targets
 
         row = self.store.models.get(dep.model_id)
         base = self.store.models.get(row.model.base_id) if row and row.model.base_id else None
         adapter_base = base.model if base and row.model.kind.value == "adapter" else None
-        if dep.backend == "kubernetes":
-            from engine.kube.manifests import VLLM_IMAGE, port_forward_command
-
-            settings = dep.loads(dep.settings_json, {})
-            target, image = settings.get("target", ""), settings.get("image") or VLLM_IMAGE
-            command = (f"vLLM ({image}) on the cluster {target} (deploy --target {target} --image {image} --dry-run "
-                       "prints its manifests); "
-                       f"reached through: {port_forward_command(dep.name, target, dep.endpoint.rsplit(':', 1)[1].split('/')[0])}")
-        else:
-            command = serve_command(dep, row.model, adapter_base).shown if row and row.model.path else "—"
+        command = targets.of_deployment(dep).serving_command(dep, row.model if row else None, adapter_base)
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         fields = [
             ("Model", row.model.name if row else "—"), ("Backend", f"{backend_label(dep.backend)} ({dep.backend})"),
@@ -314,7 +306,8 @@ class DeploymentsScreen(DeckScreen):
             where = f"from ${settings['key_env']}" if settings.get("key_env") else (
                 "in the system keyring" if settings.get("key_keyring") else "none")
             return [(k, v) for k, v in fields if k not in ("Model", "GPUs", "Command")] + [("API key kept", where)]
-        shown = {"backend", "gpus", "served_name"}  # above, as resolved
+        shown = {"backend", "gpus", "served_name", "options"}  # above, as resolved; the target's options below
         fields += [(FIELD_LABELS.get(k, k), str(v) if v not in ("", 0) else "default")
                    for k, v in settings.items() if k not in shown]
+        fields += [(option_label(k), str(v)) for k, v in settings.get("options", {}).items() if v not in ("", None)]
         return fields

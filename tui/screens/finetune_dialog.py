@@ -1,5 +1,5 @@
-"""FinetuneDialog (`f`): base model, dataset, output name, where it runs (this machine's GPUs, or a
-Kubernetes cluster with an image and a GPU count), method and the LoRA hyperparameters.
+"""FinetuneDialog (`f`): base model, dataset, output name, where it runs (this machine's GPUs, or another
+target with its own options and a GPU count), method and the LoRA hyperparameters.
 
 Empty fields take the sound defaults shown in grey, so picking a base model and a dataset is enough.
 The dataset is read and checked as soon as it is named (its first bad line shown here), with token
@@ -9,7 +9,6 @@ fine-tune has started, and returns the new adapter's id.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rich.text import Text
@@ -75,20 +74,14 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
                 with Horizontal(classes="form-row"):
                     yield Label("Output name", classes="form-label")
                     yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
-                yield TargetSelect("fine-tune")
-                with Horizontal(classes="form-row", id="image-row"):
-                    yield Label("Image", classes="form-label")
-                    yield Input(os.environ.get("MODELDECK_FINETUNE_IMAGE", ""), id="image", compact=True,
-                                placeholder="an image with modeldeck[training] installed",
-                                tooltip="The image the cluster runs the fine-tune in: modeldeck with its [training] "
-                                        "extra (README: Kubernetes); $MODELDECK_FINETUNE_IMAGE sets it")
+                yield TargetSelect("finetune")
                 with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label("GPUs", classes="form-label")
                     yield GpuSelect(id="gpus")
                 with Horizontal(classes="form-row", id="gpu-count-row"):
                     yield Label("GPUs", classes="form-label")
                     yield Input(placeholder="1", id="gpu_count", compact=True,
-                                tooltip="How many GPUs the cluster gives the fine-tune's pod (0: its CPUs)")
+                                tooltip="How many GPUs the fine-tune's pod or batch job gets (0: its CPUs)")
                 with Horizontal(classes="form-row"):
                     yield Label("Method", classes="form-label")
                     yield Select([("LoRA", "lora")], value="lora", allow_blank=False, id="method", compact=True)
@@ -132,7 +125,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         return ids[0] if len(ids) == 1 else Select.NULL
 
     def on_mount(self) -> None:
-        self.query_one("#image-row").display = self.query_one("#gpu-count-row").display = False
+        self.query_one("#gpu-count-row").display = False
         if self.initial_dataset:
             self.check_dataset()
 
@@ -143,14 +136,14 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self._offer_methods()
 
     def on_target_select_changed(self, event: TargetSelect.Changed) -> None:
-        on_cluster = bool(event.target)
-        self.query_one("#image-row").display = self.query_one("#gpu-count-row").display = on_cluster
-        self.query_one("#gpus-row").display = not on_cluster
+        counted = self.query_one(TargetSelect).kind.GPUS == "count"  # a pod's or a batch job's, not this machine's
+        self.query_one("#gpu-count-row").display = counted
+        self.query_one("#gpus-row").display = not counted
         self._offer_methods()
         self._show_problems(self._hyperparameters()[1])
 
     def _offer_methods(self) -> None:
-        """QLoRA where it can run: a GPU here with bitsandbytes, or a cluster (the image is the user's)."""
+        """QLoRA where it can run: a GPU here with bitsandbytes, or another target (its run checks)."""
         method = self.query_one("#method", Select)
         qlora = self._local_qlora or bool(self._target())
         kept = method.value if qlora or method.value != "qlora" else "lora"
@@ -317,15 +310,15 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self._starting = True
         self.query_one("#start", Button).disabled = True
         self._start(base.model.name, dataset, hp, self._gpus(), self._value("name") or None, self._target(),
-                    self._value("image"))
+                    self.query_one(TargetSelect).options)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
     def _start(self, base: str, dataset: str, hp: Hyperparameters, gpus: str, name: str | None, target: str,
-               image: str) -> None:
+               options: dict[str, str]) -> None:
         from engine import finetune
 
         try:
-            plan = finetune.plan(self.app.db, base, dataset, hp, gpus, target=target or None, image=image)
+            plan = finetune.plan(self.app.db, base, dataset, hp, gpus, target=target or None, options=options)
             model, _job = finetune.start(self.app.db, plan, name)
         except EngineError as exc:
             self.app.call_from_thread(self._refused, str(exc))

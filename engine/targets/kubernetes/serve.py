@@ -1,6 +1,6 @@
-"""The serving supervisor's cluster half: a deployment on Kubernetes (backend "kubernetes").
+"""A deployment on Kubernetes (backend "kubernetes"), supervised from here by its serving job.
 
-It applies the deployment's objects (engine/kube/manifests.py), follows its pods through the same
+It applies the deployment's objects (engine/targets/kubernetes/manifests.py), follows its pods through the same
 lifecycle as a local server (Pending with the cluster's reason, Ready, Failed with the reason and the
 crashed container's last log lines), and makes the endpoint reachable here through a port-forward it
 opens and keeps open itself (`kubectl port-forward` as its child, in its process group). Once the
@@ -13,27 +13,37 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
 
 import httpx2 as httpx
 
-from catalog.schema import Deployment, DeploymentState, Model
+from catalog.schema import Deployment, Model
 from engine.backends import DeploySettings
-from engine.deployments import cluster_deploy
 from engine.errors import EngineError
-from engine.jobs import settle_deployment
 from engine.jobs.harness import JobContext, JobFailure
-from engine.jobs.serve import healthy, set_phase, warm_up
-from engine.kube import cluster
-from engine.kube.manifests import PORT, ClusterDeploy, deployment_objects
-from engine.kube.status import ClusterState, server_state
+from engine.jobs.serving import healthy, ready, set_phase, warm_up
+from engine.targets.kubernetes import cluster, cluster_deploy
+from engine.targets.kubernetes.manifests import PORT, ClusterDeploy, deployment_objects
+from engine.targets.kubernetes.status import ClusterState, server_state
+from engine.targets.outage import Outage
 
 POLL_S = 2.0  # how often the pods are read
 READY_TIMEOUT_S = 3600.0  # pulling a vLLM image and a large model can take long on a cold node
 FORWARD_TIMEOUT_S = 60.0
 FORWARD_RETRY_S = 5.0
+
+
+def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | None) -> None:
+    """Until stopped or failed; whatever ends it, every object of the deployment is deleted."""
+    on_cluster = OnCluster(ctx, deployment, model, base)
+    try:
+        on_cluster.run()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not interrupt the cleanup
+        on_cluster.cleanup()
 
 
 def cluster_spec(deployment: Deployment, model: Model, base: Model | None) -> tuple[ClusterDeploy, str]:
@@ -56,7 +66,7 @@ class OnCluster:
         self.forward: subprocess.Popen | None = None
         self.applied = False
         self.owner = self.spec.owner
-        self.outage = cluster.Outage()
+        self.outage = Outage()
         self.last_state = ClusterState("pending", "creating the pod")
 
     def set_phase(self, phase: str) -> None:
@@ -67,10 +77,11 @@ class OnCluster:
         try:
             self.client = cluster.api_client(self.context)
             self.set_phase("creating its objects on the cluster")
+            # Before, not after: a stop while objects are being created must still delete those made.
+            self.applied = True
             cluster.apply(self.client, deployment_objects(self.spec))
         except EngineError as exc:
             raise JobFailure(str(exc)) from None
-        self.applied = True
         self.ctx.log(f"applied to {self.spec.namespace} in context {self.context}")
         self.wait_for_pods()
         self.open_forward()
@@ -79,8 +90,7 @@ class OnCluster:
             self.wait_for_health(client, base_url)
             self.set_phase("warming up")
             warm_up(client, base_url, self.deployment)
-        with self.ctx.db.write() as session:
-            settle_deployment(session, self.deployment.id, DeploymentState.READY, phase=None)
+        ready(self.ctx, self.deployment.id)
         self.ctx.log(f"ready at {self.deployment.endpoint} (forwarded from service {self.owner.base_name})")
         self.watch()
 

@@ -13,14 +13,12 @@ removes them all by label and nothing is left behind. Pure functions: no cluster
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 
 from engine.backends import DeploySettings, vllm_lora_rank
+from engine.targets.kubernetes import VLLM_IMAGE
 
-VLLM_IMAGE = "vllm/vllm-openai:latest"  # the official one; set an image with a version to pin it
-VLLM_IMAGE_ENV = "MODELDECK_VLLM_IMAGE"
 PORT = 8000
 MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_ROLE = "modeldeck.dev/role"
@@ -114,12 +112,6 @@ class ClusterDeploy:
     @property
     def owner(self) -> Owner:
         return Owner.deployment(self.name, self.api_key)
-
-
-def vllm_image(chosen: str = "") -> str:
-    """The image a deployment on a cluster runs: the one chosen, else $MODELDECK_VLLM_IMAGE, else the
-    official one."""
-    return chosen.strip() or os.environ.get(VLLM_IMAGE_ENV, "").strip() or VLLM_IMAGE
 
 
 def _meta(owner: Owner, namespace: str, name: str, role: str) -> dict:

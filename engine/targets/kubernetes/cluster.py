@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
-from engine.kube.manifests import LABEL_ROLE, Owner
+from engine.targets.kubernetes.manifests import LABEL_ROLE, Owner
 
 REQUEST_TIMEOUT_S = 15  # a cleanup must end within its supervisor's stop deadline, answered or not
 
@@ -29,24 +28,6 @@ KINDS = {
     "Job": ("BatchV1Api", "job"),
     "Service": ("CoreV1Api", "service"),
 }
-
-
-class Outage:
-    """A passing outage of a cluster's API (an apiserver restart, a network blip) is waited out by whoever
-    follows work there, not made the end of that work: only errors that last `grace_s` are."""
-
-    def __init__(self, grace_s: float = 300.0):
-        self.grace_s = grace_s
-        self.since: float | None = None
-
-    def over(self) -> None:
-        self.since = None
-
-    def lasted_too_long(self) -> bool:
-        """Called on each error: whether it is time to give up."""
-        now = time.monotonic()
-        self.since = self.since or now
-        return now - self.since > self.grace_s
 
 
 def kubeconfig_path() -> Path | None:

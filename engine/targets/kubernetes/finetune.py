@@ -1,6 +1,6 @@
-"""The fine-tune job's cluster half: a fine-tune run as a Kubernetes Job, followed from here.
+"""A fine-tune on Kubernetes: the run as a Job on the cluster, followed from here by the fine-tune job.
 
-It applies the Job and what it needs (engine/kube/manifests.py: the spec in a ConfigMap, the dataset in Secrets,
+It applies the Job and what it needs (engine/targets/kubernetes/manifests.py: the spec in a ConfigMap, the dataset in Secrets,
 volumes for the model cache and the adapter), then follows it: Pending with the cluster's reason (not
 schedulable, pulling the image...), then the run's own progress, read from the pod's log where the
 entry point prints it as events (engine/jobs/reported.py), into the same metrics a local fine-tune
@@ -19,19 +19,18 @@ from pathlib import Path
 
 from catalog.schema import Model
 from engine.errors import EngineError
-from engine.finetune import cluster_job
-from engine.jobs.finetune import Reporter, Stopping, succeed_with
 from engine.jobs.harness import JobContext, JobFailure
-from engine.jobs.reported import parse
-from engine.kube import cluster
-from engine.kube.manifests import KEPT_AFTER_SUCCESS, KEPT_FOR_A_RETRY, finetune_objects
-from engine.kube.status import finetune_state, newest
+from engine.jobs.reported import RunEvents
+from engine.jobs.training import Stopping, succeed_with
+from engine.targets.kubernetes import cluster, cluster_job
+from engine.targets.kubernetes.manifests import KEPT_AFTER_SUCCESS, KEPT_FOR_A_RETRY, finetune_objects
+from engine.targets.kubernetes.status import finetune_state, newest
+from engine.targets.outage import Outage
 
 POLL_S = 2.0
 LOG_MARGIN_S = 30  # each read of the log goes back this much before the last read
 PENDING_TIMEOUT_S = 3600.0  # a pod that has not started within an hour (no GPU frees up, say) fails
 LAST_POD_TIMEOUT_S = 300.0  # a retry waits this long for the last run's pod to stop writing the volume
-REPORTED_FIELDS = ("progress", "eta_s")  # what a run's log may set on the job (its modeldeck may be another version)
 
 
 def log_time(line: str) -> tuple[str, str] | None:
@@ -67,25 +66,23 @@ def fresh_lines(lines: list[str], seen: tuple | None) -> tuple[list[str], tuple 
 class FinetuneOnCluster:
     def __init__(self, ctx: JobContext):
         self.ctx, self.params = ctx, ctx.params
-        self.on = self.params["cluster"]
+        with self.ctx.db.read() as session:
+            adapter = session.get(Model, self.ctx.model_id)
+        self.name, self.on = adapter.name, adapter.meta["cluster"]  # where its run is, kept with the adapter
         self.context, self.namespace = cluster.parse_target(self.on["target"])
         self.stopping = Stopping()
         self.client = None
         self.spec = None
-        self.train_curve: list[list[float]] = []
-        self.eval_curve: list[list[float]] = []
-        self.metrics: dict = {}
-        self.outcome: dict | None = None  # the followed pod's last word: done, failed or cancelled
+        self.events = RunEvents(ctx, self.set_phase)
         self.following: str | None = None  # the pod whose log is read
         self.read_to: tuple | None = None  # where its log was read to (see fresh_lines)
         self.read_at: float | None = None  # when it was last read
         self.phase: tuple[str, float] | None = None  # what is happening, and since when
-        self.run_phase: str | None = None  # the last phase the run itself told
 
     def run(self) -> None:
+        name = self.name
         with self.ctx.db.read() as session:
             base = session.get(Model, self.params["base_id"])
-            name = session.get(Model, self.ctx.model_id).name
         if base is None:
             raise JobFailure("the base model was deleted")
         try:
@@ -130,7 +127,7 @@ class FinetuneOnCluster:
 
     def follow(self) -> bool:
         """Until the Job ends: True when it succeeded; a failure or a stop raises."""
-        waiting_since, outage = time.monotonic(), cluster.Outage()
+        waiting_since, outage = time.monotonic(), Outage()
         while True:
             self.stopping.check()
             try:
@@ -140,7 +137,7 @@ class FinetuneOnCluster:
                 warning = cluster.warning(self.client, self.namespace, self.spec.job_name) if not pods else None
                 now = finetune_state(job, pods, lambda pod: cluster.last_log_lines(self.client, self.namespace, pod),
                                      warning)
-                if now.state == "succeeded" and "done" not in (self.outcome or {}):
+                if now.state == "succeeded" and "done" not in (self.events.outcome or {}):
                     self.read_log(pods, whole=True)  # its last lines may have come after the last read
                 outage.over()
             except EngineError as exc:  # the run goes on on the cluster meanwhile
@@ -150,12 +147,12 @@ class FinetuneOnCluster:
                 self.pause()
                 continue
             if now.state == "succeeded":
-                if self.outcome is None or "done" not in self.outcome:
+                if self.events.outcome is None or "done" not in self.events.outcome:
                     raise JobFailure("the Job completed, but its log does not say where the adapter is "
                                      "(was it modeldeck's fine-tune entry point?)")
                 return True
             if now.state == "failed":
-                told = (self.outcome or {}).get("failed")
+                told = (self.events.outcome or {}).get("failed")
                 raise JobFailure(told or now.reason)
             if now.state == "pending":
                 self.set_phase(now.phase)
@@ -163,8 +160,8 @@ class FinetuneOnCluster:
                     raise JobFailure(f"the pod did not start within {PENDING_TIMEOUT_S / 60:.0f} min: {now.phase}")
             else:
                 waiting_since = time.monotonic()
-                if self.metrics.get("phase") != "training":  # the run's own phase, with its time
-                    self.set_phase(self.run_phase or "starting the fine-tune")
+                if not self.events.training:  # the run's own phase, with its time
+                    self.set_phase(self.events.run_phase or "starting the fine-tune")
             self.pause()
 
     def pause(self) -> None:
@@ -181,38 +178,17 @@ class FinetuneOnCluster:
             return
         name = pod["metadata"]["name"]
         if name != self.following:  # a new pod (the last was evicted): its own log, its own outcome
-            self.following, self.read_to, self.read_at, self.outcome = name, None, None, None
+            self.following, self.read_to, self.read_at, self.events.outcome = name, None, None, None
         since = None if whole or self.read_at is None else \
             math.ceil(time.monotonic() - self.read_at) + LOG_MARGIN_S
         started = time.monotonic()
         fresh, self.read_to = fresh_lines(cluster.log_lines(self.client, self.namespace, name, since), self.read_to)
         self.read_at = started
         for text in fresh:
-            event = parse(text)
-            if event is None:
-                print(text, flush=True)
-            else:
-                self.take(event)
-
-    def take(self, event: dict) -> None:
-        if "phase" in event:
-            self.run_phase = event["phase"]
-            self.metrics["phase"] = event["phase"]
-            self.set_phase(event["phase"])
-        elif "metrics" in event:
-            for which, curve in (("train", self.train_curve), ("eval", self.eval_curve)):
-                for step, loss in event.get("points", {}).get(which, []):
-                    if not curve or step > curve[-1][0]:  # a resumed run tells its history again
-                        Reporter.add_point(curve, step, loss)
-            self.metrics = event["metrics"]
-            self.ctx.metrics.pop("elapsed_s", None)  # training now: steps and loss, not a phase's time
-            fields = {k: v for k, v in (event.get("fields") or {}).items() if k in REPORTED_FIELDS}
-            self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}}, **fields)
-        else:
-            self.outcome = event
+            self.events.line(text)
 
     def succeed(self) -> None:
-        lineage = self.outcome["done"]
+        lineage = self.events.outcome["done"]
         self.ctx.log(f"adapter written to {self.spec.adapter_folder} on volume {self.spec.adapter_volume}")
         succeed_with(self.ctx, lineage, lineage.get("size_bytes"))
 
