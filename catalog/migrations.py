@@ -115,9 +115,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ix_chat_message_conversation_id ON chat_message (conversation_id);
     """,
-    # 4: when a deployment's target ends it (a SLURM batch job's time limit).
+    # 4: targets (engine/targets): a job's params name where it runs ("target"; its output folder, which
+    # "target" held before, is "output"); a deployment's settings keep their target's options ("image" of a
+    # Kubernetes one); the host a job's process runs on (a login node shares MODELDECK_HOME with others); when
+    # a deployment's target ends it (a SLURM batch job's time limit).
     """
     ALTER TABLE deployment ADD COLUMN ends_at FLOAT;
+    ALTER TABLE job ADD COLUMN host VARCHAR;
+    UPDATE job SET params_json = json_set(json_remove(params_json, '$.target'), '$.output',
+                                          json_extract(params_json, '$.target'))
+        WHERE kind IN ('finetune', 'merge', 'import') AND json_type(params_json, '$.target') = 'text';
+    UPDATE job SET params_json = json_set(params_json, '$.target', json_extract(params_json, '$.cluster.target'))
+        WHERE json_type(params_json, '$.cluster.target') = 'text';
+    UPDATE job SET params_json = json_set(params_json, '$.target', (SELECT json_extract(d.settings_json, '$.target')
+                                                                   FROM deployment d
+                                                                   WHERE d.id = json_extract(job.params_json,
+                                                                                             '$.deployment_id')))
+        WHERE kind = 'serve' AND json_extract(params_json, '$.on_cluster') = 1;
+    UPDATE deployment SET settings_json = json_set(json_remove(settings_json, '$.image'), '$.options',
+        json(CASE WHEN json_extract(settings_json, '$.image') <> ''
+                  THEN json_object('image', json_extract(settings_json, '$.image')) ELSE '{}' END))
+        WHERE json_type(settings_json, '$.options') IS NULL AND backend <> 'external';
     """,
 ]
 

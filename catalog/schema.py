@@ -117,6 +117,7 @@ class Job(SQLModel, JsonMixin, table=True):
     params_json: str = "{}"
     pid: int | None = None
     pid_started_at: float | None = None  # process create time: a reused pid is never taken for ours
+    host: str | None = None  # where that process runs (MODELDECK_HOME may be shared by several login nodes)
     heartbeat_at: float | None = None
     cancel_requested: bool = False
     progress: float | None = None  # 0..1

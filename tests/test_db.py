@@ -70,6 +70,47 @@ def test_upgrade_from_schema_1_keeps_data_and_a_backup(tmp_path):
     assert sqlite3.connect(backup).execute("SELECT name FROM model").fetchone() == ("kept",)
 
 
+def test_upgrade_to_targets_keeps_every_job_and_deployment_where_it_runs(tmp_path):
+    """Schema 4: a job's output folder was its params' "target", a cluster job's target was in "cluster" or
+    its deployment's settings; a Kubernetes deployment's image sat beside its other settings."""
+    import json
+
+    from catalog.schema import Deployment
+    from engine import targets
+    from engine.backends import DeploySettings
+
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path)
+    for step in MIGRATIONS[:3]:
+        conn.executescript(step)
+    settings = {"backend": "auto", "gpus": "auto", "tensor_parallel": 1, "dtype": "auto", "max_model_len": 0,
+                "gpu_memory_fraction": 0.9, "port": 8001, "host": "127.0.0.1", "served_name": ""}
+    for name, backend, extra in (("here", "transformers", {"target": "", "image": ""}),
+                                 ("there", "kubernetes", {"target": "emu/ml", "image": "vllm/vllm-openai:v0.11.0"})):
+        conn.execute("INSERT INTO deployment (name, backend, state, settings_json, created_at, updated_at) "
+                     "VALUES (?, ?, 'stopped', ?, 1, 1)", (name, backend, json.dumps(settings | extra)))
+    for kind, params in (("finetune", {"target": "/home/u/models/a", "base_id": 1}),
+                         ("finetune", {"target": "/home/u/models/b", "cluster": {"target": "emu/ml", "uid": "u1"}}),
+                         ("serve", {"deployment_id": 2, "on_cluster": True}), ("serve", {"deployment_id": 1}),
+                         ("import", {"gguf": "/x.gguf", "target": "/home/u/models/c"}), ("download", {"repo_id": "a/b"})):
+        conn.execute("INSERT INTO job (kind, state, title, params_json, metrics_json, created_at, cancel_requested) "
+                     "VALUES (?, 'failed', 't', ?, '{}', 1, 0)", (kind, json.dumps(params)))
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+    db = open_database(path)
+    with db.read() as session:
+        found = [(job.kind.value, targets.of_job(job).spec, job.params.get("output"))
+                 for job in session.exec(select(Job).order_by(Job.id))]
+        here, there = session.exec(select(Deployment).order_by(Deployment.id)).all()
+    assert found == [("finetune", "", "/home/u/models/a"), ("finetune", "emu/ml", "/home/u/models/b"),
+                     ("serve", "emu/ml", None), ("serve", "", None), ("import", "", "/home/u/models/c"),
+                     ("download", "", None)]
+    assert DeploySettings.of(there).options == {"image": "vllm/vllm-openai:v0.11.0"}
+    assert DeploySettings.of(here).options == {} and DeploySettings.of(here).port == 8001
+
+
 def test_newer_schema_is_refused_untouched(tmp_path):
     path = tmp_path / "future.db"
     conn = sqlite3.connect(path)

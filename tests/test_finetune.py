@@ -206,3 +206,24 @@ def test_a_fine_tune_on_the_gpu(db, tiny, tmp_path, method):
     log = Path(job_row(db, job.id).log_path).read_text()
     assert done.state == ModelState.READY, (done.reason, log[-2000:])
     assert "GPU 0" in log and ("bfloat16" in log or "float16" in log)
+
+
+def test_a_job_on_another_login_node_is_judged_by_its_heartbeat(db):
+    """MODELDECK_HOME shared by two hosts (login nodes): a job whose process runs on the other one is alive
+    while its heartbeat is fresh (its pid means nothing here), and settled, saying where, once it is silent."""
+    from catalog.schema import now
+    from engine import jobs
+
+    with db.write() as session:
+        job = Job(kind="download", state=JobState.RUNNING, title="t", pid=1, host="login2.example.org",
+                  heartbeat_at=now())
+        session.add(job)
+    assert jobs.reconcile(db) == [] and jobs.get(db, job.id).state == JobState.RUNNING
+    with pytest.raises(EngineError, match="runs on login2.example.org: cancel it there"):
+        jobs.cancel(db, job.id)
+    with db.write() as session:
+        row = session.get(Job, job.id)
+        row.heartbeat_at, row.cancel_requested = now() - 300, False
+        session.add(row)
+    assert jobs.reconcile(db) == [job.id]
+    assert jobs.get(db, job.id).error.startswith("its process on login2.example.org stopped reporting 300 s ago")

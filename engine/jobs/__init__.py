@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ from engine.logs import tail_reason
 
 STOP_DEADLINE_S = 5.0
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
+SILENT_HOST_S = 60.0  # a job's process on another host is gone once its heartbeat is this old
+HERE = socket.gethostname()
 REATTACH_LIMIT = 5  # a job's work on a target is re-attached at most this often (a supervisor that keeps dying)
 LOG_TAIL_LINES = 8
 _ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer",
@@ -63,9 +66,6 @@ def create(session: Session, kind: JobKind, title: str, model_id: int | None, **
     session.flush()
     record(session, f"job:{job.id}", "created", title, model_id=model_id)
     return job
-
-
-transition = move_job  # the job's one transition function (engine/lifecycle.py)
 
 
 def child_env() -> dict[str, str]:
@@ -111,8 +111,7 @@ def spawn(db: Database, job: Job) -> None:
     _children[job.id] = process
     with db.write() as session:
         row = session.get(Job, job.id)
-        row.pid = process.pid
-        row.pid_started_at = _create_time(process.pid)
+        row.pid, row.pid_started_at, row.host = process.pid, _create_time(process.pid), HERE
         row.log_path = str(log_path)
         session.add(row)
 
@@ -122,6 +121,14 @@ def _create_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def supervised(job: Job) -> bool:
+    """Whether the job's process is there: on this host, by its pid; on another (a login node sharing this
+    MODELDECK_HOME), by its heartbeat, the only sign of it this host can see."""
+    if job.host and job.host != HERE:
+        return job.heartbeat_at is not None and now() - job.heartbeat_at < SILENT_HOST_S
+    return process_alive(job.pid, job.pid_started_at)
 
 
 def process_alive(pid: int | None, started_at: float | None) -> bool:
@@ -192,23 +199,28 @@ def reconcile(db: Database) -> list[int]:
         open_jobs = session.exec(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all()
     settled = []
     for job in open_jobs:
-        if process_alive(job.pid, job.pid_started_at):
+        if supervised(job):
             continue
-        if job.pid is None and not job.cancel_requested and now() - job.created_at < NEVER_STARTED_S:
-            continue  # being spawned right now
+        if job.pid is None and not job.cancel_requested and now() - max(job.created_at, job.heartbeat_at or 0) \
+                < NEVER_STARTED_S:
+            continue  # being spawned right now (a new one, or a re-attached one)
         target = targets.of_job(job)
         if not job.cancel_requested and target.reattaches(job) and _reattach(db, job):
             continue
         # The slow parts (waiting on the exit code, reading the log) happen before taking the write
         # lock, which every job's progress writes wait on.
         tail = log_tail(job.log_path)
-        failure = _exit_description(job) + (": " + tail_reason(tail) if tail else "")
+        if job.host and job.host != HERE:
+            failure = f"its process on {job.host} stopped reporting {now() - (job.heartbeat_at or job.created_at):.0f} s ago"
+        else:
+            failure = _exit_description(job)
+        failure += ": " + tail_reason(tail) if tail else ""
         with db.write() as session:
             job = session.get(Job, job.id)  # re-read under the lock: it may have finished or been cancelled
             if job.cancel_requested:
-                moved, reason = transition(session, job, JobState.CANCELLED), "cancelled"
+                moved, reason = move_job(session, job, JobState.CANCELLED), "cancelled"
             else:
-                moved, reason = transition(session, job, JobState.FAILED, error=failure), failure
+                moved, reason = move_job(session, job, JobState.FAILED, error=failure), failure
             if not moved:
                 continue
             left = target.orphaned(job)  # what stays on the target without its supervisor
@@ -231,14 +243,16 @@ def _reattach(db: Database, job: Job) -> bool:
     it finds the work again and follows it. False once a job has been re-attached REATTACH_LIMIT times."""
     with db.write() as session:
         row = session.get(Job, job.id)
-        if row.state.is_terminal() or row.cancel_requested or process_alive(row.pid, row.pid_started_at):
-            return True  # settled meanwhile, or another reader re-attached it first
+        spawning = row.pid is None and now() - (row.heartbeat_at or 0) < NEVER_STARTED_S
+        if row.state.is_terminal() or row.cancel_requested or supervised(row) or spawning:
+            return True  # settled meanwhile, or another reader re-attached it first (its pid not written yet)
         metrics = row.loads(row.metrics_json, {})
         count = metrics.get("reattached", 0)
         if count >= REATTACH_LIMIT:
             return False
         row.metrics_json = row.dumps(metrics | {"reattached": count + 1})
-        row.pid = row.pid_started_at = None
+        # No pid, a fresh heartbeat: the next readers leave it to the process spawned below (see reconcile).
+        row.pid, row.pid_started_at, row.heartbeat_at = None, None, now()
         session.add(row)
         record(session, f"job:{row.id}", "reattached", "its supervisor was gone: a new one follows its work",
                model_id=row.model_id)
@@ -274,11 +288,13 @@ def cancel(db: Database, job_id: int) -> Job:
             raise EngineError(f"job {job_id} has already {job.state.value}")
         job.cancel_requested = True
         session.add(job)
-        session.flush()  # transition() refreshes the row: the request must be in it
+        session.flush()  # move_job() refreshes the row: the request must be in it
         record(session, f"job:{job.id}", "cancel", "cancel requested", model_id=job.model_id)
         if job.state == JobState.QUEUED and job.pid is None:
-            transition(session, job, JobState.CANCELLED)
+            move_job(session, job, JobState.CANCELLED)
             fail_model(session, job.model_id, f"{job.kind.value} cancelled")
+    if job.host and job.host != HERE and supervised(job):
+        raise EngineError(f"job {job_id} runs on {job.host}: cancel it there (modeldeck cancel {job_id} on {job.host})")
     if process_alive(job.pid, job.pid_started_at):
         from engine import targets
 

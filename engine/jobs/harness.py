@@ -23,8 +23,8 @@ import psutil
 from catalog import Database
 from catalog.schema import Job, JobState, Model, ModelState, now
 from engine.events import record
-from engine.jobs import JobCancelled, process_alive, transition
-from engine.lifecycle import fail_model, move_model
+from engine.jobs import HERE, JobCancelled
+from engine.lifecycle import fail_model, move_job, move_model
 
 HEARTBEAT_S = 2.0
 
@@ -114,18 +114,18 @@ class JobContext:
             job = session.get(Job, self.job_id)
             if self.model_id is not None:
                 move_model(session, session.get(Model, self.model_id), ModelState.READY, **model_fields)
-            transition(session, job, JobState.SUCCEEDED, progress=1.0)
+            move_job(session, job, JobState.SUCCEEDED, progress=1.0)
 
     def fail(self, reason: str) -> None:
         with self.db.write() as session:
             job = session.get(Job, self.job_id)
-            if transition(session, job, JobState.FAILED, error=reason):
+            if move_job(session, job, JobState.FAILED, error=reason):
                 fail_model(session, self.model_id, reason)
 
     def cancelled(self) -> None:
         with self.db.write() as session:
             job = session.get(Job, self.job_id)
-            if transition(session, job, JobState.CANCELLED):
+            if move_job(session, job, JobState.CANCELLED):
                 fail_model(session, self.model_id, f"{job.kind.value} cancelled")
 
     def start_heartbeat(self) -> None:
@@ -152,17 +152,17 @@ def main(work: Callable[[JobContext], None]) -> None:
         if job is None:
             refusal = f"no job {job_id} in {db_path}"
         elif job.cancel_requested:  # cancelled between spawn and now
-            if transition(session, job, JobState.CANCELLED):
+            if move_job(session, job, JobState.CANCELLED):
                 fail_model(session, job.model_id, f"{job.kind.value} cancelled")
             refusal = f"job {job_id} was cancelled before it started"
         elif job.state == JobState.RUNNING and job.loads(job.metrics_json, {}).get("reattached") and \
-                (job.pid == me.pid or not process_alive(job.pid, job.pid_started_at)):
+                job.pid in (None, me.pid):
             # Re-attached (engine/jobs/__init__.py): this process takes over the job's work on its target.
-            job.pid, job.pid_started_at, job.heartbeat_at = me.pid, me.create_time(), now()
+            job.pid, job.pid_started_at, job.heartbeat_at, job.host = me.pid, me.create_time(), now(), HERE
             session.add(job)
             reattached = True
-        elif not transition(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
-                            heartbeat_at=now()):
+        elif not move_job(session, job, JobState.RUNNING, pid=me.pid, pid_started_at=me.create_time(),
+                            heartbeat_at=now(), host=HERE):
             refusal = f"job {job_id} is {job.state.value}; not starting"
     if refusal:
         sys.exit(refusal)
