@@ -87,6 +87,11 @@ class DeploySettings:
         settings = cls(**parsed)
         return settings, errors or settings.problems()
 
+    @classmethod
+    def of(cls, deployment: Deployment) -> DeploySettings:
+        """A deployment's settings as stored."""
+        return cls(**deployment.loads(deployment.settings_json, {}))
+
     @property
     def exposed(self) -> bool:
         """Bound beyond this machine: the drawer warns."""
@@ -164,7 +169,7 @@ def builtin_command(model_path: str, settings: DeploySettings, served_name: str,
 
 def serve_command(deployment: Deployment, model: Model, base: Model | None) -> ServeCommand:
     """A deployment's server command: an adapter is served on its base."""
-    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
+    settings = DeploySettings.of(deployment)
     if deployment.backend == "vllm":
         adapter = (deployment.served_name, model.path) if base else None
         return vllm_command(base.path if base else model.path, settings, deployment.served_name,

@@ -25,7 +25,7 @@ from engine.events import record
 from engine.gpus import Gpu
 from engine.lifecycle import settle_deployment
 from engine.localmodel import check_name
-from engine.models import find_model
+from engine.models import model_for, registered
 
 
 def deployment_rows(db: Database, ids: set[int] | None = None) -> list[Deployment]:
@@ -84,9 +84,10 @@ class DeployPlan:
         return notes + self.serving.warnings
 
 
-def _model(session: Session, model_name: str | int) -> Model:
-    """By name (the shell), or by id (the dashboard knows it)."""
-    model = find_model(session, model_name) if isinstance(model_name, str) else session.get(Model, model_name)
+def _model(session: Session, model_name: str | int, target: targets.Target) -> Model:
+    """By name or repo id (the shell; a cluster target downloads a Hub model itself), or by id (the dashboard
+    knows it)."""
+    model = model_for(session, model_name, target) if isinstance(model_name, str) else session.get(Model, model_name)
     if model is None:
         raise EngineError("that model was deleted")
     return model
@@ -130,7 +131,7 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
     target = targets.resolve(settings.target).checked()  # a Kubernetes target takes its context's namespace
     settings = dataclasses.replace(settings, target=target.spec, options=target.options(settings.options, "deploy"))
     with db.read() as session:
-        model = _model(session, model_name)
+        model = _model(session, model_name, target)
         base = _base(session, model)
         name, kept = _name_and_kept_ports(session, name, settings, model)
         serving = target.plan_deploy(session, model, base, settings, kept, available_gpus)
@@ -151,7 +152,7 @@ def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deplo
                           "length or choose other GPUs, or override the check to deploy anyway")
     settings, served = checked.settings, checked.served_name
     with db.write() as session:
-        model = session.get(Model, checked.model.id)
+        model = registered(session, checked.model)
         if model is None:
             raise EngineError(f"{checked.model.name!r} was deleted meanwhile")
         checked.target.recheck_deploy(session, model)

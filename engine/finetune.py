@@ -22,7 +22,7 @@ from engine.events import record
 from engine.hyperparameters import Hyperparameters
 from engine.lifecycle import move_model
 from engine.localmodel import model_config, output_folders
-from engine.models import _check_name, _free_name, find_model, models_dir
+from engine.models import _check_name, _free_name, find_model, model_for, models_dir, registered
 
 
 @dataclass
@@ -100,12 +100,12 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
     """Check everything a fine-tune needs before anything starts; raises EngineError saying what is wrong.
     `target` is where it runs (a target's spec; none: this machine), with that target's `options`;
     `offline` (a dry run that only prints what it would run) asks the target's system nothing."""
-    with db.read() as session:
-        base = find_model(session, base_name)
-    check_base(base)
     where = targets.resolve(target)
     if not offline:
         where = where.checked()
+    with db.read() as session:
+        base = model_for(session, base_name, where)  # a repo id: a Hub model that a cluster downloads itself
+    check_base(base)
     placement = where.plan_finetune(base, gpus, where.options(options or {}, "finetune"), offline)
     dataset = read_dataset(dataset_path)
     placement.check(dataset)
@@ -126,7 +126,7 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
     if placement.files_here:
         _check_space(estimated_disk_bytes(hp, checked.limits), placement.output_folder or models_dir(db))
     with db.write() as session:
-        row = session.get(Model, base.id)
+        row = registered(session, base)
         if row is None:
             raise EngineError(f"{base.name!r} was deleted meanwhile")
         check_base(row)

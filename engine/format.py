@@ -6,7 +6,6 @@ import time
 from typing import TYPE_CHECKING
 
 from catalog.states import DeploymentState, ModelState
-from engine.backends import LOOPBACK
 
 if TYPE_CHECKING:
     from catalog.schema import Job
@@ -133,9 +132,13 @@ def state_text(state: ModelState, reason: str | None, job: Job | None, detail: s
     return f"Pending {progress}".rstrip()
 
 
-def deployment_state_text(state: DeploymentState, phase: str | None, reason: str | None) -> str:
-    """How a deployment's state reads everywhere: 'Pending (loading weights)', 'Ready', 'Failed: <reason>'."""
+def deployment_state_text(state: DeploymentState, phase: str | None, reason: str | None,
+                          ends_at: float | None = None, now: float | None = None) -> str:
+    """How a deployment's state reads everywhere: 'Pending (loading weights)', 'Ready', 'Ready · 58m left'
+    (its target ends it then: a batch job's time limit), 'Failed: <reason>'."""
     text = state.value.capitalize()
+    if state == DeploymentState.READY and ends_at is not None:
+        text += f" · {human_duration(ends_at - (time.time() if now is None else now))} left"
     if state == DeploymentState.PENDING and phase:
         text += f" ({phase})"
     if state == DeploymentState.FAILED and reason:
@@ -152,17 +155,11 @@ def backend_label(backend: str) -> str:
 
 
 def listening_on(deployment) -> tuple[str, bool]:
-    """Where a deployment's server listens ("0.0.0.0:8001"; where its target chose the port, the address it
-    reported, "vm12:41729"), and whether that is beyond this machine."""
-    from urllib.parse import urlsplit
+    """Where a deployment's server listens ("0.0.0.0:8001", or where its target says: "vm12:41729"), and
+    whether that is beyond this machine."""
+    from engine import targets
 
-    settings = deployment.loads(deployment.settings_json, {})
-    host = settings.get("host") or "127.0.0.1"
-    exposed = host not in LOOPBACK
-    if settings.get("port") == 0:  # chosen on the node it runs on
-        reported = urlsplit(deployment.endpoint or "")
-        return (f"{reported.hostname}:{reported.port}" if reported.port else "its node's address, once it runs"), exposed
-    return f"{f'[{host}]' if ':' in host else host}:{settings.get('port', '?')}", exposed
+    return targets.of_deployment(deployment).listening(deployment)
 
 
 def model_location(model) -> str | None:

@@ -96,6 +96,41 @@ def find_model(session: Session, name: str) -> Model:
     return model
 
 
+def model_for(session: Session, name: str, target) -> Model:
+    """A custom model by name, or a model of the Hub by its repo id ("owner/name": a name has no "/"): the one
+    already in Custom, else one that lives on `target`, which downloads it itself (a cluster). That one is
+    not registered yet: `registered` does it when the work it is for starts."""
+    if "/" not in name:
+        return find_model(session, name)
+    if not REPO_PATTERN.match(name):
+        raise EngineError(f"invalid repo id {name!r}: expected 'owner/name', e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    existing = session.exec(select(Model).where(Model.repo_id == name)).first()
+    if existing is not None:
+        return existing
+    if not target.DOWNLOADS:
+        raise EngineError(f"{name} is not on this machine: download it first (modeldeck pull {name}), or choose a "
+                          "target that downloads it itself (--target)")
+    owner, repo_name = name.split("/")
+    return Model(name=_free_name(session, [repo_name, f"{owner}-{repo_name}"]), kind=ModelKind.BASE,
+                 state=ModelState.READY, source=f"hub:{name}", repo_id=name, meta_json=Model.dumps(target.lives_there()))
+
+
+def registered(session: Session, model: Model) -> Model | None:
+    """Under the write lock: the model a plan named, as it is now (None: deleted meanwhile); one of the Hub
+    that lives on a target (`model_for`) is registered now, showing in Custom from then on."""
+    if model.id is not None:
+        return session.get(Model, model.id)
+    already = session.exec(select(Model).where(Model.repo_id == model.repo_id)).first()
+    if already is not None:
+        return already
+    model.name = _free_name(session, [model.name])
+    session.add(model)
+    session.flush()
+    record(session, f"model:{model.id}", "created", f"{model.repo_id}, downloaded by {targets.home_of(model).label}",
+           state=model.state.value)
+    return model
+
+
 def get_model(db: Database, name: str) -> ModelRow:
     with db.read() as session:
         model_id = find_model(session, name).id
@@ -134,7 +169,8 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
     with db.write() as session:
         model = session.exec(select(Model).where(Model.repo_id == repo_id)).first()
         leftover = None
-        if model is not None and model.state == ModelState.READY:
+        elsewhere = model is not None and not targets.home_of(model).files_here(model)  # a cluster downloads it itself
+        if model is not None and model.state == ModelState.READY and not elsewhere:
             raise EngineError(f"{repo_id} is already downloaded as {model.name!r}")
         if model is not None and model.state == ModelState.PENDING:
             raise EngineError(f"{repo_id} is already being downloaded as {model.name!r}")
@@ -148,9 +184,12 @@ def pull(db: Database, repo_id: str, name: str | None = None) -> tuple[Model, Jo
             session.add(model)
             session.flush()
             record(session, f"model:{model.id}", "created", f"download of {repo_id}")
-        else:
+        else:  # a failed download again, or one that lived only on a target, here now too
             leftover = model.path if model.owns_path else None  # a failed conversion from a mirror
-            move_model(session, model, ModelState.PENDING, message="retrying download", path=None, owns_path=False)
+            kept_there = targets.home_of(model).lives_there() if elsewhere else {}
+            meta = {k: v for k, v in model.meta.items() if k not in kept_there}
+            move_model(session, model, ModelState.PENDING, message="downloading here" if elsewhere else "retrying download",
+                       path=None, owns_path=False, meta_json=Model.dumps(meta))
         job = jobs.create(session, JobKind.DOWNLOAD, f"download {repo_id}", model.id, repo_id=repo_id)
         model.job_id = job.id
     if leftover:  # removed after the commit: not while holding the lock every writer waits on

@@ -213,3 +213,4 @@ def test_a_server_that_crashes_while_loading_fails_with_the_reason_from_its_log(
     assert "\n" not in failed.reason and "^^^" not in failed.reason and len(failed.reason) < 500
     wait_until(lambda: jobs.get(db, job.id).state != JobState.RUNNING, 15, what="the supervisor to end")
     shutil.rmtree(broken)
+

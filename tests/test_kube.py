@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from catalog.schema import ModelState
 from engine import models
 from engine.backends import DeploySettings
 from engine.errors import EngineError
@@ -1019,3 +1020,64 @@ async def test_a_ready_pod_without_kubectl_here_keeps_the_deployment_and_says_wh
     assert ("deployments", "md-qwen") in live(on_emulator)
     await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
     assert live(on_emulator) - {("pods", "md-qwen-1")} == set()
+
+
+async def test_a_hub_model_is_deployed_on_a_cluster_without_a_download_here(db, on_emulator, hub):
+    """The cluster downloads it: nothing comes to this machine, and Custom lists it as living on the cluster."""
+    from engine import deployments
+    from engine import hub as hubmod
+    from engine.format import delete_consequence, model_location
+
+    deployment, _ = await until_done(asyncio.to_thread(deployments.deploy, db, "org/tiny", DeploySettings(target="emu/ml")))
+    model = next(r.model for r in models.model_rows(db) if r.model.repo_id == "org/tiny")
+    assert (model.name, model.state, model.path, model.meta) == ("tiny", ModelState.READY, None,
+                                                                 {"cluster": {"target": "emu/ml"}})
+    assert model_location(model) == "downloaded from the Hub by the cluster emu/ml when it runs it"
+    await deployment_where(db, deployment.id, lambda d: ("deployments", "md-tiny") in live(on_emulator))
+    apps = __import__("kubernetes").client.AppsV1Api(client_for(on_emulator))
+    served = await asyncio.to_thread(apps.read_namespaced_deployment, "md-tiny", "ml")
+    args = served.spec.template.spec.containers[0].args
+    assert args[args.index("--model") + 1] == "org/tiny" and not hubmod.repo_cache_dir("org/tiny").exists()
+    await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
+    with pytest.raises(EngineError, match="tiny lives on the cluster emu/ml, which downloads it itself: deploy it "
+                                          r"there, or download it here first \(modeldeck pull org/tiny\)"):
+        await asyncio.to_thread(deployments.plan, db, "tiny", DeploySettings())
+    plan = await asyncio.to_thread(models.delete_plan, db, "tiny")
+    assert delete_consequence(plan).startswith("Nothing of it is on this machine")
+    # Downloaded here after all, it lives here too: the same row, Pending, then Ready with its files.
+    await asyncio.to_thread(models.pull, db, "org/tiny")
+    from tests.conftest import settled
+
+    here = await asyncio.to_thread(settled, db, model.id)
+    assert here.state == ModelState.READY and here.path and "cluster" not in here.meta
+
+
+async def test_community_runs_a_model_on_a_cluster_without_downloading_it_here(db, on_emulator):
+    """Deploy on a Community model that is not here: besides Download, the question offers a target that
+    downloads it itself; the drawer opens on the cluster, and the deployment starts there."""
+    from engine import deployments, jobs
+    from tests.tui_helpers import wait_for
+    from tui.app import ModelDeckApp
+    from tui.screens.confirm import ChoiceDialog
+    from tui.screens.deploy_drawer import DeployDrawer
+
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.store.loaded and app.store.targets, what="the targets")
+        entry = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        app.screen.table.move_to_key(entry)
+        await pilot.press("p")
+        question = await wait_for(pilot, lambda: isinstance(app.screen, ChoiceDialog) and app.screen)
+        assert "Or run it on a target that downloads it itself (Kubernetes)" in question.message
+        await pilot.press("t")
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen)
+        await wait_for(pilot, lambda: drawer.query_one("TargetSelect").value == "emu/ml", what="the cluster chosen")
+        await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.screen is not drawer, 30, what="the deployment to start")
+        [deployment] = await asyncio.to_thread(deployments.deployment_rows, db)
+        model = next(r.model for r in models.model_rows(db) if r.model.repo_id == entry)
+        assert model.meta == {"cluster": {"target": "emu/ml"}} and model.path is None
+        await wait_for(pilot, lambda: ("deployments", k8s_name(deployment.name)) in live(on_emulator), 30,
+                       what="its Deployment on the cluster")
+        await until_done(asyncio.to_thread(jobs.cancel, db, deployment.job_id))

@@ -274,7 +274,6 @@ async def deployed(driver: Driver, db):
                        lambda d: d.state != DeploymentState.PENDING, what="Ready")
     assert done.state == DeploymentState.READY, (done.reason, jobs.log_tail(jobs.get(db, job.id).log_path, 30))
     return done, job
-    await driver.settle()
 
 
 async def test_a_deployment_goes_ready_answers_the_openai_sdk_and_stops_leaving_nothing(driver, db):
@@ -318,3 +317,48 @@ async def test_a_killed_supervisor_leaves_its_work_as_its_target_says(driver, db
         await call(deployments.delete, db, done.id)  # what a cluster keeps goes with its record
     assert driver.left() == set()
     await driver.settle()
+
+
+# -- the one transition function of each entity (engine/lifecycle.py) ----------------------------------------
+
+
+def test_each_entity_moves_only_as_its_table_allows_and_each_move_is_one_event(db):
+    from sqlmodel import func, select
+
+    from catalog.schema import Event
+    from engine.lifecycle import move_deployment, move_model
+
+    def events() -> int:
+        with db.read() as session:
+            return session.exec(select(func.count(Event.id))).one()
+
+    with db.write() as session:
+        model = Model(name="m", source="import:/x", state=ModelState.PENDING)
+        deployment = Deployment(name="d", backend="transformers")
+        session.add(model)
+        session.add(deployment)
+    before = events()
+    with db.write() as session:
+        model, deployment = session.get(Model, model.id), session.get(Deployment, deployment.id)
+        assert move_model(session, model, ModelState.FAILED, "broken") and model.reason == "broken"
+        assert move_model(session, model, ModelState.PENDING, message="retrying")  # a failed one is retried
+        assert not move_model(session, model, ModelState.PENDING)  # already there
+        assert move_deployment(session, deployment, DeploymentState.PENDING, phase="loading weights")
+        assert not move_deployment(session, deployment, DeploymentState.PENDING, phase="loading weights")  # no change
+        assert move_deployment(session, deployment, DeploymentState.READY)
+        assert move_deployment(session, deployment, DeploymentState.STOPPED, "stopped")
+        for state in DeploymentState:  # Stopped is never left
+            assert not move_deployment(session, deployment, state, "again")
+    assert events() - before == 5  # one per move, none for a refused one
+    assert (deployment_row(db, deployment.id).state, deployment_row(db, deployment.id).reason) == \
+        (DeploymentState.STOPPED, "stopped")
+
+
+def test_no_two_target_fields_of_one_dialog_share_a_name():
+    """Each names a row of the dialogs and a flag of the CLI: for a use, every target's fields are apart."""
+    from engine import targets
+
+    for use in ("deploy", "finetune"):
+        names = [option.name for option, _ in targets.option_fields() if use in option.uses]
+        names += [kind.SPEC_FIELD.name for kind in targets.kinds() if kind.SPEC_FIELD]
+        assert len(names) == len(set(names)), names

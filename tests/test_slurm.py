@@ -63,6 +63,9 @@ def test_a_finetune_runs_as_a_batch_job_to_ready_with_its_loss_curve(db, slurm, 
     said = job_log(db, job.id)
     assert "submitted batch job" in said and "step 6/6" in said and "@modeldeck" not in said
     assert slurm.queue() == []  # nothing left queued or running
+    assert models.delete_plan(db, "tiny-on-slurm").frees_bytes == done.size_bytes
+    models.delete_model(db, "tiny-on-slurm")  # the adapter and its run's folder go
+    assert not Path(done.path).exists() and not run.exists()
 
 
 def test_a_deployment_serves_from_a_batch_job_to_the_openai_sdk_and_stops_leaving_nothing_queued(db, slurm, tiny):
@@ -80,9 +83,14 @@ def test_a_deployment_serves_from_a_batch_job_to_the_openai_sdk_and_stops_leavin
     assert reply.usage.completion_tokens >= 1
     [batch_job] = slurm.queue()
     assert metrics(db, job.id)["slurm_job"] == batch_job
+    script = (Path(metrics(db, job.id)["slurm_run"]) / "attempt-1.sh").read_text()
+    assert done.api_key not in script and "engine.targets.slurm.launch" in script  # the key went by sbatch's env
     stopped = deployments.stop(db, done.id)
     assert stopped.state == DeploymentState.STOPPED and jobs.get(db, job.id).state == JobState.CANCELLED
     assert slurm.queue() == []  # cancelled, and gone from its node before stop returned
+    run = Path(metrics(db, job.id)["slurm_run"])
+    deployments.delete(db, stopped.id)
+    assert not run.exists()  # its folder in the work directory goes with its record
 
 
 def test_a_job_waiting_for_gpus_says_so_then_runs_with_them_and_a_scancel_from_outside_says_why(db, slurm, tiny):
@@ -132,8 +140,8 @@ def test_a_killed_supervisor_loses_nothing_and_a_new_dashboard_shows_everything_
                                                                         options={"time": "5"}))
     served = deployment_where(db, served.id, lambda d: d.state != DeploymentState.PENDING, what="Ready")
     assert served.state == DeploymentState.READY, served.reason
-    checked = finetune.plan(db, "tiny", write_dataset(tmp_path, "openai"), Hyperparameters(max_steps=60, **FAST), "0",
-                            target="slurm:debug", options={"time": "5"})
+    checked = finetune.plan(db, "tiny", write_dataset(tmp_path, "openai"), Hyperparameters(max_steps=300, **FAST),
+                            "0", target="slurm:debug", options={"time": "5"})
     adapter, finetune_job = finetune.start(db, checked, "survivor")
     wait_until(lambda: metrics(db, finetune_job.id).get("step", 0) >= 1, 120, 0.2, "training")
     killed = {jobs.get(db, j.id).pid for j in (serving_job, finetune_job)}
@@ -150,8 +158,11 @@ def test_a_killed_supervisor_loses_nothing_and_a_new_dashboard_shows_everything_
             table = app.screen.query_one("#table", LiveTable)
             await wait_for(pilot, lambda: "Ready" in str(table.cells(served.id)[3]), 10, "the deployment on screen")
             await pilot.press("2")
-            await wait_for(pilot, lambda: app.store.models[adapter.id].model.state == ModelState.READY, 120,
-                           "the fine-tune, followed again, to finish")
+            try:
+                await wait_for(pilot, lambda: app.store.models[adapter.id].model.state == ModelState.READY, 120,
+                               "the fine-tune, followed again, to finish")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {job_log(db, finetune_job.id)[-3000:]}") from None
 
     asyncio.run(dashboard())
     for job in (serving_job, finetune_job):  # followed by new supervisors: the same batch jobs, never submitted again
@@ -159,13 +170,14 @@ def test_a_killed_supervisor_loses_nothing_and_a_new_dashboard_shows_everything_
     assert deployment(db, served.id).state == DeploymentState.READY and slurm.queue() == [batch_jobs[serving_job.id]]
     assert metrics(db, finetune_job.id)["reattached"] == 1 and "re-attached to its work" in job_log(db, finetune_job.id)
     with db.read() as session:
-        assert session.get(Model, adapter.id).meta["steps"] == 60
+        assert session.get(Model, adapter.id).meta["steps"] == 300
 
 
 def test_a_passing_outage_of_the_controller_is_waited_out(db, slurm, tiny):
     started, job = deployments.deploy(db, "tiny", DeploySettings(target="slurm:debug", gpus="0", options={"time": "5"}))
     done = deployment_where(db, started.id, lambda d: d.state != DeploymentState.PENDING, what="Ready")
     assert done.state == DeploymentState.READY, done.reason
+    supervisor = jobs.get(db, job.id).pid
     slurm.stop_controller()
     try:
         wait_until(lambda: "the SLURM controller cannot be reached" in job_log(db, job.id), 20, 0.5, "the outage seen")
@@ -175,6 +187,7 @@ def test_a_passing_outage_of_the_controller_is_waited_out(db, slurm, tiny):
         slurm.start_controller()
     time.sleep(3)
     assert deployment(db, done.id).state == DeploymentState.READY
+    assert jobs.get(db, job.id).pid == supervisor and "reattached" not in metrics(db, job.id)  # the same one, all along
     deployments.stop(db, done.id)
 
 
@@ -230,7 +243,7 @@ def test_dry_run_prints_a_batch_script_that_sbatch_accepts_and_touches_nothing(d
                             capture_output=True, text=True, env=env, timeout=60)
     assert served.returncode == 0, served.stderr
     assert "engine.targets.slurm.launch" in served.stdout and "--port '{port}'" in served.stdout
-    assert "sk-md-" not in served.stdout and "never in the script" in served.stderr
+    assert "never in the script" in served.stderr
     script = tmp_path / "check.sh"
     script.write_text(served.stdout)
     said = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=30)
@@ -260,6 +273,26 @@ def test_every_follower_shares_one_squeue_call_per_poll(db, slurm, tmp_path):
 
 
 # -- SLURM's language, without a cluster -------------------------------------------------------------------
+
+
+def test_paths_the_compute_nodes_may_not_see_are_said():
+    """The work directory and what a batch job runs or reads, on a filesystem of this machine's own, are
+    warned of, unless the partition's one node is this machine."""
+    import socket
+
+    from engine.targets.slurm import unshared
+    from engine.targets.slurm.commands import Node, Partition
+
+    local = next(m for m in __import__("psutil").disk_partitions(all=True) if m.mountpoint == "/")
+    elsewhere = Partition("gpu", True, False, None, [Node("node01", 8, 64000, 4, "IDLE")])
+    here = Partition("gpu", True, False, None, [Node(socket.gethostname(), 8, 64000, 4, "IDLE")])
+    warned = unshared(["/var/modeldeck-work", "/usr/bin/python3"], elsewhere)
+    if local.fstype in ("nfs", "nfs4", "lustre", "gpfs"):
+        assert warned == []
+    else:
+        assert warned[0].startswith(f"the work directory /var/modeldeck-work is on a {local.fstype} filesystem")
+        assert warned[1].startswith("what the batch job runs or reads: /usr/bin/python3")
+    assert unshared(["/var/modeldeck-work"], here) == []
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -325,3 +358,60 @@ def test_why_a_job_waits_reads_in_words(reason, gpus, words):
     from engine.targets.slurm.states import pending_words
 
     assert pending_words(reason, gpus) == words
+
+
+def test_a_hub_model_is_deployed_on_slurm_without_a_download_here(db, slurm, tiny_model_dir, monkeypatch):
+    """The batch job downloads it (into the work directory's cache) from the Hub — here the tests' own Hub,
+    serving the tiny model: nothing is downloaded to this machine, and Custom lists it as living on SLURM."""
+    from openai import OpenAI
+
+    from engine import hub as hubmod
+    from engine.format import model_location
+    from tests.hubserver import HubServer, Repo
+
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    server = HubServer({"org/tiny-real": Repo(files)}).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        with pytest.raises(EngineError, match="org/tiny-real is not on this machine: download it first"):
+            deployments.plan(db, "org/tiny-real", DeploySettings())  # this machine downloads nothing by itself
+        started, job = deployments.deploy(db, "org/tiny-real", DeploySettings(target="slurm:debug", gpus="0",
+                                                                             backend="transformers",
+                                                                             options={"time": "5"}))
+        [row] = models.model_rows(db)
+        assert (row.model.name, row.model.state, row.model.path) == ("tiny-real", ModelState.READY, None)
+        assert model_location(row.model) == "downloaded from the Hub by its batch jobs on the SLURM partition debug"
+        done = deployment_where(db, started.id, lambda d: d.state != DeploymentState.PENDING, what="Ready")
+        assert done.state == DeploymentState.READY, (done.reason, job_log(db, job.id)[-2000:])
+        reply = OpenAI(base_url=done.endpoint, api_key=done.api_key, max_retries=0).completions.create(
+            model="tiny-real", prompt="hi", max_tokens=2, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        assert not hubmod.repo_cache_dir("org/tiny-real").exists()  # not here
+        cache = Path(os.environ["MODELDECK_HOME"]) / "slurm" / "hf" / "hub" / "models--org--tiny-real"
+        assert cache.is_dir()  # in the work directory's cache, by the batch job
+        deployments.stop(db, done.id)
+        with pytest.raises(EngineError, match="tiny-real lives on the SLURM partition debug, whose batch jobs "
+                                              "download it: deploy it there, or download it here first"):
+            deployments.plan(db, "tiny-real", DeploySettings())
+    finally:
+        server.stop()
+
+
+def test_a_supervisor_that_keeps_dying_is_given_up_and_its_batch_job_cancelled(db, slurm, tmp_path):
+    """Re-attached REATTACH_LIMIT times already, a job whose supervisor is gone again is failed, and what it
+    had running on the cluster (the batch jobs its run's folder names) is cancelled: nothing runs on unfollowed."""
+    from catalog.schema import Job, JobKind, now
+
+    run = tmp_path / "md-ft-x-run"
+    run.mkdir()
+    batch_job = slurm.command("sbatch", "--parsable", "--partition=debug", "--time=5", "--output=/dev/null",
+                              "--job-name=md-ft-x-run", "--wrap", "sleep 300").strip()
+    (run / "attempt-1.json").write_text(json.dumps({"job_id": batch_job, "submitted_at": time.time()}))
+    with db.write() as session:
+        job = Job(kind=JobKind.FINETUNE, state=JobState.RUNNING, title="x", pid=2**22 + 7, host=jobs.HERE,
+                  heartbeat_at=now() - 120, params_json=Job.dumps({"target": "slurm:debug"}),
+                  metrics_json=Job.dumps({"reattached": jobs.REATTACH_LIMIT, "slurm_run": str(run)}))
+        session.add(job)
+    assert jobs.reconcile(db) == [job.id]
+    assert jobs.get(db, job.id).state == JobState.FAILED
+    wait_until(lambda: batch_job not in slurm.queue(), 30, 0.2, "its batch job to be cancelled")

@@ -10,8 +10,8 @@ import pytest
 from tests.tui_helpers import T0, seed, seed_training, wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
-from tui.screens.confirm import ConfirmDialog
 from tui.screens.chat import ChatScreen
+from tui.screens.confirm import ConfirmDialog
 from tui.screens.connect_dialog import ConnectDialog
 from tui.screens.deploy_drawer import DeployDrawer
 from tui.screens.details import DetailsDialog, LiveDetails, TrainingDetails
@@ -255,6 +255,38 @@ class TestDialogs:
             dialog.query_one("#dataset").cursor_blink = False
 
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "f", shown(FinetuneDialog), choose_cluster))
+
+    def test_deploy_drawer_on_a_slurm_target(self, snap_compare, db, size, slurm):
+        """The tests' real single-node cluster: its partitions listed, the request checked by the controller."""
+        async def choose_partition(pilot):
+            drawer = pilot.app.screen
+            await wait_for(pilot, lambda: drawer.query_one("TargetSelect").display, what="the targets")
+            drawer.query_one("#target").value = "slurm:gpu"
+            await pilot.pause()
+            for field, value in {"gpu_count": "1", "time": "2:00:00", "account": "ml-team"}.items():
+                drawer.query_one(f"#{field}").value = value
+            await wait_for(pilot, lambda: "batch job" in str(drawer.query_one("#plan").render()), 30, what="the plan")
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer),
+                                                                             choose_partition))
+
+    def test_finetune_dialog_on_a_slurm_target(self, snap_compare, db, size, slurm):
+        async def choose_partition(pilot):
+            dialog = pilot.app.screen
+            await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the targets")
+            dialog.query_one("#target").value = "slurm:gpu"
+            await pilot.pause()
+            for field, value in {"gpu_count": "1", "time": "4:00:00", "mem": "32G",
+                                 "dataset": "tests/data/support-chat.jsonl"}.items():
+                dialog.query_one(f"#{field}").value = value
+            await wait_for(pilot, lambda: "rows" in str(dialog.query_one("#dataset-summary").render()), what="the dataset")
+            await wait_for(pilot, lambda: "Counting" not in str(dialog.query_one("#token-summary").render()), 30,
+                           what="the token count to end")
+            dialog.query_one("#dataset").focus()
+            dialog.query_one("#dataset").cursor_blink = False
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "f", shown(FinetuneDialog),
+                                                                             choose_partition))
 
     def test_deploy_drawer_exposed_and_too_big(self, snap_compare, db, size, monkeypatch):
         free_ram(monkeypatch, 512 * 2**20)

@@ -131,6 +131,16 @@ class ModelDeckApp(App):
             screen.reload()
         if self._open_chat is not None:
             self._chat_on_start(self._open_chat)
+        self.discover_targets()
+
+    @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
+    def discover_targets(self) -> None:
+        """Where work can run besides this machine (a kubeconfig's contexts, a SLURM cluster's partitions):
+        Community offers them for a model not downloaded here. Its own worker: asking SLURM can take a while."""
+        from engine import targets
+
+        found, _problems = targets.choices()  # the dialogs' Target field says what could not be listed
+        self.call_from_thread(setattr, self.store, "targets", [c for c in found if c.spec])
 
     def _chat_on_start(self, name: str) -> None:
         named = [d for d in self.store.deployments.values() if d.name == name or str(d.id) == name]
@@ -194,8 +204,9 @@ class ModelDeckApp(App):
         self.switch_mode(mode)
         self.get_screen(mode).focus_row(key)
 
-    def open_deploy(self, model_id: int) -> None:
-        """The deploy drawer for a model; once deployed, Active deployments with the new row selected."""
+    def open_deploy(self, model_id: int | str) -> None:
+        """The deploy drawer for a model (a Hub repo id: one a target downloads itself); once deployed, Active
+        deployments with the new row selected."""
         from tui.screens.deploy_drawer import DeployDrawer
 
         def deployed(dep_id: int | None) -> None:

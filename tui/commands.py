@@ -168,9 +168,10 @@ def _target_options(args) -> dict[str, str]:
 
 
 def _dry_run_needs_a_target(args) -> None:
+    from engine.targets import spec_syntax
+
     if args.dry_run and not args.target:
-        raise EngineError("--dry-run prints what a target would run: give --target CONTEXT/NAMESPACE or --target "
-                          "slurm[:PARTITION]")
+        raise EngineError(f"--dry-run prints what a target would run: give --target {spec_syntax()}")
 
 
 def cmd_finetune(args, db) -> int:
@@ -249,7 +250,7 @@ def cmd_deploy(args, db) -> int:
         if sys.stderr.isatty() and not args.json:
             sys.stderr.write("\r\033[K")
     bound, exposed = listening_on(deployment)
-    table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason)}\n"
+    table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason, deployment.ends_at)}\n"
              f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}"
              + (f"\nlistening on {bound}: reachable from other machines (with the API key)" if exposed else ""))
     _emit(args, _deployment_dict(deployment), table)
@@ -352,7 +353,7 @@ def cmd_ps(args, db) -> int:
         return (d.endpoint or "") + (f" (open on {bound})" if exposed and d.backend != "external" else "")
 
     table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
-                   [[d.name, backend_label(d.backend), _clip(deployment_state_text(d.state, d.phase, d.reason), 60),
+                   [[d.name, backend_label(d.backend), _clip(deployment_state_text(d.state, d.phase, d.reason, d.ends_at), 60),
                      endpoint(d), d.gpus or "", human_time(d.created_at)] for d in rows])
     _emit(args, [_deployment_dict(d) for d in rows], table)
     return 0

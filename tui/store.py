@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from catalog.schema import CommunityModel, Deployment
     from engine.models import ModelRow
+    from engine.targets import Choice
 
 
 @dataclass
@@ -16,6 +17,7 @@ class Store:
     community: dict[str, CommunityModel] = field(default_factory=dict)  # by repo id, curated order
     models: dict[int, ModelRow] = field(default_factory=dict)
     deployments: dict[int, Deployment] = field(default_factory=dict)
+    targets: list[Choice] = field(default_factory=list)  # where work can run besides this machine, once known
     _by_repo: dict[str, int] = field(default_factory=dict)
 
     def apply_models(self, rows: list[ModelRow], gone: set[int]) -> set[str]:

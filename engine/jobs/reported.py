@@ -89,23 +89,35 @@ class RunEvents:
         self.metrics: dict = {}
         self.outcome: dict | None = None  # the run's last word: done, failed or cancelled
         self.run_phase: str | None = None  # the last phase the run itself told
+        self._unreported: dict | None = None  # the fields of progress read again (see `line`), not yet reported
 
     @property
     def training(self) -> bool:
         return self.metrics.get("phase") == "training"
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, echo: bool = True) -> None:
+        """One line of the run's log: an event is taken; any other line is copied to this job's log (`echo`:
+        unless it was already, by an earlier supervisor of the same run)."""
         event = parse(text)
         if event is None:
-            print(text, flush=True)
+            if echo:
+                print(text, flush=True)
         else:
-            self.take(event)
+            self.take(event, report=echo)
 
-    def take(self, event: dict) -> None:
+    def flush(self) -> None:
+        """Report the progress read again without reporting it (a new supervisor reading a long log anew)."""
+        if self._unreported is not None:
+            self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}},
+                            **self._unreported)
+            self._unreported = None
+
+    def take(self, event: dict, report: bool = True) -> None:
         if "phase" in event:
             self.run_phase = event["phase"]
             self.metrics["phase"] = event["phase"]
-            self.show_phase(event["phase"])
+            if report:
+                self.show_phase(event["phase"])
         elif "metrics" in event:
             for which, curve in (("train", self.train_curve), ("eval", self.eval_curve)):
                 for step, loss in event.get("points", {}).get(which, []):
@@ -114,6 +126,8 @@ class RunEvents:
             self.metrics = event["metrics"]
             self.ctx.metrics.pop("elapsed_s", None)  # training now: steps and loss, not a phase's time
             fields = {k: v for k, v in (event.get("fields") or {}).items() if k in REPORTED_FIELDS}
-            self.ctx.report(self.metrics | {"curve": {"train": self.train_curve, "eval": self.eval_curve}}, **fields)
+            self._unreported = fields
+            if report:
+                self.flush()
         else:
             self.outcome = event

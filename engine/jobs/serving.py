@@ -18,12 +18,17 @@ HEALTH_FAILURES = 5  # ...and declared dead after this many misses in a row
 
 
 def set_phase(ctx: JobContext, deployment_id: int, phase: str) -> None:
-    """A Pending deployment's phase (screens follow it through the event it records)."""
+    """A Pending deployment's phase (screens follow it through the event it records). Followers say it at
+    every poll: only a change is written (a job can wait in a cluster's queue for days)."""
+    with ctx.db.read() as session:
+        deployment = session.get(Deployment, deployment_id)
+        if deployment is None or (deployment.state == DeploymentState.PENDING and deployment.phase == phase):
+            return
     with ctx.db.write() as session:
         deployment = session.get(Deployment, deployment_id)
-        if deployment is not None:
-            move_deployment(session, deployment, DeploymentState.PENDING, phase=phase)
-    ctx.report(metrics={"phase": phase})
+        moved = deployment is not None and move_deployment(session, deployment, DeploymentState.PENDING, phase=phase)
+    if moved:
+        ctx.report(metrics={"phase": phase})
 
 
 def healthy(client: httpx.Client, base_url: str) -> bool:

@@ -382,11 +382,11 @@ def run_from_spec(spec_file: Path) -> int:
             ctx.emit({"done": lineage | {"size_bytes": hub.snapshot_size(final)}})
             return 0
         partial.mkdir(parents=True, exist_ok=True)
-        copy = partial / ("dataset" + Path(spec["dataset_name"]).suffix)
-        if not copy.exists():  # from a file the run can read (a shared filesystem), or a Job's Secrets
-            if spec.get("dataset"):
-                copy_dataset(Path(spec["dataset"]), copy)
-            else:
+        if spec.get("dataset"):  # the run's own copy already (a SLURM run's, in its folder): read where it is
+            copy = Path(spec["dataset"])
+        else:  # a Job's Secrets, made whole once
+            copy = partial / ("dataset" + Path(spec["dataset_name"]).suffix)
+            if not copy.exists():
                 join_parts(Path(spec["dataset_parts"]), copy)
         base_path = spec.get("base_path")
         if not base_path:

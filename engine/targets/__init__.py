@@ -46,12 +46,13 @@ class OptionField:
 
 @dataclass
 class Choice:
-    """A target the dialogs offer: its spec, how it is listed, and its kind (which option rows it shows)."""
+    """A target the dialogs offer: its spec (without its SPEC_FIELD), how it is listed, and its kind (which
+    option rows it shows)."""
 
     spec: str
     label: str
     kind: str
-    default_namespace: str = ""  # a Kubernetes context's own, shown as the placeholder
+    field_default: str = ""  # its SPEC_FIELD's value when none is typed (a Kubernetes context's own namespace)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Serving:
 class Target(ABC):
     KIND: ClassVar[str]
     TITLE: ClassVar[str]  # "this machine", "Kubernetes", "SLURM": in refusals and help
+    WHERE: ClassVar[str] = ""  # what one of its kind is, for the Target field's help: "a SLURM partition"
+    SYNTAX: ClassVar[str] = ""  # how its spec is typed: "slurm[:PARTITION]"
     OPTIONS: ClassVar[tuple[OptionField, ...]] = ()
     # How GPUs are chosen: "here" (this machine's, by number, as `--gpus 0,1`) or "count" (how many a
     # pod or a batch job gets).
@@ -99,6 +102,9 @@ class Target(ABC):
     # The common deploy settings this target uses (the drawer shows their rows; the others are its own).
     DEPLOY_FIELDS: ClassVar[frozenset[str]] = frozenset()
     STOP_DEADLINE_S: ClassVar[float] = 5.0  # what a stop waits for the supervisor before killing it
+    DOWNLOADS: ClassVar[bool] = False  # it downloads a model from the Hub itself (nothing is downloaded here)
+    # A part of the spec typed beside the Target field (a Kubernetes context's namespace), if it has one.
+    SPEC_FIELD: ClassVar[OptionField | None] = None
 
     CATCHES_ALL: ClassVar[bool] = False  # a spec no other kind names is this kind's (a Kubernetes context)
 
@@ -124,6 +130,16 @@ class Target(ABC):
     def holding(cls, model: Model) -> Target | None:
         """The target of this kind that keeps the model's files, if one does."""
         return None
+
+    @classmethod
+    def spec_of(cls, choice: Choice, field_value: str) -> str:
+        """The spec of a target chosen in a dialog, with what was typed in its SPEC_FIELD."""
+        return choice.spec
+
+    @classmethod
+    def choice_of(cls, spec: str) -> tuple[str, str]:
+        """The other way: the Choice's spec a spec is listed under, and its SPEC_FIELD's value."""
+        return spec, ""
 
     @classmethod
     def option_placeholder(cls, option: OptionField) -> str:
@@ -217,15 +233,29 @@ class Target(ABC):
         """Connect's extra lines: (label, value, hint)."""
         return []
 
+    def listening(self, deployment: Deployment) -> tuple[str, bool]:
+        """Where its server listens ("0.0.0.0:8001"), and whether that is beyond this machine."""
+        from engine.backends import LOOPBACK
+
+        settings = deployment.loads(deployment.settings_json, {})
+        host = settings.get("host") or "127.0.0.1"
+        return f"{f'[{host}]' if ':' in host else host}:{settings.get('port', '?')}", host not in LOOPBACK
+
+    def laptop_tunnel(self, deployment: Deployment) -> tuple[str, str] | None:
+        """The `ssh -L` command that makes the deployment reachable from the user's laptop, and the URL it is
+        reached at there; None when it needs none (or this session did not come over SSH)."""
+        from engine.connect import ssh_tunnel
+
+        command = ssh_tunnel(deployment.endpoint or "")
+        return (command, deployment.endpoint) if command else None
+
     def dry_run_finetune(self, name: str, placement: Placement, base: Model, dataset_path, hyperparameters: dict,
                          options: dict) -> tuple[str, str]:
         """What a fine-tune would apply or submit there, as text for stdout, and a note for stderr."""
-        raise EngineError(f"--dry-run prints what a target would run; {self.label} runs nothing to print: give "
-                          "--target CONTEXT/NAMESPACE or --target slurm[:PARTITION]")
+        raise EngineError(f"--dry-run prints what a target would run: give --target {spec_syntax()}")
 
     def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings) -> tuple[str, str]:
-        raise EngineError(f"--dry-run prints what a target would run; {self.label} runs nothing to print: give "
-                          "--target CONTEXT/NAMESPACE or --target slurm[:PARTITION]")
+        raise EngineError(f"--dry-run prints what a target would run: give --target {spec_syntax()}")
 
     # -- models whose files are there ---------------------------------------------------------------------
 
@@ -236,6 +266,10 @@ class Target(ABC):
     def files_here(self, model: Model) -> bool:
         """Whether this machine can read the model's files (to serve, merge or fine-tune it here)."""
         return self.is_here
+
+    def lives_there(self) -> dict[str, Any]:
+        """The meta of a Hub model registered to live on this target (DOWNLOADS): `holding` knows it by it."""
+        raise EngineError(f"{self.label} does not download models itself")
 
     def refuse_here(self, model: Model, doing: str) -> EngineError:
         """Why `doing` ("deploy", "merge", "fine-tune") cannot be done on this machine with this model,
@@ -260,7 +294,7 @@ class Target(ABC):
 # -- the registry -------------------------------------------------------------------------------------
 
 
-def _kinds() -> list[type[Target]]:
+def kinds() -> list[type[Target]]:
     """Every kind of target, in the order the dialogs list them (imported on first use)."""
     from engine.targets.kubernetes import KubernetesTarget
     from engine.targets.local import LocalTarget
@@ -270,14 +304,14 @@ def _kinds() -> list[type[Target]]:
 
 
 def kind(name: str) -> type[Target]:
-    return next(k for k in _kinds() if k.KIND == name)
+    return next(k for k in kinds() if k.KIND == name)
 
 
 def resolve(spec: str | None) -> Target:
     """The target a spec names: "" (this machine), "slurm[:PARTITION]", else a Kubernetes context
     "CONTEXT[/NAMESPACE]". Raises EngineError for one malformed; `checked()` asks the system."""
     spec = (spec or "").strip()
-    for target_kind in sorted(_kinds(), key=lambda k: k.CATCHES_ALL):
+    for target_kind in sorted(kinds(), key=lambda k: k.CATCHES_ALL):
         if target_kind.CATCHES_ALL or target_kind.names(spec):
             return target_kind.parse(spec)
     raise AssertionError("one kind takes every spec the others do not name")
@@ -292,7 +326,7 @@ def choices() -> tuple[list[Choice], list[str]]:
     thread), and one line for each kind that could not be listed (a broken kubeconfig, SLURM's controller
     down)."""
     found, problems = [], []
-    for target_kind in _kinds():
+    for target_kind in kinds():
         try:
             found += target_kind.discover()
         except EngineError as exc:
@@ -302,7 +336,7 @@ def choices() -> tuple[list[Choice], list[str]]:
 
 def home_of(model: Model) -> Target:
     """Where a model's files are: this machine, or the target that made or keeps them."""
-    for target_kind in _kinds():
+    for target_kind in kinds():
         if (found := target_kind.holding(model)) is not None:
             return found
     return here()
@@ -317,9 +351,14 @@ def of_deployment(deployment: Deployment) -> Target:
     return resolve(deployment.loads(deployment.settings_json, {}).get("target", ""))
 
 
+def spec_syntax() -> str:
+    """How the targets other than this machine are typed: "CONTEXT[/NAMESPACE] or slurm[:PARTITION]"."""
+    return " or ".join(kind.SYNTAX for kind in kinds() if kind.SYNTAX)
+
+
 def option_fields() -> list[tuple[OptionField, type[Target]]]:
     """Every option of every kind, for the CLI's flags."""
-    return [(option, target_kind) for target_kind in _kinds() for option in target_kind.OPTIONS]
+    return [(option, target_kind) for target_kind in kinds() for option in target_kind.OPTIONS]
 
 
 def option_label(name: str) -> str:

@@ -17,7 +17,7 @@ from catalog.states import ModelState
 from engine.community import haystack, matches, terms
 from engine.format import human_params
 from tui.screens.base import DeckScreen
-from tui.screens.confirm import ConfirmDialog
+from tui.screens.confirm import ChoiceDialog, ConfirmDialog
 from tui.screens.details import DetailsDialog
 from tui.screens.finetune_dialog import FinetuneDialog
 from tui.screens.tag_picker import TagPicker
@@ -203,18 +203,35 @@ class CommunityScreen(DeckScreen):
         if entry is not None:
             self._downloaded_then(entry, "a deployment made now starts once it is done", self.app.open_deploy)
 
-    def _downloaded_then(self, entry: CommunityModel, waits: str, then: Callable[[int], None]) -> None:
-        """Run `then` on the entry's custom model, asking to download it first when it is not here."""
+    def _downloaded_then(self, entry: CommunityModel, waits: str, then: Callable[[int | str], None]) -> None:
+        """Run `then` on the entry's custom model, asking to download it first when it is not here; where a
+        target downloads models itself (a cluster), `then` may go on with the repo id instead."""
         row = self.store.model_for_repo(entry.repo_id)
         if row is not None and row.model.state != ModelState.FAILED:
             then(row.model.id)
             return
         verb = "Retry the download of" if row else "Download"
-        question = ConfirmDialog(f"{verb} {entry.name} first?",
-                                 f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet. "
-                                 f"It downloads in the background; {waits}.",
-                                 confirm_label="Download", variant="primary")
-        self.app.push_screen(question, lambda yes: yes and self.download_then(entry.repo_id, then))
+        title = f"{verb} {entry.name} first?"
+        message = (f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet. "
+                   f"It downloads in the background; {waits}.")
+        if not self.store.targets or row is not None:  # a failed download is retried where it failed: here
+            question = ConfirmDialog(title, message, confirm_label="Download", variant="primary")
+            self.app.push_screen(question, lambda yes: yes and self.download_then(entry.repo_id, then))
+            return
+        from engine import targets
+
+        kinds = ", ".join(sorted({targets.kind(choice.kind).TITLE for choice in self.store.targets}))
+        question = ChoiceDialog(title, f"{message} Or run it on a target that downloads it itself ({kinds}): nothing "
+                                       "comes to this machine.",
+                                [("download", "Download", "y"), ("elsewhere", "Run it on a target", "t")])
+
+        def answered(answer: str | None) -> None:
+            if answer == "download":
+                self.download_then(entry.repo_id, then)
+            elif answer == "elsewhere":
+                then(entry.repo_id)
+
+        self.app.push_screen(question, answered)
 
     @work(thread=True, exit_on_error=False, group="engine")
     def download_then(self, repo_id: str, then: Callable[[int], None]) -> None:
@@ -232,8 +249,9 @@ class CommunityScreen(DeckScreen):
             return
         then(model_id)
 
-    def open_finetune(self, model_id: int) -> None:
-        """The fine-tune dialog with this base chosen; the new adapter is shown in Custom."""
+    def open_finetune(self, model_id: int | str) -> None:
+        """The fine-tune dialog with this base chosen (a Hub repo id: for a target that downloads it itself);
+        the new adapter is shown in Custom."""
         def started(adapter_id: int | None) -> None:
             if adapter_id is not None:
                 self.app.show_row("custom", adapter_id)

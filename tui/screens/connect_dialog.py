@@ -77,10 +77,11 @@ class ConnectDialog(ModalScreen[str | None]):
         dep = self.app.store.deployments[self.deployment_id]
         return snippets(dep.endpoint, dep.served_name or dep.name, key)
 
-    def _tunnel(self) -> str | None:
-        from engine.connect import ssh_tunnel
+    def _tunnel(self) -> tuple[str, str] | None:
+        from engine import targets
 
-        return ssh_tunnel(self.app.store.deployments[self.deployment_id].endpoint)
+        dep = self.app.store.deployments[self.deployment_id]
+        return targets.of_deployment(dep).laptop_tunnel(dep)
 
     def show(self) -> None:
         dep = self.app.store.deployments[self.deployment_id]
@@ -92,7 +93,9 @@ class ConnectDialog(ModalScreen[str | None]):
         for label, value, hint in targets.of_deployment(dep).connect_fields(dep):
             fields.append((label, Text.assemble(value, (hint, "dim"))))
         if tunnel := self._tunnel():
-            fields.append(("From a laptop", Text.assemble(tunnel, ("  (s copies; then use the same URL there)", "dim"))))
+            command, url = tunnel
+            there = "the same URL" if url == dep.endpoint else url
+            fields.append(("From a laptop", Text.assemble(command, (f"  (s copies; then use {there} there)", "dim"))))
         self.query_one("#facts", Static).update(fields_table(fields))
         shown_key = self.key if self.revealed or not self.key else masked_key(self.key)
         blocks = []
@@ -115,7 +118,8 @@ class ConnectDialog(ModalScreen[str | None]):
         elif what == "key":
             self.app.copy_text(self.key, "API key", shown=masked_key(self.key))
         elif what == "ssh":
-            self.app.copy_text(self._tunnel(), "ssh -L command (the endpoint is reachable as it is)")
+            tunnel = self._tunnel()
+            self.app.copy_text(tunnel[0] if tunnel else None, "ssh -L command (the endpoint is reachable as it is)")
         else:
             snippet = next(s for s in self._snippets(self.key) if s.key == what)
             self.app.copy_text(snippet.text, snippet.title, shown=f"the {snippet.title} snippet")

@@ -22,19 +22,18 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
-from engine import targets
 from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
 from tui.screens.base import FieldHelp, PrimaryButton, ReportsWorkerErrors
 from tui.widgets.gpu_select import GpuSelect
-from tui.widgets.target_select import TargetSelect
+from tui.widgets.target_select import TargetSelect, initial_target
 
 if TYPE_CHECKING:
     from engine.deployments import DeployPlan
     from engine.gpus import Gpu
 
-LABELS = {"name": "Deployment name", "gpu_count": "GPUs"}  # the rest are the settings' own labels
+LABELS = {"name": "Deployment name", "gpu_count": FIELD_LABELS["gpus"]}  # the rest are the settings' own
 PLAN_DELAY_S = 0.3  # wait for typing to pause before asking for the plan again
 VERDICT_STYLES = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
 BACKENDS = [("auto: vLLM on a GPU, else built-in", "auto"), ("vLLM", "vllm"),
@@ -49,8 +48,8 @@ TYPED = [
     ("port", "a free one", "The port to listen on; empty or 0 picks a free one"),
     ("host", "127.0.0.1", "Bind address: 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network"),
     ("served_name", "", "The model name clients send in requests"),
-    ("gpu_count", "auto", "How many GPUs its job gets (0: its CPUs; auto: the tensor-parallel size on a GPU partition)"),
 ]
+GPU_COUNT_HELP = "How many GPUs its job gets (0: its CPUs; auto: the tensor-parallel size where there are GPUs)"
 # The rows of the common settings, each shown where the chosen target uses it (its DEPLOY_FIELDS).
 COMMON = ("backend", "gpus", "dtype", "tensor_parallel", "max_model_len", "gpu_memory_fraction", "port", "host",
           "served_name")
@@ -64,7 +63,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
         Binding("ctrl+s", "start", "Deploy"),
     ]
 
-    def __init__(self, model_id: int):
+    def __init__(self, model_id: int | str):
+        """`model_id`: a custom model's id, or the repo id of a Hub model that the chosen target downloads."""
         super().__init__(classes="dialog drawer")
         self.model_id = model_id
         self._plan_timer = None
@@ -72,13 +72,13 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
 
     def compose(self) -> ComposeResult:
         row = self.app.store.models.get(self.model_id)
-        name = row.model.name if row else "?"
+        entry = self.app.store.community.get(self.model_id) if isinstance(self.model_id, str) else None
+        name = row.model.name if row else entry.name if entry else str(self.model_id)
         with Vertical(id="dialog", classes="drawer"):
             yield Label(f"Deploy {name}", classes="dialog-title")
-            yield Static(self._about(row), id="about", classes="form-note drawer-note")
+            yield Static(self._about(row, entry), id="about", classes="form-note drawer-note")
             with VerticalScroll(classes="dialog-scroll"):
-                home = targets.home_of(row.model) if row else targets.here()
-                yield TargetSelect("deploy", initial="" if home.is_here else home.spec)
+                yield TargetSelect("deploy", initial=initial_target(self.app.store, self.model_id))
                 with Horizontal(classes="form-row", id="backend-row"):
                     yield Label(FIELD_LABELS["backend"], classes="form-label")
                     yield Select(BACKENDS, value="auto", allow_blank=False, id="backend", compact=True,
@@ -86,6 +86,9 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                 with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label(FIELD_LABELS["gpus"], classes="form-label")
                     yield GpuSelect(id="gpus", tooltip="Which GPUs serve the model")
+                with Horizontal(classes="form-row", id="gpu_count-row"):  # a job's GPUs, on a cluster
+                    yield Label(LABELS["gpu_count"], classes="form-label")
+                    yield Input(placeholder="auto", id="gpu_count", compact=True, tooltip=GPU_COUNT_HELP)
                 with Horizontal(classes="form-row", id="dtype-row"):
                     yield Label(FIELD_LABELS["dtype"], classes="form-label")
                     yield Select(DTYPES, value="auto", allow_blank=False, id="dtype", compact=True,
@@ -103,7 +106,12 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                 yield Button("Cancel (esc)", id="cancel", compact=True)
 
     @staticmethod
-    def _about(row) -> Text:
+    def _about(row, entry=None) -> Text:
+        if row is None and entry is not None:
+            from engine.format import human_params
+
+            return Text(f"{entry.repo_id} · {human_params(entry.params)} parameters · not on this machine: a target "
+                        "that downloads it itself runs it")
         if row is None:
             return Text("This model was deleted.")
         m = row.model
@@ -154,6 +162,7 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
     def _show_problems(self, errors: dict[str, str]) -> None:
         for field_id, _, _ in TYPED:
             self.query_one(f"#{field_id}", Input).set_class(field_id in errors, "-invalid")
+        self.query_one("#gpu_count", Input).set_class("gpus" in errors, "-invalid")  # a job's GPUs, counted
         self.query_one("#error", Static).update(Text("; ".join(errors.values())))
 
     @on(Input.Changed)

@@ -129,7 +129,7 @@ class DeploymentsScreen(DeckScreen):
         self.honour_focus_request()
 
     def _cells(self, dep: Deployment) -> tuple:
-        state = deployment_state_text(dep.state, dep.phase, dep.reason)
+        state = deployment_state_text(dep.state, dep.phase, dep.reason, dep.ends_at, clock())
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         requests = f"{load[0].requests:,}" if load else "—"
         rate = f"{load[2]:,.0f}" if load and load[2] is not None else "—"
@@ -291,7 +291,8 @@ class DeploymentsScreen(DeckScreen):
         load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
         fields = [
             ("Model", row.model.name if row else "—"), ("Backend", f"{backend_label(dep.backend)} ({dep.backend})"),
-            ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason), style=STATE_STYLES[dep.state])),
+            ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason, dep.ends_at, clock()),
+                           style=STATE_STYLES[dep.state])),
             ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
             ("API key", masked_key(dep.api_key)), ("GPUs", dep.gpus or "—"),
             ("Created", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
@@ -306,6 +307,11 @@ class DeploymentsScreen(DeckScreen):
             where = f"from ${settings['key_env']}" if settings.get("key_env") else (
                 "in the system keyring" if settings.get("key_keyring") else "none")
             return [(k, v) for k, v in fields if k not in ("Model", "GPUs", "Command")] + [("API key kept", where)]
+        import dataclasses
+
+        from engine.backends import DeploySettings
+
+        settings = dataclasses.asdict(DeploySettings.of(dep))
         shown = {"backend", "gpus", "served_name", "options"}  # above, as resolved; the target's options below
         fields += [(FIELD_LABELS.get(k, k), str(v) if v not in ("", 0) else "default")
                    for k, v in settings.items() if k not in shown]

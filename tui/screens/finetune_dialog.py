@@ -28,7 +28,7 @@ from tui.screens.base import FieldHelp, PrimaryButton, ReportsWorkerErrors
 from tui.screens.file_picker import FilePicker
 from tui.widgets.gpu_select import GpuSelect
 from tui.widgets.info import InfoLine
-from tui.widgets.target_select import TargetSelect
+from tui.widgets.target_select import TargetSelect, initial_target
 
 # Shown on their own rows above the grid of numbers.
 WIDE_FIELDS = ("method", "target_modules")
@@ -44,7 +44,8 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         Binding("ctrl+s", "start", "Start"),
     ]
 
-    def __init__(self, base_id: int | None = None, dataset: str = ""):
+    def __init__(self, base_id: int | str | None = None, dataset: str = ""):
+        """`base_id`: a custom model's id, or the repo id of a Hub model that the chosen target downloads."""
         super().__init__(classes="dialog")
         self.base_id, self.initial_dataset = base_id, dataset
         self._check_timer = None
@@ -74,7 +75,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
                 with Horizontal(classes="form-row"):
                     yield Label("Output name", classes="form-label")
                     yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
-                yield TargetSelect("finetune")
+                yield TargetSelect("finetune", initial=initial_target(self.app.store, self.base_id))
                 with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label("GPUs", classes="form-label")
                     yield GpuSelect(id="gpus")
@@ -110,8 +111,10 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
                 and (row.model.state == ModelState.READY
                      or (row.model.state == ModelState.PENDING and row.model.repo_id and row.job is not None))]
 
-    def _base_options(self) -> list[tuple[str, int]]:
-        options = []
+    def _base_options(self) -> list[tuple[str, int | str]]:
+        options: list[tuple[str, int | str]] = []
+        if isinstance(self.base_id, str):  # a Hub model a target downloads itself
+            options.append((f"{self.base_id}  (from the Hub: the target downloads it)", self.base_id))
         for row in sorted(self._eligible(), key=lambda r: r.model.name.lower()):
             m = row.model
             state = "Ready" if m.state == ModelState.READY else f"downloading {job_progress(row.job, 'tiny')}".rstrip()
@@ -119,7 +122,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         return options
 
     def _initial_base(self):
-        ids = [row.model.id for row in self._eligible()]
+        ids = [row.model.id for row in self._eligible()] + ([self.base_id] if isinstance(self.base_id, str) else [])
         if self.base_id in ids:
             return self.base_id
         return ids[0] if len(ids) == 1 else Select.NULL
@@ -167,6 +170,14 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
     def _base(self):
         value = self.query_one("#base", Select).value
         return self.app.store.models.get(value) if isinstance(value, int) else None
+
+    def _base_name(self) -> str | None:
+        """What the plan names the base by: a custom model's name, or a Hub repo id."""
+        value = self.query_one("#base", Select).value
+        if isinstance(value, str):
+            return value
+        base = self._base()
+        return base.model.name if base else None
 
     def _hyperparameters(self) -> tuple[Hyperparameters, dict[str, str]]:
         values = {f.name: self._value(f.name) for f in Hyperparameters.fields() if f.name != "method"}
@@ -293,7 +304,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         if self._starting:  # enter and ctrl+s also reach here while a start is under way
             return
         error = self.query_one("#error", Static)
-        base, dataset = self._base(), self._value("dataset")
+        base, dataset = self._base_name(), self._value("dataset")
         if base is None:
             error.update("Choose a base model (a Ready base or merged model).")
             self.query_one("#base", Select).focus()
@@ -309,7 +320,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         error.update("Checking and starting…")
         self._starting = True
         self.query_one("#start", Button).disabled = True
-        self._start(base.model.name, dataset, hp, self._gpus(), self._value("name") or None, self._target(),
+        self._start(base, dataset, hp, self._gpus(), self._value("name") or None, self._target(),
                     self.query_one(TargetSelect).options)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)

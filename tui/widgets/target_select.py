@@ -1,8 +1,9 @@
-"""TargetSelect: where work runs — this machine, a Kubernetes context of the user's kubeconfig (with a
-namespace), or a partition of the SLURM cluster this machine submits to — and the chosen target's own
-options (an image; an account, a time limit, …), one form row each. Its rows show only when there is a
-target besides this machine (listed in a thread: the kubeconfig is read, SLURM is asked); an option's row
-only while a target of its kind is chosen. Posts Changed when the target or one of its options changes."""
+"""TargetSelect: where work runs — this machine, or another target of engine/targets (a Kubernetes context
+of the user's kubeconfig, a partition of the SLURM cluster this machine submits to) — with the part of
+its spec typed beside it (a namespace) and the chosen target's own options (an image; an account, a time
+limit, …), one form row each. Its rows show only when there is a target besides this machine (listed in a
+thread: the kubeconfig is read, SLURM is asked); a target's rows only while one of its kind is chosen.
+Posts Changed when the target or one of its fields changes."""
 
 from __future__ import annotations
 
@@ -25,29 +26,24 @@ class TargetSelect(Vertical):
 
     def __init__(self, what: str, initial: str = "", **kwargs):
         super().__init__(**kwargs)
-        self.what = what  # "deploy", "finetune": which options apply, and said in the tooltips
+        self.what = what  # "deploy", "finetune": which options apply
         self.initial = initial  # a spec to start on (where a model's files are, say)
         self.found: dict[str, targets.Choice] = {"": targets.Choice("", "this machine", "local")}
 
     def compose(self) -> ComposeResult:
+        kinds = targets.kinds()
+        places = ["this machine", *(kind.WHERE for kind in kinds if kind.WHERE)]
         with Horizontal(classes="form-row", id="target-row"):
             yield Label("Target", classes="form-label")
             yield Select([("this machine", "")], value="", allow_blank=False, id="target", compact=True,
-                         tooltip="This machine, a Kubernetes context from your kubeconfig, or a SLURM partition")
-        with Horizontal(classes="form-row", id="namespace-row"):
-            yield Label("Namespace", classes="form-label")
-            yield Input(placeholder="default", id="namespace", compact=True,
-                        tooltip=f"The namespace on the cluster to {self.verb} in (empty: the context's own)")
-        for option, kind in targets.option_fields():
-            if self.what in option.uses:
-                with Horizontal(classes=f"form-row target-option kind-{kind.KIND}", id=f"{option.name}-row"):
-                    yield Label(option.label, classes="form-label")
-                    yield Input(placeholder=kind.option_placeholder(option), id=option.name, compact=True,
-                                tooltip=option.help)
-
-    @property
-    def verb(self) -> str:
-        return "fine-tune" if self.what == "finetune" else self.what
+                         tooltip=f"Where it runs: {', '.join(places[:-1])}, or {places[-1]}")
+        fields = [(kind.SPEC_FIELD, kind) for kind in kinds if kind.SPEC_FIELD] + [
+            (option, kind) for option, kind in targets.option_fields() if self.what in option.uses]
+        for field, kind in fields:
+            with Horizontal(classes=f"form-row target-field kind-{kind.KIND}", id=f"{field.name}-row"):
+                yield Label(field.label, classes="form-label")
+                yield Input(placeholder=kind.option_placeholder(field), id=field.name, compact=True,
+                            tooltip=field.help)
 
     def on_mount(self) -> None:
         self.display = False
@@ -67,12 +63,12 @@ class TargetSelect(Vertical):
         select = self.query_one("#target", Select)
         select.set_options([(choice.label, choice.spec) for choice in found])
         self.display = True
-        context, _, namespace = self.initial.partition("/")
-        if self.initial in self.found:
-            select.value = self.initial
-        elif context in self.found:  # a Kubernetes CONTEXT/NAMESPACE
-            select.value = context
-            self.query_one("#namespace", Input).value = namespace
+        if self.initial:
+            spec, field_value = targets.resolve(self.initial).choice_of(self.initial)
+            if spec in self.found:
+                select.value = spec
+                if (field := targets.kind(self.found[spec].kind).SPEC_FIELD) is not None:
+                    self.query_one(f"#{field.name}", Input).value = field_value
 
     @property
     def choice(self) -> targets.Choice:
@@ -86,11 +82,8 @@ class TargetSelect(Vertical):
     @property
     def value(self) -> str:
         """The chosen target's spec: '' for this machine, CONTEXT/NAMESPACE, slurm:PARTITION."""
-        choice = self.choice
-        if choice.kind != "kubernetes":
-            return choice.spec
-        namespace = self.query_one("#namespace", Input).value.strip() or choice.default_namespace or "default"
-        return f"{choice.spec}/{namespace}"
+        field = self.kind.SPEC_FIELD
+        return self.kind.spec_of(self.choice, self.query_one(f"#{field.name}", Input).value.strip() if field else "")
 
     @property
     def options(self) -> dict[str, str]:
@@ -100,9 +93,9 @@ class TargetSelect(Vertical):
 
     def _show_rows(self) -> None:
         choice = self.choice
-        self.query_one("#namespace", Input).placeholder = choice.default_namespace or "default"
-        self.query_one("#namespace-row").display = choice.kind == "kubernetes"
-        for row in self.query(".target-option"):
+        if (field := self.kind.SPEC_FIELD) is not None:
+            self.query_one(f"#{field.name}", Input).placeholder = choice.field_default or field.placeholder
+        for row in self.query(".target-field"):
             row.display = row.has_class(f"kind-{choice.kind}")
 
     @on(Select.Changed, "#target")
@@ -111,3 +104,13 @@ class TargetSelect(Vertical):
         event.stop()  # the dialog hears the one Changed below, not each field's own
         self._show_rows()
         self.post_message(self.Changed(self.value, self.choice.kind))
+
+
+def initial_target(store, model_ref: int | str | None) -> str:
+    """Where a dialog's Target starts: where a custom model's files are (a cluster that fine-tuned it), or, for
+    a Hub model (its repo id), the first target that downloads it itself; else this machine."""
+    if isinstance(model_ref, str):
+        return next((c.spec for c in store.targets if targets.kind(c.kind).DOWNLOADS), "")
+    row = store.models.get(model_ref) if model_ref is not None else None
+    home = targets.home_of(row.model) if row is not None else targets.here()
+    return "" if home.is_here else home.spec

@@ -51,11 +51,16 @@ class ClusterTarget:
 class KubernetesTarget(Target):
     KIND = "kubernetes"
     TITLE = "Kubernetes"
+    WHERE = "a Kubernetes context from your kubeconfig"
+    SYNTAX = "CONTEXT/NAMESPACE"
     CATCHES_ALL = True
     GPUS = "count"
     DEPLOY_FIELDS = frozenset({"tensor_parallel", "dtype", "max_model_len", "gpu_memory_fraction", "port",
                                "served_name"})  # the backend (vLLM), its GPUs (tensor parallel) and address are the cluster's
     STOP_DEADLINE_S = 60.0  # its supervisor deletes its objects through the API before it exits
+    DOWNLOADS = True
+    SPEC_FIELD = OptionField("namespace", "Namespace", "The namespace on the cluster (empty: the context's own)",
+                             "a namespace", "default")
     OPTIONS = (
         OptionField("image", "Image", f"The vLLM image to run; pin a version, like vllm/vllm-openai:v0.11.0 "
                     f"(${VLLM_IMAGE_ENV} sets the default)", "a vLLM image", uses=("deploy",)),
@@ -87,6 +92,15 @@ class KubernetesTarget(Target):
     def holding(cls, model: Model) -> Target | None:
         on = model.meta.get("cluster")
         return cls(on["target"]) if on else None
+
+    @classmethod
+    def spec_of(cls, choice: Choice, field_value: str) -> str:
+        return f"{choice.spec}/{field_value or choice.field_default or 'default'}"
+
+    @classmethod
+    def choice_of(cls, spec: str) -> tuple[str, str]:
+        context, _, namespace = spec.partition("/")
+        return context, namespace
 
     @classmethod
     def option_placeholder(cls, option: OptionField) -> str:
@@ -212,9 +226,10 @@ class KubernetesTarget(Target):
         return to_yaml(deployment_objects(spec)), note
 
     def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None) -> str:
+        from engine.backends import DeploySettings
         from engine.targets.kubernetes.manifests import port_forward_command
 
-        image = deployment.loads(deployment.settings_json, {}).get("options", {}).get("image") or VLLM_IMAGE
+        image = DeploySettings.of(deployment).options.get("image") or VLLM_IMAGE
         local_port = deployment.endpoint.rsplit(":", 1)[1].split("/")[0]
         return (f"vLLM ({image}) on the cluster {self.spec} (deploy --target {self.spec} --image {image} --dry-run "
                 f"prints its manifests); reached through: {port_forward_command(deployment.name, self.spec, local_port)}")
@@ -240,10 +255,13 @@ class KubernetesTarget(Target):
             return f"downloaded from the Hub by the cluster {on['target']} when it runs it"
         return f"{on['folder']} on volume {on['volume']}, cluster {on['target']}"
 
+    def lives_there(self) -> dict[str, Any]:
+        return {"cluster": {"target": self.spec}}
+
     def refuse_here(self, model: Model, doing: str) -> EngineError:
         if "volume" not in model.meta["cluster"]:
             return EngineError(f"{model.name} lives on the cluster {self.spec}, which downloads it itself: {doing} it "
-                               "there, or download it here first (Community: Download)")
+                               f"there, or download it here first (modeldeck pull {model.repo_id})")
         if doing == "merge":
             return EngineError(f"{model.name}'s files are on the cluster {self.spec}; merging works on files here. "
                                "Deploy it on that cluster instead")

@@ -48,7 +48,7 @@ def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | N
 
 def cluster_spec(deployment: Deployment, model: Model, base: Model | None) -> tuple[ClusterDeploy, str]:
     """The deployment's objects' description, and its kubeconfig context."""
-    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
+    settings = DeploySettings.of(deployment)
     context, _namespace = cluster.parse_target(settings.target)
     try:
         spec = cluster_deploy(deployment.name, settings.target, model, base, deployment.served_name, settings,

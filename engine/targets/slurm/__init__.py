@@ -12,17 +12,18 @@ in commands.py; how its states read, in states.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catalog.states import JobKind, ModelKind, ModelState
+from engine import hub
 from engine.errors import EngineError
 from engine.targets import Choice, OptionField, Placement, Serving, Target
 from engine.targets.slurm import commands
@@ -64,10 +65,13 @@ def deployment_uid(api_key: str) -> str:
 class SlurmTarget(Target):
     KIND = "slurm"
     TITLE = "SLURM"
+    WHERE = "a SLURM partition"
+    SYNTAX = "slurm[:PARTITION]"
     GPUS = "count"
     DEPLOY_FIELDS = frozenset({"backend", "gpus", "tensor_parallel", "dtype", "max_model_len", "gpu_memory_fraction",
                                "served_name"})  # the node picks its port; the server listens on its address
     STOP_DEADLINE_S = 60.0  # the supervisor cancels its batch job and waits for it to leave the node
+    DOWNLOADS = True  # into the work directory's cache, by its batch jobs
     OPTIONS = (
         OptionField("account", "Account", "The SLURM account to charge (--account; empty: your default)",
                     "a SLURM account", "your default"),
@@ -181,9 +185,10 @@ class SlurmTarget(Target):
             raise EngineError(f"GPUs {gpus!r}: on SLURM, give how many GPUs the batch job gets, from 0 (or cpu) to 64")
         return int(choice)
 
-    def check_request(self, request: BatchRequest, options: dict[str, Any]) -> list[str]:
+    def check_request(self, request: BatchRequest, options: dict[str, Any], reads: list[str] = ()) -> list[str]:
         """What the partition allows (time, GPUs, CPUs, memory), the work directory, then the controller's own
-        verdict (sbatch --test-only: account, QoS, and the rest). Returns warnings; refuses the rest."""
+        verdict (sbatch --test-only: account, QoS, and the rest). Returns warnings (`reads`: other paths the
+        job reads, besides this modeldeck and its Python, which may not be shared); refuses the rest."""
         partition = commands.cached_partitions()[self.partition]
         if request.time_s is not None and partition.max_time_s is not None and request.time_s > partition.max_time_s:
             raise EngineError(f"time limit {format_time(request.time_s)} is over the maximum of the partition "
@@ -199,13 +204,13 @@ class SlurmTarget(Target):
                               f"more than {partition.max_memory_mb} MB")
         folder = Path(options["workdir"])
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs' data, scripts and models: its owner's
+            (folder / "models").mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise EngineError(f"the SLURM work directory {folder} cannot be made: {exc.strerror}") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise EngineError(f"the SLURM work directory {folder} is not writable (--workdir, ${WORKDIR_ENV})")
-        (folder / "models").mkdir(exist_ok=True)
-        warnings = [note] if (note := unshared(folder, partition)) else []
+        warnings = unshared([str(folder), sys.executable, str(Path(__file__).resolve().parents[3]), *reads], partition)
         commands.test_only(script("md-check", request, folder, ["true"], {}), folder)
         return warnings
 
@@ -221,15 +226,13 @@ class SlurmTarget(Target):
         else:
             has_gpus = commands.cached_partitions()[self.partition].max_gpus > 0
             count = self.gpu_count(gpus, 1 if has_gpus else 0)
-            warnings = self.check_request(self.request(options, count), options)
-        request = self.request(options, count)
+            warnings = self.check_request(self.request(options, count), options, [base.path] if base.path else [])
         where = (f"{count} GPU{'s' if count > 1 else ''}" if count else "CPU") + f" in a batch job on {self.label}" + \
             (f" for up to {options['time']}" if options.get("time") else "") + \
             ("" if base.path else f"; the job downloads {base.repo_id} from the Hub") + \
             "".join(f"; {w}" for w in warnings)
         return Placement(self, ",".join(map(str, range(count))) or "cpu", count, where, files_here=True,
-                         details={"options": options, "request": request},
-                         output_folder=Path(options["workdir"]) / "models")
+                         details={"options": options}, output_folder=Path(options["workdir"]) / "models")
 
     def finetune_meta(self, placement: Placement, name: str) -> dict[str, Any]:
         uid = secrets.token_hex(4)
@@ -263,10 +266,6 @@ class SlurmTarget(Target):
 
     def plan_deploy(self, session, model: Model, base: Model | None, settings: DeploySettings,
                     kept_ports: set[int], available_gpus) -> Serving:
-        import dataclasses
-
-        from engine.backends import vllm_available
-
         weights = base or model
         for needed in filter(None, (model, base)):
             if needed.state != ModelState.READY:
@@ -276,8 +275,25 @@ class SlurmTarget(Target):
                               "shared work directory, or downloads a model from the Hub")
         if base is not None and not model.path:
             raise EngineError(f"{model.name}'s files are not on this machine: its batch job needs them")
-        partition = commands.cached_partitions()[self.partition]
-        count = self.gpu_count(settings.gpus, settings.tensor_parallel if partition.max_gpus else 0)
+        settings = self.serving_settings(settings, commands.cached_partitions()[self.partition].max_gpus > 0)
+        backend, count = settings.backend, int(settings.gpus)
+        warnings = self.check_request(self.request(settings.options, count), settings.options,
+                                      [p for p in (model.path, base.path if base else None) if p])
+        server = "vLLM" if backend == "vllm" else "built-in server"
+        where = f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
+        return Serving(settings, backend, str(count), None, None, warnings, "submitting its batch job",
+                       f"{server} on {where} in a batch job on {self.label}",
+                       "SLURM places it on a node of the partition with the GPUs, CPUs and memory it asks for")
+
+    def serving_settings(self, settings: DeploySettings, has_gpus: bool) -> DeploySettings:
+        """The server and the GPUs a deployment's batch job gets (auto: vLLM where the job gets GPUs and vLLM
+        is installed, the built-in server otherwise), checked; it listens on its node's address, on a port the
+        node picks."""
+        import dataclasses
+
+        from engine.backends import vllm_available
+
+        count = self.gpu_count(settings.gpus, settings.tensor_parallel if has_gpus else 0)
         backend = settings.backend
         if backend == "auto":
             backend = "vllm" if count and vllm_available() else "transformers"
@@ -288,15 +304,7 @@ class SlurmTarget(Target):
                               f"{count}")
         if backend == "transformers" and settings.tensor_parallel > 1:
             raise EngineError("tensor parallel needs vLLM; the built-in server runs a model on one device")
-        if backend == "transformers" and not weights.path:
-            raise EngineError(f"the built-in server serves files: download {weights.name} first, or serve it with vLLM")
-        warnings = self.check_request(self.request(settings.options, count), settings.options)
-        settings = dataclasses.replace(settings, host="0.0.0.0", port=0, backend=backend, gpus=str(count))
-        server = "vLLM" if backend == "vllm" else "built-in server"
-        where = f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
-        return Serving(settings, backend, str(count), None, None, warnings, "submitting its batch job",
-                       f"{server} on {where} in a batch job on {self.label}",
-                       "SLURM places it on a node of the partition with the GPUs, CPUs and memory it asks for")
+        return dataclasses.replace(settings, host="0.0.0.0", port=0, backend=backend, gpus=str(count))
 
     def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None) -> None:
         from engine.targets.slurm.serve import serve
@@ -322,17 +330,20 @@ class SlurmTarget(Target):
         # The node chooses the port (the launcher fills it in); SLURM chooses the GPUs (CUDA_VISIBLE_DEVICES).
         argv = ["{port}" if i and command.argv[i - 1] == "--port" else part for i, part in enumerate(command.argv)]
         secret = {k: v for k, v in command.env.items() if k.endswith("API_KEY")}
-        launcher = [sys.executable, "-m", "engine.targets.slurm.launch", str(run_dir / "endpoint.json"), "--", *argv]
+        launcher = [sys.executable, "-m", "engine.targets.slurm.launch", str(run_dir / "endpoint.json"), *secret,
+                    "--", *argv]
         exports = job_exports(settings.options, downloads=not weights.path)
+        if not weights.path and (token := hub.token()):  # the job downloads it (a gated one, with the user's token)
+            secret["HF_TOKEN"] = token
         return script(run_dir.name, self.request(settings.options, int(settings.gpus or 0)), run_dir, launcher,
                       exports), secret
 
     def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings) -> tuple[str, str]:
-        import dataclasses
-
-        backend = "transformers" if settings.backend == "auto" else settings.backend
-        gpus = self.gpu_count(settings.gpus, settings.tensor_parallel if backend == "vllm" else 0)
-        settings = dataclasses.replace(settings, backend=backend, gpus=str(gpus))
+        try:  # as the deployment would choose, where the controller says what the partition has
+            has_gpus = commands.cached_partitions()[self.checked().partition].max_gpus > 0
+        except EngineError:
+            has_gpus = True
+        settings = self.serving_settings(settings, has_gpus)
         run_dir = Path(settings.options["workdir"]) / run_name("deploy", name, "UID")
         text, _secret = self.server_script(name, "KEY", run_dir, settings, settings.served_name or model.name, model,
                                            base)
@@ -340,22 +351,40 @@ class SlurmTarget(Target):
                       "(MODELDECK_API_KEY or VLLM_API_KEY), never in the script")
 
     def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None) -> str:
-        job = deployment.loads(deployment.settings_json, {}).get("options", {})
+        from engine.backends import DeploySettings
+
+        workdir = DeploySettings.of(deployment).options.get("workdir", "?")
         server = "vLLM" if deployment.backend == "vllm" else "the built-in server"
         return (f"{server} in a batch job on {self.label} (deploy --target {self.spec} --dry-run prints its script; "
-                f"its work directory is {job.get('workdir', '?')})")
+                f"its work directory is {workdir})")
+
+    def listening(self, deployment: Deployment) -> tuple[str, bool]:
+        """On its node's address, at the port the node picked (reported once it runs)."""
+        from urllib.parse import urlsplit
+
+        reported = urlsplit(deployment.endpoint or "")
+        return (f"{reported.hostname}:{reported.port}" if reported.port else "its node's address, once it runs"), True
 
     def connect_fields(self, deployment: Deployment) -> list[tuple[str, str, str]]:
+        if deployment.ends_at is None:
+            return []
+        from engine.format import human_duration, human_time
+
+        left = human_duration(deployment.ends_at - time.time())
+        return [("Time left", f"{left}, until {human_time(deployment.ends_at)}",
+                 "  (its batch job's time limit; deploy again with a longer --time)")]
+
+    def laptop_tunnel(self, deployment: Deployment) -> tuple[str, str] | None:
+        """Through this login node to the compute node (whether this session came over SSH or not: a laptop
+        reaches the cluster's nodes only through it)."""
         from urllib.parse import urlsplit
 
         from engine.connect import ssh_command
 
         if not deployment.endpoint:
-            return []
+            return None
         parts = urlsplit(deployment.endpoint)
-        tunnel = ssh_command(parts.port, parts.hostname, parts.port)
-        return [("From a laptop", tunnel, f"  (through this login node; then use http://127.0.0.1:{parts.port}/v1 "
-                                          "there)")]
+        return ssh_command(parts.port, parts.hostname, parts.port), f"http://127.0.0.1:{parts.port}/v1"
 
     # -- reconciling: a batch job outlives its supervisor ----------------------------------------------
 
@@ -363,16 +392,14 @@ class SlurmTarget(Target):
         return job.kind in (JobKind.FINETUNE, JobKind.SERVE)
 
     def orphaned(self, job: Job) -> str:
-        return "; its batch job was cancelled"
+        return "; its batch job is cancelled" if job.loads(job.metrics_json, {}).get("slurm_run") else ""
 
     def abandon(self, job: Job) -> None:
-        """Settled without its supervisor (stopped, or re-attached too often): its batch job ends too."""
-        slurm_job = job.loads(job.metrics_json, {}).get("slurm_job")
-        if slurm_job:
-            try:
-                commands.cancel(str(slurm_job))
-            except commands.SlurmError:
-                pass  # ended already, or the controller is away: the job's time limit ends it
+        """Settled without its supervisor (stopped, or re-attached too often): its batch jobs end too."""
+        from engine.targets.slurm.run import cancel_all
+
+        if run := job.loads(job.metrics_json, {}).get("slurm_run"):
+            cancel_all(Path(run))
 
     # -- models whose files are in the work directory -------------------------------------------------
 
@@ -384,26 +411,33 @@ class SlurmTarget(Target):
     def files_here(self, model: Model) -> bool:
         return bool(model.path)
 
+    def lives_there(self) -> dict[str, Any]:
+        return {"slurm": {"target": self.spec}}
+
     def refuse_here(self, model: Model, doing: str) -> EngineError:
         return EngineError(f"{model.name} lives on {self.label}, whose batch jobs download it: {doing} it there, or "
-                           "download it here first (Community: Download)")
+                           f"download it here first (modeldeck pull {model.repo_id or model.name})")
 
     def owns_files(self, model: Model) -> bool:
         return bool(model.meta["slurm"].get("run"))
 
     def delete_files(self, model: Model) -> None:
-        """Its run's folder in the work directory (script, spec, data, log; the adapter is its path)."""
+        """Its run's folder in the work directory (script, spec, data, log; the adapter is its path), and
+        any batch job of it still there (its supervisor stops it first, normally)."""
+        from engine.targets.slurm.run import cancel_all
+
         if run := model.meta["slurm"].get("run"):
+            cancel_all(Path(run))
             shutil.rmtree(run, ignore_errors=True)
 
     def delete_deployment(self, deployment: Deployment) -> None:
-        options = deployment.loads(deployment.settings_json, {}).get("options", {})
+        from engine.backends import DeploySettings
+
+        options = DeploySettings.of(deployment).options
         run_dir = Path(options.get("workdir", "")) / run_name("deploy", deployment.name, deployment_uid(deployment.api_key))
-        for attempt in run_dir.glob("attempt-*.json"):  # normally its supervisor ended it already
-            try:
-                commands.cancel(str(json.loads(attempt.read_text(encoding="utf-8"))["job_id"]))
-            except (KeyError, OSError, ValueError, commands.SlurmError):
-                pass
+        from engine.targets.slurm.run import cancel_all
+
+        cancel_all(run_dir)  # normally its supervisor ended it already
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -417,17 +451,22 @@ def job_exports(options: dict[str, Any], downloads: bool = False) -> dict[str, s
     return exports
 
 
-def unshared(folder: Path, partition: commands.Partition) -> str | None:
-    """A warning when the work directory is likely not seen by the partition's nodes."""
+def unshared(paths: list[str], partition: commands.Partition) -> list[str]:
+    """Warnings for the paths a batch job reads (the work directory first) that are likely not seen by the
+    partition's nodes: on a filesystem that is this machine's own."""
     import psutil
 
     here = socket.gethostname().split(".")[0]
     if partition.nodes and all(node.name.split(".")[0] == here for node in partition.nodes):
-        return None  # the partition's one node is this machine
+        return []  # the partition's one node is this machine
     mounts = sorted(psutil.disk_partitions(all=True), key=lambda m: len(m.mountpoint), reverse=True)
-    mount = next((m for m in mounts if str(folder).startswith(m.mountpoint.rstrip("/") + "/") or
-                  str(folder) == m.mountpoint), None)
-    if mount is None or mount.fstype.lower() in SHARED_FILESYSTEMS:
-        return None
-    return (f"the work directory {folder} is on a {mount.fstype} filesystem, which the compute nodes may not share "
-            f"(--workdir or ${WORKDIR_ENV}: a folder on the cluster's shared storage)")
+    warnings = []
+    for i, path in enumerate(paths):
+        mount = next((m for m in mounts if path.startswith(m.mountpoint.rstrip("/") + "/") or path == m.mountpoint),
+                     None)
+        if mount is None or mount.fstype.lower() in SHARED_FILESYSTEMS:
+            continue
+        what = "the work directory" if i == 0 else "what the batch job runs or reads:"
+        warnings.append(f"{what} {path} is on a {mount.fstype} filesystem, which the compute nodes may not share"
+                        + (f" (--workdir or ${WORKDIR_ENV}: a folder on the cluster's shared storage)" if i == 0 else ""))
+    return warnings

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from engine.targets.slurm.resources import format_time
 
-# Options modeldeck sets itself: a user's extra options may not override them (the run would be lost).
+# Options modeldeck sets itself, or relies on: a user's extra options may not change them (the run would be
+# lost, or its API key, which reaches the job in the environment sbatch exports, would not).
 OWN_OPTIONS = ("--job-name", "-J", "--output", "-o", "--error", "-e", "--chdir", "-D", "--signal",
-               "--open-mode", "--parsable", "--wrap")
+               "--open-mode", "--parsable", "--wrap", "--export", "--get-user-env")
+SHORT_OWN = tuple(o for o in OWN_OPTIONS if len(o) == 2)  # and their short forms run on: -oFILE, -Jname
 
 
 @dataclass
@@ -59,8 +61,8 @@ def check_extra(text: str) -> list[str]:
         if not word.startswith("-"):
             raise ValueError(f"extra sbatch options: {word!r} is not an option (they start with -)")
         name = word.split("=", 1)[0]
-        if name in OWN_OPTIONS:
-            raise ValueError(f"extra sbatch options: modeldeck sets {name} itself")
+        if name in OWN_OPTIONS or (not word.startswith("--") and word[:2] in SHORT_OWN):
+            raise ValueError(f"extra sbatch options: modeldeck sets {name if name in OWN_OPTIONS else word[:2]} itself")
         if "=" not in word and name not in FLAGS and i + 1 < len(words) and not words[i + 1].startswith("-"):
             i += 1  # "--constraint a100": the value of the option before
             word = f"{word}={words[i]}" if word.startswith("--") else f"{word} {words[i]}"
@@ -88,7 +90,9 @@ def script(name: str, request: BatchRequest, run_dir: Path, command: list[str], 
     if signal_lead_s:
         lines.append(f"#SBATCH --signal=B:USR1@{signal_lead_s}")
     lines.append("#SBATCH --requeue" if requeue else "#SBATCH --no-requeue")
+    lines.append("#SBATCH --export=ALL")  # this environment, where the API key and the Hub token travel
     lines.append("")
+    lines.append("umask 077  # what the run writes (checkpoints, the adapter, a model's cache) is its owner's alone")
     lines.append('echo "$(date +%H:%M:%S) batch job $SLURM_JOB_ID on $(hostname) (restart ${SLURM_RESTART_COUNT:-0})"')
     lines += [f"export {key}={q(value)}" for key, value in exports.items()]
     lines.append("exec " + " ".join(q(part) for part in command))

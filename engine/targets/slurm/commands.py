@@ -209,15 +209,6 @@ def user() -> str:
     return getpass.getuser()
 
 
-def accounting() -> bool:
-    """Whether the cluster keeps accounting (sacct answers); many small clusters do not."""
-    try:
-        run(["sacct", "--noheader", "--parsable2", "--format=JobID", "--starttime=now"], timeout=10)
-    except SlurmError:
-        return False
-    return True
-
-
 def accounted_end(job_id: str) -> tuple[str, str] | None:
     """A finished job's (state, exit code) from accounting, once the controller has forgotten it."""
     try:

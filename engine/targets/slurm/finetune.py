@@ -27,6 +27,7 @@ from engine.targets.slurm.run import POLL_S, BatchJob
 
 STOP_WAIT_S = 45.0  # a stopped run saves a checkpoint as it ends: wait for that (within the stop's deadline)
 SILENT_S = 120.0  # a running batch job that has written nothing this long may not see the work directory
+PHASE_EVERY_S = 5.0  # an unchanged phase (queued for hours, say) is written again at most this often
 
 
 class SlurmFinetune:
@@ -39,19 +40,31 @@ class SlurmFinetune:
         self.stopping = Stopping()
         self.events = RunEvents(ctx, self.set_phase)
         self.batch = BatchJob(ctx, self.run_dir, self.params.get("attempt", 1), self.on["gpus"] > 0)
-        self.phase: tuple[str, float] | None = None
+        self.phase: tuple[str, float, float] | None = None  # its name, since when, when last written
 
     def set_phase(self, name: str) -> None:
+        """The run's phase and the time in it: written when it changes, else every PHASE_EVERY_S (a job can
+        wait in the queue for days: not a database write a second)."""
+        stamp = time.monotonic()
         if self.phase is None or self.phase[0] != name:
-            self.phase = (name, time.monotonic())
-        self.ctx.report(metrics={"phase": name, "elapsed_s": round(time.monotonic() - self.phase[1])})
+            self.phase = (name, stamp, 0.0)
+        elif stamp - self.phase[2] < PHASE_EVERY_S:
+            return
+        self.phase = (name, self.phase[1], stamp)
+        self.ctx.report(metrics={"phase": name, "elapsed_s": round(stamp - self.phase[1])})
 
     def run(self) -> None:
-        if self.batch.job_id is None:
-            self.submit()
-        else:
-            self.ctx.log(f"following batch job {self.batch.job_id} again ({self.run_dir})")
-        self.follow()
+        """Whatever ends the follow but the batch job's own end (a stop, an outage that lasted, a fault here)
+        ends the batch job too: nothing of the run goes on that nobody follows."""
+        try:
+            if self.batch.job_id is None:
+                self.submit()
+            else:
+                self.ctx.log(f"following batch job {self.batch.job_id} again ({self.run_dir})")
+            self.follow()
+        except BaseException:
+            self.batch.end(STOP_WAIT_S)
+            raise
 
     def submit(self) -> None:
         """The run's folder (its spec, its own copy of the data) and its batch job."""
@@ -85,8 +98,9 @@ class SlurmFinetune:
             if (now := self.batch.watch()) is None:  # the controller is away; the run goes on meanwhile
                 self.pause()
                 continue
-            for line in self.batch.new_lines():
-                self.events.line(line)
+            for line, new in self.batch.new_lines():
+                self.events.line(line, echo=new)
+            self.events.flush()
             if now.state == "pending":
                 running_since = None
                 self.set_phase(f"queued: {now.words}")
@@ -98,8 +112,9 @@ class SlurmFinetune:
                     self.set_phase(f"running on {now.node}, but nothing of it reached {self.run_dir} after "
                                    f"{SILENT_S:.0f} s: is the work directory shared with the compute nodes?")
             else:
-                for line in self.batch.new_lines():  # what it wrote last
-                    self.events.line(line)
+                for line, new in self.batch.new_lines():  # what it wrote last
+                    self.events.line(line, echo=new)
+                self.events.flush()
                 self.ended(now)
                 return
             self.pause()
@@ -125,9 +140,8 @@ class SlurmFinetune:
         raise JobFailure(reason)
 
     def stop(self) -> None:
-        """Cancel the batch job: SLURM signals the run, which saves a checkpoint as it stops."""
+        """Cancel the batch job (in `run`): SLURM signals the run, which saves a checkpoint as it stops."""
         self.ctx.log(f"cancelling batch job {self.batch.job_id}")
-        self.batch.end(STOP_WAIT_S)
         raise JobCancelled()
 
     def pause(self) -> None:

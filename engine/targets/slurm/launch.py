@@ -1,9 +1,10 @@
 """On the compute node: pick a free port, tell it in the run's folder, then become the server.
 
-`python -m engine.targets.slurm.launch ENDPOINT_FILE -- COMMAND…` replaces `{port}` in COMMAND with a
-port free on this node, writes ENDPOINT_FILE ({"host", "port", "job_id"}: how the login node reaches the
-server) and execs COMMAND, so SLURM's signals reach the server itself. The host is the node's name as
-SLURM knows it, which the cluster's other hosts resolve."""
+`python -m engine.targets.slurm.launch ENDPOINT_FILE KEY_VARIABLE -- COMMAND…` replaces `{port}` in COMMAND
+with a port free on this node, writes ENDPOINT_FILE ({"host", "port", "job_id", "restart"}: how the login
+node reaches the server) and execs COMMAND, so SLURM's signals reach the server itself. The host is the
+node's name as SLURM knows it, which the cluster's other hosts resolve. It refuses to start a server whose
+API key (in KEY_VARIABLE) did not reach the job: that server would answer anyone."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def free_port() -> int:
 
 
 def main(argv: list[str]) -> None:
-    endpoint_file, _, command = argv[0], argv[1], argv[2:]
+    endpoint_file, key_variable, _, command = argv[0], argv[1], argv[2], argv[3:]
+    if not os.environ.get(key_variable):
+        sys.exit(f"{key_variable} is not in this batch job's environment: not starting a server without its API key "
+                 "(did an sbatch option or SBATCH_EXPORT keep the environment from the job?)")
     port = free_port()
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     told = {"host": host, "port": port, "job_id": os.environ.get("SLURM_JOB_ID"),

@@ -21,7 +21,7 @@ POLL_S = 1.0
 JOB_PREFIX = "md-"  # every batch job modeldeck submits is named so
 # squeue --Format fields, each ended by a "|" (the field's suffix), in QueueEntry's order.
 FORMAT = ("JobID", "Name", "State", "Reason", "NodeList", "TimeLeft", "TimeLimit", "StartTime", "exit_code",
-          "tres-per-node")
+          "tres-per-node", "RestartCnt")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class QueueEntry:
     start_time: str
     exit_code: str  # the raw wait status
     gres: str
+    restarts: str  # how often SLURM requeued it
 
 
 def parse(out: str) -> dict[str, QueueEntry]:
@@ -77,6 +78,9 @@ class Queue:
         def fresh(snapshot: dict) -> bool:
             return time.time() - snapshot.get("at", 0) < self.poll_s and snapshot.get("at", 0) > newer_than
 
+        def failing(snapshot: dict) -> str | None:  # the last call failed just now: so would this one
+            return snapshot.get("error") if time.time() - snapshot.get("failed_at", 0) < self.poll_s else None
+
         snapshot = self._read()
         if fresh(snapshot):
             return {k: QueueEntry(**v) for k, v in snapshot["jobs"].items()}
@@ -86,17 +90,25 @@ class Queue:
                 snapshot = self._read()  # another process may have asked while this one waited
                 if fresh(snapshot):
                     return {k: QueueEntry(**v) for k, v in snapshot["jobs"].items()}
-                asked_at = time.time()
-                found = ask_squeue()
-                calls = snapshot.get("calls", 0) + 1
-                tmp = self.file.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"at": asked_at, "calls": calls, "since": snapshot.get("since", asked_at),
-                                           "jobs": {k: asdict(v) for k, v in found.items()}}), encoding="utf-8")
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.file)
+                if error := failing(snapshot):  # an outage: those waiting on the lock do not each ask again
+                    raise commands.ControllerDown(error)
+                asked_at, calls = time.time(), snapshot.get("calls", 0) + 1
+                try:
+                    found = ask_squeue()
+                except commands.ControllerDown as exc:
+                    self._write(snapshot | {"calls": calls, "failed_at": time.time(), "error": str(exc)})
+                    raise
+                self._write({"at": asked_at, "calls": calls, "since": snapshot.get("since", asked_at),
+                             "jobs": {k: asdict(v) for k, v in found.items()}})
                 return found
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, snapshot: dict) -> None:
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(snapshot), encoding="utf-8")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.file)
 
     def calls(self) -> tuple[int, float]:
         """How many times squeue was called, and since when (for the benchmark's calls per minute)."""

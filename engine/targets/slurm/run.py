@@ -9,9 +9,12 @@ remembers is asked of accounting (sacct) where the cluster keeps it, else read f
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,30 @@ from engine.targets.slurm.states import ENDED, RUNNING, WAITING, Ending, ending,
 POLL_S = 1.0
 # Not passed on to a batch job: this machine's own job tag and GPU choice (SLURM gives the job its GPUs).
 NOT_EXPORTED = ("MODELDECK_JOB", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+READ_AT_MOST = 1 << 20  # of a run's output file at each read (a long one is read over several polls)
+REQUEUE_GRACE_S = 30.0  # a preempted job, or one whose node failed, may be requeued: not ended before this
+
+
+def attempts(run_dir: Path) -> list[str]:
+    """The ids of every batch job a run's folder says it submitted."""
+    found = []
+    for attempt in sorted(run_dir.glob("attempt-*.json")):
+        try:
+            found.append(str(json.loads(attempt.read_text(encoding="utf-8"))["job_id"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+def cancel_all(run_dir: Path) -> list[str]:
+    """scancel every batch job of a run (those ended already say so, harmlessly); the ids asked."""
+    asked = attempts(run_dir)
+    for job_id in asked:
+        try:
+            commands.cancel(job_id)
+        except commands.SlurmError:
+            pass  # ended already, or the controller is away: its time limit ends it
+    return asked
 
 
 @dataclass
@@ -37,6 +64,7 @@ class Observed:
     ending: Ending | None = None
     time_left_s: int | None = None  # before its time limit; None: no limit, or not running
     raw_state: str = ""
+    restarts: int = 0  # how often SLURM requeued it (SLURM_RESTART_COUNT in the job)
 
 
 class BatchJob:
@@ -47,10 +75,13 @@ class BatchJob:
         self.job_id: str | None = None
         self.submitted_at = 0.0
         self.ended = False  # seen ended: nothing left to cancel
+        self.ending_since: float | None = None  # when it was first seen preempted or its node failed
         if self.attempt_file.exists():
             told = json.loads(self.attempt_file.read_text(encoding="utf-8"))
             self.job_id, self.submitted_at = told.get("job_id"), told.get("submitted_at", 0.0)
-        self.read_to = ctx.metrics.get("log_read_to", 0) if ctx.reattached else 0
+        ctx.report(metrics={"slurm_run": str(run_dir)})  # where a reconciler finds its batch jobs, whatever comes
+        self.read_to = 0  # how far its output file was read by this supervisor...
+        self.told_to = ctx.metrics.get("log_told_to", 0) if ctx.reattached else 0  # ...and copied to the job's log
         self.outage = Outage()
 
     @property
@@ -59,23 +90,48 @@ class BatchJob:
 
     def submit(self, script_text: str, env: dict[str, str]) -> str:
         """sbatch the script (written beside its output, readable by its owner only); the batch job's id is
-        kept in the run's folder before anything else happens."""
+        kept in the run's folder before anything else happens. One supervisor at a time submits for a run (a
+        lock in its folder), and a stop (SIGTERM) waits until the id is kept: no batch job is ever left that
+        nobody knows of."""
         script_file = self.run_dir / f"attempt-{self.attempt}.sh"
         script_file.write_text(script_text, encoding="utf-8")
         os.chmod(script_file, 0o700)
-        # A supervisor killed between sbatch and the line below left a batch job nobody knows the id of: it is
-        # the one of this run's name still queued or running (an earlier attempt's has ended).
-        lost = next((e.job_id for e in self.queue.jobs().values()
-                     if e.name == self.run_dir.name and e.state not in ENDED), None)
-        environment = {k: v for k, v in os.environ.items() if k not in NOT_EXPORTED} | env
-        self.job_id = lost or commands.submit(script_file, environment)
-        self.submitted_at = time.time()
-        tmp = self.attempt_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"job_id": self.job_id, "submitted_at": self.submitted_at}), encoding="utf-8")
-        os.replace(tmp, self.attempt_file)
+        with self.submitting():
+            if self.attempt_file.exists():  # another supervisor of this run submitted while this one waited
+                self.job_id = json.loads(self.attempt_file.read_text(encoding="utf-8"))["job_id"]
+            else:
+                self.job_id = self.lost() or commands.submit(script_file, self.environment(env))
+                self.submitted_at = time.time()
+                tmp = self.attempt_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"job_id": self.job_id, "submitted_at": self.submitted_at}),
+                               encoding="utf-8")
+                os.replace(tmp, self.attempt_file)
         self.ctx.log(f"submitted batch job {self.job_id} ({script_file})")
         self.ctx.report(metrics={"slurm_job": self.job_id})
         return self.job_id
+
+    @contextmanager
+    def submitting(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a stop comes after, not during
+        try:
+            with open(self.run_dir / "submit.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def lost(self) -> str | None:
+        """A batch job of this run's name still queued or running, which nobody knows the id of (its
+        supervisor was killed between sbatch and keeping the id; an earlier attempt's has ended)."""
+        return next((e.job_id for e in self.queue.jobs(newer_than=time.time()).values()
+                     if e.name == self.run_dir.name and e.state not in ENDED), None)
+
+    @staticmethod
+    def environment(env: dict[str, str]) -> dict[str, str]:
+        """What sbatch runs with: this one's, less what is this machine's own (its job tag, its GPUs) and the
+        user's SBATCH_* settings, which would override the script's own options (its output, its export of
+        this very environment, which carries the API key)."""
+        return {k: v for k, v in os.environ.items() if k not in NOT_EXPORTED and not k.startswith("SBATCH_")} | env
 
     def observe(self) -> Observed:
         """Its state now; raises ControllerDown while the controller does not answer."""
@@ -85,9 +141,18 @@ class BatchJob:
         if entry is None:
             return self._forgotten()
         if entry.state in WAITING:
-            return Observed("pending", pending_words(entry.reason, self.wants_gpus), raw_state=entry.state)
+            return Observed("pending", pending_words(entry.reason, self.wants_gpus), raw_state=entry.state,
+                            restarts=_count(entry.restarts))
         if entry.state in RUNNING:
-            return Observed("running", node=entry.nodes, time_left_s=_seconds(entry.time_left), raw_state=entry.state)
+            return Observed("running", node=entry.nodes, time_left_s=_seconds(entry.time_left), raw_state=entry.state,
+                            restarts=_count(entry.restarts))
+        if entry.state in ("PREEMPTED", "NODE_FAIL"):  # requeued, if it asked to be: not over yet, for a while
+            self.ending_since = self.ending_since or time.monotonic()
+            if time.monotonic() - self.ending_since < REQUEUE_GRACE_S:
+                self.ended = False
+                return Observed("pending", f"{entry.state.lower().replace('_', ' ')}: waiting to be requeued",
+                                raw_state=entry.state)
+        self.ending_since = None
         if entry.state in ENDED:
             limit = _seconds(entry.time_limit)
             return Observed("ended", node=entry.nodes, raw_state=entry.state,
@@ -116,42 +181,60 @@ class BatchJob:
         return Observed("ended", ending=Ending(False, "its batch job ended while no supervisor followed it, and the "
                                                       "cluster keeps no accounting: its log tells what it could"))
 
-    def new_lines(self) -> list[str]:
-        """The lines its output file gained since the last read (whole lines only)."""
+    def new_lines(self) -> list[tuple[str, bool]]:
+        """The lines its output file gained since the last read (whole lines only), each with whether it is
+        new to the job's log. A new supervisor reads the file from its start again, so that no event is lost
+        with the last one (it may have read the run's last word, and died before acting on it); what the last
+        one copied to the job's log is not copied again."""
         try:
             with self.log_file.open("rb") as f:
                 f.seek(self.read_to)
-                chunk = f.read()
+                chunk = f.read(READ_AT_MOST)
         except FileNotFoundError:
             return []
-        end = chunk.rfind(b"\n") + 1
-        self.read_to += end
-        self.ctx.metrics["log_read_to"] = self.read_to  # kept with the job's next report: a new supervisor goes on
-        return chunk[:end].decode("utf-8", errors="replace").splitlines()
-
-    def cancel(self) -> None:
-        if self.job_id:
-            try:
-                commands.cancel(self.job_id)
-            except commands.SlurmError as exc:
-                self.ctx.log(f"scancel {self.job_id}: {exc}")
+        lines, offset = [], self.read_to
+        for raw in chunk.splitlines(keepends=True):
+            if not raw.endswith(b"\n"):
+                break  # written half yet
+            offset += len(raw)
+            lines.append((raw.decode("utf-8", errors="replace").rstrip("\r\n"), offset > self.told_to))
+        self.read_to = offset
+        self.told_to = max(self.told_to, offset)
+        self.ctx.metrics["log_told_to"] = self.told_to  # kept with the job's next report
+        return lines
 
     def end(self, deadline_s: float) -> None:
-        """Cancel the batch job and wait, up to `deadline_s`, until it has left its node."""
-        if not self.job_id or self.ended:
+        """Cancel the batch job and wait, up to `deadline_s`, until it has left its node; scancel is asked
+        again while the controller does not take it (an outage)."""
+        if self.job_id is None:
+            try:  # a stop while sbatch ran: the job, if there is one, goes by this run's name
+                self.job_id = self.lost()
+            except commands.SlurmError:
+                pass
+        if self.job_id is None or self.ended:
             return
-        self.cancel()
-        stop = time.monotonic() + deadline_s
+        stop, cancelled = time.monotonic() + deadline_s, False
         while time.monotonic() < stop:
             try:
+                if not cancelled:
+                    commands.cancel(self.job_id)
+                    cancelled = True
                 entry: QueueEntry | None = self.queue.jobs().get(self.job_id)
-            except commands.SlurmError:
-                entry = None
+            except commands.SlurmError as exc:
+                self.ctx.log(f"cancelling batch job {self.job_id}: {exc}; trying again")
+                time.sleep(POLL_S)
+                continue
             if entry is None or entry.state in ENDED:
                 self.ctx.log(f"batch job {self.job_id} ended ({entry.state if entry else 'gone from the queue'})")
+                self.ended = True
                 return
             time.sleep(POLL_S)
-        self.ctx.log(f"batch job {self.job_id} was still leaving its node after {deadline_s:.0f} s")
+        self.ctx.log(f"batch job {self.job_id} was still {'leaving its node' if cancelled else 'not cancelled'} "
+                     f"after {deadline_s:.0f} s")
+
+
+def _count(text: str) -> int:
+    return int(text) if text.isdigit() else 0
 
 
 def _seconds(text: str) -> int | None:

@@ -32,7 +32,7 @@ ENDS_AT_SLACK_S = 30.0  # the time left is written again only when it moved by m
 
 
 def serve(ctx: JobContext, target: SlurmTarget, deployment: Deployment, model: Model, base: Model | None) -> None:
-    settings = DeploySettings(**deployment.loads(deployment.settings_json, {}))
+    settings = DeploySettings.of(deployment)
     run_dir = Path(settings.options["workdir"]) / run_name("deploy", deployment.name, deployment_uid(deployment.api_key))
     batch = BatchJob(ctx, run_dir, 1, int(deployment.gpus or 0) > 0)
     try:
@@ -64,13 +64,15 @@ class Follower:
     def phase(self, name: str) -> None:
         set_phase(self.ctx, self.deployment.id, name)
 
-    def told(self) -> dict | None:
-        """Where the launcher says the server listens, if it said so for this batch job's current run."""
+    def told(self, restarts: int) -> dict | None:
+        """Where the launcher says the server listens, if it said so for this batch job's current run (a
+        requeued job keeps its id: its file is the last run's until the launcher writes it again)."""
         try:
             told = json.loads(self.endpoint_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return told if str(told.get("job_id")) == str(self.batch.job_id) else None
+        current = str(told.get("job_id")) == str(self.batch.job_id) and told.get("restart", 0) == restarts
+        return told if current else None
 
     def follow(self) -> None:
         """Until the batch job ends (a failure: the deployment was not stopped), or a stop raises."""
@@ -80,23 +82,23 @@ class Follower:
                 if (now := self.batch.watch()) is None:  # the controller is away; the server goes on meanwhile
                     time.sleep(POLL_S)
                     continue
-                for line in self.batch.new_lines():
-                    print(line, flush=True)
+                self.relay_log()
                 if now.state == "ended":
-                    for line in self.batch.new_lines():
-                        print(line, flush=True)
-                    raise JobFailure(now.ending.reason)
+                    self.relay_log()  # what it wrote last
+                    raise JobFailure(now.ending.reason if not now.ending.succeeded else
+                                     "its batch job ended: the server exited on its own")
                 if now.state == "pending":
-                    if self.served is not None:
+                    if self.served is not None or self.deployment.endpoint:
                         self.ctx.log("the batch job is queued again (requeued): following it to its new node")
+                        self.moved(None, f"queued: {now.words}")
                     self.served, loading_since = None, None
                     self.phase(f"queued: {now.words}")
                 elif self.served is None:
-                    told = self.told()
+                    told = self.told(now.restarts)
                     loading_since = loading_since or time.monotonic()
                     if told is None:
                         self.phase(f"starting on {now.node}")
-                    elif self.came_up(client, told, now.node):
+                    elif self.came_up(client, told, now.node, now.time_left_s):
                         misses, last_check = 0, time.monotonic()
                     if time.monotonic() - loading_since > READY_TIMEOUT_S:
                         raise JobFailure(f"the server did not answer /health within {READY_TIMEOUT_S / 60:.0f} min")
@@ -108,21 +110,35 @@ class Follower:
                     self.keep_time_left(now.time_left_s)
                 time.sleep(POLL_S)
 
+    def relay_log(self) -> None:
+        """The server's output, into this job's log (the details and `l` show it); how far is kept with the
+        job, so a new supervisor does not copy it again."""
+        copied = False
+        for line, new in self.batch.new_lines():
+            if new:
+                print(line, flush=True)
+                copied = True
+        if copied:
+            self.ctx.report(metrics={"log_told_to": self.batch.told_to})
+
+    def moved(self, endpoint: str | None, phase: str) -> None:
+        """The server is elsewhere now (where the launcher said; None: nowhere yet, requeued)."""
+        with self.ctx.db.write() as session:
+            row = session.get(Deployment, self.deployment.id)
+            move_deployment(session, row, DeploymentState.PENDING, phase=phase, endpoint=endpoint)
+        self.deployment.endpoint = endpoint
+
     @property
     def base_url(self) -> str:
         host, port = self.served
         return f"http://{host}:{port}"
 
-    def came_up(self, client: httpx.Client, told: dict, node: str) -> bool:
+    def came_up(self, client: httpx.Client, told: dict, node: str, time_left_s: int | None) -> bool:
         """The server the launcher started: its endpoint on the deployment, then Ready once it answers."""
         host, port = told["host"], int(told["port"])
         endpoint = f"http://{host}:{port}/v1"
         if self.deployment.endpoint != endpoint:
-            with self.ctx.db.write() as session:
-                row = session.get(Deployment, self.deployment.id)
-                move_deployment(session, row, DeploymentState.PENDING, phase=f"loading weights on {node}",
-                                endpoint=endpoint)
-            self.deployment.endpoint = endpoint
+            self.moved(endpoint, f"loading weights on {node}")
             self.ctx.log(f"the server listens on {host}:{port}")
         if not healthy(client, f"http://{host}:{port}"):
             self.phase(f"loading weights on {node}")
@@ -133,7 +149,7 @@ class Follower:
             self.phase("warming up")
             warm_up(client, f"http://{host}:{port}", self.deployment)
         self.served = (host, port)
-        ready(self.ctx, self.deployment.id, ends_at=self.ends_at_from(self.batch.observe().time_left_s))
+        ready(self.ctx, self.deployment.id, ends_at=self.ends_at_from(time_left_s))
         self.ctx.log(f"ready at {endpoint}")
         return True
 
