@@ -7,8 +7,8 @@ As root it starts the tests' single-node cluster (tests/slurmcluster.py) in a te
 afterwards. 20 deployments are submitted held (--hold) to the `gpu` partition, each asking for both GPUs,
 which a job of the bench's own keeps: none of them runs. The bench then changes each job's state in SLURM
 in turn — `scontrol release` (SLURM's reason: waiting for GPUs, or behind higher priority jobs), `scontrol
-uhold` (held) — and the dashboard (headless, on Active deployments) records when the row shows it. squeue calls are counted by modeldeck's
-shared queue snapshot, over the measured minutes.
+uhold` (held) — and the dashboard (headless, on Active deployments) records when the row shows it. squeue
+calls are counted by modeldeck's shared queue snapshot, over the measured minutes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ async def measure(cluster, count: int, toggles: int) -> None:
 
     db = engine.start()
     models.import_path(db, make_tiny_llama(Path(os.environ["MODELDECK_HOME"]).parent / "tiny"), "bench")
-    cluster.command("sbatch", "--partition=gpu", "--gres=gpu:2", "--time=60", "--output=/dev/null", "--wrap", "sleep 3600")
+    cluster.command("sbatch", "--partition=gpu", "--gres=gpu:2", "--time=60", "--output=/dev/null",
+                    "--wrap", "sleep 3600")  # holds both GPUs: the deployments wait
     started = []
     for i in range(count):
         deployment, _ = deployments.deploy(db, "bench", DeploySettings(

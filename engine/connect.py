@@ -61,7 +61,7 @@ def ssh_command(local_port: int, host: str, port: int, environ: dict[str, str] |
     127.0.0.1:LOCAL. This machine is named as the user reached it (SSH_CONNECTION), else by its name."""
     environ = os.environ if environ is None else environ
     fields = environ.get("SSH_CONNECTION", "").split()  # client address, client port, this server's address, port
-    here = fields[2] if len(fields) >= 3 else socket.getfqdn()
+    here = fields[2] if len(fields) >= 3 else socket.gethostname()  # getfqdn() can be "localhost"
     here = f"[{here}]" if ":" in here else here
     ssh_port = f"-p {fields[3]} " if len(fields) >= 4 and fields[3] != "22" else ""
     target = f"[{host}]" if ":" in host else host

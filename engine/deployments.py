@@ -19,7 +19,7 @@ from catalog import Database
 from catalog.schema import Deployment, DeploymentState, Job, JobKind, Model, ModelKind
 from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine import jobs, targets
-from engine.backends import DeploySettings, FitCheck
+from engine.backends import FIELD_LABELS, DeploySettings, FitCheck
 from engine.errors import EngineError
 from engine.events import record
 from engine.gpus import Gpu
@@ -79,7 +79,7 @@ class DeployPlan:
     def warnings(self) -> list[str]:
         """What to know before launch, beside the fit."""
         notes = []
-        if self.settings.exposed:
+        if self.settings.exposed and "host" in self.target.DEPLOY_FIELDS:  # an address chosen here
             notes.append(f"{self.settings.host} is reachable from other machines (with the API key)")
         return notes + self.serving.warnings
 
@@ -129,6 +129,7 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
     target = targets.resolve(settings.target).checked()  # a Kubernetes target takes its context's namespace
+    _refuse_what_it_does_not_use(target, settings)
     settings = dataclasses.replace(settings, target=target.spec, options=target.options(settings.options, "deploy"))
     with db.read() as session:
         model = _model(session, model_name, target)
@@ -136,6 +137,17 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
         name, kept = _name_and_kept_ports(session, name, settings, model)
         serving = target.plan_deploy(session, model, base, settings, kept, available_gpus)
     return DeployPlan(model, base, serving.settings, target, serving, settings.served_name or model.name, name)
+
+
+def _refuse_what_it_does_not_use(target: targets.Target, settings: DeploySettings) -> None:
+    """A setting the target decides itself (the port a batch job's node picks, say), given anyway: refused
+    rather than dropped."""
+    for f in dataclasses.fields(DeploySettings):
+        if f.name in ("target", "options") or f.name in target.DEPLOY_FIELDS:
+            continue
+        if getattr(settings, f.name) != f.default:
+            raise EngineError(f"{FIELD_LABELS[f.name]} {getattr(settings, f.name)!r}: {target.label} decides it itself; "
+                              "leave it out there")
 
 
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,

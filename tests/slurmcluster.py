@@ -138,6 +138,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
 KillWait=5
+MessageTimeout=3
 MinJobAge=300
 DefMemPerCPU=1000
 NodeName={node} CPUs=2 RealMemory={memory_mb} Gres=gpu:2 State=UNKNOWN

@@ -99,7 +99,7 @@ def test_a_job_waiting_for_gpus_says_so_then_runs_with_them_and_a_scancel_from_o
     started, job = deployments.deploy(db, "tiny", DeploySettings(target="slurm:gpu", gpus="1", backend="transformers",
                                                                  options={"time": "5"}))
     waiting = deployment_where(db, started.id, lambda d: "GPU" in (d.phase or ""), 30, "the queue's reason")
-    assert waiting.phase == "queued: waiting for GPUs: the ones it asks for are in use"
+    assert waiting.phase == f"waiting for GPUs (batch job {metrics(db, job.id)['slurm_job']})"
     slurm.command("scancel", holder)
     done = deployment_where(db, started.id, lambda d: d.state != DeploymentState.PENDING, what="Ready")
     assert done.state == DeploymentState.READY, done.reason
@@ -212,6 +212,11 @@ def test_requests_slurm_cannot_run_are_refused_with_the_reason(db, slurm, tiny, 
             finetune.plan(db, "tiny", data, Hyperparameters(), gpus, target=target, options=options)
     with pytest.raises(EngineError, match="vLLM needs GPUs"):
         deployments.plan(db, "tiny", DeploySettings(target="slurm:debug", backend="vllm", gpus="0"))
+    for settings, message in ((DeploySettings(target="slurm:debug", port=8000), "Port 8000: the SLURM partition debug "
+                                                                                 "decides it itself"),
+                              (DeploySettings(target="slurm:debug", host="10.0.0.9"), "Bind address '10.0.0.9'")):
+        with pytest.raises(EngineError, match=message):  # refused, not quietly dropped
+            deployments.plan(db, "tiny", settings)
     assert slurm.queue() == [] and [r.model.name for r in models.model_rows(db)] == ["tiny"]  # nothing started
     down = tmp_path / "down.conf"  # the same cluster, at a port where no controller answers
     down.write_text(slurm.conf.read_text().replace("SlurmctldPort=", "SlurmctldPort=1#"))
@@ -239,13 +244,15 @@ def test_dry_run_prints_a_batch_script_that_sbatch_accepts_and_touches_nothing(d
     for option in ("--partition=gpu", "--time=00:30:00", "--gres=gpu:1", "--mem=2048M", "--constraint=a100",
                    "--exclusive", "--requeue", "--signal=B:USR1@300"):
         assert f"#SBATCH {option}" in lines
-    served = subprocess.run(cli + ["deploy", "tiny", "--target", "slurm:debug", "--gpus", "0", "--dry-run"],
-                            capture_output=True, text=True, env=env, timeout=60)
+    served = subprocess.run(cli + ["deploy", "tiny", "--target", "slurm:debug", "--gpus", "0", "--sbatch",
+                                   "--constraint=bigmem", "--dry-run"], capture_output=True, text=True, env=env,
+                            timeout=60)
     assert served.returncode == 0, served.stderr
     assert "engine.targets.slurm.launch" in served.stdout and "--port '{port}'" in served.stdout
+    assert "#SBATCH --constraint=bigmem" in served.stdout  # an option's value that is an option itself
     assert "never in the script" in served.stderr
     script = tmp_path / "check.sh"
-    script.write_text(served.stdout)
+    script.write_text(served.stdout.replace("#SBATCH --constraint=bigmem\n", ""))  # no node has it
     said = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=30)
     assert said.returncode == 0 and "to start at" in said.stderr, said.stderr  # the controller's own check
     assert slurm.queue() == [] and deployments.deployment_rows(db) == []
@@ -344,8 +351,8 @@ def test_how_a_batch_job_ended_reads(state, code, expected):
 
 
 @pytest.mark.parametrize(("reason", "gpus", "words"), [
-    ("Resources", True, "waiting for GPUs: the ones it asks for are in use"),
-    ("Resources", False, "waiting for CPUs or memory: what it asks for is in use"),
+    ("Resources", True, "waiting for GPUs"),
+    ("Resources", False, "waiting for CPUs or memory"),
     ("Priority", True, "queued behind higher priority jobs"),
     ("QOSMaxGRESPerUser", True, "held by a QoS or account limit (QOSMaxGRESPerUser)"),
     ("AssocGrpGRES", True, "held by a QoS or account limit (AssocGrpGRES)"),
@@ -415,3 +422,26 @@ def test_a_supervisor_that_keeps_dying_is_given_up_and_its_batch_job_cancelled(d
     assert jobs.reconcile(db) == [job.id]
     assert jobs.get(db, job.id).state == JobState.FAILED
     wait_until(lambda: batch_job not in slurm.queue(), 30, 0.2, "its batch job to be cancelled")
+
+
+def test_a_runs_output_is_read_by_lines_whatever_its_progress_bars_write(tmp_path):
+    """transformers redraws its bars with carriage returns: a line is what ends in a newline (its last
+    state), and a new supervisor reads it all again without copying what was copied."""
+    from types import SimpleNamespace
+
+    from engine.targets.slurm.run import BatchJob
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "attempt-1.json").write_text(json.dumps({"job_id": "7", "submitted_at": 0}))
+    log = run / "slurm-7.log"
+    log.write_bytes(b"\rLoading weights:   0%\rLoading weights: 100%\n@modeldeck {\"phase\": \"training\"}\nstep 1/4")
+    ctx = SimpleNamespace(db=SimpleNamespace(path=tmp_path / "modeldeck.db"), metrics={}, reattached=False,
+                          report=lambda **_: None)
+    first = BatchJob(ctx, run, 1, False)
+    assert first.new_lines() == [("Loading weights: 100%", True), ('@modeldeck {"phase": "training"}', True)]
+    with log.open("ab") as f:
+        f.write(b"  loss 5.1\n")
+    assert first.new_lines() == [("step 1/4  loss 5.1", True)]
+    again = BatchJob(SimpleNamespace(**vars(ctx) | {"reattached": True}), run, 1, False)
+    assert [new for _, new in again.new_lines()] == [False, False, False]  # read anew, copied before

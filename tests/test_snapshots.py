@@ -50,12 +50,15 @@ def kubeconfig_with(tmp_path, monkeypatch, *contexts: str) -> None:
     monkeypatch.setenv("KUBECONFIG", str(config))
 
 
-async def on_target(pilot, context: str, namespace: str):
-    """The dialog on top, once its targets are read, set to a Kubernetes context and namespace."""
+async def on_target(pilot, target: str, **fields: str):
+    """The dialog on top, once its targets are read, set to a target (a Kubernetes context, a SLURM
+    partition) and its fields (a namespace, a time limit...)."""
     dialog = pilot.app.screen
     await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the targets")
-    dialog.query_one("#target").value = context
-    dialog.query_one("#namespace").value = namespace
+    dialog.query_one("#target").value = target
+    await pilot.pause()
+    for field, value in fields.items():
+        dialog.query_one(f"#{field}").value = value
     return dialog
 
 
@@ -233,7 +236,7 @@ class TestDialogs:
         kubeconfig_with(tmp_path, monkeypatch, "prod-gpu", "staging")
 
         async def choose_cluster(pilot):
-            drawer = await on_target(pilot, "prod-gpu", "ml")
+            drawer = await on_target(pilot, "prod-gpu", namespace="ml")
             drawer.query_one("#tensor_parallel").value = "2"
             await pilot.pause(0.4)
             await wait_for(pilot, lambda: "Kubernetes" in str(drawer.query_one("#plan").render()), what="the plan")
@@ -245,7 +248,7 @@ class TestDialogs:
         monkeypatch.setenv("MODELDECK_FINETUNE_IMAGE", "registry.local/modeldeck-finetune:0.1")
 
         async def choose_cluster(pilot):
-            dialog = await on_target(pilot, "prod-gpu", "ml")
+            dialog = await on_target(pilot, "prod-gpu", namespace="ml")
             dialog.query_one("#gpu_count").value = "2"
             dialog.query_one("#dataset").value = "tests/data/support-chat.jsonl"
             await wait_for(pilot, lambda: "rows" in str(dialog.query_one("#dataset-summary").render()), what="the dataset")
@@ -259,12 +262,7 @@ class TestDialogs:
     def test_deploy_drawer_on_a_slurm_target(self, snap_compare, db, size, slurm):
         """The tests' real single-node cluster: its partitions listed, the request checked by the controller."""
         async def choose_partition(pilot):
-            drawer = pilot.app.screen
-            await wait_for(pilot, lambda: drawer.query_one("TargetSelect").display, what="the targets")
-            drawer.query_one("#target").value = "slurm:gpu"
-            await pilot.pause()
-            for field, value in {"gpu_count": "1", "time": "2:00:00", "account": "ml-team"}.items():
-                drawer.query_one(f"#{field}").value = value
+            drawer = await on_target(pilot, "slurm:gpu", gpu_count="1", time="2:00:00", account="ml-team")
             await wait_for(pilot, lambda: "batch job" in str(drawer.query_one("#plan").render()), 30, what="the plan")
 
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("2", "p", shown(DeployDrawer),
@@ -272,13 +270,8 @@ class TestDialogs:
 
     def test_finetune_dialog_on_a_slurm_target(self, snap_compare, db, size, slurm):
         async def choose_partition(pilot):
-            dialog = pilot.app.screen
-            await wait_for(pilot, lambda: dialog.query_one("TargetSelect").display, what="the targets")
-            dialog.query_one("#target").value = "slurm:gpu"
-            await pilot.pause()
-            for field, value in {"gpu_count": "1", "time": "4:00:00", "mem": "32G",
-                                 "dataset": "tests/data/support-chat.jsonl"}.items():
-                dialog.query_one(f"#{field}").value = value
+            dialog = await on_target(pilot, "slurm:gpu", gpu_count="1", time="4:00:00", mem="32G",
+                                     dataset="tests/data/support-chat.jsonl")
             await wait_for(pilot, lambda: "rows" in str(dialog.query_one("#dataset-summary").render()), what="the dataset")
             await wait_for(pilot, lambda: "Counting" not in str(dialog.query_one("#token-summary").render()), 30,
                            what="the token count to end")

@@ -103,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VALUES_WITH_DASHES = ("--sbatch",)  # their values are options themselves: `--sbatch "--constraint=a100"`
+
+
+def _joined_values(argv: list[str]) -> list[str]:
+    """argparse takes a value that starts with '-' for an option of its own: join such a flag with its value
+    (`--sbatch=--constraint=a100`), as typing it that way would."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] in VALUES_WITH_DASHES and i + 1 < len(argv):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
 def _target_flags(parser: argparse.ArgumentParser, what: str, runs: str) -> None:
     """--target, --dry-run, and each target's own options (--image, --account, ...) for `what`, from the
     same table the dialogs' rows are built from."""
@@ -134,7 +151,7 @@ def _hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
     if args.command is None or (args.command == "chat" and args.prompt is None):
         from tui.app import ModelDeckApp
 

@@ -251,7 +251,8 @@ def cmd_deploy(args, db) -> int:
             sys.stderr.write("\r\033[K")
     bound, exposed = listening_on(deployment)
     table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason, deployment.ends_at)}\n"
-             f"endpoint: {deployment.endpoint}\nmodel:    {deployment.served_name}\napi key:  {deployment.api_key}"
+             f"endpoint: {deployment.endpoint or '(once it runs: modeldeck ps)'}\nmodel:    {deployment.served_name}\n"
+             f"api key:  {deployment.api_key}"
              + (f"\nlistening on {bound}: reachable from other machines (with the API key)" if exposed else ""))
     _emit(args, _deployment_dict(deployment), table)
     return 1 if deployment.state.value == "failed" else 0
@@ -350,7 +351,8 @@ def cmd_ps(args, db) -> int:
     rows = deployments.deployment_rows(db)
     def endpoint(d) -> str:
         bound, exposed = listening_on(d)
-        return (d.endpoint or "") + (f" (open on {bound})" if exposed and d.backend != "external" else "")
+        open_now = exposed and d.backend != "external" and d.state.is_live()
+        return (d.endpoint or "") + (f" (open on {bound})" if open_now else "")
 
     table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
                    [[d.name, backend_label(d.backend), _clip(deployment_state_text(d.state, d.phase, d.reason, d.ends_at), 60),

@@ -321,6 +321,11 @@ def here() -> Target:
     return resolve("")
 
 
+def here_choice() -> Choice:
+    """This machine, as the dialogs list it."""
+    return type(here()).discover()[0]
+
+
 def choices() -> tuple[list[Choice], list[str]]:
     """The targets this machine can use now (it reads the kubeconfig and asks SLURM: call it off the UI
     thread), and one line for each kind that could not be listed (a broken kubeconfig, SLURM's controller

@@ -216,7 +216,7 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                      else f", {checked.settings.host}, a free port")
         if checked.fit is None:  # where its scheduler judges the fit
             verdict = "fits"
-            text = Text.assemble(("Runs ", "dim"), runs, "\n", ("Memory ", "dim"), checked.serving.placed_by)
+            text = Text.assemble(("Runs ", "dim"), runs, "\n", ("Placed ", "dim"), checked.serving.placed_by)
         else:
             verdict = checked.fit.verdict
             text = Text.assemble(("Runs ", "dim"), runs, "\n", ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]),

@@ -81,7 +81,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
                     yield GpuSelect(id="gpus")
                 with Horizontal(classes="form-row", id="gpu-count-row"):
                     yield Label("GPUs", classes="form-label")
-                    yield Input(placeholder="1", id="gpu_count", compact=True,
+                    yield Input(placeholder="auto", id="gpu_count", compact=True,
                                 tooltip="How many GPUs the fine-tune's pod or batch job gets (0: its CPUs)")
                 with Horizontal(classes="form-row"):
                     yield Label("Method", classes="form-label")
@@ -164,7 +164,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
     def _gpus(self) -> str:
         """As the plan takes them: GPUs of this machine, or how many a cluster's pod gets."""
         if self._target():
-            return self._value("gpu_count") or "1"
+            return self._value("gpu_count") or "auto"
         return str(self.query_one("#gpus", Select).value)
 
     def _base(self):

@@ -28,7 +28,7 @@ class TargetSelect(Vertical):
         super().__init__(**kwargs)
         self.what = what  # "deploy", "finetune": which options apply
         self.initial = initial  # a spec to start on (where a model's files are, say)
-        self.found: dict[str, targets.Choice] = {"": targets.Choice("", "this machine", "local")}
+        self.found: dict[str, targets.Choice] = {"": targets.here_choice()}
 
     def compose(self) -> ComposeResult:
         kinds = targets.kinds()

@@ -55,8 +55,9 @@ class KubernetesTarget(Target):
     SYNTAX = "CONTEXT/NAMESPACE"
     CATCHES_ALL = True
     GPUS = "count"
+    # The backend (vLLM), its GPUs (the tensor-parallel size) and its address are the cluster's.
     DEPLOY_FIELDS = frozenset({"tensor_parallel", "dtype", "max_model_len", "gpu_memory_fraction", "port",
-                               "served_name"})  # the backend (vLLM), its GPUs (tensor parallel) and address are the cluster's
+                               "served_name"})
     STOP_DEADLINE_S = 60.0  # its supervisor deletes its objects through the API before it exits
     DOWNLOADS = True
     SPEC_FIELD = OptionField("namespace", "Namespace", "The namespace on the cluster (empty: the context's own)",
@@ -209,7 +210,7 @@ class KubernetesTarget(Target):
                             "here need kubectl port-forward")
         return Serving(local, "kubernetes", str(gpus), None, f"http://127.0.0.1:{local.port}/v1", warnings,
                        summary="vLLM on Kubernetes",
-                       placed_by="the cluster's scheduler places it on nodes with the GPUs it asks for")
+                       placed_by="by the cluster's scheduler, on nodes with the GPUs it asks for")
 
     def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None) -> None:
         from engine.targets.kubernetes.serve import serve
@@ -230,9 +231,9 @@ class KubernetesTarget(Target):
         from engine.targets.kubernetes.manifests import port_forward_command
 
         image = DeploySettings.of(deployment).options.get("image") or VLLM_IMAGE
-        local_port = deployment.endpoint.rsplit(":", 1)[1].split("/")[0]
+        forward = port_forward_command(deployment.name, self.spec, deployment.endpoint.rsplit(":", 1)[1].split("/")[0])
         return (f"vLLM ({image}) on the cluster {self.spec} (deploy --target {self.spec} --image {image} --dry-run "
-                f"prints its manifests); reached through: {port_forward_command(deployment.name, self.spec, local_port)}")
+                f"prints its manifests); reached through: {forward}")
 
     def connect_fields(self, deployment: Deployment) -> list[tuple[str, str, str]]:
         from engine.targets.kubernetes.manifests import port_forward_command, service_url

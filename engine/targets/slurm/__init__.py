@@ -62,6 +62,14 @@ def deployment_uid(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:8]
 
 
+def deployment_run(deployment: Deployment) -> Path:
+    """A deployment's run folder in its work directory (its script, its output, where it listens)."""
+    from engine.backends import DeploySettings
+
+    workdir = Path(DeploySettings.of(deployment).options.get("workdir", ""))
+    return workdir / run_name("deploy", deployment.name, deployment_uid(deployment.api_key))
+
+
 class SlurmTarget(Target):
     KIND = "slurm"
     TITLE = "SLURM"
@@ -112,8 +120,7 @@ class SlurmTarget(Target):
             partitions = commands.cached_partitions()
         except commands.NotConfigured:
             return []  # the client is installed, but this machine is no cluster's: not a target
-        return [Choice(f"slurm:{p.name}", f"SLURM {p.name}{' (default)' if p.default else ''}: {p.describe()}", cls.KIND)
-                for p in partitions.values()]
+        return [Choice(f"slurm:{p.name}", f"SLURM {p.name}: {p.describe()}", cls.KIND) for p in partitions.values()]
 
     @classmethod
     def holding(cls, model: Model) -> Target | None:
@@ -141,7 +148,8 @@ class SlurmTarget(Target):
                 raise EngineError("the SLURM cluster has no default partition: name one, like --target slurm:gpu")
             return SlurmTarget(f"slurm:{default.name}")
         if self.partition not in partitions:
-            raise EngineError(f"no SLURM partition {self.partition!r}; the cluster has: {', '.join(partitions) or 'none'}")
+            raise EngineError(f"no SLURM partition {self.partition!r}; the cluster has: "
+                              f"{', '.join(partitions) or 'none'}")
         if not partitions[self.partition].up:
             raise EngineError(f"the SLURM partition {self.partition!r} is down: jobs would wait there for ever")
         return self
@@ -194,8 +202,9 @@ class SlurmTarget(Target):
             raise EngineError(f"time limit {format_time(request.time_s)} is over the maximum of the partition "
                               f"{self.partition!r}, {format_time(partition.max_time_s)}")
         if request.gpus > partition.max_gpus:
-            raise EngineError(f"{request.gpus} GPU{'s' if request.gpus > 1 else ''} asked, but no node of the partition "
-                              f"{self.partition!r} has more than {partition.max_gpus}")
+            gpus = f"{request.gpus} GPU{'s' if request.gpus > 1 else ''}"
+            raise EngineError(f"{gpus} asked, but no node of the partition {self.partition!r} has more than "
+                              f"{partition.max_gpus}")
         if request.cpus > partition.max_cpus:
             raise EngineError(f"{request.cpus} CPUs asked, but no node of the partition {self.partition!r} has more "
                               f"than {partition.max_cpus}")
@@ -279,11 +288,12 @@ class SlurmTarget(Target):
         backend, count = settings.backend, int(settings.gpus)
         warnings = self.check_request(self.request(settings.options, count), settings.options,
                                       [p for p in (model.path, base.path if base else None) if p])
+        warnings.append("listens on its node's address, reachable on the cluster's network (with the API key)")
         server = "vLLM" if backend == "vllm" else "built-in server"
         where = f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
         return Serving(settings, backend, str(count), None, None, warnings, "submitting its batch job",
                        f"{server} on {where} in a batch job on {self.label}",
-                       "SLURM places it on a node of the partition with the GPUs, CPUs and memory it asks for")
+                       "by SLURM, on a node of the partition with the GPUs, CPUs and memory it asks for")
 
     def serving_settings(self, settings: DeploySettings, has_gpus: bool) -> DeploySettings:
         """The server and the GPUs a deployment's batch job gets (auto: vLLM where the job gets GPUs and vLLM
@@ -431,12 +441,9 @@ class SlurmTarget(Target):
             shutil.rmtree(run, ignore_errors=True)
 
     def delete_deployment(self, deployment: Deployment) -> None:
-        from engine.backends import DeploySettings
-
-        options = DeploySettings.of(deployment).options
-        run_dir = Path(options.get("workdir", "")) / run_name("deploy", deployment.name, deployment_uid(deployment.api_key))
         from engine.targets.slurm.run import cancel_all
 
+        run_dir = deployment_run(deployment)
         cancel_all(run_dir)  # normally its supervisor ended it already
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -467,6 +474,6 @@ def unshared(paths: list[str], partition: commands.Partition) -> list[str]:
         if mount is None or mount.fstype.lower() in SHARED_FILESYSTEMS:
             continue
         what = "the work directory" if i == 0 else "what the batch job runs or reads:"
-        warnings.append(f"{what} {path} is on a {mount.fstype} filesystem, which the compute nodes may not share"
-                        + (f" (--workdir or ${WORKDIR_ENV}: a folder on the cluster's shared storage)" if i == 0 else ""))
+        hint = f" (--workdir or ${WORKDIR_ENV}: a folder on the cluster's shared storage)" if i == 0 else ""
+        warnings.append(f"{what} {path} is on a {mount.fstype} filesystem, which the compute nodes may not share{hint}")
     return warnings

@@ -110,10 +110,11 @@ class Partition:
         return max((n.memory_mb for n in self.nodes), default=0)
 
     def describe(self) -> str:
+        """"4 nodes · 16 GPUs · 2 h" (its time limit), short enough for a dialog's field."""
         gpus = sum(n.gpus for n in self.nodes)
-        limit = "no time limit" if self.max_time_s is None else f"up to {_short_time(self.max_time_s)} a job"
-        return (f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}, "
-                f"{gpus} GPU{'s' if gpus != 1 else ''}, {limit}" + ("" if self.up else ", DOWN"))
+        limit = "no limit" if self.max_time_s is None else _short_time(self.max_time_s)
+        return (f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''} · {gpus} GPU{'s' if gpus != 1 else ''}"
+                f" · {limit}" + (" · default" if self.default else "") + ("" if self.up else " · DOWN"))
 
 
 def _short_time(seconds: int) -> str:

@@ -37,6 +37,7 @@ class SlurmFinetune:
             adapter = session.get(Model, ctx.model_id)
         self.name, self.output, self.on = adapter.name, Path(adapter.path), adapter.meta["slurm"]
         self.run_dir = Path(self.on["run"])
+        os.umask(0o077)  # what this supervisor writes in the work directory (the run's spec and data): the user's
         self.stopping = Stopping()
         self.events = RunEvents(ctx, self.set_phase)
         self.batch = BatchJob(ctx, self.run_dir, self.params.get("attempt", 1), self.on["gpus"] > 0)
@@ -103,11 +104,11 @@ class SlurmFinetune:
             self.events.flush()
             if now.state == "pending":
                 running_since = None
-                self.set_phase(f"queued: {now.words}")
+                self.set_phase(now.queued)
             elif now.state == "running":
                 running_since = running_since or time.monotonic()
                 if not self.events.training:
-                    self.set_phase(self.events.run_phase or f"starting on {now.node}")
+                    self.set_phase(self.events.run_phase or now.starting)
                 if not self.batch.read_to and time.monotonic() - running_since > SILENT_S:
                     self.set_phase(f"running on {now.node}, but nothing of it reached {self.run_dir} after "
                                    f"{SILENT_S:.0f} s: is the work directory shared with the compute nodes?")

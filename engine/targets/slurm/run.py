@@ -56,7 +56,7 @@ def cancel_all(run_dir: Path) -> list[str]:
 
 @dataclass
 class Observed:
-    """A batch job as its follower sees it now."""
+    """A batch job as its follower sees it now; `phase` is how a deployment or a run reads meanwhile."""
 
     state: str  # pending | running | ended
     words: str = ""  # why it waits, in words
@@ -65,6 +65,16 @@ class Observed:
     time_left_s: int | None = None  # before its time limit; None: no limit, or not running
     raw_state: str = ""
     restarts: int = 0  # how often SLURM requeued it (SLURM_RESTART_COUNT in the job)
+    job_id: str = ""
+
+    @property
+    def queued(self) -> str:
+        """Why it waits, and which batch job it is (squeue's numbers are not modeldeck's)."""
+        return f"{self.words} (batch job {self.job_id})"
+
+    @property
+    def starting(self) -> str:
+        return f"starting on {self.node} (batch job {self.job_id})"
 
 
 class BatchJob:
@@ -142,22 +152,22 @@ class BatchJob:
             return self._forgotten()
         if entry.state in WAITING:
             return Observed("pending", pending_words(entry.reason, self.wants_gpus), raw_state=entry.state,
-                            restarts=_count(entry.restarts))
+                            restarts=_count(entry.restarts), job_id=self.job_id)
         if entry.state in RUNNING:
             return Observed("running", node=entry.nodes, time_left_s=_seconds(entry.time_left), raw_state=entry.state,
-                            restarts=_count(entry.restarts))
+                            restarts=_count(entry.restarts), job_id=self.job_id)
         if entry.state in ("PREEMPTED", "NODE_FAIL"):  # requeued, if it asked to be: not over yet, for a while
             self.ending_since = self.ending_since or time.monotonic()
             if time.monotonic() - self.ending_since < REQUEUE_GRACE_S:
                 self.ended = False
                 return Observed("pending", f"{entry.state.lower().replace('_', ' ')}: waiting to be requeued",
-                                raw_state=entry.state)
+                                raw_state=entry.state, job_id=self.job_id)
         self.ending_since = None
         if entry.state in ENDED:
             limit = _seconds(entry.time_limit)
             return Observed("ended", node=entry.nodes, raw_state=entry.state,
                             ending=ending(entry.state, entry.exit_code, format_time(limit) if limit else None))
-        return Observed("pending", entry.state.lower(), raw_state=entry.state)
+        return Observed("pending", entry.state.lower(), raw_state=entry.state, job_id=self.job_id)
 
     def watch(self) -> Observed | None:
         """Its state now, or None while the controller does not answer: the work goes on on the cluster
@@ -193,11 +203,10 @@ class BatchJob:
         except FileNotFoundError:
             return []
         lines, offset = [], self.read_to
-        for raw in chunk.splitlines(keepends=True):
-            if not raw.endswith(b"\n"):
-                break  # written half yet
-            offset += len(raw)
-            lines.append((raw.decode("utf-8", errors="replace").rstrip("\r\n"), offset > self.told_to))
+        for raw in chunk.split(b"\n")[:-1]:  # what follows the last newline is written half yet
+            offset += len(raw) + 1
+            text = raw.decode("utf-8", errors="replace").rsplit("\r", 1)[-1]  # a progress bar redrawn: its last state
+            lines.append((text, offset > self.told_to))
         self.read_to = offset
         self.told_to = max(self.told_to, offset)
         self.ctx.metrics["log_told_to"] = self.told_to  # kept with the job's next report

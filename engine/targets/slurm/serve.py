@@ -24,7 +24,7 @@ from engine.backends import DeploySettings
 from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.serving import HEALTH_EVERY_S, HEALTH_FAILURES, healthy, ready, set_phase, warm_up
 from engine.lifecycle import move_deployment
-from engine.targets.slurm import SlurmTarget, commands, deployment_uid, run_name
+from engine.targets.slurm import SlurmTarget, commands, deployment_run
 from engine.targets.slurm.run import POLL_S, BatchJob
 
 READY_TIMEOUT_S = 1800.0  # loading a large model on a cold node (its files over the shared filesystem) takes long
@@ -33,7 +33,8 @@ ENDS_AT_SLACK_S = 30.0  # the time left is written again only when it moved by m
 
 def serve(ctx: JobContext, target: SlurmTarget, deployment: Deployment, model: Model, base: Model | None) -> None:
     settings = DeploySettings.of(deployment)
-    run_dir = Path(settings.options["workdir"]) / run_name("deploy", deployment.name, deployment_uid(deployment.api_key))
+    os.umask(0o077)  # what this supervisor writes in the work directory (the run's script): the user's alone
+    run_dir = deployment_run(deployment)
     batch = BatchJob(ctx, run_dir, 1, int(deployment.gpus or 0) > 0)
     try:
         if batch.job_id is None:
@@ -90,14 +91,14 @@ class Follower:
                 if now.state == "pending":
                     if self.served is not None or self.deployment.endpoint:
                         self.ctx.log("the batch job is queued again (requeued): following it to its new node")
-                        self.moved(None, f"queued: {now.words}")
+                        self.moved(None, now.queued)
                     self.served, loading_since = None, None
-                    self.phase(f"queued: {now.words}")
+                    self.phase(now.queued)
                 elif self.served is None:
                     told = self.told(now.restarts)
                     loading_since = loading_since or time.monotonic()
                     if told is None:
-                        self.phase(f"starting on {now.node}")
+                        self.phase(now.starting)
                     elif self.came_up(client, told, now.node, now.time_left_s):
                         misses, last_check = 0, time.monotonic()
                     if time.monotonic() - loading_since > READY_TIMEOUT_S:

@@ -18,7 +18,7 @@ REASONS = {
     "Priority": "queued behind higher priority jobs",
     "Dependency": "waiting for the jobs it depends on",
     "BeginTime": "waiting for its start time",
-    "JobHeldUser": "held (scontrol release to let it run)",
+    "JobHeldUser": "held: scontrol release lets it run",
     "JobHeldAdmin": "held by an administrator",
     "ReqNodeNotAvail": "the nodes it needs are not available (down, drained or reserved)",
     "PartitionDown": "its partition is down",
@@ -39,8 +39,7 @@ def pending_words(reason: str, wants_gpus: bool) -> str:
     """Why a PENDING job waits, in words a user acts on."""
     reason = (reason or "").strip().strip("()")
     if reason == "Resources":
-        return ("waiting for GPUs: the ones it asks for are in use" if wants_gpus
-                else "waiting for CPUs or memory: what it asks for is in use")
+        return "waiting for GPUs" if wants_gpus else "waiting for CPUs or memory"
     if reason.startswith(("QOS", "AssocGrp", "AssocMax")):
         return f"held by a QoS or account limit ({reason})"
     key, _, rest = reason.partition(",")  # "ReqNodeNotAvail, UnavailableNodes:vm[01-02]"
