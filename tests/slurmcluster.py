@@ -78,6 +78,16 @@ class Cluster:
         raise AssertionError("slurmctld did not come back")
 
     def stop(self) -> None:
+        """Every job cancelled first: with proctrack/linuxproc, a job's processes outlive a stopped slurmd."""
+        try:
+            if self.command("squeue", "--noheader", "--format=%i", check=False).split():
+                self.command("scancel", "--full", f"--user={os.geteuid()}", check=False)
+                end = time.monotonic() + 15
+                while time.monotonic() < end and self.command("squeue", "--noheader", "--format=%i",
+                                                              check=False).split():
+                    time.sleep(0.2)
+        except subprocess.TimeoutExpired:
+            pass  # the controller is gone already: its jobs went with slurmd's stop below, or never ran
         for name in ("slurmd", "slurmctld"):
             pid_file = self.folder / "run" / f"{name}.pid"
             if pid_file.exists():
