@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,12 +26,34 @@ BUSY_TIMEOUT_S = 30.0
 DB_FILENAME = "modeldeck.db"
 
 
+def make_private(path: Path, notices: list[str] | None = None) -> None:
+    """Take group and other access away from `path` (what the user lets others do is theirs to decide
+    elsewhere, but the home holds API keys: GPU machines are shared). Says what it changed in `notices`."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077 and info.st_uid == os.geteuid():
+        os.chmod(path, mode & ~0o077)
+        if notices is not None:
+            notices.append(f"{path} was readable by other users (mode {mode:o}); now {mode & ~0o077:o}")
+
+
+def private_file(path: Path) -> None:
+    """Create `path` readable by its owner alone, before anything writes to it (an existing one is kept)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
 def home_dir() -> Path:
     """MODELDECK_HOME, else the platform's user data directory (created, checked writable)."""
     configured = os.environ.get("MODELDECK_HOME", "").strip()  # empty means unset, as usual
     home = Path(configured).expanduser() if configured else Path(platformdirs.user_data_dir("modeldeck"))
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise CatalogError(f"cannot create modeldeck home {home}: {exc.strerror}") from exc
     if not os.access(home, os.W_OK | os.X_OK):
@@ -91,8 +114,9 @@ def migrate(path: Path) -> None:
 class Database:
     """One SQLite file. `read()` and `write()` give SQLModel sessions; use one per unit of work."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, notices: list[str] | None = None):
         self.path = path
+        self.notices = notices or []  # what opening it changed that the user should hear of once
         self.engine: Engine = create_engine(
             f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
         )
@@ -131,5 +155,14 @@ def open_database(path: Path | None = None) -> Database:
     path = path or home_dir() / DB_FILENAME
     if path.exists() and path.is_dir():
         raise CatalogError(f"{path} is a directory, expected the modeldeck database file")
+    # It holds every deployment's API key: its folder and its files are the user's alone. SQLite gives its
+    # -wal and -shm files the database file's mode.
+    notices: list[str] = []
+    for private in [path.parent, path.parent / "logs", path,
+                    *(path.with_name(path.name + end) for end in ("-wal", "-shm"))]:
+        make_private(private, notices)
+    for backup in path.parent.glob(f"{path.name}.v*.bak"):
+        make_private(backup, notices)
+    private_file(path)
     migrate(path)
-    return Database(path)
+    return Database(path, notices)

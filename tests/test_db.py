@@ -1,5 +1,6 @@
 """The database against a real SQLite file: pragmas, migrations, bad files, two writers at once."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -203,3 +204,60 @@ def test_an_empty_modeldeck_home_means_the_default(monkeypatch, tmp_path):
     monkeypatch.setenv("MODELDECK_HOME", "")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert home_dir() == tmp_path / "data" / "modeldeck"
+
+
+def test_the_home_the_database_and_the_logs_are_the_users_alone_and_tightened_once(tmp_path, monkeypatch):
+    """Deployments' API keys live in the database: on a shared GPU machine no other user may read it."""
+    import stat
+
+    from engine.jobs import logs_dir
+
+    home = tmp_path / "shared"
+    (home / "logs").mkdir(parents=True)
+    for folder in (home, home / "logs"):
+        folder.chmod(0o755)
+    (home / "modeldeck.db").touch(mode=0o644)
+    monkeypatch.setenv("MODELDECK_HOME", str(home))
+    db = open_database()
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert (mode(home), mode(home / "logs"), mode(db.path)) == (0o700, 0o700, 0o600)
+    assert len(db.notices) == 3 and "readable by other users (mode 644); now 600" in db.notices[2]
+    with db.write() as session:  # the WAL and its index come into being with the database's mode
+        session.add(Model(name="m", source="x"))
+    assert mode(db.path.with_name("modeldeck.db-wal")) == 0o600
+    assert open_database().notices == []  # said once
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv("MODELDECK_HOME", str(fresh))
+    new = open_database()
+    assert (mode(fresh), mode(new.path), mode(logs_dir(new))) == (0o700, 0o600, 0o700) and new.notices == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading as a second Unix user needs root (to switch to it)")
+def test_another_local_user_cannot_read_the_database_or_a_log(monkeypatch):
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp())  # pytest's own folders are closed to other users already
+    tmp_path.chmod(0o755)
+    monkeypatch.setenv("MODELDECK_HOME", str(tmp_path / "home"))
+    db = open_database()
+    log = db.path.parent / "logs" / "job-1-serve.log"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text("sk-secret\n")
+    log.chmod(0o644)  # even a log left open: its folder keeps it
+    readable = tmp_path / "open.txt"  # the probe works: a file left open to all is read by the other user
+    readable.write_text("anyone")
+    readable.chmod(0o644)
+    nobody = 65534
+
+    def read_as_nobody(path) -> subprocess.CompletedProcess:
+        return subprocess.run(["cat", str(path)], user=nobody, capture_output=True, text=True)
+
+    try:
+        assert read_as_nobody(readable).stdout == "anyone"
+        for path in (db.path, log):
+            denied = read_as_nobody(path)
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    finally:
+        shutil.rmtree(tmp_path)

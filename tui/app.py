@@ -82,6 +82,8 @@ class ModelDeckApp(App):
             except CatalogError as exc:
                 self.call_from_thread(self.exit, return_code=1, message=f"modeldeck: {exc}")
                 return
+        for notice in self.db.notices:  # said once: what opening it made private
+            self.call_from_thread(self.notify, notice, title="Made private", timeout=10)
         follower = EventFollower(self.db)  # before the load, so no change slips between the two
         self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db), deployment_rows(self.db)))
         worker = get_current_worker()

@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine import start
         from tui import commands
 
-        return getattr(commands, args.func)(args, start())
+        db = start()
+        for notice in db.notices:
+            print(f"modeldeck: {notice}", file=sys.stderr)
+        return getattr(commands, args.func)(args, db)
     except (EngineError, CatalogError) as exc:
         print(f"modeldeck: {exc}", file=sys.stderr)
         return 1

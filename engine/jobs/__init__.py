@@ -55,8 +55,9 @@ class JobCancelled(Exception):
 
 
 def logs_dir(db: Database) -> Path:
+    """Where jobs write their logs: the user's alone (a server's log can quote what its clients sent)."""
     path = db.path.parent / "logs"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -102,7 +103,7 @@ def spawn(db: Database, job: Job) -> None:
 
     env = child_env() | {JOB_TAG: job_tag(db, job.id)}  # inherited by everything the job starts
     env |= targets.of_job(job).job_env(job)  # the GPUs chosen for it, say
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as log:
         process = subprocess.Popen(
             [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
