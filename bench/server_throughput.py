@@ -1,10 +1,17 @@
-"""The built-in server against calling `model.generate` directly, same model, prompt and length, in one run
-(targets: tokens/s ratio ≥ 0.9; time to first token through a streamed request within 20 ms of direct).
-Then 8 concurrent streaming clients: total tokens/s and p95 time to first token.
+"""The built-in server against calling `model.generate` directly, and against `transformers serve
+--continuous-batching`, same model, prompt and length, in one run.
+
+1. One client: the built-in server's tokens/s against direct `model.generate` (target: within 5%), and
+   its time to first token through a streamed request against direct.
+2. 1, 8 and 16 concurrent streaming clients against the built-in server and against
+   `transformers serve --continuous-batching` (same KV cache size): total tokens/s and p95 time to first
+   token (targets: at 8 and 16 clients at least 0.95 of transformers serve's tokens/s and no worse p95;
+   at 16 clients at least 2.5x the built-in server's single-client rate).
 Run: python bench/server_throughput.py
 
-The model is a random Llama (hidden 512, 6 layers) with the tests' tokenizer; decoding is greedy and both
-sides produce the same number of tokens. The server runs as its own process on 127.0.0.1.
+The model is a random Llama (hidden 512, 6 layers) with the tests' tokenizer; decoding is greedy and every
+reply runs to its full length (the model has no end token). Each server runs as its own process on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from common import fresh_home, percentile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOKENS, ROUNDS, CLIENTS = 64, 5, 8
+TOKENS, ROUNDS, LOADS = 64, 5, (1, 8, 16)
 KEY = "sk-bench"
 PROMPT = [{"role": "user", "content": "Tell me about training and deploying open language models."}]
+CACHE_BLOCKS = 36  # what the built-in server sizes for this model on a CPU; transformers serve gets the same
 
 
 def make_model(folder: Path) -> Path:
@@ -38,15 +46,76 @@ def make_model(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
                          num_key_value_heads=8, intermediate_size=1376, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=None,
                          pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None  # every reply runs to its length, on both servers
+    model.save_pretrained(folder)
+    tokenizer.eos_token = None
     tokenizer.save_pretrained(folder)
     return folder
 
 
+class Running:
+    """A server process, up once /health answers."""
+
+    def __init__(self, argv: list[str], env: dict, url: str, model: str):
+        import httpx2 as httpx
+
+        self.url, self.model = url, model
+        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                sys.exit(f"{argv[:3]} exited with {self.process.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+
+    def body(self, tokens: int) -> dict:
+        return {"model": self.model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0}
+
+    def whole(self) -> tuple[float, int]:
+        start = time.perf_counter()
+        reply = self.client.post(self.url + "/v1/chat/completions", json=self.body(TOKENS)).json()
+        return time.perf_counter() - start, reply["usage"]["completion_tokens"]
+
+    def streamed(self, whole: bool = True) -> tuple[float, int, float]:
+        """Time to the first token and tokens of a streamed reply, read to its end (closing early would
+        make the server stop generating), and when it ended."""
+        start, first, tokens = time.perf_counter(), None, 0
+        body = self.body(TOKENS) | {"stream": True}
+        with self.client.stream("POST", self.url + "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    tokens += 1  # a chunk per token on both servers (no text is held back: no stop strings)
+                    if first is None:
+                        first = time.perf_counter() - start
+                        if not whole:
+                            break
+        return first if first is not None else float("nan"), tokens, time.perf_counter()
+
+    def load(self, clients: int) -> tuple[float, float]:
+        """Clients streaming at once: total tokens/s, and p95 time to first token."""
+        self.streamed()  # warm
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            replies = list(pool.map(lambda _: self.streamed(), range(clients)))
+        wall = max(r[2] for r in replies) - start
+        return sum(r[1] for r in replies) / wall, percentile([r[0] for r in replies], 0.95)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 def main() -> None:
-    import httpx2 as httpx
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,88 +134,46 @@ def main() -> None:
         assert out.shape[1] - ids.shape[1] == tokens
         return time.perf_counter() - start
 
-    port = 18000 + os.getpid() % 1000
     from engine.jobs import child_env
 
-    server = subprocess.Popen([sys.executable, "-m", "engine.server", "--model", str(folder), "--served-name", "bench",
-                               "--port", str(port)], env=child_env() | {"MODELDECK_API_KEY": KEY},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {KEY}"}
+    port = 18000 + os.getpid() % 1000
+    env = child_env() | {"MODELDECK_API_KEY": KEY}
+    ours = Running([sys.executable, "-m", "engine.server", "--model", str(folder), "--served-name", "bench",
+                    "--port", str(port)], env, f"http://127.0.0.1:{port}", "bench")
     try:
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        body = {"model": "bench", "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
-        # One client, as the openai SDK keeps one: a new httpx client per call costs ~20 ms of its own
-        # (measured here: a GET /health took 23 ms with a new client each time; a whole 1-token chat
-        # request on a kept client took 26 ms, of which the server's own first token was 24 ms).
-        client = httpx.Client(headers=headers, timeout=120)
-
-        def served() -> tuple[float, int]:
-            start = time.perf_counter()
-            reply = client.post(url + "/v1/chat/completions", json=body).json()
-            return time.perf_counter() - start, reply["usage"]["completion_tokens"]
-
-        def streamed(whole: bool = False) -> tuple[float, int]:
-            """Time to the first token of a streamed reply; with `whole`, read it to the end and count its
-            tokens (closing the stream early would make the server stop generating for it)."""
-            start, first, tokens = time.perf_counter(), None, 0
-            options = {"stream": True, "stream_options": {"include_usage": True}}
-            with client.stream("POST", url + "/v1/chat/completions", json=body | options) as response:
-                for line in response.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
-                        first = time.perf_counter() - start
-                        if not whole:
-                            break
-            if first is None:
-                raise AssertionError("no token came")
-            return first, tokens
-
-        def first_token() -> float:
-            return streamed()[0]
-
-        direct(4), served()  # warm both
+        ours.whole(), direct(4)  # warm both
         direct_tps, server_tps, direct_ttft, server_ttft = [], [], [], []
         for _ in range(ROUNDS):
             direct_tps.append(TOKENS / direct(TOKENS))
-            seconds, count = served()
-            if count != TOKENS:
-                sys.exit(f"the server stopped at {count} tokens (the model emitted its end token); rerun")
+            seconds, count = ours.whole()
             server_tps.append(count / seconds)
             direct_ttft.append(direct(1))
-            server_ttft.append(first_token())
-
-        start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:  # each client reads its whole reply
-            replies = list(pool.map(lambda _: streamed(whole=True), range(CLIENTS)))
-        wall = time.perf_counter() - start
-        ttfts, total_tokens = [r[0] for r in replies], sum(r[1] for r in replies)
-        metrics = httpx.get(url + "/metrics").text
+            server_ttft.append(ours.streamed(whole=False)[0])
+        our_loads = {clients: ours.load(clients) for clients in LOADS}
     finally:
-        server.terminate()
-        server.wait(timeout=20)
+        ours.stop()
+    theirs = Running([sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder),
+                      "--continuous-batching", "--cb-num-blocks", str(CACHE_BLOCKS), "--host", "127.0.0.1",
+                      "--port", str(port + 1), "--device", "cpu"], child_env(), f"http://127.0.0.1:{port + 1}",
+                     str(folder))
+    try:
+        their_loads = {clients: theirs.load(clients) for clients in LOADS}
+    finally:
+        theirs.stop()
+
     print(f"model: random Llama, hidden 512, 6 layers; {TOKENS} greedy tokens; CPU, {torch.get_num_threads()} threads")
-    print(f"direct model.generate: median {statistics.median(direct_tps):.1f} tok/s, "
-          f"first token {statistics.median(direct_ttft) * 1000:.1f} ms")
-    print(f"built-in server:       median {statistics.median(server_tps):.1f} tok/s, "
-          f"first token (streamed) {statistics.median(server_ttft) * 1000:.1f} ms")
-    print(f"tokens/s ratio server / direct: {statistics.median(server_tps) / statistics.median(direct_tps):.3f} "
-          f"(target ≥ 0.9); first-token overhead "
-          f"{(statistics.median(server_ttft) - statistics.median(direct_ttft)) * 1000:.1f} ms (target < 20 ms)")
-    print(f"{CLIENTS} concurrent streaming clients, each reading its whole reply: {total_tokens} tokens in {wall:.2f} s = "
-          f"{total_tokens / wall:.1f} tok/s in total; time to first token p50 {percentile(ttfts, 0.5) * 1000:.0f} ms, "
-          f"p95 {percentile(ttfts, 0.95) * 1000:.0f} ms (interleaved a token at a time, up to 8 at once)")
-    last = [line for line in metrics.splitlines() if line.startswith("modeldeck_tokens_per_second")]
-    print(f"server's own gauge: {last[0] if last else 'missing'}")
+    d_tps, s_tps = statistics.median(direct_tps), statistics.median(server_tps)
+    print(f"one client: direct model.generate {d_tps:.1f} tok/s, built-in server {s_tps:.1f} tok/s: ratio "
+          f"{s_tps / d_tps:.3f} (target ≥ 0.95); first token direct {statistics.median(direct_ttft) * 1000:.1f} ms, "
+          f"streamed {statistics.median(server_ttft) * 1000:.1f} ms")
+    print(f"{'clients':>8} {'built-in tok/s':>15} {'p95 TTFT':>9} {'transformers serve tok/s':>25} {'p95 TTFT':>9} "
+          f"{'ratio':>6}")
+    for clients in LOADS:
+        (ours_tps, ours_p95), (their_tps, their_p95) = our_loads[clients], their_loads[clients]
+        print(f"{clients:>8} {ours_tps:>15.1f} {ours_p95 * 1000:>7.0f}ms {their_tps:>25.1f} {their_p95 * 1000:>7.0f}ms "
+              f"{ours_tps / their_tps:>6.2f}")
+    print(f"built-in server, 16 clients against 1: {our_loads[16][0] / our_loads[1][0]:.2f}x (target ≥ 2.5x); "
+          "ratio: built-in / transformers serve (target ≥ 0.95 at 8 and 16)")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def vllm_command(model_path: str, settings: DeploySettings, served_name: str, ap
 
 def builtin_command(model_path: str, settings: DeploySettings, served_name: str, api_key: str, gpus: str,
                     adapter_path: str | None = None) -> ServeCommand:
-    """The built-in server (engine/server.py): the model, and an adapter applied on it."""
+    """The built-in server (engine/server/): the model, and an adapter merged into it at load."""
     argv = [sys.executable, "-m", "engine.server", "--model", model_path, "--served-name", served_name,
             "--host", settings.host, "--port", str(settings.port), "--dtype", settings.dtype]
     if adapter_path:

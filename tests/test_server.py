@@ -118,20 +118,35 @@ def test_the_api_key_is_required_on_every_v1_route(server):
     assert [m.id for m in server.client().models.list()] == ["tiny"]
 
 
-@pytest.mark.parametrize("body, param, message", [
-    ({"model": "other", "messages": [{"role": "user", "content": "x"}]}, "model", "is not served here"),
-    ({"model": "tiny", "messages": []}, "messages", "non-empty list"),
-    ({"model": "tiny", "messages": "hi"}, "messages", "non-empty list"),
-    ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "needs a role"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature", "must be a number"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "at least 1"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p", "above 0"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed", "must be an integer"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}]}, "messages", "context is 128"),
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"model": "other", "messages": USER}, 404, "model", "The model 'other' does not exist"),
+    ({"model": "tiny", "messages": []}, 400, "messages", "at least 1 item"),
+    ({"model": "tiny", "messages": "hi"}, 400, "messages", "valid array"),
+    ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "must be one of"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
+     "messages[0].content[0].text", "valid string"),
+    ({"model": "tiny", "messages": USER, "temperature": "hot"}, 400, "temperature", "valid number"),
+    ({"model": "tiny", "messages": USER, "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"model": "tiny", "messages": USER, "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"model": "tiny", "messages": USER, "seed": 1.5}, 400, "seed", "valid integer"),
+    ({"model": "tiny", "messages": USER, "seed": 2**70}, 400, "seed", "less than or equal to"),
+    ({"model": "tiny", "messages": USER, "logit_bias": {"99999": 5}}, 400, "logit_bias", "no token id"),
+    ({"model": "tiny", "messages": USER, "frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument"),
+    ({"model": "tiny", "messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format",
+     "not supported"),
+    ({"model": "tiny", "messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "needs 'logprobs'"),
+    ({"model": "tiny", "messages": USER, "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only for streamed"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}]}, 400, "messages", "context is 128"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "w" * 5000}]}, 400, "messages",
+     "more than this model's context"),
 ])
-def test_bad_requests_get_400_with_an_openai_shaped_error(server, body, param, message):
+def test_bad_requests_get_an_openai_shaped_error_naming_the_parameter(server, body, status, param, message):
     response = server.post("/v1/chat/completions", body)
-    assert response.status_code == 400
+    assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and message in error["message"]
@@ -198,7 +213,7 @@ def test_without_an_api_key_the_server_refuses_to_start(model_dir):
 
 
 def test_no_part_of_a_stop_string_is_ever_sent():
-    from engine.server import held_back
+    from engine.server.generation import held_back
 
     assert held_back("Hello Us", ["User:"]) == 2  # "Us" may become "User:"
     assert held_back("Hello U", ["User:", "\n\n"]) == 1

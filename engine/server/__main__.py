@@ -1,0 +1,3 @@
+from engine.server.app import main
+
+main()

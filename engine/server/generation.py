@@ -1,0 +1,397 @@
+"""Generation for the built-in server: the model, and two ways to run a request's choices.
+
+- **Batched** (most requests): transformers' continuous batching (`init_continuous_batching`, paged KV
+  cache), the engine behind `transformers serve --continuous-batching`. Requests join and leave the batch
+  at every step; temperature, top-p and greedy decoding are per request.
+- **Plain** (what batching cannot honour exactly: a seed of the request's own, presence and frequency
+  penalties, logit biases, logprobs): a thread of ours that steps its requests a token each in turn, with
+  its own KV caches, on the same weights.
+
+Either way a choice's tokens become text through one `TextStream` (incremental decoding, stop strings
+never sent in part), and reach the request's coroutine on the event loop as events:
+("delta", text, logprobs), then ("done", finish_reason, tokens, time_to_first_token) or ("error", message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from engine.server.api import Sampling
+from engine.server.metrics import Metrics
+
+PAGE_TOKENS = 256  # the paged cache's block size (transformers' default)
+CPU_CACHE_TOKENS_PER_REQUEST = 2048  # on a CPU the cache is sized, not a share of the memory: requests wait
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the beginning of a stop string."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
+
+
+class TextStream:
+    """Token ids in, text out: decodes incrementally (a window, not the whole reply each time), never sends
+    half a character nor the start of what may become a stop string, and says when a stop string was met."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.prefix, self.read = 0, 0  # the decoded window: tokens[prefix:read] were turned into text
+        self.text, self.sent = "", 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """One more token; what can be sent now."""
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
+        return self._ready()
+
+    def _ready(self) -> str:
+        if self.stops and not self.stopped:
+            start = max(self.sent - max(map(len, self.stops)), 0)
+            hits = [i for i in (self.text.find(stop, start) for stop in self.stops) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[:min(hits)], True
+        end = len(self.text) if self.stopped else len(self.text) - held_back(self.text, self.stops)
+        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return delta
+
+    def rest(self) -> str:
+        """At the end: what was held back (a stop string's beginning that never became one, a last
+        character still incomplete), looked at for stop strings once more."""
+        if self.stopped:
+            return ""
+        tail = self.tokenizer.decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        self.text += tail[len(before):].rstrip("\ufffd")
+        self.prefix = self.read = len(self.tokens)
+        delta = self._ready()
+        if not self.stopped:  # nothing more can come to complete a stop string
+            delta += self.text[self.sent:]
+            self.sent = len(self.text)
+        return delta
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Choice:
+    """One choice of a request being generated. Its events reach the request's coroutine on `out`."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    stream: TextStream
+    loop: asyncio.AbstractEventLoop  # the request's: events are handed to it, no polling
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)  # time to first token counts the wait too
+    id: str = field(default_factory=lambda: f"c{next(_ids)}")
+    first: float | None = None
+    generated: int = 0
+    ended: bool = False
+    on_cancel: Callable[[], None] | None = None
+    pending_logprobs: list[dict] = field(default_factory=list)
+    ending: threading.Lock = field(default_factory=threading.Lock)  # the loop and the plain thread may both end it
+
+    def put(self, event: tuple) -> None:
+        """From any thread."""
+        self.loop.call_soon_threadsafe(self.out.put_nowait, event)
+
+    def cancel(self) -> None:
+        """The client went away: stop generating for it."""
+        self.cancelled.set()
+        if self.on_cancel is not None and not self.ended:
+            self.on_cancel()
+
+
+class Engine:
+    """The loaded model, the batching manager and the plain thread."""
+
+    def __init__(self, model_path: str, adapter: str | None, dtype: str, max_model_len: int | None,
+                 max_concurrent: int = 8, batching: bool = True, log: Callable[[str], None] = print):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter or model_path)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        device = "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
+        if adapter:  # merged into the base at load: no cost per token, and batching sees a plain model
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        self.model, self.device = model.eval(), device
+        # transformers 5 names the KV cache argument `cache` (and warns on every `past_key_values`)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        config_limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.context = min(max_model_len or config_limit, config_limit)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos.add(self.tokenizer.eos_token_id)
+        self.max_concurrent = max_concurrent
+        self.metrics = Metrics()
+        self.open: dict[str, Choice] = {}  # every choice not ended yet, for a shutdown to end
+        self.plain_jobs: queue.Queue[Choice] = queue.Queue()
+        self.plain_active: set[str] = set()  # the plain thread's own: only it ends them
+        threading.Thread(target=self._plain_thread, name="plain", daemon=True).start()
+        self.log = log
+        self.batcher = self._start_batching(log) if batching else None
+
+    # -- submitting ------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], sampling: Sampling) -> Choice:
+        """Start one choice (on the event loop); its events arrive on choice.out."""
+        choice = Choice(prompt_ids, sampling, TextStream(self.tokenizer, sampling.stop), asyncio.get_running_loop())
+        self.open[choice.id] = choice
+        self.metrics.running.inc()
+        if self.batcher is not None and sampling.batchable:
+            self._submit_batched(choice)
+        else:
+            self.plain_jobs.put(choice)
+        return choice
+
+    def _close(self, choice: Choice) -> bool:
+        """Mark it over, once (any thread): False if it was already."""
+        with choice.ending:
+            if choice.ended:
+                return False
+            choice.ended = True
+        self.metrics.running.dec()
+        self.open.pop(choice.id, None)
+        return True
+
+    def end(self, choice: Choice, finish: str) -> None:
+        """A choice is over: what was held back, then its end."""
+        if not self._close(choice):
+            return
+        rest = choice.stream.rest()
+        if choice.stream.stopped and finish == "length":
+            finish = "stop"  # the last tokens completed a stop string
+        if rest or choice.pending_logprobs:
+            choice.put(("delta", rest, choice.pending_logprobs))
+            choice.pending_logprobs = []
+        self.metrics.finished(choice.generated, choice.first, time.perf_counter() - choice.submitted)
+        choice.put(("done", finish, choice.generated, choice.first))
+
+    def fail(self, choice: Choice, message: str) -> None:
+        if self._close(choice):
+            choice.put(("error", message))
+
+    def abort_all(self) -> None:
+        """The server stops: every open choice ends now, its stream with a final event."""
+        for choice in list(self.open.values()):
+            choice.cancel()  # a batched one ends at once; a plain one at its thread's next step
+            if choice.on_cancel is None and choice.id not in self.plain_active:
+                self.end(choice, "abort")  # still queued for the plain thread
+
+    def _token(self, choice: Choice, token: int, logprobs: dict | None = None) -> bool:
+        """One generated token: its text goes out. False once the choice is over (end of sequence, a stop
+        string, its length)."""
+        if token in self.eos:
+            self.end(choice, "stop")
+            return False
+        if choice.first is None:
+            choice.first = time.perf_counter() - choice.submitted
+        choice.generated += 1
+        if logprobs is not None:
+            choice.pending_logprobs.append(logprobs)
+        delta = choice.stream.add(token)
+        if delta:
+            choice.put(("delta", delta, choice.pending_logprobs))
+            choice.pending_logprobs = []
+        if choice.stream.stopped:
+            self.end(choice, "stop")
+            return False
+        if choice.generated >= choice.sampling.max_tokens:
+            self.end(choice, "length")
+            return False
+        return True
+
+    # -- batched: transformers' continuous batching -------------------------------------------------------
+
+    def _start_batching(self, log: Callable[[str], None]):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        if not hasattr(self.model, "init_continuous_batching"):
+            log("continuous batching: this model has none; every request runs on the plain path")
+            return None
+        # Per-request temperature, top-k and top-p exist only where the shared config creates their warpers:
+        # values other than the neutral ones, always overridden by each request's own.
+        shared = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=self.vocab_size,
+                                  max_new_tokens=self.context, eos_token_id=sorted(self.eos) or -1)
+        settings: dict = {"per_request_processors": True}
+        if self.device == "cpu":  # sized for the requests it serves at once, not most of the machine's memory
+            per_request = math.ceil(min(self.context, CPU_CACHE_TOKENS_PER_REQUEST) / PAGE_TOKENS)
+            settings["num_blocks"] = self.max_concurrent * per_request + math.ceil(self.context / PAGE_TOKENS)
+        try:
+            attention = self.model.config._attn_implementation
+            manager = self.model.init_continuous_batching(
+                generation_config=shared, continuous_batching_config=ContinuousBatchingConfig(**settings))
+            if str(self.model.config._attn_implementation).startswith("paged"):
+                # it switched the model to paged attention, with which the plain path's forward gets no causal
+                # mask: exact answers first
+                manager.stop(block=False)
+                self.model.set_attn_implementation(attention)
+                log(f"continuous batching: this model's attention ({attention}) has no batching version here; every "
+                    "request runs on the plain path")
+                return None
+            manager.start()
+        except Exception as exc:  # noqa: BLE001 - an architecture it cannot page: the plain path serves all
+            log(f"continuous batching could not start ({type(exc).__name__}: {exc}); every request runs on "
+                "the plain path")
+            return None
+        log(f"continuous batching on {self.device}" + (f", a KV cache of {settings['num_blocks']} blocks of "
+                                                       f"{PAGE_TOKENS} tokens" if "num_blocks" in settings else ""))
+        return manager
+
+    def _submit_batched(self, choice: Choice) -> None:
+        s, manager = choice.sampling, self.batcher
+        # greedy as the only token left after top-k 1 (exact, where a tiny temperature could overflow)
+        knobs = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if s.greedy
+                 else {"temperature": float(s.temperature), "top_k": self.vocab_size, "top_p": float(s.top_p)})
+        seen = 0
+
+        def drop() -> None:
+            """Out of the batch, and its handler gone (transformers sends a cancelled request nothing more)."""
+            manager.cancel_request(choice.id)
+            with manager.output_router._lock:
+                manager.output_router.result_handlers.pop(choice.id, None)
+
+        def on_output(output) -> None:  # on the event loop, for each step's output
+            nonlocal seen
+            if choice.ended:
+                return
+            try:
+                if output.error is not None:
+                    self.fail(choice, f"generation failed: {output.error}")
+                    return
+                for token in output.generated_tokens[seen:]:
+                    seen += 1
+                    if not self._token(choice, int(token)):
+                        if not output.is_finished():
+                            drop()
+                        return
+                if output.is_finished():
+                    self.end(choice, "length")
+            except Exception as exc:  # noqa: BLE001 - the other requests of this step still get theirs
+                drop()
+                self.fail(choice, f"{type(exc).__name__}: {exc}")
+
+        def cancelled() -> None:
+            drop()
+            self.end(choice, "abort")
+
+        choice.on_cancel = cancelled
+        manager.register_result_handler(choice.id, on_output)
+        accepted = manager.add_request(choice.prompt_ids, request_id=choice.id, max_new_tokens=s.max_tokens,
+                                       streaming=True, **knobs)
+        if accepted is None:  # its loop died (a CUDA error, say): the plain path serves from now on
+            with manager.output_router._lock:
+                manager.output_router.result_handlers.pop(choice.id, None)
+            choice.on_cancel = None
+            error = manager.background_thread_status.fatal_error
+            self.log(f"continuous batching stopped ({error}); every request runs on the plain path from now on")
+            self.batcher = None
+            self.plain_jobs.put(choice)
+
+    # -- plain: a token each in turn, on our own loop --------------------------------------------------
+
+    def _plain_thread(self) -> None:
+        # Inference mode for the whole thread: the generations interleave, so none may enter or leave it.
+        with self.torch.inference_mode():
+            active: list[tuple[Choice, Iterator[None]]] = []
+            while True:
+                while len(active) < self.max_concurrent:
+                    try:
+                        choice = self.plain_jobs.get(block=not active)
+                    except queue.Empty:
+                        break
+                    self.plain_active.add(choice.id)
+                    active.append((choice, self._plain(choice)))
+                for entry in list(active):
+                    choice, steps = entry
+                    try:
+                        next(steps)
+                    except StopIteration:
+                        active.remove(entry)
+                        self.plain_active.discard(choice.id)
+                    except Exception as exc:  # noqa: BLE001 - a failed generation ends its request, not the server
+                        self.fail(choice, f"{type(exc).__name__}: {exc}")
+                        active.remove(entry)
+                        self.plain_active.discard(choice.id)
+
+    def _plain(self, choice: Choice) -> Iterator[None]:
+        """One choice, yielding after each token so the others take theirs."""
+        torch, s = self.torch, choice.sampling
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed((s.seed % 2**64) if s.seed is not None else int.from_bytes(os.urandom(8), "little"))
+        counts = torch.zeros(self.vocab_size, device=self.device)
+        bias = torch.zeros(self.vocab_size, device=self.device)
+        if s.logit_bias:
+            bias[list(s.logit_bias)] = torch.tensor(list(s.logit_bias.values()), device=self.device)
+        ids, past = torch.tensor([choice.prompt_ids], device=self.device), None
+        while True:
+            if choice.cancelled.is_set() or choice.ended:
+                self.end(choice, "abort")
+                return
+            out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: past})
+            past = getattr(out, self.cache_arg)
+            logits = out.logits[0, -1].float()
+            adjusted = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float() + bias
+            token = self._sample(adjusted, s, generator)
+            logprobs = self._logprobs(logits, token, s.logprobs) if s.logprobs is not None else None
+            counts[token] += 1
+            if not self._token(choice, token, logprobs):
+                return
+            ids = torch.tensor([[token]], device=self.device)
+            yield
+
+    def _sample(self, logits, s: Sampling, generator) -> int:
+        torch = self.torch
+        if s.greedy:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < s.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _logprobs(self, logits, token: int, alternatives: int) -> dict:
+        """The model's own log-probabilities (before temperature, penalties and biases), as vLLM gives them."""
+        logp = self.torch.log_softmax(logits, dim=-1)
+        entry = self._token_entry(token, float(logp[token]))
+        if alternatives:
+            values, ids = logp.topk(alternatives)
+            entry["top_logprobs"] = [self._token_entry(int(i), float(v)) for v, i in zip(values, ids)]
+        else:
+            entry["top_logprobs"] = []
+        return entry
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8", "replace"))}
+
+    def shutdown(self) -> None:
+        if self.batcher is not None:
+            try:
+                self.batcher.stop(block=True, timeout=2, hard_stop=True)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass

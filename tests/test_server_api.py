@@ -1,0 +1,405 @@
+"""The built-in server's OpenAI API as clients use it — the `openai` SDK, langchain-openai, raw HTTP on a
+kept connection — and as a fuzz finds it: every parameter honoured or refused by name, never a 5xx for
+input, a connection that survives every error, limits that refuse huge requests while others stream."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.test_server import KEY, Server
+
+USER = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.tinymodel import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def endless_dir(tmp_path_factory):
+    from tests.tinymodel import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("endless") / "tiny", endless=True)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    running = Server(model_dir, tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as kept:
+        yield kept
+
+
+def direct_greedy(model_dir, prompt_ids: list[int], tokens: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+# -- what clients send ------------------------------------------------------------------------------
+
+
+def test_batched_greedy_decoding_gives_what_generate_gives(server, model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer("modeldeck downloads")["input_ids"]
+    expected = direct_greedy(model_dir, prompt, 12)
+    eos = tokenizer.eos_token_id
+    expected = expected[:expected.index(eos)] if eos in expected else expected
+    reply = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    # (a random model's last token can be half a character: the server never sends one)
+    assert reply.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+    assert reply.usage.completion_tokens == len(expected)
+
+
+def test_a_prompt_as_a_list_of_strings_or_token_ids_gets_a_choice_each_in_order(server, model_dir):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)("The quick brown fox")["input_ids"]
+    client = server.client()
+    one = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=6, temperature=0)
+    many = client.completions.create(model="tiny", prompt=["Hello, world!", "The quick brown fox"], max_tokens=6,
+                                     temperature=0)
+    as_ids = client.completions.create(model="tiny", prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1]
+    assert many.choices[1].text == one.choices[0].text == as_ids.choices[0].text == as_ids.choices[1].text
+    assert many.usage.prompt_tokens > one.usage.prompt_tokens
+
+
+def test_n_choices_are_distinct_samples_and_greedy_ones_agree(server):
+    sampled = server.client().chat.completions.create(model="tiny", messages=USER, n=3, max_tokens=10,
+                                                       temperature=1.5, seed=3)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.message.content for c in sampled.choices}) > 1
+    greedy = server.client().chat.completions.create(model="tiny", messages=USER, n=2, max_tokens=10, temperature=0)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(server):
+    tiny = server.client().chat.completions.create(model="tiny", messages=USER, max_tokens=8, temperature=1e-40)
+    greedy = server.client().chat.completions.create(model="tiny", messages=USER, max_tokens=8, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_tool_turns_and_null_content_are_accepted(server):
+    messages = USER + [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "capital", "arguments": "{}"}}]},
+        {"role": "tool", "content": "Paris", "tool_call_id": "call_1"},
+    ]
+    reply = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_logprobs_are_the_models_own_with_the_top_alternatives(server):
+    reply = server.client().chat.completions.create(model="tiny", messages=USER, max_tokens=5, temperature=0,
+                                                     logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy took the likeliest
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    text = server.client().completions.create(model="tiny", prompt="modeldeck", max_tokens=3, temperature=0,
+                                              logprobs=2)
+    assert len(text.choices[0].logprobs.tokens) == len(text.choices[0].logprobs.top_logprobs) == 3
+
+
+def test_a_logit_bias_decides_every_token(server, model_dir):
+    from transformers import AutoTokenizer
+
+    token = AutoTokenizer.from_pretrained(model_dir)("fox", add_special_tokens=False)["input_ids"][0]
+    reply = server.client().completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                               logit_bias={str(token): 100}, logprobs=0)
+    assert reply.choices[0].logprobs.tokens == [AutoTokenizer.from_pretrained(model_dir).decode([token])] * 5
+
+
+def test_streamed_choices_each_end_and_the_usage_comes_last(server):
+    chunks = list(server.client().chat.completions.create(model="tiny", messages=USER, n=2, max_tokens=6, stream=True,
+                                                          stream_options={"include_usage": True}))
+    ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(e.index for e in ends) == [0, 1] and chunks[-1].usage.completion_tokens >= 2
+
+
+def test_langchain_chat_and_completions_work_against_it(server):
+    from langchain_openai import ChatOpenAI, OpenAI
+
+    chat = ChatOpenAI(base_url=server.url + "/v1", api_key=KEY, model="tiny", max_tokens=5, temperature=0,
+                      max_retries=0)
+    assert isinstance(chat.invoke("Hello").content, str)
+    assert "".join(c.content for c in chat.stream("Hello")) == chat.invoke("Hello").content
+    completions = OpenAI(base_url=server.url + "/v1", api_key=KEY, model="tiny", max_tokens=5, temperature=0,
+                         max_retries=0)
+    assert isinstance(completions.invoke("Hello"), str)  # it sends the prompt as a list of strings
+
+
+def test_the_model_route_and_unknown_routes_answer_as_openai_does(server, client):
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert client.get("/v2/anything").json()["error"]["code"] == "not_found"
+    assert client.delete("/v1/models").status_code == 405 and "error" in client.delete("/v1/models").json()
+    refused = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer ключ".encode()})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
+# -- what breaks servers ----------------------------------------------------------------------------
+
+
+def raw_exchange(port: int, requests: list[bytes]) -> list[int]:
+    """Requests on one kept-alive connection, and the status of each answer."""
+    statuses = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        for request in requests:
+            sock.sendall(request)
+            status = int(reader.readline().split()[1])
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            reader.read(length)
+            statuses.append(status)
+    return statuses
+
+
+def post(body: bytes, path: str = "/v1/chat/completions") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_a_kept_alive_connection_survives_every_refusal(server):
+    good = post(json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2}).encode())
+    bad = [b"{", b'{"model":"tiny","messages":[{"role":"user","content":"\\ud800"}]}',
+           b'{"model":"tiny","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+           json.dumps({"model": "tiny", "messages": USER, "seed": 2**70}).encode(),
+           json.dumps({"model": "tiny", "messages": USER, "temperature": 1e-40, "max_tokens": 2}).encode(),
+           json.dumps({"model": "nope", "messages": USER}).encode()]
+    statuses = raw_exchange(server.port, [good] + [item for b in bad for item in (post(b), good)])
+    assert statuses == [200] + [s for b in bad for s in (400 if b"1e-40" not in b and b"nope" not in b
+                                                          else 200 if b"1e-40" in b else 404, 200)]
+
+
+def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on(model_dir):
+    """Fault injection in-process: the generator raises; the same connection then serves a good request."""
+    import asyncio
+
+    import uvicorn
+
+    from engine.server.app import create_app
+    from engine.server.generation import Engine
+
+    engine = Engine(str(model_dir), None, "auto", None, log=lambda line: None)
+    real_submit = engine.submit
+    broken = {"on": True}
+
+    def submit(prompt_ids, sampling):
+        if broken["on"]:
+            broken["on"] = False
+            raise RuntimeError("injected")
+        return real_submit(prompt_ids, sampling)
+
+    engine.submit = submit
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", KEY), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        good = post(json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2}).encode())
+        assert raw_exchange(port, [good, good]) == [500, 200]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+def test_huge_requests_are_refused_at_once_while_other_clients_keep_getting_tokens(endless_dir, tmp_path):
+    server = Server(endless_dir, tmp_path)
+    try:
+        arrivals: list[float] = []
+        generated: list[int] = []
+
+        def stream_long() -> None:
+            for chunk in server.client().completions.create(model="tiny", prompt="a b", max_tokens=120, stream=True,
+                                                            stream_options={"include_usage": True}):
+                if chunk.choices and chunk.choices[0].text:
+                    arrivals.append(time.monotonic())
+                if chunk.usage:
+                    generated.append(chunk.usage.completion_tokens)
+
+        streaming = threading.Thread(target=stream_long)
+        streaming.start()
+        while not arrivals:
+            time.sleep(0.01)
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+            began = time.monotonic()
+            huge = client.post(server.url + "/v1/chat/completions", content=b"x" * 50_000_000)
+            huge_s = time.monotonic() - began
+            began = time.monotonic()
+            long_prompt = client.post(server.url + "/v1/completions",
+                                      json={"model": "tiny", "prompt": "a " * 500_000, "max_tokens": 1})
+            long_s = time.monotonic() - began
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+        assert long_prompt.status_code == 400 and long_prompt.json()["error"]["code"] == "context_length_exceeded"
+        assert huge_s < 5 and long_s < 5, (huge_s, long_s)
+        during = [t for t in arrivals if began - huge_s <= t <= began + long_s]
+        streaming.join(timeout=60)
+        assert generated == [120] and during, "the stream went on while the huge requests were refused"
+    finally:
+        server.stop()
+
+
+def test_a_stop_ends_every_open_stream_with_a_final_event(tmp_path):
+    from tests.tinymodel import make_tiny_llama
+
+    server = Server(make_tiny_llama(tmp_path / "long", context=8192, endless=True), tmp_path)  # streams for long
+    lines: list[str] = []
+    first = threading.Event()
+
+    def read() -> None:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 100_000, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert first.wait(30)
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(timeout=30)
+    assert server.process.wait(timeout=20) in (0, -signal.SIGTERM)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+
+
+# -- a bounded fuzz ---------------------------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+                    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
+               "presence_penalty", "frequency_penalty", "logit_bias", "stream", "stream_options", "logprobs",
+               "top_logprobs", "tools", "tool_choice", "response_format", "user", "unknown"]
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | JSON,
+                                 "content": st.text(max_size=30) | JSON}) | JSON
+
+
+@st.composite
+def chat_bodies(draw):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for name in draw(st.lists(st.sampled_from(CHAT_FIELDS), max_size=4, unique=True)):
+        body[name] = draw(st.lists(MESSAGE, max_size=3) if name == "messages" else JSON)
+    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+        body["max_tokens"] = min(abs(body["max_tokens"]), 8) or 1  # bounded time; its range is tested above
+    body.pop("max_completion_tokens", None)
+    return body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=chat_bodies())
+def test_fuzzed_chat_requests_never_get_a_5xx_and_the_connection_stays_usable(client, body):
+    response = client.post("/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+    alive = client.get("/v1/models")
+    assert alive.status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(raw=st.binary(max_size=200) | st.text(max_size=100).map(str.encode), path=st.sampled_from(
+    ["/v1/chat/completions", "/v1/completions", "/v1/models/x", "/metrics"]))
+def test_fuzzed_bytes_never_get_a_5xx(client, raw, path):
+    response = client.post(path, content=raw, timeout=60)
+    assert response.status_code < 500, (raw, response.text)
+
+
+# -- what the review found --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"logit_bias": {"²": 1}}, "logit_bias", "no token id"),
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias", "no token id"),
+    ({"stop": ""}, "stop", "at least 1 character"),
+    ({"stop": "x" * 1000}, "stop", "at most 256 characters"),
+    ({"top-k": 5}, "top-k", "Unrecognized request argument"),
+    ({"n": 17}, "n", "less than or equal to 16"),
+])
+def test_more_bad_parameters_are_refused_by_name(server, extra, param, message):
+    response = server.post("/v1/chat/completions", {"model": "tiny", "messages": USER} | extra)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param and message in response.json()["error"]["message"]
+
+
+def test_too_many_choices_in_one_request_are_refused_before_any_work(server):
+    response = server.post("/v1/completions", {"model": "tiny", "prompt": [[1]] * 100_000, "n": 16})
+    assert response.status_code == 400 and "at most 64" in response.json()["error"]["message"]
+
+
+def running_choices(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("modeldeck_choices_running")))
+
+
+def test_clients_that_leave_stop_their_generations_batched_or_plain(endless_dir, tmp_path):
+    server = Server(endless_dir, tmp_path)
+    try:
+        for extra in ({}, {"seed": 1}):  # the batched path, then the plain one
+            for n in (1, 3):
+                body = {"model": "tiny", "prompt": "a", "max_tokens": 120, "n": n, "stream": True} | extra
+                with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                                  headers={"Authorization": f"Bearer {KEY}"}) as response:
+                    next(response.iter_lines())  # the first chunk, then away
+            end = time.monotonic() + 10
+            while running_choices(server) and time.monotonic() < end:
+                time.sleep(0.1)
+            assert running_choices(server) == 0, extra
+    finally:
+        server.stop()
+
+
+def test_a_stop_string_completed_by_the_last_token_is_still_cut():
+    from engine.server.generation import TextStream
+
+    class Pieces:  # a tokenizer whose tokens are byte strings: the last one ends half a character
+        pieces = [b"say ", b"EN", b"D\xc3"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(Pieces(), ["END"])
+    sent = "".join(stream.add(i) for i in range(3)) + stream.rest()
+    assert sent == "say " and stream.stopped
