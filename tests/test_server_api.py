@@ -97,6 +97,34 @@ def test_n_choices_are_distinct_samples_and_greedy_ones_agree(server):
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
+def test_concurrent_clients_with_different_parameters_each_get_what_they_asked(server):
+    """Batched and plain requests at once, each with its own settings: none takes another's."""
+    import concurrent.futures
+
+    client = server.client()
+    greedy = client.chat.completions.create(model="tiny", messages=USER, max_tokens=12, temperature=0)
+    expected = greedy.choices[0].message.content
+    cut = expected[2:4] if len(expected) > 4 else None
+    asks = [dict(temperature=0, max_tokens=12), dict(temperature=0, max_tokens=12, seed=5),
+            dict(temperature=0, max_tokens=12, logprobs=True), dict(temperature=1.3, top_p=0.9, max_tokens=3),
+            dict(temperature=0, max_tokens=12, stop=[cut] if cut else None), dict(temperature=0.7, max_tokens=7, seed=1),
+            dict(temperature=0, max_tokens=2), dict(temperature=0, max_tokens=12, presence_penalty=0.0)] * 2
+
+    def ask(extra):
+        return extra, client.chat.completions.create(model="tiny", messages=USER, **extra)
+
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        for extra, reply in pool.map(ask, asks):
+            choice, used = reply.choices[0], reply.usage.completion_tokens
+            assert used <= extra["max_tokens"], extra
+            if extra.get("stop"):
+                assert choice.message.content == expected[:expected.find(cut)], extra
+            elif extra["temperature"] == 0 and extra["max_tokens"] == 12:
+                assert choice.message.content == expected, extra
+            if extra.get("logprobs"):
+                assert len(choice.logprobs.content) == used
+
+
 def test_a_vanishing_temperature_is_greedy_not_an_overflow(server):
     tiny = server.client().chat.completions.create(model="tiny", messages=USER, max_tokens=8, temperature=1e-40)
     greedy = server.client().chat.completions.create(model="tiny", messages=USER, max_tokens=8, temperature=0)
@@ -141,6 +169,67 @@ def test_streamed_choices_each_end_and_the_usage_comes_last(server):
                                                           stream_options={"include_usage": True}))
     ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
     assert sorted(e.index for e in ends) == [0, 1] and chunks[-1].usage.completion_tokens >= 2
+
+
+def test_a_json_schema_reply_follows_the_schema_and_json_mode_gives_json(server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    client = server.client()
+    for seed in range(3):  # a random model, held to the schema
+        reply = client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=40, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        choice = reply.choices[0]
+        if choice.finish_reason == "stop":
+            value = json.loads(choice.message.content)
+            assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int)
+        else:  # cut by max_tokens inside the integer: what there is follows the schema so far
+            assert choice.message.content.startswith('{"ok":')
+    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=60, temperature=0,
+                                           response_format={"type": "json_object"}).choices[0]
+    assert whole.message.content.lstrip().startswith("{")
+    if whole.finish_reason == "stop":
+        assert isinstance(json.loads(whole.message.content), dict)
+    bad = server.post("/v1/chat/completions", {"model": "tiny", "messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format.json_schema.schema"
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tool_calls_come_back_parsed_whole_and_streamed(tmp_path):
+    """A tiny Qwen2 trained to call a tool: its chat template offers the tools, and transformers' response
+    template for Qwen reads the call back out of what it generated."""
+    from tests.tinymodel import make_tool_caller
+
+    server = Server(make_tool_caller(tmp_path / "caller"), tmp_path)
+    try:
+        client = server.client()
+        asked = {"model": "tiny", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": WEATHER,
+                 "temperature": 0, "max_tokens": 60}
+        reply = client.chat.completions.create(**asked).choices[0]
+        assert reply.finish_reason == "tool_calls" and reply.message.content is None
+        call = reply.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"} and call.id
+        chunks = list(client.chat.completions.create(**asked, stream=True))
+        streamed = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+        assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in streamed] == \
+            [(0, "get_weather", {"city": "Paris"})]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        # the agent loop's next turn: the call and its result go back in
+        follow = client.chat.completions.create(model="tiny", tools=WEATHER, max_tokens=5, messages=asked["messages"] + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "content": "sunny", "tool_call_id": call.id}])
+        assert follow.choices[0].message.role == "assistant"
+        forced = server.post("/v1/chat/completions", asked | {"tool_choice": "required"})
+        assert forced.status_code == 400 and forced.json()["error"]["param"] == "tool_choice"
+        offered_none = client.chat.completions.create(**asked, tool_choice="none").choices[0]
+        assert offered_none.finish_reason != "tool_calls" and offered_none.message.tool_calls is None
+    finally:
+        server.stop()
 
 
 def test_langchain_chat_and_completions_work_against_it(server):

@@ -118,3 +118,54 @@ def make_tiny_gguf(path: Path, seed: int = 0) -> dict:
     writer.write_tensors_to_file()
     writer.close()
     return state
+
+
+TOOL_TEMPLATE = (  # ChatML, with tools offered in the system turn, as Qwen's templates do
+    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def make_tool_caller(folder: Path, steps: int = 300) -> Path:
+    """A tiny Qwen2 trained on the spot (seconds) to answer with one tool call in Qwen's format, so the
+    server's tool path runs end to end on real generation: its chat template offers tools, and
+    transformers knows how to read Qwen's replies back."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS + [TOOL_CALL] * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=specials[1:2] + specials[3:])
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt + TOOL_CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.tensor([ids])
+    labels = batch.clone()
+    labels[0, :start] = -100  # learn the reply, whatever the question
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -239,6 +239,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; else how many alternatives beside each token
+    grammar: str | None = None  # an llguidance grammar the reply must follow (response_format)
 
     @property
     def greedy(self) -> bool:
@@ -247,9 +248,9 @@ class Sampling:
     @property
     def batchable(self) -> bool:
         """Whether transformers' continuous batching honours all of it (a seed of its own per request, penalties,
-        biases and logprobs it cannot: those run on the plain path, exactly)."""
+        biases, logprobs and grammars it cannot: those run on the plain path, exactly)."""
         return (self.seed is None and not self.presence_penalty and not self.frequency_penalty
-                and not self.logit_bias and self.logprobs is None)
+                and not self.logit_bias and self.logprobs is None and self.grammar is None)
 
 
 def sampling_of(request: ChatRequest | CompletionRequest, default_max_tokens: int, vocab_size: int) -> Sampling:
@@ -277,15 +278,10 @@ def sampling_of(request: ChatRequest | CompletionRequest, default_max_tokens: in
 def refuse_unsupported(request: ChatRequest | CompletionRequest) -> None:
     """What this server does not do yet: said, never ignored."""
     if isinstance(request, ChatRequest):
-        if request.tools and request.tool_choice != "none":
-            raise RequestError("'tools': tool calling is not supported by the built-in server yet",
-                               param="tools", code="unsupported_parameter")
         if request.tool_choice not in (None, "none", "auto"):
-            raise RequestError("'tool_choice': no tools are called by the built-in server yet",
-                               param="tool_choice", code="unsupported_parameter")
-        if request.response_format and request.response_format.type != "text":
-            raise RequestError(f"'response_format': {request.response_format.type} is not supported by the built-in "
-                               "server yet", param="response_format", code="unsupported_parameter")
+            raise RequestError("'tool_choice': the model decides whether to call a tool ('auto') or none is "
+                               "offered ('none'); forcing a call is not supported", param="tool_choice",
+                               code="unsupported_parameter")
         if request.store:
             raise RequestError("'store': this server keeps no completions", param="store",
                                code="unsupported_parameter")

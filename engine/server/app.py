@@ -172,14 +172,27 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             raise RequestError(f"the prompt is {characters} characters, more than this model's context of "
                                f"{engine.context} tokens can hold", param=param, code="context_length_exceeded")
 
-    def chat_prompt(request: ChatRequest) -> list[int]:
+    def offered_tools(request: ChatRequest) -> tuple[list[dict] | None, dict | None]:
+        """The tools the model is offered, and how its reply is read back for calls (None, None: no tools)."""
+        if not request.tools or request.tool_choice == "none":
+            return None, None
+        if "tools" not in str(getattr(engine.tokenizer, "chat_template", "") or ""):
+            raise RequestError("'tools': this model's chat template offers no tools", param="tools",
+                               code="unsupported_parameter")
+        template = engine.response_template()
+        if template is None:
+            raise RequestError("'tools': this model's tool calls cannot be read back (its tokenizer has no "
+                               "response_template)", param="tools", code="unsupported_parameter")
+        return [t.model_dump(exclude_none=True) for t in request.tools], template
+
+    def chat_prompt(request: ChatRequest, tools: list[dict] | None) -> list[int]:
         tokenizer = engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template: use /v1/completions with a prompt",
                                param="messages", code="no_chat_template")
         try:
             text = tokenizer.apply_chat_template(message_dicts(request.messages), tokenize=False,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True, **({"tools": tools} if tools else {}))
         except Exception as exc:  # noqa: BLE001 - the template's own refusal (jinja's raise_exception, say)
             raise RequestError(f"this model's chat template cannot render these messages: {exc}",
                                param="messages", code="invalid_value") from None
@@ -222,6 +235,10 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
                 raise not_served(body.model)
             refuse_unsupported(body)
             sampling = sampling_of(body, default_max_tokens, engine.vocab_size)
+            if chat and body.response_format is not None:
+                grammar = await asyncio.get_running_loop().run_in_executor(tokenizing, engine.grammar_for,
+                                                                           body.response_format)
+                sampling = _with(sampling, grammar=grammar)
             count = (body.n or 1) * (1 if chat or isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
                                      else len(body.prompt))
             if count > MAX_CHOICES:
@@ -231,7 +248,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             if chat:
                 check_size(sum(len(m.content if isinstance(m.content, str) else
                                    "".join(p.text for p in m.content or [])) for m in body.messages), "messages")
-                prompts = [await loop.run_in_executor(tokenizing, chat_prompt, body)]
+                tools, response_template = offered_tools(body)
+                prompts = [await loop.run_in_executor(tokenizing, chat_prompt, body, tools)]
             else:
                 prompt = body.prompt
                 check_size(len(prompt) if isinstance(prompt, str) else
@@ -244,6 +262,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         except RequestError as exc:
             return error(exc)
         n = body.n or 1
+        reading = (tools, response_template) if chat and tools else None  # tool calls to read from the replies
 
         def start() -> list[Choice]:
             choices = []
@@ -260,7 +279,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             engine.metrics.request(200)
             usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
             # started by the stream itself: a client gone before it begins leaves nothing generating
-            return StreamingResponse(stream(start, ident, chat, prompt_tokens, usage_wanted),
+            return StreamingResponse(stream(start, ident, chat, prompt_tokens, usage_wanted, reading),
                                      media_type="text/event-stream")
         choices = start()
         results = await asyncio.gather(*(whole(c, request) for c in choices))
@@ -272,7 +291,13 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         out = []
         for i, (text, finish, logprobs) in enumerate(results):
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                message = {"role": "assistant", "content": text}
+                if reading:
+                    content, calls = engine.read_tool_calls(choices[i], *reading)
+                    if calls:
+                        message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, \
+                            "tool_calls"
+                choice = {"index": i, "message": message, "finish_reason": finish,
                           "logprobs": {"content": logprobs} if sampling.logprobs is not None else None}
             else:
                 choice = {"index": i, "text": text, "finish_reason": finish,
@@ -318,28 +343,33 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             if not choice.ended:
                 choice.cancel()
 
-    async def stream(start, ident: str, chat: bool, prompt_tokens: int, usage_wanted: bool):
+    async def stream(start, ident: str, chat: bool, prompt_tokens: int, usage_wanted: bool, reading):
         choices: list[Choice] = []
         try:
             choices = start()
-            async for chunk in chunks(choices, ident, chat, prompt_tokens, usage_wanted):
+            async for chunk in chunks(choices, ident, chat, prompt_tokens, usage_wanted, reading):
                 yield chunk
         finally:
             for choice in choices:
                 if not choice.ended:
                     choice.cancel()
 
-    async def chunks(choices: list[Choice], ident: str, chat: bool, prompt_tokens: int, usage_wanted: bool):
+    async def chunks(choices: list[Choice], ident: str, chat: bool, prompt_tokens: int, usage_wanted: bool,
+                     reading):
+        """The stream's chunks. Where tools were offered a reply is read whole first (a tool call is only
+        known once closed): its content, then its calls, then its end."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         logprobs_wanted = choices[0].sampling.logprobs is not None
 
         def chunk(index: int, text: str | None = None, finish: str | None = None, logprobs: list | None = None,
-                  role: bool = False) -> str:
+                  role: bool = False, calls: list[dict] | None = None) -> str:
             lp = None
             if logprobs_wanted and logprobs is not None:
                 lp = {"content": logprobs} if chat else completion_logprobs(logprobs)
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                if calls:
+                    delta["tool_calls"] = [call | {"index": i} for i, call in enumerate(calls)]
                 choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
             else:
                 choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
@@ -362,13 +392,21 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             while open_choices:
                 index, event = await merged.get()
                 if event[0] == "delta":
-                    if event[1] or event[2]:
+                    if (event[1] or event[2]) and not reading:
                         yield chunk(index, event[1], logprobs=event[2])
                 elif event[0] == "error":
                     yield f"data: {json.dumps(RequestError(event[1], 500, kind='server_error').body())}\n\n"
                     open_choices -= 1
                 else:
-                    yield chunk(index, finish=event[1])
+                    finish = event[1]
+                    if reading:
+                        content, calls = engine.read_tool_calls(choices[index], *reading)
+                        if content:
+                            yield chunk(index, content)
+                        if calls:
+                            yield chunk(index, calls=calls)
+                            finish = "tool_calls"
+                    yield chunk(index, finish=finish)
                     open_choices -= 1
             if usage_wanted:
                 data = {"id": ident, "object": kind, "created": int(time.time()), "model": served_name,

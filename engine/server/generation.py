@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
 import math
 import os
 import queue
@@ -106,6 +107,7 @@ class Choice:
     on_cancel: Callable[[], None] | None = None
     pending_logprobs: list[dict] = field(default_factory=list)
     ending: threading.Lock = field(default_factory=threading.Lock)  # the loop and the plain thread may both end it
+    eos: int | None = None  # the end-of-sequence token it ended on
 
     def put(self, event: tuple) -> None:
         """From any thread."""
@@ -152,6 +154,7 @@ class Engine:
         self.plain_active: set[str] = set()  # the plain thread's own: only it ends them
         threading.Thread(target=self._plain_thread, name="plain", daemon=True).start()
         self.log = log
+        self._grammar_tokenizer = None  # llguidance's view of the tokenizer, made at the first response_format
         self.batcher = self._start_batching(log) if batching else None
 
     # -- submitting ------------------------------------------------------------------------------------
@@ -205,6 +208,7 @@ class Engine:
         """One generated token: its text goes out. False once the choice is over (end of sequence, a stop
         string, its length)."""
         if token in self.eos:
+            choice.eos = token  # kept for reading tool calls back (a template may close a turn with it)
             self.end(choice, "stop")
             return False
         if choice.first is None:
@@ -223,6 +227,74 @@ class Engine:
             self.end(choice, "length")
             return False
         return True
+
+    # -- tools: the chat template offers them, the response template reads the calls back -----------------
+
+    def response_template(self) -> dict | None:
+        """How this model's replies are laid out (content, tool calls), for tokenizer.parse_response: the
+        tokenizer's own, else the one transformers knows for the model's family."""
+        template = getattr(self.tokenizer, "response_template", None)
+        if template is not None:
+            return template
+        try:
+            from transformers.cli.serving.utils import get_response_template
+        except ImportError:
+            return None
+        return get_response_template(self.tokenizer, self.model)
+
+    def read_tool_calls(self, choice: Choice, tools: list[dict], template: dict) -> tuple[str, list[dict]]:
+        """A finished choice's reply as its content and the tool calls in it (OpenAI's shape)."""
+        ids = choice.stream.tokens + ([choice.eos] if choice.eos is not None else [])
+        prefix = self.tokenizer.decode(choice.prompt_ids)
+        try:
+            parsed = self.tokenizer.parse_response(ids, template, prefix=prefix, tools=tools)
+        except Exception:  # noqa: BLE001 - a reply the template cannot read (a call cut by max_tokens): text
+            return choice.stream.text, []
+        calls = []
+        for i, call in enumerate(parsed.get("tool_calls") or []):
+            function = call.get("function") or {}
+            arguments = function.get("arguments", {})
+            calls.append({"id": f"call_{choice.id}_{i}", "type": "function",
+                          "function": {"name": str(function.get("name", "")),
+                                       "arguments": arguments if isinstance(arguments, str) else
+                                       json.dumps(arguments)}})
+        return (parsed.get("content") or "").strip() if calls else choice.stream.text, calls
+
+    # -- response_format: a grammar the reply follows (llguidance), on the plain path -----------------------
+
+    def grammar_for(self, response_format) -> str | None:
+        """The grammar for a response_format (off the event loop: a schema can take a while), None for text.
+        Raises RequestError for a schema that cannot be followed, or without llguidance."""
+        from engine.server.api import RequestError
+
+        if response_format is None or response_format.type == "text":
+            return None
+        try:
+            import llguidance
+            import llguidance.hf
+        except ImportError:
+            raise RequestError("'response_format' needs the llguidance package on the server (pip install "
+                               "llguidance)", param="response_format", code="unsupported_parameter") from None
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                                   eos_token=sorted(self.eos) or None)
+        param = "response_format"
+        if response_format.type == "json_object":
+            schema = {"type": "object"}
+        else:
+            param = "response_format.json_schema.schema"
+            schema = (response_format.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise RequestError(f"'{param}' must be a JSON schema (an object)", param=param, code="invalid_value")
+        try:  # compact: no whitespace between the parts, so a reply cannot wander off in blanks
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False})
+        except ValueError as exc:
+            raise RequestError(f"'{param}': cannot be followed: {exc}", param=param, code="invalid_value") from None
+        problem = llguidance.LLMatcher.validate_grammar(grammar, self._grammar_tokenizer)  # "" when it is fine
+        if problem:
+            raise RequestError(f"'{param}': cannot be followed: {problem}", param=param, code="invalid_value")
+        return grammar
 
     # -- batched: transformers' continuous batching -------------------------------------------------------
 
@@ -346,6 +418,13 @@ class Engine:
         bias = torch.zeros(self.vocab_size, device=self.device)
         if s.logit_bias:
             bias[list(s.logit_bias)] = torch.tensor(list(s.logit_bias.values()), device=self.device)
+        matcher = bitmask = None
+        if s.grammar is not None:
+            import llguidance
+            import llguidance.torch
+
+            matcher = llguidance.LLMatcher(self._grammar_tokenizer, s.grammar, log_level=0)
+            bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
         ids, past = torch.tensor([choice.prompt_ids], device=self.device), None
         while True:
             if choice.cancelled.is_set() or choice.ended:
@@ -355,7 +434,20 @@ class Engine:
             past = getattr(out, self.cache_arg)
             logits = out.logits[0, -1].float()
             adjusted = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float() + bias
+            if matcher is not None:  # only the tokens the grammar allows next
+                llguidance.torch.fill_next_token_bitmask(matcher, bitmask)
+                adjusted = adjusted.unsqueeze(0)
+                llguidance.torch.apply_token_bitmask_inplace(adjusted, bitmask.to(adjusted.device))
+                adjusted = adjusted[0]
             token = self._sample(adjusted, s, generator)
+            if matcher is not None:
+                matcher.consume_token(token)
+                if matcher.is_stopped():  # the JSON is whole: its stop token, or the end of the grammar
+                    if token not in self.eos:
+                        self._token(choice, token, self._logprobs(logits, token, s.logprobs)
+                                    if s.logprobs is not None else None)
+                    self.end(choice, "stop")
+                    return
             logprobs = self._logprobs(logits, token, s.logprobs) if s.logprobs is not None else None
             counts[token] += 1
             if not self._token(choice, token, logprobs):
