@@ -326,7 +326,18 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         one is noticed when its stream closes)."""
         getter = None  # one pending get at a time: cancelling a get that timed out could drop its event
         try:
+            while request is None:  # a stream: its closing is what says the client left; no timer per token
+                event = await choice.out.get()
+                yield event
+                if event[0] in ("done", "error"):
+                    return
             while True:
+                if not choice.out.empty():  # what is there already, without a timer each
+                    event = choice.out.get_nowait()
+                    yield event
+                    if event[0] in ("done", "error"):
+                        return
+                    continue
                 getter = getter or asyncio.ensure_future(choice.out.get())
                 done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_CHECK_S)
                 if not done:
@@ -383,14 +394,23 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             async for event in events(choice):
                 await merged.put((index, event))
 
+        async def one() -> AsyncIterator[tuple]:  # a single choice needs no merging
+            async for event in events(choices[0]):
+                yield 0, event
+
+        async def all_merged() -> AsyncIterator[tuple]:
+            while True:
+                yield await merged.get()
+
         if chat:
             for i in range(len(choices)):
                 yield chunk(i, role=True)
-        pumps = [asyncio.ensure_future(pump(i, c)) for i, c in enumerate(choices)]
+        pumps = [asyncio.ensure_future(pump(i, c)) for i, c in enumerate(choices)] if len(choices) > 1 else []
+        arrivals = one() if len(choices) == 1 else all_merged()
         try:
             open_choices = len(choices)
             while open_choices:
-                index, event = await merged.get()
+                index, event = await anext(arrivals)
                 if event[0] == "delta":
                     if (event[1] or event[2]) and not reading:
                         yield chunk(index, event[1], logprobs=event[2])

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from engine.server.api import Sampling
 from engine.server.metrics import Metrics
 
+GREEDY_TOP_P = 1e-9
 PAGE_TOKENS = 256  # the paged cache's block size (transformers' default)
 CPU_CACHE_TOKENS_PER_REQUEST = 2048  # on a CPU the cache is sized, not a share of the memory: requests wait
 
@@ -304,9 +305,10 @@ class Engine:
         if not hasattr(self.model, "init_continuous_batching"):
             log("continuous batching: this model has none; every request runs on the plain path")
             return None
-        # Per-request temperature, top-k and top-p exist only where the shared config creates their warpers:
-        # values other than the neutral ones, always overridden by each request's own.
-        shared = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=self.vocab_size,
+        # Per-request temperature and top-p exist only where the shared config creates their warpers: values
+        # other than the neutral ones, always overridden by each request's own. No top-k: a sort of the whole
+        # vocabulary at every step, for nothing.
+        shared = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=0,
                                   max_new_tokens=self.context, eos_token_id=sorted(self.eos) or -1)
         settings: dict = {"per_request_processors": True}
         if self.device == "cpu":  # sized for the requests it serves at once, not most of the machine's memory
@@ -335,9 +337,10 @@ class Engine:
 
     def _submit_batched(self, choice: Choice) -> None:
         s, manager = choice.sampling, self.batcher
-        # greedy as the only token left after top-k 1 (exact, where a tiny temperature could overflow)
-        knobs = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if s.greedy
-                 else {"temperature": float(s.temperature), "top_k": self.vocab_size, "top_p": float(s.top_p)})
+        # Greedy as the one token a vanishing top-p keeps (the likeliest: the warper keeps at least one), exact
+        # where a tiny temperature could overflow.
+        knobs = ({"temperature": 1.0, "top_p": GREEDY_TOP_P} if s.greedy
+                 else {"temperature": float(s.temperature), "top_p": float(s.top_p)})
         seen = 0
 
         def drop() -> None:
