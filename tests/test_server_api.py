@@ -185,6 +185,16 @@ def test_a_json_schema_reply_follows_the_schema_and_json_mode_gives_json(server)
             assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int)
         else:  # cut by max_tokens inside the integer: what there is follows the schema so far
             assert choice.message.content.startswith('{"ok":')
+    done = client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, seed=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "properties": {
+            "ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}})
+    assert done.choices[0].finish_reason == "stop"
+    exactly = client.chat.completions.create(model="tiny", messages=USER, max_tokens=done.usage.completion_tokens, seed=0,
+                                             response_format={"type": "json_schema", "json_schema": {
+                                                 "name": "a", "schema": json.loads(json.dumps({
+                                                     "type": "object", "properties": {"ok": {"type": "boolean"}},
+                                                     "required": ["ok"], "additionalProperties": False}))}})
+    assert exactly.choices[0].finish_reason == "stop"  # whole at its last allowed token: not "length"
     whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=60, temperature=0,
                                            response_format={"type": "json_object"}).choices[0]
     assert whole.message.content.lstrip().startswith("{")
@@ -228,6 +238,13 @@ def test_tool_calls_come_back_parsed_whole_and_streamed(tmp_path):
         assert forced.status_code == 400 and forced.json()["error"]["param"] == "tool_choice"
         offered_none = client.chat.completions.create(**asked, tool_choice="none").choices[0]
         assert offered_none.finish_reason != "tool_calls" and offered_none.message.tool_calls is None
+        other = [{"type": "function", "function": {"name": "get_time", "parameters": WEATHER[0]["function"]["parameters"]}}]
+        # an unfamiliar prompt: whatever the model makes of it (a broken call, here), an answer, never a 500
+        unoffered = client.chat.completions.create(**(asked | {"tools": other})).choices[0]
+        assert unoffered.message.tool_calls is None and unoffered.finish_reason != "tool_calls"
+        strict = server.post("/v1/chat/completions", asked | {"tools": [
+            {"type": "function", "function": WEATHER[0]["function"] | {"strict": True}}]})
+        assert strict.status_code == 400 and "strict" in strict.json()["error"]["message"]
     finally:
         server.stop()
 
@@ -476,6 +493,22 @@ def test_clients_that_leave_stop_their_generations_batched_or_plain(endless_dir,
             while running_choices(server) and time.monotonic() < end:
                 time.sleep(0.1)
             assert running_choices(server) == 0, extra
+    finally:
+        server.stop()
+
+
+def test_a_non_streamed_client_that_leaves_stops_its_generation_while_tokens_flow(tmp_path):
+    from tests.tinymodel import make_tiny_llama
+
+    server = Server(make_tiny_llama(tmp_path / "long", context=8192, endless=True), tmp_path)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 5000},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
+        end = time.monotonic() + 5
+        while running_choices(server) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert running_choices(server) == 0  # not the ~40 s 5000 tokens would take
     finally:
         server.stop()
 

@@ -278,6 +278,9 @@ def sampling_of(request: ChatRequest | CompletionRequest, default_max_tokens: in
 def refuse_unsupported(request: ChatRequest | CompletionRequest) -> None:
     """What this server does not do yet: said, never ignored."""
     if isinstance(request, ChatRequest):
+        if any(t.function.strict for t in request.tools or []):
+            raise RequestError("'tools[].function.strict': arguments held to the schema are not enforced by the "
+                               "built-in server", param="tools", code="unsupported_parameter")
         if request.tool_choice not in (None, "none", "auto"):
             raise RequestError("'tool_choice': the model decides whether to call a tool ('auto') or none is "
                                "offered ('none'); forcing a call is not supported", param="tool_choice",

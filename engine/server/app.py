@@ -262,7 +262,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         except RequestError as exc:
             return error(exc)
         n = body.n or 1
-        reading = (tools, response_template) if chat and tools else None  # tool calls to read from the replies
+        # tool calls to read from the replies (one at most, where parallel calls are refused)
+        reading = (tools, response_template, body.parallel_tool_calls is False) if chat and tools else None
 
         def start() -> list[Choice]:
             choices = []
@@ -325,26 +326,27 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         """The choice's events as they come. A client that disconnects stops its generation (a streamed
         one is noticed when its stream closes)."""
         getter = None  # one pending get at a time: cancelling a get that timed out could drop its event
+        loop = asyncio.get_running_loop()
         try:
             while request is None:  # a stream: its closing is what says the client left; no timer per token
                 event = await choice.out.get()
                 yield event
                 if event[0] in ("done", "error"):
                     return
+            checked = loop.time()
             while True:
-                if not choice.out.empty():  # what is there already, without a timer each
+                if loop.time() - checked > DISCONNECT_CHECK_S:  # by the clock: tokens may never pause
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        return
+                if getter is None and not choice.out.empty():  # what is there already, without a timer each
                     event = choice.out.get_nowait()
-                    yield event
-                    if event[0] in ("done", "error"):
-                        return
-                    continue
-                getter = getter or asyncio.ensure_future(choice.out.get())
-                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_CHECK_S)
-                if not done:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
-                event, getter = getter.result(), None
+                else:
+                    getter = getter or asyncio.ensure_future(choice.out.get())
+                    done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_CHECK_S)
+                    if not done:
+                        continue
+                    event, getter = getter.result(), None
                 yield event
                 if event[0] in ("done", "error"):
                     return
@@ -407,12 +409,15 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
                 yield chunk(i, role=True)
         pumps = [asyncio.ensure_future(pump(i, c)) for i, c in enumerate(choices)] if len(choices) > 1 else []
         arrivals = one() if len(choices) == 1 else all_merged()
+        held_logprobs: dict[int, list] = {}
         try:
             open_choices = len(choices)
             while open_choices:
                 index, event = await anext(arrivals)
                 if event[0] == "delta":
-                    if (event[1] or event[2]) and not reading:
+                    if reading:  # read whole at the end; its logprobs go with its content then
+                        held_logprobs.setdefault(index, []).extend(event[2])
+                    elif event[1] or event[2]:
                         yield chunk(index, event[1], logprobs=event[2])
                 elif event[0] == "error":
                     yield f"data: {json.dumps(RequestError(event[1], 500, kind='server_error').body())}\n\n"
@@ -421,8 +426,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
                     finish = event[1]
                     if reading:
                         content, calls = engine.read_tool_calls(choices[index], *reading)
-                        if content:
-                            yield chunk(index, content)
+                        if content or held_logprobs.get(index):
+                            yield chunk(index, content, logprobs=held_logprobs.get(index))
                         if calls:
                             yield chunk(index, calls=calls)
                             finish = "tool_calls"
@@ -436,6 +441,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         finally:
             for task in pumps:
                 task.cancel()
+            await arrivals.aclose()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

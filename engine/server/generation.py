@@ -205,9 +205,9 @@ class Engine:
             if choice.on_cancel is None and choice.id not in self.plain_active:
                 self.end(choice, "abort")  # still queued for the plain thread
 
-    def _token(self, choice: Choice, token: int, logprobs: dict | None = None) -> bool:
+    def _token(self, choice: Choice, token: int, logprobs: dict | None = None, last: bool = False) -> bool:
         """One generated token: its text goes out. False once the choice is over (end of sequence, a stop
-        string, its length)."""
+        string, its length). `last`: the caller ends it (a grammar completed), whatever its length."""
         if token in self.eos:
             choice.eos = token  # kept for reading tool calls back (a template may close a turn with it)
             self.end(choice, "stop")
@@ -224,7 +224,7 @@ class Engine:
         if choice.stream.stopped:
             self.end(choice, "stop")
             return False
-        if choice.generated >= choice.sampling.max_tokens:
+        if choice.generated >= choice.sampling.max_tokens and not last:
             self.end(choice, "length")
             return False
         return True
@@ -243,23 +243,29 @@ class Engine:
             return None
         return get_response_template(self.tokenizer, self.model)
 
-    def read_tool_calls(self, choice: Choice, tools: list[dict], template: dict) -> tuple[str, list[dict]]:
-        """A finished choice's reply as its content and the tool calls in it (OpenAI's shape)."""
+    def read_tool_calls(self, choice: Choice, tools: list[dict], template: dict,
+                        one: bool = False) -> tuple[str, list[dict]]:
+        """A finished choice's reply as its content and the tool calls in it (OpenAI's shape); with `one`, the
+        first call only (parallel_tool_calls: false)."""
         ids = choice.stream.tokens + ([choice.eos] if choice.eos is not None else [])
         prefix = self.tokenizer.decode(choice.prompt_ids)
+        offered = {t.get("function", {}).get("name") for t in tools}
         try:
             parsed = self.tokenizer.parse_response(ids, template, prefix=prefix, tools=tools)
-        except Exception:  # noqa: BLE001 - a reply the template cannot read (a call cut by max_tokens): text
+            calls = []
+            for i, call in enumerate(parsed.get("tool_calls") or []):
+                function = call["function"]
+                name, arguments = function["name"], function.get("arguments", {})
+                if name not in offered:
+                    raise ValueError(f"a call of {name!r}, which was not offered")
+                arguments = json.dumps(arguments) if not isinstance(arguments, str) else arguments
+                json.loads(arguments)  # what a client will parse: JSON, or no call at all
+                calls.append({"id": f"call_{choice.id}_{i}", "type": "function",
+                              "function": {"name": name, "arguments": arguments}})
+            content = parsed.get("content") or ""
+        except Exception:  # noqa: BLE001 - a reply that is no well-formed call (cut by max_tokens, say): its text
             return choice.stream.text, []
-        calls = []
-        for i, call in enumerate(parsed.get("tool_calls") or []):
-            function = call.get("function") or {}
-            arguments = function.get("arguments", {})
-            calls.append({"id": f"call_{choice.id}_{i}", "type": "function",
-                          "function": {"name": str(function.get("name", "")),
-                                       "arguments": arguments if isinstance(arguments, str) else
-                                       json.dumps(arguments)}})
-        return (parsed.get("content") or "").strip() if calls else choice.stream.text, calls
+        return (content.strip() if calls else choice.stream.text), calls[:1] if one else calls
 
     # -- response_format: a grammar the reply follows (llguidance), on the plain path -----------------------
 
@@ -277,8 +283,14 @@ class Engine:
             raise RequestError("'response_format' needs the llguidance package on the server (pip install "
                                "llguidance)", param="response_format", code="unsupported_parameter") from None
         if self._grammar_tokenizer is None:
-            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
-                                                                   eos_token=sorted(self.eos) or None)
+            try:
+                self._grammar_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                                       eos_token=sorted(self.eos) or None)
+            except Exception as exc:  # noqa: BLE001 - a slow tokenizer, say: said, and remembered
+                self._grammar_tokenizer = f"this model's tokenizer cannot be followed by a grammar ({exc})"
+        if isinstance(self._grammar_tokenizer, str):
+            raise RequestError(f"'response_format': {self._grammar_tokenizer}", param="response_format",
+                               code="unsupported_parameter")
         param = "response_format"
         if response_format.type == "json_object":
             schema = {"type": "object"}
@@ -337,8 +349,8 @@ class Engine:
 
     def _submit_batched(self, choice: Choice) -> None:
         s, manager = choice.sampling, self.batcher
-        # Greedy as the one token a vanishing top-p keeps (the likeliest: the warper keeps at least one), exact
-        # where a tiny temperature could overflow.
+        # Greedy as the one token a vanishing top-p keeps (the likeliest: the warper keeps at least one), where a
+        # tiny temperature could overflow. Equal to argmax but for exact ties (it keeps the last of them).
         knobs = ({"temperature": 1.0, "top_p": GREEDY_TOP_P} if s.greedy
                  else {"temperature": float(s.temperature), "top_p": float(s.top_p)})
         seen = 0
@@ -425,9 +437,11 @@ class Engine:
         if s.grammar is not None:
             import llguidance
             import llguidance.torch
+            import numpy as np
 
             matcher = llguidance.LLMatcher(self._grammar_tokenizer, s.grammar, log_level=0)
             bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+            unpack = np.unpackbits
         ids, past = torch.tensor([choice.prompt_ids], device=self.device), None
         while True:
             if choice.cancelled.is_set() or choice.ended:
@@ -439,16 +453,21 @@ class Engine:
             adjusted = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float() + bias
             if matcher is not None:  # only the tokens the grammar allows next
                 llguidance.torch.fill_next_token_bitmask(matcher, bitmask)
-                adjusted = adjusted.unsqueeze(0)
-                llguidance.torch.apply_token_bitmask_inplace(adjusted, bitmask.to(adjusted.device))
-                adjusted = adjusted[0]
+                # unpacked here rather than with llguidance's own helper, which needs torch.compile (a compiler)
+                allowed = unpack(bitmask[0].numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
+                if matcher.is_error() or not allowed.any():
+                    self.fail(choice, f"the reply cannot follow response_format: {matcher.get_error()}")
+                    return
+                adjusted = adjusted.masked_fill(torch.from_numpy(allowed == 0).to(adjusted.device), float("-inf"))
             token = self._sample(adjusted, s, generator)
             if matcher is not None:
-                matcher.consume_token(token)
+                if not matcher.consume_token(token) or matcher.is_error():
+                    self.fail(choice, f"the reply cannot follow response_format: {matcher.get_error()}")
+                    return
                 if matcher.is_stopped():  # the JSON is whole: its stop token, or the end of the grammar
                     if token not in self.eos:
                         self._token(choice, token, self._logprobs(logits, token, s.logprobs)
-                                    if s.logprobs is not None else None)
+                                    if s.logprobs is not None else None, last=True)
                     self.end(choice, "stop")
                     return
             logprobs = self._logprobs(logits, token, s.logprobs) if s.logprobs is not None else None
