@@ -28,7 +28,7 @@ class Snippet:
 def snippets(base_url: str, model: str, api_key: str | None) -> list[Snippet]:
     key = api_key or "none"
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    curl = (f"curl {shlex.quote(base_url + '/chat/completions')} \\\n"
+    curl = (f"curl -sS {shlex.quote(base_url + '/chat/completions')} \\\n"  # quiet, but errors said
             f"  -H {shlex.quote('Authorization: Bearer ' + key)} \\\n"
             f"  -H 'Content-Type: application/json' \\\n"
             f"  -d {shlex.quote(body)}")

@@ -266,7 +266,7 @@ def test_a_server_that_never_answers_times_out_in_one_line():
 
 def test_snippets_quote_what_a_shell_would_break_on_and_the_tunnel_knows_the_ssh_port():
     kit = {s.title: s.text for s in snippets("https://llm.example.com/openai/v1?tenant=a&x=1", "m", "sk-1")}
-    assert kit["curl"].startswith("curl 'https://llm.example.com/openai/v1?tenant=a&x=1/chat/completions' \\")
+    assert kit["curl"].startswith("curl -sS 'https://llm.example.com/openai/v1?tenant=a&x=1/chat/completions' \\")
     tunnel = ssh_tunnel("http://[::1]:8001/v1", {"SSH_CONNECTION": "10.0.0.5 51234 10.0.0.9 2222"})
     assert tunnel.startswith("ssh -N -p 2222 -L 8001:[::1]:8001 ")
 

@@ -159,7 +159,7 @@ async def test_connect_shows_the_kit_and_copies_with_the_real_key(db, deployment
         assert deployment.endpoint in facts and deployment.api_key not in facts
         assert f"ssh -N -L {deployment.endpoint.split(':')[2].split('/')[0]}:127.0.0.1:" in facts
         await pilot.press("1")
-        assert copied[-1].startswith(f"curl {deployment.endpoint}/chat/completions") and deployment.api_key in copied[-1]
+        assert copied[-1].startswith(f"curl -sS {deployment.endpoint}/chat/completions") and deployment.api_key in copied[-1]
         await pilot.press("k")
         assert copied[-1] == deployment.api_key
         await pilot.press("r")
