@@ -22,6 +22,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from catalog.errors import CatalogError
 from engine.errors import EngineError
 from engine.localmodel import has_chat_template
+from tui.keys import KeysInOrder
 from tui.messages import CommunityChanged, DataLoaded, DeploymentsChanged, ModelsChanged
 from tui.screens.base import DeckScreen
 from tui.screens.community import CommunityScreen
@@ -39,7 +40,7 @@ RECONCILE_S = 2.0
 TAB_MODES = ("community", "custom", "deployments")
 
 
-class ModelDeckApp(App):
+class ModelDeckApp(KeysInOrder, App):
     TITLE = "modeldeck"
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses (tests, benches) live elsewhere
     SCREENS = {"community": CommunityScreen, "custom": CustomScreen, "deployments": DeploymentsScreen}
