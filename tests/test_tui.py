@@ -539,6 +539,38 @@ async def test_finetune_from_the_dialog_runs_live_in_custom_then_merges(db, tiny
                                           for r in app.store.models.values()), 120, what="the merged model")
 
 
+async def test_deploy_drawer_tells_merged_from_adapter_and_follows_a_download_that_fails(db):
+    from engine import lifecycle
+    from tui.screens.deploy_drawer import DeployDrawer
+
+    ids = seed(db)
+    with db.read() as session:
+        merged = session.exec(select(Model).where(Model.name == "support-bot-merged")).one().id
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 5)
+        for key, said, not_said in ((ids["adapter"], "served on its base Qwen2.5-0.5B-Instruct", "merged from"),
+                                    (merged, "merged from Qwen2.5-0.5B-Instruct", "served on its base")):
+            table(app).move_to_key(key)
+            await pilot.press("p")
+            drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen.is_mounted
+                                    and app.screen)
+            about = str(drawer.query_one("#about").render())
+            assert said in about and not_said not in about  # a merged model stands alone
+            await pilot.press("escape")
+        app.open_deploy(ids["pending"])  # as Community's Deploy does for a model still downloading
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen.is_mounted
+                                and app.screen)
+        await wait_for(pilot, lambda: "still downloading" in str(drawer.query_one("#plan").render()), what="the plan")
+        with db.write() as session:  # as the download's own process would
+            lifecycle.fail_model(session, ids["pending"], "the Hub answered 404")
+        await wait_for(pilot, lambda: "is failed" in str(drawer.query_one("#error").render()), what="the refusal")
+        assert "still downloading" not in str(drawer.query_one("#plan").render())
+        assert "Failed: the Hub answered 404" in str(drawer.query_one("#about").render())
+
+
 async def test_finetune_dialog_shows_the_bad_line_and_keeps_everything_typed(db, tiny_model_dir, tmp_path):
     from tests.tinydata import write_jsonl
     from tui.screens.finetune_dialog import FinetuneDialog
@@ -557,6 +589,11 @@ async def test_finetune_dialog_shows_the_bad_line_and_keeps_everything_typed(db,
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: "line 2" in str(dialog.query_one("#error").render()), 30, what="the refusal")
         assert app.screen is dialog and dialog.query_one("#rank").value == "8"
+        good = write_jsonl(tmp_path / "good.jsonl", [{"instruction": "a", "output": "b"}] * 4)
+        set_input(app, "dataset", str(good))
+        await wait_for(pilot, lambda: "4 rows" in str(dialog.query_one("#dataset-summary").render()), what="the check")
+        assert str(dialog.query_one("#error").render()).strip() == ""  # the refusal of the old file is gone
+        set_input(app, "dataset", str(bad))
         set_input(app, "rank", "-1")
         await pilot.pause()
         assert dialog.query_one("#rank").has_class("-invalid") and "above 0" in str(dialog.query_one("#error").render())

@@ -125,6 +125,11 @@ class ModelDeckApp(KeysInOrder, App):
             if screen.is_mounted:
                 yield screen
 
+    def _open_dialogs(self) -> list:
+        """Dialogs that show a model's state (and so follow its changes, as the tab screens do)."""
+        return [s for s in self.screen_stack
+                if not isinstance(s, DeckScreen) and hasattr(s, "models_changed") and s.is_mounted]
+
     def on_data_loaded(self, message: DataLoaded) -> None:
         self.store.community = {c.repo_id: c for c in message.community}
         self.store.apply_models(message.models, set())
@@ -157,7 +162,7 @@ class ModelDeckApp(KeysInOrder, App):
     def on_models_changed(self, message: ModelsChanged) -> None:
         self.announce_outcomes(message)
         repos = self.store.apply_models(message.rows, message.gone)
-        for screen in self._tab_screens():
+        for screen in [*self._tab_screens(), *self._open_dialogs()]:
             screen.models_changed({r.model.id for r in message.rows}, message.gone, repos)
 
     def announce_outcomes(self, message: ModelsChanged) -> None:

@@ -22,6 +22,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
+from catalog.states import ModelKind, ModelState
 from engine.backends import FIELD_LABELS, DeploySettings
 from engine.errors import EngineError
 from engine.format import human_bytes
@@ -116,9 +117,20 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
             return Text("This model was deleted.")
         m = row.model
         text = Text(f"{m.kind.value} · {human_bytes(m.size_bytes)}")
-        if row.base_name:
+        if row.base_name and m.kind == ModelKind.ADAPTER:
             text.append(f" · served on its base {row.base_name}")
+        elif row.base_name:  # a merged model stands alone: its base is only where it came from
+            text.append(f" · merged from {row.base_name}")
+        if m.state == ModelState.FAILED:
+            text.append(f" · Failed: {m.reason or 'no reason given'}", style="red")
         return text
+
+    def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
+        """The model finished downloading, failed or went while the drawer is open: say so and plan again."""
+        if self.model_id in changed or self.model_id in gone:
+            row = self.app.store.models.get(self.model_id)
+            self.query_one("#about", Static).update(self._about(row))
+            self._schedule_plan()
 
     def on_mount(self) -> None:
         self.query_one("#force", Checkbox).display = False

@@ -215,6 +215,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
     @on(Input.Changed)
     def input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "dataset":
+            self._show_problems(self._hyperparameters()[1])  # a refusal of the dataset before no longer holds
             self._schedule_check()
         elif event.input.id != "name":
             self._show_problems(self._hyperparameters()[1])
