@@ -121,11 +121,14 @@ def training_progress(metrics: dict, eta_s: float | None, detail: str) -> str:
     return f"{progress_bar(fraction)} {fraction:.0%}  " + " · ".join(parts) + eta
 
 
-def state_text(state: ModelState, reason: str | None, job: Job | None, detail: str = "short") -> str:
+def state_text(state: ModelState, reason: str | None, job: Job | None, detail: str = "short",
+               cancelled: bool = False) -> str:
     """How a model's state reads everywhere: 'Ready', 'Failed: <reason>' ('Failed' when tiny),
     'Pending <progress>'."""
     if state == ModelState.READY:
         return "Ready"
+    if state == ModelState.FAILED and cancelled:  # asked for: not a failure
+        return "Cancelled" if detail != "long" else f"Cancelled: {reason} (retry starts it again)"
     if state == ModelState.FAILED:
         return "Failed" if detail == "tiny" else f"Failed: {reason}"
     progress = job_progress(job, detail) if job is not None else "waiting"

@@ -50,7 +50,8 @@ class Hyperparameters:
         "Max length", f"tokens per row, longer rows are cut; 0: {DEFAULT_MAX_LENGTH:,} or the model's limit if lower"))
     val_split: float = field(default=0.05, metadata=knob("Val. split", "fraction held out (none under 20 rows)"))
     seed: int = field(default=42, metadata=knob("Seed", "for the split, the shuffle and the LoRA init"))
-    save_steps: int = field(default=0, metadata=knob("Save every", "steps between checkpoints; 0: about ten per run"))
+    save_steps: int = field(default=0, metadata=knob(
+        "Save every", "steps between checkpoints; 0: about ten a run, never more than a tenth of its time"))
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:

@@ -47,6 +47,7 @@ class ModelRow:
     model: Model
     job: Job | None
     base_name: str | None
+    cancelled: bool = False  # Failed because its last job was cancelled: asked for, not an error
 
 
 @dataclass
@@ -84,7 +85,11 @@ def model_rows(db: Database, ids: set[int] | None = None) -> list[ModelRow]:
         }
         base_ids = {m.base_id for m in models if m.base_id}
         names = dict(session.exec(select(Model.id, Model.name).where(Model.id.in_(list(base_ids)))).all())
-    return [ModelRow(m, active.get(m.id), names.get(m.base_id)) for m in models]
+        failed = [m.id for m in models if m.state == ModelState.FAILED]
+        last_state = dict(session.exec(select(Job.model_id, Job.state).where(Job.model_id.in_(failed))
+                                       .order_by(Job.id)).all())  # the latest job of each wins
+    return [ModelRow(m, active.get(m.id), names.get(m.base_id), last_state.get(m.id) == JobState.CANCELLED)
+            for m in models]
 
 
 def find_model(session: Session, name: str) -> Model:

@@ -173,10 +173,16 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
         assert "team: removed" in run("endpoint", "rm", "team").stdout
     finally:
         del os.environ["TEAM_KEY"]
+    jobs_table = run("jobs").stdout.splitlines()
+    serving = next(line for line in jobs_table if " serve " in line)
+    assert "deployment tiny" in serving and "Ready" in serving and "warming up" not in serving
+    refused = run("cancel", "tiny", check=False)  # a live deployment is stopped with `stop`, not cancelled
+    assert refused.returncode == 1 and "serves the deployment 'tiny': stop it with `modeldeck stop tiny`" in refused.stderr
     blocked = run("rm", "tiny", "--yes", check=False)
     assert blocked.returncode == 1 and "deployment 'tiny' serves it: stop it first" in blocked.stderr
     assert "tiny: stopped" in run("stop", "tiny").stdout
     refused = run("stop", "tiny", check=False)
     assert refused.returncode == 1 and "already stopped" in refused.stderr
-    run("rm", "tiny", "--yes")  # its stopped deployment goes with it
+    removed = run("rm", "tiny", "--yes").stdout  # its stopped deployment goes with it, and it says so
+    assert "with it its ended deployment tiny and their chats" in removed
     assert json.loads(run("ps", "--json").stdout) == []

@@ -13,6 +13,7 @@ from sqlmodel import select
 from catalog.schema import Job, JobState, Model, ModelKind, ModelState
 from engine import finetune, jobs, models
 from engine.errors import EngineError
+from engine.format import state_text
 from engine.hyperparameters import Hyperparameters
 from tests.conftest import FAST, settled, wait_until
 from tests.tinydata import write_dataset, write_jsonl
@@ -93,9 +94,86 @@ def test_cancel_stops_cleanly_between_steps_and_ends_cancelled(db, tiny, tmp_pat
     cancelled = jobs.cancel(db, job.id)
     assert cancelled.state == JobState.CANCELLED
     assert settled(db, model.id).reason == "finetune cancelled"
-    assert "job cancelled" in Path(cancelled.log_path).read_text()  # stopped by itself, not killed
+    log = Path(cancelled.log_path).read_text()
+    assert "cancel requested" in log and "job cancelled" in log and "killed" not in log  # stopped by itself
+    row = next(r for r in models.model_rows(db) if r.model.id == model.id)
+    assert state_text(row.model.state, row.model.reason, row.job, cancelled=row.cancelled) == "Cancelled"  # asked for: not "Failed"
     # The work up to the cancel is kept: a retry resumes from it (no periodic checkpoint was due yet).
     assert finetune.latest_checkpoint(Path(model.path + ".partial") / "checkpoints") is not None
+
+
+def test_a_job_that_ignores_the_cancel_is_killed_and_reads_cancelled_at_once(db, tmp_path):
+    """As a CPU step longer than the deadline: the job is killed, its state is settled before cancel returns
+    (its process is another's child, as one the dashboard started: a zombie until reaped), and its log says."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from catalog.schema import JobKind
+
+    keeper = subprocess.Popen([sys.executable, "-c", (
+        "import signal, subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, "
+        "signal.SIG_IGN); print(1, flush=True); time.sleep(120)'], start_new_session=True, stdout=subprocess.PIPE)\n"
+        "c.stdout.readline(); print(c.pid, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(keeper.stdout.readline())
+        log = tmp_path / "job.log"
+        log.write_text("10:00:00 step 3/400\n")
+        with db.write() as session:
+            job = Job(kind=JobKind.FINETUNE, state=JobState.RUNNING, title="a slow step", log_path=str(log), pid=pid,
+                      pid_started_at=psutil.Process(pid).create_time())
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        began = time.monotonic()
+        cancelled = jobs.cancel(db, job_id)
+        assert cancelled.state == JobState.CANCELLED and time.monotonic() - began < jobs.STOP_DEADLINE_S + 3
+        assert "cancel requested" in log.read_text() and "did not stop within 5 s: killed" in log.read_text()
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
+def test_validation_is_paced_by_what_it_costs_not_run_after_every_step(db, tiny, tmp_path):
+    """15 steps of one row against 200 validation rows: validating after every step (a tenth of the run's
+    steps) would spend most of the run validating; it validates once early, then once at the end."""
+    data = write_dataset(tmp_path, "sharegpt", rows=400)
+    model, job = start(db, data, max_steps=15, val_split=0.5, batch_size=1, grad_accum=1)
+    assert settled(db, model.id, timeout=300).state == ModelState.READY
+    log = Path(job_row(db, job.id).log_path).read_text()
+    validations = log.count("validation loss")
+    assert 1 <= validations <= 3, log
+    curve = json.loads(job_row(db, job.id).metrics_json)["curve"]["eval"]
+    assert curve[-1][0] == 15  # the last step is always validated
+
+
+def test_pacing_waits_for_ten_times_what_a_validation_or_a_checkpoint_cost(monkeypatch):
+    from engine.jobs import training
+
+    clock = [1000.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    pacing = training.Pacing(total_steps=100, evaluate=True, save=True)
+    assert pacing.every == 10
+    assert not pacing.evaluate_now(9) and pacing.evaluate_now(10)  # nothing measured yet: a tenth of the run
+    pacing.evaluating()
+    clock[0] += 30  # a validation that took 30 s
+    pacing.evaluated(10)
+    clock[0] += 200  # 200 s of training since: under ten times its cost
+    assert not pacing.evaluate_now(30)
+    clock[0] += 100
+    assert pacing.evaluate_now(30)
+    assert pacing.save_now(30)  # a checkpoint has its own cost: none measured yet
+    pacing.saving()
+    clock[0] += 1
+    pacing.saved(30)
+    clock[0] += 9
+    assert not pacing.save_now(40) and not pacing.save_now(35)  # ten times 1 s, and ten steps
+    clock[0] += 1
+    assert pacing.save_now(40)
+    assert not training.Pacing(100, evaluate=False, save=False).evaluate_now(50)
 
 
 def test_a_malformed_dataset_is_refused_before_any_job_starts(db, tiny, tmp_path):

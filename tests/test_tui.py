@@ -302,11 +302,31 @@ async def test_cancel_from_custom_ends_the_download(db, hub):
         await pilot.press("2")
         await wait_for(pilot, lambda: "%" in plain(table(app).cells(model.id)[2]), what="progress")
         await pilot.press("x")
-        await wait_for(pilot, lambda: plain(table(app).cells(model.id)[2]).startswith("Failed:"), timeout=15, what="Failed")
+        await wait_for(pilot, lambda: plain(table(app).cells(model.id)[2]) == "Cancelled", timeout=15,
+                       what="Cancelled (not Failed: it was asked for)")
         assert "cancelled" in app.store.models[model.id].model.reason
         toast = list(app._notifications)[-1]  # the outcome is announced wherever the user is looking
         # asked for, so a warning, not an error
         assert toast.title == "big" and toast.severity == "warning" and toast.message == "download cancelled"
+
+
+async def test_x_on_a_job_that_has_run_long_asks_before_cancelling_it(db):
+    from engine import jobs
+
+    ids = seed(db)  # its download has run since the seed's clock, long ago
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 5)
+        table(app).move_to_key(ids["pending"])
+        await pilot.press("x")
+        question = await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog) and app.screen)
+        assert "Cancel the download of SmolLM2-1.7B-Instruct?" in question.title_text and "It has run" in question.message
+        await pilot.press("n")
+        await pilot.pause()
+        job = app.store.models[ids["pending"]].job
+        assert jobs.get(db, job.id).state.value == "running"  # kept
 
 
 async def test_copy_keys_put_the_link_or_path_on_the_clipboard(db, tiny_model_dir):

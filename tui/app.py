@@ -175,7 +175,7 @@ class ModelDeckApp(KeysInOrder, App):
                 continue
             if row.model.state == ModelState.READY:
                 self.notify(f"{row.model.name} is ready", timeout=4)
-            elif (row.model.reason or "").endswith(" cancelled"):  # asked for: not an error
+            elif row.cancelled:  # asked for: not an error
                 self.notify(row.model.reason, title=row.model.name, severity="warning", timeout=5)
             else:
                 self.notify(row.model.reason or "no reason given", title=f"{row.model.name} failed",

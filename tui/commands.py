@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlmodel import select
 
-from catalog.schema import Job, Model, ModelState
+from catalog.schema import Job, JobKind, JobState, Model, ModelState
 from catalog.tags import tag_order
 from engine import jobs, models
 from engine.community import haystack, matches, terms
@@ -89,7 +89,7 @@ def cmd_catalog(args, db) -> int:
 def cmd_ls(args, db) -> int:
     rows = models.model_rows(db)
     table = _table(["name", "kind", "state", "size", "base", "source", "created"],
-                   [[r.model.name, r.model.kind.value, _clip(state_text(r.model.state, r.model.reason, r.job), 70), human_bytes(r.model.size_bytes),
+                   [[r.model.name, r.model.kind.value, _clip(state_text(r.model.state, r.model.reason, r.job, cancelled=r.cancelled), 70), human_bytes(r.model.size_bytes),
                      r.base_name or "", r.model.source, human_time(r.model.created_at)] for r in rows])
     _emit(args, [_model_dict(r) for r in rows], table)
     return 0
@@ -99,7 +99,7 @@ def cmd_show(args, db) -> int:
     row = models.get_model(db, args.name)
     m = row.model
     fields = [
-        ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long")),
+        ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long", row.cancelled)),
         ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", model_location(m)),
         ("size", human_bytes(m.size_bytes)), ("base", row.base_name), ("created", human_time(m.created_at)),
         *((meta_label(key).lower(), human_value(v)) for key, v in m.meta.items()),
@@ -392,19 +392,34 @@ def cmd_rm(args, db) -> int:
     from engine import targets
 
     home = targets.home_of(plan.model)
-    _emit(args, {"deleted": name, "freed_bytes": freed}, f"deleted {name} " + (
-        f"(with what {home.label} kept of it)" if home.owns_files(plan.model) else f"(freed {human_bytes(freed)})"))
+    gone = plan.ended_deployments  # their records go with the model: said, as the question said it
+    also = (f"; with it its ended deployment{'s' if len(gone) > 1 else ''} {', '.join(gone)} and their chats"
+            if gone else "")
+    _emit(args, {"deleted": name, "freed_bytes": freed, "deployments_deleted": gone}, f"deleted {name} " + (
+        f"(with what {home.label} kept of it)" if home.owns_files(plan.model) else f"(freed {human_bytes(freed)})")
+        + also)
     return 0
 
 
 def cmd_jobs(args, db) -> int:
+    from catalog.schema import Deployment
+
     rows = models.job_rows(db)
     with db.read() as session:
         names = dict(session.exec(select(Model.id, Model.name)).all())
-    table = _table(["id", "kind", "state", "model", "progress", "error", "created"],
-                   [[str(j.id), j.kind.value, j.state.value, names.get(j.model_id, "—"),
-                     job_progress(j) if not j.state.is_terminal() else "",
-                     _clip(j.error or "", 60), human_time(j.created_at)] for j in rows])
+        served = {d.id: d for d in session.exec(select(Deployment)).all()}
+
+    def what(job: Job) -> tuple[str, str]:
+        """What the job is for and how it is doing: a server's deployment, with the deployment's state."""
+        deployment = served.get(job.params.get("deployment_id")) if job.kind == JobKind.SERVE else None
+        if deployment is not None:
+            state = deployment_state_text(deployment.state, deployment.phase, None, deployment.ends_at)
+            return f"deployment {deployment.name}", state if not job.state.is_terminal() else ""
+        return names.get(job.model_id, "—"), job_progress(job) if not job.state.is_terminal() else ""
+
+    table = _table(["id", "kind", "state", "for", "progress", "error", "created"],
+                   [[str(j.id), j.kind.value, j.state.value, *what(j), _clip(j.error or "", 60),
+                     human_time(j.created_at)] for j in rows])
     _emit(args, [_job_dict(j) for j in rows], table)
     return 0
 
@@ -453,6 +468,19 @@ def _job_of(db, ref: str) -> Job:
 
 
 def cmd_cancel(args, db) -> int:
-    job = jobs.cancel(db, _job_of(db, args.job).id)
+    from catalog.schema import Deployment
+    from engine import targets
+
+    job = _job_of(db, args.job)
+    if job.kind == JobKind.SERVE and not job.state.is_terminal():
+        with db.read() as session:
+            deployment = session.get(Deployment, job.params.get("deployment_id") or -1)
+        if deployment is not None and deployment.state.is_live():  # the dashboard asks first; here, say how
+            raise EngineError(f"job {job.id} serves the deployment {deployment.name!r}: stop it with "
+                              f"`modeldeck stop {deployment.name}`")
+    if job.state == JobState.RUNNING and jobs.supervised(job):
+        print(f"cancelling job {job.id} ({job.kind.value}): it stops at its next safe point, within "
+              f"{targets.of_job(job).STOP_DEADLINE_S:.0f} s…", file=sys.stderr, flush=True)
+    job = jobs.cancel(db, job.id)
     _emit(args, _job_dict(job), f"job {job.id}: {job.state.value}")
     return 0

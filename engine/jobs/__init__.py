@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from engine.lifecycle import fail_model, move_job, settle_deployment
 from engine.logs import tail_reason
 
 STOP_DEADLINE_S = 5.0
+KILL_WAIT_S = 5.0  # a killed process is gone in well under this
 NEVER_STARTED_S = 30.0  # a queued job whose process never reported after this long has failed
 SILENT_HOST_S = 60.0  # a job's process on another host is gone once its heartbeat is this old
 HERE = socket.gethostname()
@@ -299,30 +301,58 @@ def cancel(db: Database, job_id: int) -> Job:
     if process_alive(job.pid, job.pid_started_at):
         from engine import targets
 
-        stop_process_group(job.pid, targets.of_job(job).STOP_DEADLINE_S)
+        deadline = targets.of_job(job).STOP_DEADLINE_S
+        append_log(job.log_path, f"cancel requested (pid {os.getpid()}): stopping at the next safe point, "
+                                 f"within {deadline:.0f} s")
+        if not stop_process_group(job.pid, deadline):
+            append_log(job.log_path, f"the job did not stop within {deadline:.0f} s: killed")
     reconcile(db)
     with db.read() as session:
         return session.get(Job, job_id)
 
 
-def stop_process_group(pid: int, deadline_s: float = STOP_DEADLINE_S) -> None:
-    """SIGTERM the process group led by `pid`, wait up to `deadline_s`, then SIGKILL it."""
+def append_log(path: str | None, message: str) -> None:
+    """A line in a job's log from outside its process (a canceller), as the job writes its own."""
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+    except OSError:
+        pass  # the log is for reading later; the cancel goes on
+
+
+def stop_process_group(pid: int, deadline_s: float = STOP_DEADLINE_S) -> bool:
+    """SIGTERM the process group led by `pid`, wait up to `deadline_s`, then SIGKILL it. Returns once the
+    process is gone (its state can be settled): True if it stopped of itself, False if it was killed."""
     try:
         pgid = os.getpgid(pid)
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return True
     child = next((c for c in _children.values() if c.pid == pid), None)
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if child is not None and child.poll() is not None:
-            return
-        if child is None and not process_alive(pid, None):
-            return
-        time.sleep(0.05)
+
+    def gone() -> bool:
+        return child.poll() is not None if child is not None else not process_alive(pid, None)
+
+    if _wait_until(gone, deadline_s):
+        return True
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    if child is not None:
-        child.wait(timeout=5)
+    # Killed is not gone yet: the kernel takes a moment to end a large process, and the caller settles
+    # the job's state as soon as it is.
+    _wait_until(gone, KILL_WAIT_S)
+    return False
+
+
+def _wait_until(done: Callable[[], bool], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if done():
+            return True
+        time.sleep(0.05)
+    return done()
+
+

@@ -2,9 +2,10 @@
 Trainer.
 
 `train` reports step, epoch, loss, validation loss, learning rate, tokens/s and ETA through its context
-(at most once a second, plus every validation), checkpoints periodically into the adapter's `.partial`
-folder, resumes from the newest complete checkpoint when run again, and stops cleanly between steps on
-SIGTERM (cancel, or a batch job's time limit). The adapter's folder appears only once it is complete.
+(at most once a second, plus every validation), validates and checkpoints into the adapter's `.partial`
+folder about ten times a run but never for more than a tenth of its time (Pacing), resumes from the
+newest complete checkpoint when run again, and stops cleanly at the end of the current batch on SIGTERM
+(cancel, or a batch job's time limit). The adapter's folder appears only once it is complete.
 
 Its context is the job's own on this machine (engine/targets/local/finetune.py, which records progress in
 the database), or, where a run has no database (a Job on Kubernetes, a batch job on SLURM), a LogReporter
@@ -165,7 +166,6 @@ def train(ctx, stopping: Stopping, run: Run) -> dict:
             raise JobFailure(f"no training row has anything to learn within the max length of {hp.max_length} tokens")
 
     total_steps = hp.steps(len(train))
-    every = max(1, total_steps // 10)
     collator = Collator(tokenizer.pad_token_id)
     args = TrainingArguments(
         output_dir=str(partial / "checkpoints"),
@@ -175,13 +175,16 @@ def train(ctx, stopping: Stopping, run: Run) -> dict:
         lr_scheduler_type="cosine", warmup_steps=0.03,
         logging_strategy="no",  # the reporter asks for a loss once a second: the trainer's own logging
                                 # step costs about 8% of a small model's step time (measured)
-        eval_strategy="steps" if validation else "no", eval_steps=every,
-        save_strategy="steps", save_steps=hp.save_steps or every, save_total_limit=2,
+        # Validation and automatic checkpoints are the reporter's to schedule (Pacing); a checkpoint interval
+        # the user set is kept to.
+        eval_strategy="no", save_strategy="steps" if hp.save_steps else "no", save_steps=hp.save_steps or 500,
+        save_total_limit=2,
         seed=hp.seed, data_seed=hp.seed, bf16=bf16, fp16=on_gpu and not bf16, use_cpu=not on_gpu,
         report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0,
     )
-    reporter = Reporter(ctx, stopping, collator, total_steps, sum(len(row["input_ids"]) for row in validation))
+    reporter = Reporter(ctx, stopping, collator, total_steps, sum(len(row["input_ids"]) for row in validation),
+                        Pacing(total_steps, evaluate=bool(validation), save=not hp.save_steps))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=validation or None,
                       data_collator=collator, callbacks=[reporter.callback(TrainerCallback)])
     trainer.remove_callback(PrinterCallback)  # the reporter logs each step in one readable line
@@ -248,13 +251,64 @@ class Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class Pacing:
+    """When to validate and to save a checkpoint: about ten times a run each, and never so often that they
+    take more than SHARE of the run's time. A CPU run of 15 slow steps validated and saved after every one
+    (a third of its time); here each waits until the training since the last one is at least its own
+    measured cost / SHARE. Before the first has been measured, the first is never before a tenth of the run."""
+
+    SHARE = 0.1
+    TIMES_A_RUN = 10
+
+    def __init__(self, total_steps: int, evaluate: bool, save: bool):
+        self.every = max(1, total_steps // self.TIMES_A_RUN)
+        self.evaluate, self.save = evaluate, save
+        self.trained_since = {"eval": time.monotonic(), "save": time.monotonic()}
+        self.last_step = {"eval": 0, "save": 0}
+        self.cost_s: dict[str, float | None] = {"eval": None, "save": None}
+        self.started: dict[str, float | None] = {"eval": None, "save": None}
+
+    def _due(self, what: str, step: int) -> bool:
+        if step - self.last_step[what] < self.every:
+            return False
+        cost = self.cost_s[what]
+        return cost is None or time.monotonic() - self.trained_since[what] >= cost / self.SHARE
+
+    def evaluate_now(self, step: int) -> bool:
+        return self.evaluate and self._due("eval", step)
+
+    def save_now(self, step: int) -> bool:
+        return self.save and self._due("save", step)
+
+    def evaluating(self) -> None:
+        self.started["eval"] = time.monotonic()
+
+    def saving(self) -> None:
+        self.started["save"] = time.monotonic()
+
+    def evaluated(self, step: int) -> None:
+        self._done("eval", step)
+        if self.started["save"] is not None:  # the trainer saves after validating: the save starts now
+            self.started["save"] = time.monotonic()
+
+    def saved(self, step: int) -> None:
+        self._done("save", step)
+
+    def _done(self, what: str, step: int) -> None:
+        now = time.monotonic()
+        if self.started[what] is not None:
+            self.cost_s[what] = now - self.started[what]
+        self.started[what], self.last_step[what], self.trained_since[what] = None, step, now
+
+
 class Reporter:
     """Turns the trainer's steps and logs into the job's progress and metrics, written at most once a
     second (and on every validation), so reporting costs the training loop almost nothing."""
 
     def __init__(self, ctx: JobContext, stopping: Stopping, collator: Collator, total_steps: int,
-                 validation_tokens: int):
+                 validation_tokens: int, pacing: Pacing):
         self.ctx, self.stopping, self.collator, self.total_steps = ctx, stopping, collator, total_steps
+        self.pacing = pacing
         self.validation_tokens = validation_tokens  # what one evaluation puts through the collator
         self.evaluated_tokens = 0
         self.train_curve: list[list[float]] = []
@@ -283,14 +337,20 @@ class Reporter:
             def on_step_end(self, args, state, control, **kwargs):
                 reporter.stepped(state, control)
 
+            def on_substep_end(self, args, state, control, **kwargs):  # within a step of gradient accumulation
+                if reporter.stopping.requested:  # a long step on a CPU: stop now, not after it
+                    control.should_training_stop = control.should_save = True
+
             def on_log(self, args, state, control, logs=None, **kwargs):
                 reporter.logged(state, logs or {})
 
             def on_evaluate(self, args, state, control, **kwargs):
                 reporter.evaluated_tokens += reporter.validation_tokens
+                reporter.pacing.evaluated(state.global_step)
 
             def on_save(self, args, state, control, **kwargs):
                 reporter.last_save = time.monotonic()
+                reporter.pacing.saved(state.global_step)
 
         return ProgressCallback()
 
@@ -327,6 +387,13 @@ class Reporter:
                 self.ctx.log(f"a checkpoint was asked for (SIGUSR1): saving it at step {self.step}")
             self.stopping.checkpoint = False
             control.should_save = True
+        if self.step < self.total_steps:  # the last step's validation comes after training, once
+            control.should_evaluate = control.should_evaluate or self.pacing.evaluate_now(self.step)
+            if control.should_save or self.pacing.save_now(self.step):
+                control.should_save = True
+                self.pacing.saving()
+        if control.should_evaluate:
+            self.pacing.evaluating()
         self.report()
 
     @property

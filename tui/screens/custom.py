@@ -3,6 +3,7 @@ menu; delete is confirmed and refused while something depends on the model."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from catalog.states import ModelKind, ModelState
 from engine.format import (
     delete_consequence,
     human_bytes,
+    human_duration,
     human_time,
     human_value,
     job_progress,
@@ -36,6 +38,7 @@ from tui.widgets.status import model_status
 if TYPE_CHECKING:
     from engine.models import ModelRow
 
+ASK_BEFORE_CANCELLING_S = 60  # a job that has run longer holds work worth a question before it goes
 EMPTY = ("No custom models yet. Download one from Community (1, then enter), "
          "or import a local folder or GGUF file with i.")
 
@@ -361,8 +364,20 @@ class CustomScreen(DeckScreen):
             else:
                 self.notify("Nothing is running for this model", severity="warning")
             return
-        self.notify(f"Cancelling {row.job.kind.value} of {row.model.name}…", timeout=3)
-        self.cancel_job(row.job.id)
+        job, name = row.job, row.model.name
+        ran_s = time.time() - (job.started_at or job.created_at)
+        if ran_s < ASK_BEFORE_CANCELLING_S:
+            self._cancel(job.id, job.kind.value, name)
+            return
+        done = job_progress(job, "short")
+        question = ConfirmDialog(f"Cancel the {job.kind.value} of {name}?",
+                                 f"It has run {human_duration(ran_s)} ({done}). A retry (r) resumes it from what it "
+                                 "kept.", confirm_label="Cancel it", variant="warning")
+        self.app.push_screen(question, lambda yes: yes and self._cancel(job.id, job.kind.value, name))
+
+    def _cancel(self, job_id: int, kind: str, name: str) -> None:
+        self.notify(f"Cancelling {kind} of {name}…", timeout=3)
+        self.cancel_job(job_id)
 
     @work(thread=True, exit_on_error=False, group="engine")
     def cancel_job(self, job_id: int) -> None:

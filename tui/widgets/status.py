@@ -21,4 +21,5 @@ def model_status(row: ModelRow, detail: str = "short", deployed: bool = False) -
     model = row.model
     if deployed and model.state == ModelState.READY:
         return Text("Deployed" if detail == "tiny" else "Ready · deployed", style="bold green")
-    return Text(state_text(model.state, model.reason, row.job, detail), style=STATE_STYLES[model.state])
+    style = "yellow" if row.cancelled else STATE_STYLES[model.state]  # asked for: not an error
+    return Text(state_text(model.state, model.reason, row.job, detail, row.cancelled), style=style)
