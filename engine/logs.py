@@ -34,13 +34,22 @@ def follow(path: str | Path, stop: Callable[[], bool], interval: float = 0.25) -
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+# A line that says something went wrong (not a progress bar or a "ready at" that happened to come last).
+_TROUBLE = re.compile(r"error|fail|fatal|cannot|can't|could not|couldn't|refused|denied|no such|not found|"
+                      r"killed|out of memory|oom|abort|panic|invalid|unable|exceed|too (large|long|many|big)|"
+                      r"segmentation|core dumped|traceback", re.IGNORECASE)
 
 
 def tail_reason(lines: list[str]) -> str:
     """What a log's last lines say went wrong, in one line: a traceback's final exception line when there
-    is one (not the code around it), else the last lines joined."""
-    kept = [line.strip() for line in lines if line.strip()]
+    is one (not the code around it), else the last line that reports trouble; '' when none does (quoting
+    whatever came last would be quoting something else)."""
+    kept = [line.rsplit("\r", 1)[-1].strip() for line in lines]
+    kept = [line for line in kept if line]
     for line in reversed(kept):
         if _EXCEPTION_LINE.match(line):
             return line[:400]
-    return " | ".join(kept[-3:])[:400]
+    for line in reversed(kept):
+        if _TROUBLE.search(line):
+            return line[:400]
+    return ""

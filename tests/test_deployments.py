@@ -214,3 +214,18 @@ def test_a_server_that_crashes_while_loading_fails_with_the_reason_from_its_log(
     wait_until(lambda: jobs.get(db, job.id).state != JobState.RUNNING, 15, what="the supervisor to end")
     shutil.rmtree(broken)
 
+
+
+@pytest.mark.parametrize("lines, reason", [
+    (["Loading weights: 100%|██████████| 30/30", "09:00:09 ready at http://127.0.0.1:8001/v1"], ""),
+    (["Traceback (most recent call last):", '  File "x.py", line 1', "torch.OutOfMemoryError: CUDA out of memory."],
+     "torch.OutOfMemoryError: CUDA out of memory."),
+    (["INFO loading", "ERROR: [Errno 98] address already in use", "shutting down"],
+     "ERROR: [Errno 98] address already in use"),
+    (["step 3/10", "Killed"], "Killed"),
+    ([], ""),
+])
+def test_a_failure_reason_quotes_only_a_line_that_says_what_went_wrong(lines, reason):
+    from engine.logs import tail_reason
+
+    assert tail_reason(lines) == reason

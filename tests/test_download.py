@@ -226,6 +226,20 @@ def test_a_job_whose_process_vanished_is_failed_by_whoever_reads(db, hub):
     assert "ended without reporting" in model.reason
 
 
+def test_a_job_killed_outright_says_by_which_signal_to_a_reader_that_did_not_start_it(db, hub):
+    """As the out-of-memory killer does: only the job's process, with SIGKILL (it cannot say so itself)."""
+    hub.bytes_per_second = 4_000_000
+    model, job = models.pull(db, "org/big")
+    wait_until(lambda: job_of(db, job.id).state == JobState.RUNNING, 30, what="the job to run")
+    keeper = jobs._children.pop(job.id)  # as if another process (a new dashboard) were reading
+    os.kill(job_of(db, job.id).pid, signal.SIGKILL)
+    keeper.wait(timeout=10)
+    model = settled(db, model.id)
+    assert model.state == ModelState.FAILED
+    assert "the job process was killed by signal SIGKILL (out of memory, or killed by hand)" in model.reason
+    assert "ended with status 137" in Path(job_of(db, job.id).log_path).read_text()  # the log says it too
+
+
 def queued_download(db, cancel_requested: bool = False):
     """A model and its download job as pull() leaves them just before the spawn."""
     from catalog.schema import JobKind

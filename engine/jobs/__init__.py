@@ -9,6 +9,7 @@ cancelled, if that was asked), with the last lines of its log. No daemon is need
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,15 @@ _ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engi
 
 # Processes this process spawned: polling them reaps zombies and gives us their exit codes.
 _children: dict[int, subprocess.Popen] = {}
+
+# Each job process runs under a shell that outlives it and writes how it ended as the log's last line: a
+# job killed outright (SIGKILL, the out-of-memory killer) cannot say so itself, and a dashboard or CLI that
+# did not start it has no exit status to read. The shell survives the cancel's SIGTERM (a trap, which
+# its child does not inherit) to report the end. Its status: the job's code, or 128 + the signal's number.
+_KEEPER = ('trap : TERM; "$@" & child=$!; '
+           'while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done; '
+           'echo "$(date +%H:%M:%S) the job process ended with status $code"; exit "$code"')
+_ENDED = re.compile(r"the job process ended with status (\d+)$")
 
 
 class JobCancelled(Exception):
@@ -107,7 +117,8 @@ def spawn(db: Database, job: Job) -> None:
     env |= targets.of_job(job).job_env(job)  # the GPUs chosen for it, say
     with open(log_path, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path), str(job.id)],
+            ["/bin/sh", "-c", _KEEPER, "modeldeck-job", sys.executable, "-m", _ENTRY_POINTS[job.kind], str(db.path),
+             str(job.id)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env=env, cwd=db.path.parent,
         )
@@ -171,7 +182,7 @@ def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
         return []
 
 
-def _exit_description(job: Job) -> str:
+def _exit_description(job: Job, tail: list[str]) -> str:
     child = _children.pop(job.id, None)
     code = None
     if child is not None:
@@ -179,14 +190,17 @@ def _exit_description(job: Job) -> str:
             code = child.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
+    if code is None:  # not this process's child: the keeper's last line says
+        code = next((int(m.group(1)) for line in reversed(tail) if (m := _ENDED.search(line.strip()))), None)
     if code is None:
         return "the job process ended without reporting"
-    if code < 0:
+    if code < 0 or code > 128:  # killed: by its signal's number (a Popen's negative code, or the shell's 128 + n)
+        number = -code if code < 0 else code - 128
         try:
-            name = signal.Signals(-code).name
+            name = signal.Signals(number).name
         except ValueError:  # real-time signals have no name
-            name = str(-code)
-        hint = " (out of memory, or killed by hand)" if -code == signal.SIGKILL else ""
+            name = str(number)
+        hint = " (out of memory, or killed by hand)" if number == signal.SIGKILL else ""
         return f"the job process was killed by signal {name}{hint}"
     return f"the job process exited with code {code}"
 
@@ -216,8 +230,9 @@ def reconcile(db: Database) -> list[int]:
         if job.host and job.host != HERE:
             failure = f"its process on {job.host} stopped reporting {now() - (job.heartbeat_at or job.created_at):.0f} s ago"
         else:
-            failure = _exit_description(job)
-        failure += ": " + tail_reason(tail) if tail else ""
+            failure = _exit_description(job, tail)
+        reason = tail_reason(tail)
+        failure += f": {reason}" if reason else ""
         with db.write() as session:
             job = session.get(Job, job.id)  # re-read under the lock: it may have finished or been cancelled
             if job.cancel_requested:

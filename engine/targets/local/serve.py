@@ -57,7 +57,8 @@ def exited(child: subprocess.Popen, log_path: str | None) -> str | None:
         return f"the server was killed by signal {signal.Signals(-code).name}"
     sys.stdout.flush()
     tail = [line for line in log_tail(log_path, 12) if not line.startswith("INFO:")]  # uvicorn's routine lines
-    return f"the server exited with code {code}" + (": " + tail_reason(tail) if any(t.strip() for t in tail) else "")
+    reason = tail_reason(tail)
+    return f"the server exited with code {code}" + (f": {reason}" if reason else "")
 
 
 def wait_until_ready(ctx: JobContext, child, base_url: str, deployment: Deployment, log_path: str | None) -> None:
