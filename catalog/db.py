@@ -111,6 +111,32 @@ def migrate(path: Path) -> None:
         conn.close()
 
 
+@contextmanager
+def worded(path: Path) -> Iterator[None]:
+    """SQLite's failures of the file itself (damaged, read-only, locked too long) as one line that says what
+    to do, instead of SQLAlchemy's statement dump."""
+    from sqlalchemy.exc import DatabaseError
+
+    try:
+        yield
+    except DatabaseError as exc:
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        if "malformed" in cause or "not a database" in cause:
+            problem = (f"the database {path} is damaged ({cause}): restore a backup ({path.name}.v*.bak beside "
+                       f"it, if any), or move it aside and modeldeck starts a new one; "
+                       f"`sqlite3 {path} .recover` may save its rows")
+        elif "readonly" in cause:
+            problem = f"the database {path} is read-only ({cause}): modeldeck writes it; give yourself write access"
+        elif "locked" in cause or "busy" in cause:
+            problem = (f"the database {path} stayed locked for {BUSY_TIMEOUT_S:.0f} s ({cause}): another "
+                       "process holds it; try again")
+        elif "unable to open" in cause or "disk I/O" in cause or "full" in cause:
+            problem = f"cannot use the database {path} ({cause}): check the disk and the folder's permissions"
+        else:
+            raise
+        raise CatalogError(problem) from exc
+
+
 class Database:
     """One SQLite file. `read()` and `write()` give SQLModel sessions; use one per unit of work."""
 
@@ -136,13 +162,13 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with worded(self.path), Session(self.engine, expire_on_commit=False) as session:
             yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction, committed on success and rolled back on error."""
-        with Session(self._write_engine, expire_on_commit=False) as session:
+        with worded(self.path), Session(self._write_engine, expire_on_commit=False) as session:
             with session.begin():
                 yield session
 

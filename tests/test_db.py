@@ -261,3 +261,42 @@ def test_another_local_user_cannot_read_the_database_or_a_log(monkeypatch):
             assert denied.returncode != 0 and "Permission denied" in denied.stderr
     finally:
         shutil.rmtree(tmp_path)
+
+
+def damage(db_path: Path) -> None:
+    """Overwrite the table pages of the database, its header and schema intact, as a bad disk might."""
+    data = bytearray(db_path.read_bytes())
+    data[4096 * 2:] = b"\xab" * (len(data) - 4096 * 2)
+    db_path.write_bytes(data)
+
+
+def test_a_damaged_database_is_one_clear_line_from_the_cli(isolated, tiny_model_dir):
+    from engine import models
+
+    db = open_database()
+    for n in range(40):  # enough rows for pages past the schema's
+        models.import_path(db, tiny_model_dir, f"m{n}")
+    db.close()
+    damage(db.path)
+    try:
+        ran = subprocess.run([sys.executable, "-m", "tui.cli", "ls"], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 1
+        said = ran.stderr.strip().splitlines()
+        assert len(said) == 1 and "is damaged (database disk image is malformed)" in said[0], ran.stderr
+        assert ".recover" in said[0]  # and what may save its rows
+    finally:
+        db.path.unlink()  # what the tests' cleanup opens must open
+
+
+def test_a_read_only_database_is_said_as_such(isolated):
+    from sqlalchemy import text
+
+    from catalog.db import worded
+
+    db = open_database()
+    db.close()
+    read_only = create_engine(f"sqlite:///file:{db.path}?mode=ro&uri=true")  # what SQLite says of a 0400 file
+    with pytest.raises(CatalogError, match="is read-only .*attempt to write a readonly database.*write access"):
+        with worded(db.path), read_only.begin() as conn:
+            conn.execute(text("UPDATE model SET name = 'x'"))
+    read_only.dispose()

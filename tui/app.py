@@ -85,8 +85,13 @@ class ModelDeckApp(KeysInOrder, App):
                 return
         for notice in self.db.notices:  # said once: what opening it made private
             self.call_from_thread(self.notify, notice, title="Made private", timeout=10)
-        follower = EventFollower(self.db)  # before the load, so no change slips between the two
-        self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db), deployment_rows(self.db)))
+        try:
+            follower = EventFollower(self.db)  # before the load, so no change slips between the two
+            self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db),
+                                         deployment_rows(self.db)))
+        except CatalogError as exc:  # a damaged or unreadable file: nothing to show but why
+            self.call_from_thread(self.exit, return_code=1, message=f"modeldeck: {exc}")
+            return
         worker = get_current_worker()
         last_reconcile, last_error = 0.0, None
         while self._follow and not worker.is_cancelled:
@@ -99,8 +104,9 @@ class ModelDeckApp(KeysInOrder, App):
             except Exception as exc:  # noqa: BLE001 - a bad moment (disk full, locked file) must not end live updates
                 if repr(exc) != last_error:
                     last_error = repr(exc)
-                    self.call_from_thread(self.notify, f"{type(exc).__name__}: {exc}",
-                                          title="Live updates paused; retrying", severity="warning", timeout=8)
+                    said = str(exc) if isinstance(exc, (CatalogError, EngineError)) else f"{type(exc).__name__}: {exc}"
+                    self.call_from_thread(self.notify, said, title="Live updates paused; retrying",
+                                          severity="warning", timeout=8)
                 time.sleep(1.0)
             time.sleep(POLL_S)
 
