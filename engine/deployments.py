@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlmodel import Session, select
+from sqlmodel import Session, select, update
 
 from catalog import Database
-from catalog.schema import Deployment, DeploymentState, Job, JobKind, Model, ModelKind
+from catalog.schema import Conversation, Deployment, DeploymentState, Job, JobKind, Model, ModelKind
 from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine import jobs, targets
 from engine.backends import FIELD_LABELS, DeploySettings, FitCheck
@@ -62,6 +62,9 @@ class DeployPlan:
     serving: targets.Serving  # how its target will serve it
     served_name: str
     name: str  # the deployment's (default: the served name)
+    replaces: list[Deployment] = field(default_factory=list)  # ended ones of that name, which it replaces
+    restarts: Deployment | None = None  # the one of them it starts again: its API key and chats are kept
+    notes: list[str] = field(default_factory=list)  # what changed from the settings asked for
 
     @property
     def backend(self) -> str:
@@ -81,7 +84,10 @@ class DeployPlan:
         notes = []
         if self.settings.exposed and "host" in self.target.DEPLOY_FIELDS:  # an address chosen here
             notes.append(f"{self.settings.host} is reachable from other machines (with the API key)")
-        return notes + self.serving.warnings
+        for ended in self.replaces:
+            if self.restarts is None or ended.id != self.restarts.id:
+                notes.append(f"replaces the {ended.state.value} deployment {ended.name!r} (its record and chats)")
+        return notes + self.notes + self.serving.warnings
 
 
 def _model(session: Session, model_name: str | int, target: targets.Target) -> Model:
@@ -135,8 +141,10 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
         model = _model(session, model_name, target)
         base = _base(session, model)
         name, kept = _name_and_kept_ports(session, name, settings, model)
+        replaces = _ended_named(session, name)
         serving = target.plan_deploy(session, model, base, settings, kept, available_gpus)
-    return DeployPlan(model, base, serving.settings, target, serving, settings.served_name or model.name, name)
+    return DeployPlan(model, base, serving.settings, target, serving, settings.served_name or model.name, name,
+                      replaces)
 
 
 def _refuse_what_it_does_not_use(target: targets.Target, settings: DeploySettings) -> None:
@@ -150,15 +158,50 @@ def _refuse_what_it_does_not_use(target: targets.Target, settings: DeploySetting
                               "leave it out there")
 
 
+def _ended_named(session: Session, name: str) -> list[Deployment]:
+    """Stopped or failed deployments of this name: a new one of the name takes their place."""
+    return list(session.exec(select(Deployment).where(
+        Deployment.name == name, Deployment.backend != "external",
+        Deployment.state.in_([DeploymentState.STOPPED, DeploymentState.FAILED]))))
+
+
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,
-           force: bool = False) -> tuple[Deployment, Job]:
+           force: bool = False, replace: bool = False) -> tuple[Deployment, Job]:
     """Check everything, then register a Pending deployment and start its supervising job."""
-    return start(db, plan(db, model_name, settings, name=name), force)
+    return start(db, plan(db, model_name, settings, name=name), force, replace)
 
 
-def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deployment, Job]:
+def replan(db: Database, name: str | int) -> DeployPlan:
+    """The plan to start a stopped or failed deployment again: its settings, its name and API key (clients keep
+    theirs), its chats; its port if that is still free, else a free one."""
+    from engine.backends import port_free
+
+    with db.read() as session:
+        old = find_deployment(session, name)
+    if old.backend == "external":
+        raise EngineError(f"{old.name!r} is an external endpoint: modeldeck does not run it, so there is nothing "
+                          "to start")
+    if old.state.is_live():
+        raise EngineError(f"deployment {old.name!r} is {old.state.value} already")
+    if old.model_id is None:
+        raise EngineError(f"the model {old.name!r} served was deleted: deploy another under this name")
+    known = {f.name for f in dataclasses.fields(DeploySettings)}
+    settings = DeploySettings(**{k: v for k, v in old.loads(old.settings_json, {}).items() if k in known})
+    notes = []
+    if settings.port and targets.resolve(settings.target).is_here and not port_free(settings.host, settings.port):
+        notes.append(f"port {settings.port} is taken now: it listens on another")
+        settings = dataclasses.replace(settings, port=0)  # a free one, which the plan chooses
+    return dataclasses.replace(plan(db, old.model_id, settings, name=old.name), restarts=old, notes=notes)
+
+
+def restart(db: Database, name: str | int, force: bool = False) -> tuple[Deployment, Job]:
+    return start(db, replan(db, name), force)
+
+
+def start(db: Database, checked: DeployPlan, force: bool = False, replace: bool = False) -> tuple[Deployment, Job]:
     """Register a Pending deployment for a plan and start its supervising job. A model that does not fit
-    is refused unless `force`d."""
+    is refused unless `force`d; a stopped or failed deployment of the same name is replaced only if
+    `replace` (the user was asked), or if the plan starts it again."""
     if checked.fit is not None and checked.fit.verdict == "does not fit" and not force:
         raise EngineError(f"{checked.model.name} does not fit: it {checked.fit.needs}. Lower the max model "
                           "length or choose other GPUs, or override the check to deploy anyway")
@@ -169,18 +212,34 @@ def start(db: Database, checked: DeployPlan, force: bool = False) -> tuple[Deplo
             raise EngineError(f"{checked.model.name!r} was deleted meanwhile")
         checked.target.recheck_deploy(session, model)
         _check_name_and_port(session, checked.name, settings.port)  # again, under the write lock
+        ended = _ended_named(session, checked.name)
+        key_of = checked.restarts.id if checked.restarts is not None else None
+        if ended and not replace and key_of is None:
+            raise EngineError(f"a {ended[-1].state.value} deployment named {checked.name!r} exists: "
+                              f"`modeldeck start {checked.name}` starts it again with its settings, or replace it "
+                              "with this one (--replace), or choose another name")
+        kept = session.get(Deployment, key_of) if key_of is not None else None
         deployment = Deployment(
             model_id=model.id, name=checked.name, backend=checked.backend, phase=checked.serving.first_phase,
-            served_name=served, api_key="sk-md-" + secrets.token_urlsafe(24), gpus=checked.gpus,
-            endpoint=checked.serving.endpoint, settings_json=Deployment.dumps(dataclasses.asdict(settings)))
+            served_name=served, api_key=kept.api_key if kept else "sk-md-" + secrets.token_urlsafe(24),
+            gpus=checked.gpus, endpoint=checked.serving.endpoint,
+            settings_json=Deployment.dumps(dataclasses.asdict(settings)))
         session.add(deployment)
         session.flush()
-        record(session, f"deployment:{deployment.id}", "created", f"deploy {model.name} with {checked.backend}",
-               state="pending")
+        for old in ended:  # one row per name: the new one takes the place of the ended ones
+            if old.id == key_of:
+                session.exec(update(Conversation).where(Conversation.deployment_id == old.id)
+                             .values(deployment_id=deployment.id))
+            session.delete(old)
+            record(session, f"deployment:{old.id}", "deleted", f"{old.name} replaced by deployment {deployment.id}")
+        record(session, f"deployment:{deployment.id}", "created",
+               f"{'start again' if kept else 'deploy'} {model.name} with {checked.backend}", state="pending")
         job = jobs.create(session, JobKind.SERVE, f"serve {model.name} ({checked.backend})", None,
                           deployment_id=deployment.id, target=checked.target.spec)
         deployment.job_id = job.id
     jobs.spawn(db, job)
+    for old in ended:
+        targets.of_deployment(old).delete_deployment(old)  # what it left there, as a delete does
     return deployment, job
 
 

@@ -183,6 +183,12 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     assert "tiny: stopped" in run("stop", "tiny").stdout
     refused = run("stop", "tiny", check=False)
     assert refused.returncode == 1 and "already stopped" in refused.stderr
+    again = json.loads(run("start", "tiny", "--wait", "--json").stdout)  # its settings, name and key
+    assert again["state"] == "ready" and again["api_key"] == deployed["api_key"]
+    assert [d["name"] for d in json.loads(run("ps", "--json").stdout)] == ["tiny"]
+    assert "tiny: stopped" in run("stop", "tiny").stdout
+    refused = run("deploy", "tiny", check=False)  # one deployment per name: asked, not a second row
+    assert refused.returncode == 1 and "`modeldeck start tiny` starts it again" in refused.stderr
     removed = run("rm", "tiny", "--yes").stdout  # its stopped deployment goes with it, and it says so
     assert "with it its ended deployment tiny and their chats" in removed
     assert json.loads(run("ps", "--json").stdout) == []

@@ -94,6 +94,46 @@ def test_two_deployments_at_once_and_a_port_in_use_is_refused(db, tiny):
         deployments.stop(db, name)
 
 
+def test_a_stopped_deployment_starts_again_with_its_name_port_key_and_chats(db, tiny):
+    from openai import OpenAI
+    from sqlmodel import select
+
+    from catalog.schema import Conversation
+
+    first, _ = deployments.deploy(db, "tiny", DeploySettings(), name="again")
+    first = ready(db, first.id)
+    with db.write() as session:
+        session.add(Conversation(deployment_id=first.id, title="kept"))
+    deployments.stop(db, "again")
+    with pytest.raises(EngineError, match="a stopped deployment named 'again' exists: `modeldeck start again`"):
+        deployments.deploy(db, "tiny", DeploySettings(), name="again")  # one row per name: not a second one
+
+    second, _ = deployments.restart(db, "again")
+    second = ready(db, second.id)
+    assert (second.name, second.endpoint, second.api_key) == ("again", first.endpoint, first.api_key)
+    assert [d.id for d in deployments.deployment_rows(db)] == [second.id]
+    with db.read() as session:
+        assert [c.title for c in session.exec(select(Conversation).where(Conversation.deployment_id == second.id))] \
+            == ["kept"]
+    reply = OpenAI(base_url=second.endpoint, api_key=first.api_key, max_retries=0).completions.create(
+        model="tiny", prompt="hi", max_tokens=2, temperature=0)  # a client's old key still works
+    assert reply.usage.completion_tokens >= 1
+    with pytest.raises(EngineError, match="is ready already"):
+        deployments.restart(db, "again")
+    deployments.stop(db, "again")
+
+    with socket.socket() as taken:  # its port taken meanwhile: it starts on another, and says so
+        port = int(second.endpoint.rsplit(":", 1)[1].split("/")[0])
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the server's closed connections
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        checked = deployments.replan(db, "again")
+        assert checked.settings.port != port and f"port {port} is taken now" in " ".join(checked.warnings)
+    replaced, _ = deployments.deploy(db, "tiny", DeploySettings(), name="again", replace=True)
+    assert [d.id for d in deployments.deployment_rows(db)] == [replaced.id] and replaced.api_key != first.api_key
+    deployments.stop(db, "again")
+
+
 def test_a_supervisor_killed_takes_its_server_with_it(db, tiny):
     deployment, job = deployments.deploy(db, "tiny", DeploySettings(), name="orphan-check")
     done = ready(db, deployment.id)
@@ -189,8 +229,7 @@ def test_leftovers_of_a_dead_job_are_killed_only_when_they_carry_its_tag():
     stranger = subprocess.Popen(sleeper, start_new_session=True, env=os.environ | {JOB_TAG: "db#8"})
     try:
         wait_until(lambda: psutil.Process(ours.pid).environ().get(JOB_TAG), 5, what="the child's environment")
-        kill_leftovers(stranger.pid, "db#7")  # its group, another job's tag: a reused group number
-        kill_leftovers(ours.pid, "db#7")
+        kill_leftovers("db#7")  # its own tag only: not another job's, wherever it runs
         assert ours.wait(timeout=5) == -signal.SIGKILL
         assert stranger.poll() is None
     finally:

@@ -670,6 +670,7 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
     from catalog.schema import DeploymentState
     from engine import deployments
     from engine.backends import DeploySettings
+    from tui.screens.deploy_drawer import DeployDrawer
     from tui.screens.log_dialog import LogDialog
 
     models.import_path(db, tiny_model_dir, "tiny")
@@ -702,6 +703,33 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the stop question")
         await pilot.press("y")
         await wait_for(pilot, lambda: state() == "Stopped", 30, what="Stopped on screen")
+        await pilot.press("r")  # started again: one row of that name, Ready, with the same key
+        await wait_for(pilot, lambda: table(app).row_count == 1 and table(app).cursor_key not in (None, deployment.id),
+                       30, what="the new row in the old one's place")
+        again = table(app).cursor_key
+        await wait_for(pilot, lambda: plain(table(app).cells(again)[3]) == "Ready", 120, what="Ready again")
+        assert app.store.deployments[again].api_key == ready.api_key
+        await pilot.press("2", "p")  # a new deployment under that name asks before it replaces the stopped one
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen.is_mounted
+                                and app.screen)
+        await wait_for(pilot, lambda: "already running" in str(drawer.query_one("#error").render()), 15,
+                       what="the name taken by the live one")
+        await pilot.press("escape", "3", "x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the stop question")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: plain(table(app).cells(again)[3]) == "Stopped", 30, what="Stopped again")
+        await pilot.press("2", "p")
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen.is_mounted
+                                and app.screen)
+        await wait_for(pilot, lambda: "replaces the stopped deployment 'tiny'" in str(drawer.query_one("#plan").render()),
+                       15, what="the plan to say so")
+        await pilot.press("ctrl+s")
+        question = await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog) and app.screen)
+        assert "Replace the stopped deployment tiny?" in question.title_text
+        await pilot.press("n")  # kept: the drawer says why nothing started
+        await wait_for(pilot, lambda: "choose another name" in str(drawer.query_one("#error").render()), 10,
+                       what="the drawer's reason")
+        await pilot.press("escape", "3")
         await pilot.press("ctrl+d")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the delete question")
         await pilot.press("y")

@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1; anything else is reachable from outside)")
     p.add_argument("--served-name", dest="served_name", help="the model name clients send (default: the model's)")
     p.add_argument("--force", action="store_true", help="deploy even when the fit check says it does not fit")
+    p.add_argument("--replace", action="store_true", help="take the place of a stopped or failed deployment of "
+                   "the same name (its record and chats go)")
     _target_flags(p, "deploy", "serve it there (vLLM on Kubernetes; vLLM or the built-in server in a SLURM batch job)")
+    p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
+    p = verb("start", "cmd_start", "start a stopped or failed deployment again with its settings, name and API key")
+    p.add_argument("deployment")
+    p.add_argument("--force", action="store_true", help="start even when the fit check says it does not fit")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
     verb("ps", "cmd_ps", "list deployments")
     p = verb("chat", "cmd_chat", "chat with a Ready deployment: one streamed reply to PROMPT, or the dashboard's chat")

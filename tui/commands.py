@@ -227,8 +227,21 @@ def cmd_deploy(args, db) -> int:
     if args.dry_run:
         return _deploy_dry_run(args, db, settings)
     checked = deployments.plan(db, args.model, settings, name=args.name)
+    return _start_deployment(args, db, checked, args.replace)
+
+
+def cmd_start(args, db) -> int:
+    from engine import deployments
+
+    return _start_deployment(args, db, deployments.replan(db, args.deployment))
+
+
+def _start_deployment(args, db, checked, replace: bool = False) -> int:
+    """Start a checked plan, say where, and (--wait) follow it to Ready or Failed."""
+    from engine import deployments
+
     try:
-        deployment, _job = deployments.start(db, checked, args.force)
+        deployment, _job = deployments.start(db, checked, args.force, replace)
     except EngineError as exc:
         raise EngineError(f"{exc} (--force)" if "does not fit" in str(exc) else str(exc)) from None
     if not args.json:

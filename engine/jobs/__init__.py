@@ -55,10 +55,11 @@ _children: dict[int, subprocess.Popen] = {}
 # Each job process runs under a shell that outlives it and writes how it ended as the log's last line: a
 # job killed outright (SIGKILL, the out-of-memory killer) cannot say so itself, and a dashboard or CLI that
 # did not start it has no exit status to read. The shell survives the cancel's SIGTERM (a trap, which
-# its child does not inherit) to report the end. Its status: the job's code, or 128 + the signal's number.
+# its child does not inherit) to report the end. Its status (when not 0): the job's code, or 128 + the
+# signal's number.
 _KEEPER = ('trap : TERM; "$@" & child=$!; '
            'while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done; '
-           'echo "$(date +%H:%M:%S) the job process ended with status $code"; exit "$code"')
+           '[ "$code" = 0 ] || echo "$(date +%H:%M:%S) the job process ended with status $code"; exit "$code"')
 _ENDED = re.compile(r"the job process ended with status (\d+)$")
 
 
@@ -97,12 +98,13 @@ def job_tag(db: Database, job_id: int) -> str:
     return f"{db.path}#{job_id}"
 
 
-def kill_leftovers(group: int, tag: str) -> None:
-    """SIGKILL what a dead job left running in its process group (a server shares its supervisor's).
-    Only processes that carry the job's tag: once the group is empty its number can be reused."""
+def kill_leftovers(tag: str) -> None:
+    """SIGKILL what a dead job left running (a server it supervised): the processes that carry its tag,
+    which names the database and the job, so no other process can have it (a pid or a process group's
+    number can be reused once empty)."""
     for process in psutil.process_iter():
         try:
-            if os.getpgid(process.pid) == group and process.environ().get(JOB_TAG) == tag:
+            if process.environ().get(JOB_TAG) == tag:
                 process.kill()
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue  # gone meanwhile, or not ours to read
@@ -249,7 +251,7 @@ def reconcile(db: Database) -> list[int]:
                                   ("stopped" if job.cancel_requested else
                                    f"the server's supervisor stopped: {failure}") + left)
         if job.kind == JobKind.SERVE and job.pid:
-            kill_leftovers(job.pid, job_tag(db, job.id))  # the server must not outlive its supervisor
+            kill_leftovers(job_tag(db, job.id))  # the server must not outlive its supervisor
         target.abandon(job)
         settled.append(job.id)
     _settle_unsupervised_deployments(db)

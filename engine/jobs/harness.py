@@ -156,7 +156,7 @@ def main(work: Callable[[JobContext], None]) -> None:
                 fail_model(session, job.model_id, f"{job.kind.value} cancelled")
             refusal = f"job {job_id} was cancelled before it started"
         elif job.state == JobState.RUNNING and job.loads(job.metrics_json, {}).get("reattached") and \
-                job.pid in (None, me.pid):
+                job.pid in (None, me.pid, os.getppid()):  # the spawner records the shell that keeps this process
             # Re-attached (engine/jobs/__init__.py): this process takes over the job's work on its target.
             job.pid, job.pid_started_at, job.heartbeat_at, job.host = me.pid, me.create_time(), now(), HERE
             session.add(job)

@@ -256,16 +256,36 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
         self._start(settings, self._deployment_name(), self.query_one("#force", Checkbox).value)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
-    def _start(self, settings: DeploySettings, name: str | None, force: bool) -> None:
+    def _start(self, settings: DeploySettings, name: str | None, force: bool, replace: bool = False) -> None:
         from engine import deployments
 
         try:
-            deployment, _job = deployments.deploy(self.app.db, self.model_id, settings, name, force)
+            checked = deployments.plan(self.app.db, self.model_id, settings, name=name)
+            if checked.replaces and not replace:  # one row per name: ask before the ended one goes
+                self.app.call_from_thread(self._ask_to_replace, checked.replaces[-1], settings, name, force)
+                return
+            deployment, _job = deployments.start(self.app.db, checked, force, replace)
         except Exception as exc:  # noqa: BLE001 - the drawer must come back usable, whatever went wrong
             self.app.call_from_thread(self._refused, str(exc) if isinstance(exc, EngineError) else
                                       f"{type(exc).__name__}: {exc}")
             return
         self.app.call_from_thread(self.dismiss, deployment.id)
+
+    def _ask_to_replace(self, ended, settings: DeploySettings, name: str | None, force: bool) -> None:
+        from tui.screens.confirm import ConfirmDialog
+
+        def answered(yes: bool) -> None:
+            if yes:
+                self._start(settings, name, force, replace=True)
+            else:
+                self._refused(f"A {ended.state.value} deployment is named {ended.name!r}: choose another name, or "
+                              "start that one again (r in Active deployments)")
+
+        self.app.push_screen(ConfirmDialog(
+            f"Replace the {ended.state.value} deployment {ended.name}?",
+            "One deployment per name: its record and chat conversations go, and this one takes its name. To "
+            "start it again with its own settings and key instead, use r in Active deployments.",
+            confirm_label="Replace"), answered)
 
     def _refused(self, reason: str) -> None:
         self.query_one("#error", Static).update(Text(reason))

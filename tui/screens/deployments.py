@@ -63,6 +63,8 @@ class DeploymentsScreen(DeckScreen):
                 tooltip="List an external OpenAI-compatible endpoint, to chat with it"),
         Binding("l", "logs", "Logs", id="deployments.logs", tooltip="The server's log, following it"),
         Binding("x", "stop", "Stop", id="deployments.stop", tooltip="Stop the server (asks first); frees its port and GPUs"),
+        Binding("r", "restart", "Start again", id="deployments.restart", show=False,
+                tooltip="Start a stopped or failed deployment again: its settings, name and API key"),
         Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
@@ -234,6 +236,28 @@ class DeploymentsScreen(DeckScreen):
 
         deployments.stop(self.db, dep_id)
         self.app.call_from_thread(self.notify, f"Stopped {name}", timeout=4)
+
+    def action_restart(self) -> None:
+        dep = self._selected()
+        if dep is None:
+            return
+        if dep.backend == "external" or dep.state.is_live():
+            what = "an external endpoint: modeldeck does not run it" if dep.backend == "external" else dep.state.value
+            self.notify(f"{dep.name} is {what}; nothing to start", severity="warning", timeout=4)
+            return
+        self.restart(dep.id, dep.name)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def restart(self, dep_id: int, name: str) -> None:
+        from engine import deployments
+
+        checked = deployments.replan(self.db, dep_id)
+        deployment, _job = deployments.start(self.db, checked)
+        for note in checked.notes:
+            self.app.call_from_thread(self.notify, note, title=name, severity="warning", timeout=6)
+        self.app.call_from_thread(self.notify, f"Starting {name} again at {deployment.endpoint or checked.serving.summary}",
+                                  timeout=4)
+        self.app.call_from_thread(self.focus_row, deployment.id)
 
     def action_delete(self) -> None:
         dep = self._selected()
