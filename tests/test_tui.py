@@ -387,16 +387,28 @@ async def test_help_shows_the_keys_of_the_current_screen(db):
 
 
 async def test_every_screen_action_is_in_the_command_palette(db):
+    seed(db)  # rows to act on
     app = ModelDeckApp(db)
     async with app.run_test(size=(80, 24)) as pilot:
         await loaded(pilot)
-        for key, screen_type in (("1", CommunityScreen), ("2", CustomScreen), ("3", DeploymentsScreen)):
+        screens = (("1", CommunityScreen), ("2", CustomScreen), ("3", DeploymentsScreen))
+        for key, screen_type in screens:
             await pilot.press(key)
             titles = {c.title for c in app.get_system_commands(app.screen)}
-            for binding in screen_type.BINDINGS:
-                assert f"{screen_type.TAB_TITLE}: {binding.description}" in titles
-            assert {"Go to Community", "Go to Custom", "Go to Active deployments", "Keys", "Quit"} <= titles
-            assert len([t for t in titles if t == "Quit"]) == 1
+            for _, every in screens:  # every screen's actions, wherever the palette is opened
+                for binding in every.BINDINGS:
+                    assert f"{every.TAB_TITLE}: {binding.description}" in titles
+                assert (f"Go to {every.TAB_TITLE}" in titles) == (every is not screen_type)
+            assert {"Keys", "Quit"} <= titles and len([t for t in titles if t == "Quit"]) == 1
+        await pilot.press("ctrl+p")  # on Active deployments: Custom's merge, found by name, runs on Custom
+        await pilot.pause()
+        for char in "merge":
+            await pilot.press(char)
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, CustomScreen), what="Custom")
+        await wait_for(pilot, lambda: any("Merge works on a Ready adapter" in str(n.message)
+                                          for n in app._notifications), what="merge's own answer on Custom")
 
 
 async def test_deployments_table_filters_by_text_and_state(db):

@@ -286,15 +286,26 @@ class ModelDeckApp(KeysInOrder, App):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The palette offers Textual's own commands (keys, quit, theme), the three screens and every
-        action of the current screen, calling the same actions as the keys."""
+        action of every screen, calling the same actions as the keys: the current screen's first, and one
+        of another screen switches to it and acts on its selected row."""
         yield from super().get_system_commands(screen)
-        for mode, title in (("community", "Community"), ("custom", "Custom"), ("deployments", "Active deployments")):
-            yield SystemCommand(f"Go to {title}", f"Switch to the {title} screen",
-                                partial(self.switch_mode, mode))
-        for binding in getattr(screen, "BINDINGS", []):
-            if isinstance(binding, Binding) and binding.description and binding.id:
-                yield SystemCommand(f"{screen.TAB_TITLE}: {binding.description}",
-                                    binding.tooltip or f"key: {binding.key}", partial(screen.run_action, binding.action))
+        modes = sorted(TAB_MODES, key=lambda mode: self.SCREENS[mode] is not type(screen))  # the current first
+        for mode in modes:
+            title = self.SCREENS[mode].TAB_TITLE
+            if self.SCREENS[mode] is not type(screen):
+                yield SystemCommand(f"Go to {title}", f"Switch to the {title} screen", partial(self.switch_mode, mode))
+            for binding in self.SCREENS[mode].BINDINGS:
+                if isinstance(binding, Binding) and binding.description and binding.id:
+                    where = "" if self.SCREENS[mode] is type(screen) else f" (on {title})"
+                    yield SystemCommand(f"{title}: {binding.description}",
+                                        (binding.tooltip or f"key: {binding.key}") + where,
+                                        partial(self._act_on, mode, binding.action))
+
+    async def _act_on(self, mode: str, action: str) -> None:
+        """A screen's action from the palette, wherever it was opened: on that screen, as its key would."""
+        if self.current_mode != mode:
+            await self.switch_mode(mode)
+        await self.screen.run_action(action)
 
     @on(Worker.StateChanged)
     def report_worker_error(self, event: Worker.StateChanged) -> None:
