@@ -50,7 +50,9 @@ def private_file(path: Path) -> None:
 
 def home_dir() -> Path:
     """MODELDECK_HOME, else the platform's user data directory (created, checked writable)."""
-    configured = os.environ.get("MODELDECK_HOME", "").strip()  # empty means unset, as usual
+    from catalog import settings
+
+    configured = settings.current().home  # MODELDECK_HOME, else the config file's; empty means unset
     home = Path(configured).expanduser() if configured else Path(platformdirs.user_data_dir("modeldeck"))
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)

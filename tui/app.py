@@ -63,9 +63,28 @@ class ModelDeckApp(KeysInOrder, App):
         self.store = Store()
         self._follow = follow
         self._open_chat = open_chat
+        self.dataset_folder: str | None = None  # where the fine-tune dialog's file picker starts (the last used)
+        self.keymap: dict[str, str] = {}  # the user's keys by binding id (the config file's [keys])
 
     def on_mount(self) -> None:
+        self.apply_keymap()
         self.follow_database()
+
+    def apply_keymap(self) -> None:
+        """The user's own keys ([keys] of the config file: a binding's id = its keys)."""
+        from catalog.settings import current
+
+        try:
+            keys = current().keys
+        except CatalogError:
+            return  # the database's opening says what is wrong with the file, and ends the app
+        known = {b.id for screen in (self, *map(self.SCREENS.get, TAB_MODES)) for b in screen.BINDINGS
+                 if isinstance(b, Binding) and b.id}
+        if unknown := sorted(set(keys) - known):
+            self.notify(f"no binding has the id {', '.join(unknown)}; the ids are listed by ? (Keys)",
+                        title="Config file [keys]", severity="warning", timeout=10)
+        self.keymap = {binding: key for binding, key in keys.items() if binding in known}
+        self.set_keymap(self.keymap)
 
     # -- data ---------------------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
-import os
 import secrets
 import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from catalog.settings import current as current_settings
 from catalog.states import JobKind, ModelKind, ModelState
 from engine.errors import EngineError
 from engine.targets import Choice, OptionField, Placement, Serving, Target
@@ -36,7 +36,7 @@ VLLM_IMAGE = "vllm/vllm-openai:latest"  # the official one; set an image with a 
 def vllm_image(chosen: str = "") -> str:
     """The image a deployment on a cluster runs: the one chosen, else $MODELDECK_VLLM_IMAGE, else the
     official one."""
-    return (chosen or "").strip() or os.environ.get(VLLM_IMAGE_ENV, "").strip() or VLLM_IMAGE
+    return (chosen or "").strip() or current_settings().vllm_image or VLLM_IMAGE
 
 
 @dataclass
@@ -107,7 +107,7 @@ class KubernetesTarget(Target):
     def option_placeholder(cls, option: OptionField) -> str:
         if "deploy" in option.uses:
             return vllm_image()
-        return os.environ.get(FINETUNE_IMAGE_ENV, "").strip() or option.placeholder
+        return current_settings().finetune_image or option.placeholder
 
     @property
     def label(self) -> str:
@@ -128,7 +128,7 @@ class KubernetesTarget(Target):
                 raise EngineError("Image: a name like vllm/vllm-openai:v0.11.0, without spaces"
                                   + (f" (${VLLM_IMAGE_ENV})" if from_env else ""))
             return {"image": image}
-        image = (chosen.get("image") or "").strip() or os.environ.get(FINETUNE_IMAGE_ENV, "").strip()
+        image = (chosen.get("image") or "").strip() or current_settings().finetune_image
         if not image:
             raise EngineError("a fine-tune on a cluster runs in an image you name (Image; --image): one with modeldeck "
                               "and its [training] extra installed (README: Kubernetes; deploy/finetune.Dockerfile "

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from catalog.settings import current as current_settings
 from catalog.states import JobKind, ModelKind, ModelState
 from engine import hub
 from engine.errors import EngineError
@@ -47,7 +48,7 @@ def workdir(options: dict[str, Any]) -> Path:
     """The work directory the compute nodes share with this machine."""
     from catalog.db import home_dir
 
-    chosen = (options.get("workdir") or os.environ.get(WORKDIR_ENV, "")).strip()
+    chosen = (options.get("workdir") or current_settings().slurm_workdir).strip()
     return Path(chosen).expanduser().resolve() if chosen else home_dir() / "slurm"
 
 
@@ -130,7 +131,7 @@ class SlurmTarget(Target):
     @classmethod
     def option_placeholder(cls, option: OptionField) -> str:
         if option.name == "workdir":
-            return os.environ.get(WORKDIR_ENV, "").strip() or option.placeholder
+            return current_settings().slurm_workdir or option.placeholder
         return option.placeholder
 
     @property

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catalog.settings import current as current_settings
 from engine.errors import EngineError
 from engine.targets.slurm.resources import gres_gpus, parse_time
 
@@ -43,7 +44,7 @@ SWITCH_ENV = "MODELDECK_SLURM"  # "off": do not offer SLURM even where sbatch is
 def available() -> bool:
     """SLURM is a target where its client commands are on PATH (a login node, or a node of the cluster),
     unless MODELDECK_SLURM=off."""
-    if os.environ.get(SWITCH_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+    if not current_settings().slurm_enabled:
         return False
     return shutil.which("sbatch") is not None
 
