@@ -122,9 +122,11 @@ def training_progress(metrics: dict, eta_s: float | None, detail: str) -> str:
 
 
 def state_text(state: ModelState, reason: str | None, job: Job | None, detail: str = "short",
-               cancelled: bool = False) -> str:
+               cancelled: bool = False, deployed: bool = False) -> str:
     """How a model's state reads everywhere: 'Ready', 'Failed: <reason>' ('Failed' when tiny),
     'Pending <progress>'."""
+    if state == ModelState.READY and deployed:  # a live deployment serves it now
+        return "Deployed" if detail == "tiny" else "Ready · deployed"
     if state == ModelState.READY:
         return "Ready"
     if state == ModelState.FAILED and cancelled:  # asked for: not a failure

@@ -154,6 +154,7 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     assert reply.usage.completion_tokens >= 1
     listed = run("ps").stdout
     assert "tiny" in listed and "Ready" in listed and deployed["endpoint"] in listed
+    assert "Ready · deployed" in run("ls").stdout  # as the dashboard says it
     assert "ready at" in run("logs", "tiny").stdout  # the deployment's server log, by its name
     # One streamed reply, its numbers on stderr. Greedy: sampled, this random model may end at once.
     chatted = run("chat", "tiny", "hello", "--max-tokens", "3", "--temperature", "0")

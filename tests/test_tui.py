@@ -87,6 +87,13 @@ async def test_tag_picker_narrows_to_models_with_every_chosen_tag(db):
         selection = picker.query_one(SelectionList)
         selection.select("code")
         selection.select("4-15B")
+        await pilot.pause()
+        lines = {option.value: selection.render_line(i).text for i, option in enumerate(selection.options)
+                 if i < selection.size.height}
+        assert {"code", "4-15B"} & set(lines)  # a ticked row is on screen
+        for value, line in lines.items():  # ticked or not, told by shape: no colour needed
+            assert ("✓" in line[:3]) == (value in {"code", "4-15B"}), line
+        assert "enter apply" in str(picker.query_one(".dialog-hint").render())
         await pilot.press("enter")
         keys = table(app).visible_keys
         assert keys and all({"code", "4-15B"} <= set(app.store.community[k].tags) for k in keys)
@@ -218,6 +225,79 @@ async def test_details_show_lineage_of_an_adapter(db):
         fields = dict((k, plain(v)) for k, v in app.screen.fields)
         assert fields["Lineage"] == "Qwen2.5-0.5B-Instruct → support-bot-lora"
         assert fields["Dataset"] == "/data/support.jsonl" and fields["Rank"] == "16"
+
+
+async def test_details_drawer_and_dialog_tell_only_what_holds(db, tmp_path):
+    """A base model's link once; a finished fine-tune's details not 'live'; no vLLM-only fields where vLLM
+    cannot run; the fine-tune dialog's file picker starts where the last dataset was."""
+    from tests.tinydata import write_dataset
+    from tests.tui_helpers import seed_training
+    from tui.screens.deploy_drawer import VLLM_ONLY, DeployDrawer
+    from tui.screens.details import TrainingDetails
+    from tui.screens.file_picker import FilePicker
+    from tui.screens.finetune_dialog import FinetuneDialog
+
+    ids = seed_training(db, seed(db))
+    with db.write() as session:
+        base = session.get(Model, ids["base"])
+        base.meta_json = Model.dumps({"link": "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct"})
+        session.add(base)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 6)
+        table(app).move_to_key(ids["base"])
+        await pilot.press("d")
+        fields = [k for k, _ in app.screen.fields]
+        assert fields.count("Link") == 1
+        await pilot.press("escape")
+        table(app).move_to_key(ids["adapter"])  # Ready: its fine-tune is over
+        await pilot.press("d")
+        details = await wait_for(pilot, lambda: isinstance(app.screen, TrainingDetails) and app.screen)
+        assert "live while it trains" not in str(details.query_one("#hint").render())
+        await pilot.press("escape")
+        table(app).move_to_key(ids["training"])  # this one trains now
+        await pilot.press("d")
+        details = await wait_for(pilot, lambda: isinstance(app.screen, TrainingDetails) and app.screen)
+        assert "live while it trains" in str(details.query_one("#hint").render())
+        await pilot.press("escape")
+        table(app).move_to_key(ids["base"])
+        await pilot.press("p")
+        drawer = await wait_for(pilot, lambda: isinstance(app.screen, DeployDrawer) and app.screen.is_mounted
+                                and app.screen)
+        await pilot.pause()
+        assert all(not drawer.query_one(f"#{field}-row").display for field in VLLM_ONLY)  # no vLLM here
+        await pilot.press("escape")
+        (tmp_path / "sets").mkdir()
+        data = write_dataset(tmp_path / "sets", "alpaca")
+        app.dataset_folder = None
+        await pilot.press("f")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog) and app.screen.is_mounted
+                                and app.screen)
+        dialog.query_one("#dataset").value = str(data)
+        await wait_for(pilot, lambda: "30 rows" in str(dialog.query_one("#dataset-summary").render()),
+                       what="the dataset read")
+        await pilot.press("escape")
+        await pilot.press("f")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog) and app.screen.is_mounted
+                                and app.screen)
+        await pilot.press("ctrl+o")
+        picker = await wait_for(pilot, lambda: isinstance(app.screen, FilePicker) and app.screen)
+        assert picker.folder == tmp_path / "sets"
+
+
+async def test_at_80_columns_names_that_share_a_start_stay_apart(db, tiny_model_dir):
+    models.import_path(db, tiny_model_dir, "SmolLM2-135M-Instruct")
+    models.import_path(db, tiny_model_dir, "SmolLM2-135M-Instruct-pirate-lora")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: table(app).row_count == 2)
+        await pilot.pause()
+        names = [table(app).render_line(y).text.split()[0] for y in (1, 2)]  # under the header
+        assert names[0] != names[1] and names[1].endswith("lora"), names  # the end that tells them apart
 
 
 async def test_failed_row_shows_the_reason_and_retry_is_offered(db, hub):

@@ -87,9 +87,20 @@ def cmd_catalog(args, db) -> int:
 
 
 def cmd_ls(args, db) -> int:
+    from catalog.schema import Deployment
+    from catalog.states import LIVE_DEPLOYMENT_STATES
+
     rows = models.model_rows(db)
+    with db.read() as session:  # as the dashboard says it: a model a live deployment serves is "deployed"
+        served = set(session.exec(select(Deployment.model_id).where(Deployment.state.in_(LIVE_DEPLOYMENT_STATES),
+                                                                    Deployment.backend != "external")).all())
+
+    def state(r) -> str:
+        return _clip(state_text(r.model.state, r.model.reason, r.job, cancelled=r.cancelled,
+                                deployed=r.model.id in served), 70)
+
     table = _table(["name", "kind", "state", "size", "base", "source", "created"],
-                   [[r.model.name, r.model.kind.value, _clip(state_text(r.model.state, r.model.reason, r.job, cancelled=r.cancelled), 70), human_bytes(r.model.size_bytes),
+                   [[r.model.name, r.model.kind.value, state(r), human_bytes(r.model.size_bytes),
                      r.base_name or "", r.model.source, human_time(r.model.created_at)] for r in rows])
     _emit(args, [_model_dict(r) for r in rows], table)
     return 0

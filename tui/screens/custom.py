@@ -64,7 +64,7 @@ class CustomScreen(DeckScreen):
         Binding("y", "copy_path", "Copy path", id="custom.copy_path", show=False, tooltip="Copy the model's folder path"),
     ]
     COLUMNS = [
-        Column("Name", ratio=3, min_width=12), Column("Kind", width=7), Column("State", ratio=5, min_width=12),
+        Column("Name", ratio=3, min_width=12, cut_middle=True), Column("Kind", width=7), Column("State", ratio=5, min_width=12),
         Column("Size", width=8), Column("Source", ratio=1, min_width=8), Column("Base", ratio=2, min_width=6),
         Column("Created", width=10),
     ]
@@ -235,7 +235,11 @@ class CustomScreen(DeckScreen):
             curves = job.loads(job.metrics_json, {}).get("curve", {}) if job else {}
             return self.details_fields(seen["row"]), curves, job.log_path if job else None
 
-        self.app.push_screen(TrainingDetails(row.model.name, live, copy_value=row.model.path))
+        def training() -> bool:
+            row = self.store.models.get(model_id)
+            return row is not None and row.job is not None
+
+        self.app.push_screen(TrainingDetails(row.model.name, live, copy_value=row.model.path, training=training))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="reread")
     def reread_job(self, seen: dict, job_id: int) -> None:
@@ -264,8 +268,8 @@ class CustomScreen(DeckScreen):
         fields: list[tuple[str, str | Text]] = [
             ("Kind", m.kind.value), ("State", model_status(row, "long")), ("Source", m.source),
         ]
-        if m.repo_id:
-            fields += [("Repo", m.repo_id), ("Link", f"https://huggingface.co/{m.repo_id}")]
+        if m.repo_id:  # the link the download recorded (a mirror's, say), else the Hub's
+            fields += [("Repo", m.repo_id), ("Link", m.meta.get("link") or f"https://huggingface.co/{m.repo_id}")]
         fields += [
             ("Revision", m.revision or "—"), ("Path", model_location(m) or "—"),
             ("Files owned", "yes: deleting frees them" if owns_files(m) else
@@ -279,7 +283,7 @@ class CustomScreen(DeckScreen):
         if row.job:
             fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, 'long')}"))
             fields.append(("Job log", row.job.log_path or "—"))
-        fields += [(meta_label(key), human_value(v)) for key, v in m.meta.items()]
+        fields += [(meta_label(key), human_value(v)) for key, v in m.meta.items() if key != "link"]  # shown above
         return fields
 
     def action_import_model(self) -> None:

@@ -51,6 +51,7 @@ TYPED = [
     ("served_name", "", "The model name clients send in requests"),
 ]
 GPU_COUNT_HELP = "How many GPUs its job gets (0: its CPUs; auto: the tensor-parallel size where there are GPUs)"
+VLLM_ONLY = ("tensor_parallel", "gpu_memory_fraction")
 # The rows of the common settings, each shown where the chosen target uses it (its DEPLOY_FIELDS).
 COMMON = ("backend", "gpus", "dtype", "tensor_parallel", "max_model_len", "gpu_memory_fraction", "port", "host",
           "served_name")
@@ -68,6 +69,9 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
         """`model_id`: a custom model's id, or the repo id of a Hub model that the chosen target downloads."""
         super().__init__(classes="dialog drawer")
         self.model_id = model_id
+        from engine.backends import vllm_available
+
+        self._vllm_here = vllm_available()
         self._plan_timer = None
         self._starting = False
 
@@ -140,10 +144,14 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
         return self.query_one(TargetSelect).value
 
     def _shown(self, field_id: str) -> bool:
-        """Whether the chosen target uses this setting (its GPUs: counted for a cluster's job)."""
+        """Whether the chosen target uses this setting (its GPUs: counted for a cluster's job); vLLM's own
+        settings only where vLLM can serve it (here: vLLM installed, and the backend not the built-in one)."""
         kind = self.query_one(TargetSelect).kind
         if field_id in ("gpus", "gpu_count"):
             return "gpus" in kind.DEPLOY_FIELDS and (kind.GPUS == "here") == (field_id == "gpus")
+        if field_id in VLLM_ONLY and kind.GPUS == "here" and (
+                not self._vllm_here or self.query_one("#backend", Select).value == "transformers"):
+            return False
         return field_id not in COMMON or field_id in kind.DEPLOY_FIELDS
 
     def _show_rows(self) -> None:
@@ -179,7 +187,9 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
 
     @on(Input.Changed)
     @on(Select.Changed)
-    def settings_changed(self) -> None:
+    def settings_changed(self, event: Input.Changed | Select.Changed) -> None:
+        if event.control.id == "backend":  # vLLM's own settings come and go with it
+            self._show_rows()
         self._schedule_plan()
 
     def on_target_select_changed(self, event: TargetSelect.Changed) -> None:

@@ -68,7 +68,7 @@ class DeploymentsScreen(DeckScreen):
         Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
-        Column("Deployment", ratio=3, min_width=10), Column("Backend", width=8), Column("Endpoint", ratio=3, min_width=15),
+        Column("Deployment", ratio=3, min_width=10, cut_middle=True), Column("Backend", width=8), Column("Endpoint", ratio=3, min_width=15),
         Column("State", ratio=4, min_width=12), Column("Requests", width=8), Column("Tok/s", width=6),
         Column("Up", width=6),
     ]

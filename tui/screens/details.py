@@ -50,7 +50,7 @@ class DetailsDialog(ModalScreen[None]):
             with VerticalScroll(classes="dialog-scroll"):
                 yield Static(fields_table(self.fields), id="fields")
             yield from self.compose_extra()
-            yield Label(self.hint(), classes="dialog-hint")
+            yield Label(self.hint(), id="hint", classes="dialog-hint")
 
     def compose_extra(self) -> ComposeResult:
         yield from ()
@@ -99,8 +99,10 @@ class TrainingDetails(LiveDetails):
 
     CLASSES = "wide live training"
 
-    def __init__(self, title: str, live: Callable[[], tuple[Fields, dict, str | None]], copy_value: str | None = None):
+    def __init__(self, title: str, live: Callable[[], tuple[Fields, dict, str | None]], copy_value: str | None = None,
+                 training: Callable[[], bool] = lambda: False):
         self.curves: dict = {}
+        self.training = training  # whether its fine-tune runs now (the dialog follows it then)
 
         def fields_and_log() -> tuple[Fields, str | None]:
             fields, self.curves, log_path = live()
@@ -115,6 +117,7 @@ class TrainingDetails(LiveDetails):
     def refresh_live(self) -> None:
         super().refresh_live()
         self._show_curves()
+        self.query_one("#hint", Label).update(self.hint())  # the run ends while it is open
 
     def on_mount(self) -> None:  # LiveDetails.on_mount runs too (Textual calls each class's handler)
         self._show_curves()
@@ -123,4 +126,4 @@ class TrainingDetails(LiveDetails):
         self.query_one(LossChart).set_curves(self.curves.get("train", []), self.curves.get("eval", []))
 
     def hint(self) -> str:
-        return DetailsDialog.hint(self) + "  ·  live while it trains"
+        return DetailsDialog.hint(self) + ("  ·  live while it trains" if self.training() else "")

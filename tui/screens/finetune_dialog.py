@@ -265,6 +265,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
             self.app.call_from_thread(show, summary, Text.assemble(("✗ ", "bold red"), str(exc)))
             return
         self._rows = (path, len(dataset.examples), dataset.format_name)
+        self.app.call_from_thread(setattr, self.app, "dataset_folder", str(Path(path).expanduser().parent))
         self.app.call_from_thread(self._show_summary)
         with self.app.db.read() as session:
             base = session.get(Model, base_id) if base_id is not None else None
@@ -292,10 +293,12 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self.action_start()
 
     def action_browse(self) -> None:
-        current = Path(self._value("dataset") or ".").expanduser()
+        # What is typed, else the folder of the dataset used last in this session, else here
+        current = Path(self._value("dataset") or self.app.dataset_folder or ".").expanduser()
 
         def picked(path: Path | None) -> None:
             if path is not None:
+                self.app.dataset_folder = str(path.parent)
                 self.query_one("#dataset", Input).value = str(path)
                 self.query_one("#name", Input).focus()
 

@@ -32,6 +32,7 @@ class Column:
     width: int = 0  # fixed width; 0 means flexible
     ratio: int = 1  # share of the leftover width among flexible columns
     min_width: int = 4
+    cut_middle: bool = False  # a name whose end tells it apart (…-lora): cut in the middle, not at the end
 
 
 class LiveTable(ScrollView, can_focus=True):
@@ -248,8 +249,11 @@ class LiveTable(ScrollView, can_focus=True):
 
     def _render_cells(self, cells: Sequence[Cell], style: Style) -> Strip:
         line = Text(no_wrap=True, end="")
-        for cell, width in zip(cells, self._column_widths()):
+        for cell, width, column in zip(cells, self._column_widths(), self.columns):
             text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+            if column.cut_middle and text.cell_len > width > 4 and text.cell_len == len(text.plain):
+                tail = max(4, (width - 1) // 3)  # enough of the end to tell -lora from -merged
+                text = text[:width - 1 - tail] + Text("…") + text[len(text.plain) - tail:]
             text.truncate(width, overflow="ellipsis", pad=True)
             line.append(" ")
             line.append(text)

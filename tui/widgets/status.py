@@ -19,7 +19,5 @@ def model_status(row: ModelRow, detail: str = "short", deployed: bool = False) -
     """`detail`: "tiny" (a narrow column), "short" (a table row), "long" (preview and details).
     `deployed`: a deployment serves the model now (shown beside Ready)."""
     model = row.model
-    if deployed and model.state == ModelState.READY:
-        return Text("Deployed" if detail == "tiny" else "Ready · deployed", style="bold green")
     style = "yellow" if row.cancelled else STATE_STYLES[model.state]  # asked for: not an error
-    return Text(state_text(model.state, model.reason, row.job, detail, row.cancelled), style=style)
+    return Text(state_text(model.state, model.reason, row.job, detail, row.cancelled, deployed), style=style)
