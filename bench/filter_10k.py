@@ -47,9 +47,8 @@ async def main() -> None:
     fresh_home()
     import engine
     from tui.app import ModelDeckApp
-    from tui.widgets.live_table import LiveTable
-
     from tui.screens.community import CommunityScreen
+    from tui.widgets.live_table import LiveTable
 
     spent: list[float] = []
 
