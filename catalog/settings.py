@@ -72,6 +72,8 @@ def current() -> Settings:
         stamp = None
     key = (str(path), stamp, *(os.environ.get(name) for name in VARIABLES))
     if _cache is None or _cache[0] != key:
+        if stamp is None and os.environ.get(CONFIG_ENV, "").strip():
+            raise CatalogError(f"{CONFIG_ENV} names {path}, which does not exist")
         _cache = (key, _read(path if stamp is not None else None))
     return _cache[1]
 
@@ -95,7 +97,7 @@ def _read(path: Path | None) -> Settings:
         if found is not None and not isinstance(found, str | bool):
             raise CatalogError(f"the config file {path}: {(section + '.') if section else ''}{name} must be a "
                                f"string or true/false, not {found!r}")
-        return found
+        return found.strip() if isinstance(found, str) else found
 
     def text(variable: str) -> str:
         found = value(variable)

@@ -84,9 +84,8 @@ class DeployPlan:
         notes = []
         if self.settings.exposed and "host" in self.target.DEPLOY_FIELDS:  # an address chosen here
             notes.append(f"{self.settings.host} is reachable from other machines (with the API key)")
-        for ended in self.replaces:
-            if self.restarts is None or ended.id != self.restarts.id:
-                notes.append(f"replaces the {ended.state.value} deployment {ended.name!r} (its record and chats)")
+        for ended in self.replaces if self.restarts is None else ():  # a start again replaces only itself
+            notes.append(f"replaces the {ended.state.value} deployment {ended.name!r} (its record and chats)")
         return notes + self.notes + self.serving.warnings
 
 
@@ -171,6 +170,14 @@ def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: 
     return start(db, plan(db, model_name, settings, name=name), force, replace)
 
 
+def asked_settings(stored: dict) -> DeploySettings:
+    """A deployment's stored settings as they can be asked for again: not what its target filled in (a batch
+    job's address, a cluster's backend), which the target decides again and refuses to be told."""
+    target = targets.resolve(stored.get("target", ""))
+    return DeploySettings(**{f.name: stored[f.name] for f in dataclasses.fields(DeploySettings) if f.name in stored
+                             and (f.name in ("target", "options") or f.name in target.DEPLOY_FIELDS)})
+
+
 def replan(db: Database, name: str | int) -> DeployPlan:
     """The plan to start a stopped or failed deployment again: its settings, its name and API key (clients keep
     theirs), its chats; its port if that is still free, else a free one."""
@@ -185,12 +192,16 @@ def replan(db: Database, name: str | int) -> DeployPlan:
         raise EngineError(f"deployment {old.name!r} is {old.state.value} already")
     if old.model_id is None:
         raise EngineError(f"the model {old.name!r} served was deleted: deploy another under this name")
-    known = {f.name for f in dataclasses.fields(DeploySettings)}
-    settings = DeploySettings(**{k: v for k, v in old.loads(old.settings_json, {}).items() if k in known})
+    settings = asked_settings(old.loads(old.settings_json, {}))
+    target = targets.resolve(settings.target)
     notes = []
-    if settings.port and targets.resolve(settings.target).is_here and not port_free(settings.host, settings.port):
-        notes.append(f"port {settings.port} is taken now: it listens on another")
-        settings = dataclasses.replace(settings, port=0)  # a free one, which the plan chooses
+    if settings.port and target.is_here:
+        with db.read() as session:
+            kept = {d.loads(d.settings_json, {}).get("port") for d in session.exec(select(Deployment).where(
+                Deployment.state.in_(LIVE_DEPLOYMENT_STATES), Deployment.id != old.id))}
+        if settings.port in kept or not port_free(settings.host, settings.port):
+            notes.append(f"port {settings.port} is taken now: it listens on another")
+            settings = dataclasses.replace(settings, port=0)  # a free one, which the plan chooses
     return dataclasses.replace(plan(db, old.model_id, settings, name=old.name), restarts=old, notes=notes)
 
 
@@ -219,6 +230,10 @@ def start(db: Database, checked: DeployPlan, force: bool = False, replace: bool 
                               f"`modeldeck start {checked.name}` starts it again with its settings, or replace it "
                               "with this one (--replace), or choose another name")
         kept = session.get(Deployment, key_of) if key_of is not None else None
+        if key_of is not None and kept is None:
+            raise EngineError(f"deployment {checked.name!r} was deleted meanwhile: deploy it anew")
+        if key_of is not None:  # a start again replaces only itself: other ended rows of the name stay as they are
+            ended = [kept]
         deployment = Deployment(
             model_id=model.id, name=checked.name, backend=checked.backend, phase=checked.serving.first_phase,
             served_name=served, api_key=kept.api_key if kept else "sk-md-" + secrets.token_urlsafe(24),
@@ -237,9 +252,17 @@ def start(db: Database, checked: DeployPlan, force: bool = False, replace: bool 
         job = jobs.create(session, JobKind.SERVE, f"serve {model.name} ({checked.backend})", None,
                           deployment_id=deployment.id, target=checked.target.spec)
         deployment.job_id = job.id
+    left = []
+    for old in ended:  # what a replaced one left on its target, as a delete does; before the new one starts there
+        if old.id == key_of:
+            continue  # started again: its objects and run folder are the new one's (same name and key)
+        try:
+            targets.of_deployment(old).delete_deployment(old)
+        except EngineError as exc:  # the new deployment goes on; what is left is said in its log
+            left.append(f"could not clean up what {old.name} (deployment {old.id}) left: {exc}")
     jobs.spawn(db, job)
-    for old in ended:
-        targets.of_deployment(old).delete_deployment(old)  # what it left there, as a delete does
+    for problem in left:
+        jobs.append_log(jobs.get(db, job.id).log_path, problem)
     return deployment, job
 
 

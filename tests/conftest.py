@@ -29,6 +29,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("HF_ENDPOINT", OFFLINE_ENDPOINT)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))  # never the developer's clusters
     monkeypatch.setenv("MODELDECK_SLURM", "off")  # nor their SLURM cluster (the `slurm` fixture gives one)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # nor their config file
+    monkeypatch.delenv("MODELDECK_CONFIG", raising=False)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "XDG_CACHE_HOME",
                  "MODELDECK_VLLM_IMAGE", "MODELDECK_FINETUNE_IMAGE"):  # the images' defaults are the tests' to set
         monkeypatch.delenv(name, raising=False)

@@ -3,6 +3,7 @@ state moving Pending → Ready, the official openai SDK against the endpoint, fa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -268,3 +269,13 @@ def test_a_failure_reason_quotes_only_a_line_that_says_what_went_wrong(lines, re
     from engine.logs import tail_reason
 
     assert tail_reason(lines) == reason
+
+
+def test_a_deployment_on_a_cluster_is_asked_for_again_without_what_its_target_filled_in():
+    from engine import targets
+
+    for spec, filled in (("slurm:gpu", {"host": "0.0.0.0", "port": 0}), ("ctx/ml", {"backend": "vllm", "port": 8000})):
+        stored = dataclasses.asdict(DeploySettings(target=spec, max_model_len=4096, options={"time": "1:00:00"})) | filled
+        asked = deployments.asked_settings(stored)
+        assert asked.max_model_len == 4096 and asked.options == {"time": "1:00:00"} and asked.target == spec
+        deployments._refuse_what_it_does_not_use(targets.resolve(spec), asked)  # what plan() checks first

@@ -23,13 +23,17 @@ def config(tmp_path, monkeypatch):
 
 
 def test_the_file_gives_settings_and_a_variable_wins_over_it(config, monkeypatch):
+    with pytest.raises(CatalogError, match="MODELDECK_CONFIG names .*config.toml, which does not exist"):
+        current()
+    monkeypatch.delenv("MODELDECK_CONFIG")  # the platform's place, where there is none (the tests' own)
     assert current().vllm_image == "" and current().slurm_enabled and current().config_path is None
+    monkeypatch.setenv("MODELDECK_CONFIG", str(config))
     config.write_text(textwrap.dedent("""
         [slurm]
         enabled = false
         workdir = "/scratch/me"
         [kubernetes]
-        vllm_image = "registry/vllm:1"
+        vllm_image = " registry/vllm:1 "
         [keys]
         "custom.deploy" = "P"
     """))

@@ -324,7 +324,7 @@ class ModelDeckApp(KeysInOrder, App):
         """A screen's action from the palette, wherever it was opened: on that screen, as its key would."""
         if self.current_mode != mode:
             await self.switch_mode(mode)
-        await self.screen.run_action(action)
+        await self.get_screen(mode).run_action(action)  # the tab screen's, whatever dialog is on top
 
     @on(Worker.StateChanged)
     def report_worker_error(self, event: Worker.StateChanged) -> None:

@@ -26,12 +26,12 @@ SETTLE_ROUNDS = 4  # a dialog mounts, then its on_mount focuses a field: a few t
 class KeysInOrder:
     """Mixed into the App (before App)."""
 
-    _held_keys: deque[events.Key] | None = None
+    _held_keys: deque[events.Key | events.Paste] | None = None
     _key_in_flight = False
     _settling: asyncio.Task | None = None  # kept: a task nobody holds may be collected mid-way
 
     async def on_event(self, event: events.Event) -> None:
-        if not isinstance(event, events.Key) or event.is_forwarded:
+        if not isinstance(event, events.Key | events.Paste) or event.is_forwarded:  # a paste keeps its place too
             await super().on_event(event)
             return
         if self._held_keys is None:
@@ -51,7 +51,7 @@ class KeysInOrder:
         finally:
             self._settling = asyncio.create_task(self._settle_then_release(event, target, screen))
 
-    async def _settle_then_release(self, event: events.Key, target: MessagePump, screen) -> None:
+    async def _settle_then_release(self, event: events.Key | events.Paste, target: MessagePump, screen) -> None:
         try:
             await asyncio.wait_for(self._settle(event, target, screen), SETTLE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a timeout, a widget gone: never keep the keyboard waiting
@@ -60,7 +60,7 @@ class KeysInOrder:
         if self._held_keys:
             self.call_next(self._next_key)
 
-    async def _settle(self, event: events.Key, target: MessagePump, screen) -> None:
+    async def _settle(self, event: events.Key | events.Paste, target: MessagePump, screen) -> None:
         # Up the way the key bubbles, until a node stops it (a field took the letter): each node's queue is
         # waited on after the node below has handled the key, so the key is already in it.
         node: MessagePump | None = target

@@ -57,7 +57,7 @@ _children: dict[int, subprocess.Popen] = {}
 # did not start it has no exit status to read. The shell survives the cancel's SIGTERM (a trap, which
 # its child does not inherit) to report the end. Its status (when not 0): the job's code, or 128 + the
 # signal's number.
-_KEEPER = ('trap : TERM; "$@" & child=$!; '
+_KEEPER = ('trap : TERM HUP USR1 USR2; "$@" & child=$!; '
            'while :; do wait "$child"; code=$?; kill -0 "$child" 2>/dev/null || break; done; '
            '[ "$code" = 0 ] || echo "$(date +%H:%M:%S) the job process ended with status $code"; exit "$code"')
 _ENDED = re.compile(r"the job process ended with status (\d+)$")
@@ -184,6 +184,13 @@ def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:
         return []
 
 
+def _keeper_status(tail: list[str]) -> int | None:
+    """The status the keeper wrote, if it is the log's last line (an older one, before a re-attach, is not)."""
+    lines = [line.strip() for line in tail if line.strip()]
+    match = _ENDED.search(lines[-1]) if lines else None
+    return int(match.group(1)) if match else None
+
+
 def _exit_description(job: Job, tail: list[str]) -> str:
     child = _children.pop(job.id, None)
     code = None
@@ -192,11 +199,14 @@ def _exit_description(job: Job, tail: list[str]) -> str:
             code = child.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
-    if code is None:  # not this process's child: the keeper's last line says
-        code = next((int(m.group(1)) for line in reversed(tail) if (m := _ENDED.search(line.strip()))), None)
+    if code is None:  # not this process's child: the keeper's line, the log's last (it may take a moment)
+        code = _keeper_status(tail)
+        if code is None and job.log_path:
+            time.sleep(0.2)
+            code = _keeper_status(log_tail(job.log_path))
     if code is None:
         return "the job process ended without reporting"
-    if code < 0 or code > 128:  # killed: by its signal's number (a Popen's negative code, or the shell's 128 + n)
+    if code < 0 or 128 < code <= 128 + 64:  # killed: by its signal (a Popen's negative code, the shell's 128 + n)
         number = -code if code < 0 else code - 128
         try:
             name = signal.Signals(number).name

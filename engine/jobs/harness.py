@@ -143,6 +143,12 @@ class JobContext:
 
 
 def main(work: Callable[[JobContext], None]) -> None:
+    import signal
+
+    # Started in the background by its keeper shell, which leaves SIGINT and SIGQUIT ignored: as usual again,
+    # for this process and what it starts (a server).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     db_path, job_id = Path(sys.argv[1]), int(sys.argv[2])
     db = Database(db_path)
     refusal, reattached = None, False

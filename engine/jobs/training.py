@@ -280,6 +280,10 @@ class Pacing:
     def save_now(self, step: int) -> bool:
         return self.save and self._due("save", step)
 
+    def resumed(self, step: int) -> None:
+        """A run resumed from a checkpoint at `step`: both were done there, not due again at once."""
+        self.last_step = {"eval": step, "save": step}
+
     def evaluating(self) -> None:
         self.started["eval"] = time.monotonic()
 
@@ -339,7 +343,9 @@ class Reporter:
 
             def on_substep_end(self, args, state, control, **kwargs):  # within a step of gradient accumulation
                 if reporter.stopping.requested:  # a long step on a CPU: stop now, not after it
-                    control.should_training_stop = control.should_save = True
+                    control.should_training_stop = True
+                    # keep the steps done since the last checkpoint (not that checkpoint again, nor step 0)
+                    control.should_save = state.global_step > reporter.pacing.last_step["save"]
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 reporter.logged(state, logs or {})
@@ -357,6 +363,7 @@ class Reporter:
     def begin(self, state) -> None:
         """A resumed run starts with the curve the checkpoint remembers."""
         self.run_start, self.run_first_step = time.monotonic(), state.global_step
+        self.pacing.resumed(state.global_step)
         self.tokens_at_start = self.collator.tokens
         self.step, self.total_steps = state.global_step, state.max_steps or self.total_steps
         for entry in state.log_history:
@@ -376,7 +383,7 @@ class Reporter:
             self.eta_s = elapsed / done * (self.total_steps - self.step)
         if self.stopping.requested:  # stop, keeping this step's work for a retry to resume from
             control.should_training_stop = True
-            control.should_save = True
+            control.should_save = self.step > self.pacing.last_step["save"]  # not a checkpoint it has already
             return
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY_S or self.step in (1, self.total_steps):
