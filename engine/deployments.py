@@ -197,8 +197,7 @@ def replan(db: Database, name: str | int) -> DeployPlan:
     notes = []
     if settings.port and target.is_here:
         with db.read() as session:
-            kept = {d.loads(d.settings_json, {}).get("port") for d in session.exec(select(Deployment).where(
-                Deployment.state.in_(LIVE_DEPLOYMENT_STATES), Deployment.id != old.id))}
+            kept = _check_name_and_port(session, old.name, 0)  # the ports live deployments keep
         if settings.port in kept or not port_free(settings.host, settings.port):
             notes.append(f"port {settings.port} is taken now: it listens on another")
             settings = dataclasses.replace(settings, port=0)  # a free one, which the plan chooses

@@ -326,7 +326,6 @@ class Reporter:
         self.eta_s: float | None = None
         self.last_report = 0.0
         self.last_log = 0.0
-        self.last_save = time.monotonic()
         self.run_start = time.monotonic()
         self.run_first_step = 0
         self.tokens_at_start = 0
@@ -343,9 +342,7 @@ class Reporter:
 
             def on_substep_end(self, args, state, control, **kwargs):  # within a step of gradient accumulation
                 if reporter.stopping.requested:  # a long step on a CPU: stop now, not after it
-                    control.should_training_stop = True
-                    # keep the steps done since the last checkpoint (not that checkpoint again, nor step 0)
-                    control.should_save = state.global_step > reporter.pacing.last_step["save"]
+                    reporter.stop(state, control)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 reporter.logged(state, logs or {})
@@ -355,7 +352,6 @@ class Reporter:
                 reporter.pacing.evaluated(state.global_step)
 
             def on_save(self, args, state, control, **kwargs):
-                reporter.last_save = time.monotonic()
                 reporter.pacing.saved(state.global_step)
 
         return ProgressCallback()
@@ -381,15 +377,14 @@ class Reporter:
         if done > 0 and elapsed > 0:
             self.tokens_per_s = self.trained_tokens / elapsed
             self.eta_s = elapsed / done * (self.total_steps - self.step)
-        if self.stopping.requested:  # stop, keeping this step's work for a retry to resume from
-            control.should_training_stop = True
-            control.should_save = self.step > self.pacing.last_step["save"]  # not a checkpoint it has already
+        if self.stopping.requested:
+            self.stop(state, control)
             return
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY_S or self.step in (1, self.total_steps):
             control.should_log = True  # the loss, averaged over the steps since the last one
             self.last_log = now
-        if now - self.last_save > TIMED_CHECKPOINT_S or self.stopping.checkpoint:
+        if now - self.pacing.trained_since["save"] > TIMED_CHECKPOINT_S or self.stopping.checkpoint:
             if self.stopping.checkpoint:
                 self.ctx.log(f"a checkpoint was asked for (SIGUSR1): saving it at step {self.step}")
             self.stopping.checkpoint = False
@@ -402,6 +397,12 @@ class Reporter:
         if control.should_evaluate:
             self.pacing.evaluating()
         self.report()
+
+    def stop(self, state, control) -> None:
+        """A cancel: stop, keeping the steps done since the last checkpoint for a retry to resume from (not
+        that checkpoint again, nor step 0)."""
+        control.should_training_stop = True
+        control.should_save = state.global_step > self.pacing.last_step["save"]
 
     @property
     def trained_tokens(self) -> int:

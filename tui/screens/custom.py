@@ -23,6 +23,7 @@ from engine.format import (
     meta_label,
     model_location,
 )
+from engine.hub import model_link
 from tui.screens.action_menu import ActionMenu
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ConfirmDialog
@@ -269,7 +270,7 @@ class CustomScreen(DeckScreen):
             ("Kind", m.kind.value), ("State", model_status(row, "long")), ("Source", m.source),
         ]
         if m.repo_id:  # the link the download recorded (a mirror's, say), else the Hub's
-            fields += [("Repo", m.repo_id), ("Link", m.meta.get("link") or f"https://huggingface.co/{m.repo_id}")]
+            fields += [("Repo", m.repo_id), ("Link", m.meta.get("link") or model_link(m.repo_id))]
         fields += [
             ("Revision", m.revision or "—"), ("Path", model_location(m) or "—"),
             ("Files owned", "yes: deleting frees them" if owns_files(m) else

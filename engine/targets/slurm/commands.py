@@ -38,9 +38,6 @@ class NotConfigured(SlurmError):
     """SLURM's commands are here, but no cluster is configured for them (no slurm.conf, no configless DNS)."""
 
 
-SWITCH_ENV = "MODELDECK_SLURM"  # "off": do not offer SLURM even where sbatch is on PATH
-
-
 def available() -> bool:
     """SLURM is a target where its client commands are on PATH (a login node, or a node of the cluster),
     unless MODELDECK_SLURM=off."""
