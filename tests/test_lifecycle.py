@@ -301,6 +301,23 @@ async def test_a_running_finetune_cancelled_ends_cancelled_with_nothing_left_run
     await driver.settle()
 
 
+def test_a_stop_returns_only_once_nothing_of_the_jobs_process_group_runs(tmp_path):
+    """The leader (the keeper shell) can end before the job process beside it: a stop that settled the
+    job then would leave it running for a moment (seen on a busy CI machine after a SIGKILL)."""
+    import subprocess
+    import time
+
+    ended = tmp_path / "member-ended"
+    member = (f"import signal, time, pathlib; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), "
+              f"pathlib.Path({str(ended)!r}).touch(), exit(0))); time.sleep(60)")
+    leader = subprocess.Popen(["/bin/sh", "-c", f'{sys.executable} -c "$0" & sleep 0.5; exec sleep 60', member],
+                              start_new_session=True)
+    time.sleep(1)
+    assert jobs.stop_process_group(leader.pid, deadline_s=10)
+    assert ended.exists() and not jobs.group_alive(leader.pid)
+    leader.wait()
+
+
 async def test_a_killed_supervisor_leaves_its_work_as_its_target_says(driver, db):
     done, job = await deployed(driver, db)
     os.kill(jobs.get(db, job.id).pid, signal.SIGKILL)

@@ -360,7 +360,10 @@ def stop_process_group(pid: int, deadline_s: float = STOP_DEADLINE_S) -> bool:
     child = next((c for c in _children.values() if c.pid == pid), None)
 
     def gone() -> bool:
-        return child.poll() is not None if child is not None else not process_alive(pid, None)
+        # The leader is the keeper shell: a SIGKILL ends it at once, while the job process beside it (a
+        # large one) is still dying; the job is over once nothing of its group is left.
+        leader_gone = child.poll() is not None if child is not None else not process_alive(pid, None)
+        return leader_gone and not group_alive(pgid)
 
     if _wait_until(gone, deadline_s):
         return True
@@ -371,6 +374,23 @@ def stop_process_group(pid: int, deadline_s: float = STOP_DEADLINE_S) -> bool:
     # Killed is not gone yet: the kernel takes a moment to end a large process, and the caller settles
     # the job's state as soon as it is.
     _wait_until(gone, KILL_WAIT_S)
+    return False
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of the group `pgid` runs (zombies, which nothing may reap here, do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # some member is not ours to signal: look
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
     return False
 
 
