@@ -180,18 +180,18 @@ class TestDialogs:
 
     def test_job_log(self, snap_compare, db, size):
         async def log_read(pilot):
-            from textual.widgets import Log
+            from tui.widgets.log_view import FollowingLog
 
-            await wait_for(pilot, lambda: pilot.app.screen.query_one(Log).line_count >= 4, what="the log")
+            await wait_for(pilot, lambda: len(pilot.app.screen.query_one(FollowingLog).lines) >= 4, what="the log")
 
         assert snap_compare(app_for(db), terminal_size=size,
                             run_before=keys("2", "end", "l", shown(LogDialog), log_read))
 
     def test_deployment_details(self, snap_compare, db, size):
         async def log_read(pilot):
-            from textual.widgets import Log
+            from tui.widgets.log_view import FollowingLog
 
-            await wait_for(pilot, lambda: pilot.app.screen.query_one(Log).line_count >= 5, what="the log")
+            await wait_for(pilot, lambda: len(pilot.app.screen.query_one(FollowingLog).lines) >= 5, what="the log")
 
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "d", shown(LiveDetails), log_read))
 
@@ -302,9 +302,9 @@ class TestDialogs:
 
     def test_training_details_with_loss_curve_and_log(self, snap_compare, db, size):
         async def log_read(pilot):
-            from textual.widgets import Log
+            from tui.widgets.log_view import FollowingLog
 
-            await wait_for(pilot, lambda: pilot.app.screen.query_one(Log).line_count >= 5, what="the log")
+            await wait_for(pilot, lambda: len(pilot.app.screen.query_one(FollowingLog).lines) >= 5, what="the log")
 
         assert snap_compare(app_for(db, training=True), terminal_size=size,
                             run_before=keys("2", "down", "d", shown(TrainingDetails), log_read))

@@ -25,6 +25,7 @@ from tui.screens.help import HelpDialog
 from tui.screens.import_dialog import ImportDialog
 from tui.screens.tag_picker import TagPicker
 from tui.widgets.live_table import LiveTable
+from tui.widgets.log_view import FollowingLog
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -422,6 +423,48 @@ async def test_copy_keys_put_the_link_or_path_on_the_clipboard(db, tiny_model_di
         assert app.clipboard == str(tiny_model_dir)
 
 
+def footer_keys(app) -> list[str]:
+    """The footer's keys as shown: 'm Merge', '? Keys'."""
+    from textual.widgets._footer import FooterKey
+
+    return [f"{app.get_key_display(app.screen.active_bindings[key.key].binding)} {key.description}".strip()
+            for key in app.screen.query(FooterKey) if not key.has_class("-command-palette")]
+
+
+async def test_the_footer_shows_the_keys_of_the_selected_row_whole_at_80_columns(db):
+    seed(db)
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("2")
+        shown = {}
+        for _ in range(table(app).row_count):
+            name = plain(table(app).cells(table(app).cursor_key)[0])
+            await pilot.pause(0.1)
+            shown[name] = footer_keys(app)
+            await pilot.press("down")
+        adapter, base, failed = shown["support-bot-lora"], shown["Qwen2.5-0.5B-Instruct"], shown["Llama-3.2-1B-Instruct"]
+        assert "m Merge" in adapter and "m Merge" not in base and "f Fine-tune" in base
+        assert "r Retry" in failed and "p Deploy" not in failed and "r Retry" not in base
+        for keys in shown.values():
+            assert keys[-2:] == ["? Keys", "q Quit"] and keys[0] == "⏎ Actions"
+            assert sum(len(k) + 1 for k in keys) + len("▏^p palette") <= 80, keys  # nothing cut
+
+        await pilot.press("3")
+        shown = {}
+        for _ in range(table(app).row_count):
+            dep = app.screen._selected()
+            await pilot.pause(0.1)
+            shown[dep.state.value] = footer_keys(app)
+            await pilot.press("down")
+        assert "c Chat" in shown["ready"] and "x Stop" in shown["ready"] and "^d Delete" not in shown["ready"]
+        assert "c Chat" not in shown["failed"] and "^d Delete" in shown["failed"] and "r Start again" in shown["failed"]
+        assert "x Stop" in shown["pending"] and "r Start again" not in shown["pending"]
+        for keys in shown.values():
+            assert keys[-2:] == ["? Keys", "q Quit"]
+            assert sum(len(k) + 1 for k in keys) + len("▏^p palette") <= 80, keys
+
+
 async def test_every_key_of_every_screen_has_its_action(db):
     app = ModelDeckApp(db)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -433,9 +476,30 @@ async def test_every_key_of_every_screen_has_its_action(db):
                 assert callable(getattr(app.screen, f"action_{name}", None)), (app.screen, binding.action)
 
 
-async def test_l_shows_the_log_of_the_models_job_as_it_grows(db, hub):
-    from textual.widgets import Log
+def shown(log) -> list[str]:
+    """The log's lines as they are on screen (wrapped)."""
+    return [strip.text.rstrip() for strip in log.lines]
 
+
+async def test_a_long_log_line_wraps_to_the_dialog_at_80_columns(db, tmp_path):
+    from tui.screens.log_dialog import LogDialog
+
+    words = " ".join(f"word{i}" for i in range(40))  # about 270 characters
+    log_path = tmp_path / "job.log"
+    log_path.write_text(f"first line\nOSError: cannot write /very/long/path: {words} END\nlast\n")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        app.push_screen(LogDialog("a job", str(log_path)))
+        log = await wait_for(pilot, lambda: isinstance(app.screen, LogDialog)
+                             and next(iter(app.screen.query(FollowingLog)), None))
+        lines = await wait_for(pilot, lambda: len(shown(log)) > 3 and shown(log), what="the lines")
+        assert all(len(line) <= log.size.width for line in lines)
+        assert lines[0] == "first line" and lines[-1] == "last"
+        assert " ".join(lines[1:-1]).split() == f"OSError: cannot write /very/long/path: {words} END".split()
+
+
+async def test_l_shows_the_log_of_the_models_job_as_it_grows(db, hub):
     from tui.screens.log_dialog import LogDialog
 
     hub.bytes_per_second = 8_000_000
@@ -447,9 +511,9 @@ async def test_l_shows_the_log_of_the_models_job_as_it_grows(db, hub):
         await wait_for(pilot, lambda: table(app).row_count == 1)
         await pilot.press("l")
         dialog = await wait_for(pilot, lambda: isinstance(app.screen, LogDialog) and app.screen)
-        log = dialog.query_one(Log)
-        await wait_for(pilot, lambda: any("started: download org/big" in line for line in log.lines), what="the start")
-        await wait_for(pilot, lambda: any("job succeeded" in line for line in log.lines), timeout=30,
+        log = dialog.query_one(FollowingLog)
+        await wait_for(pilot, lambda: any("started: download org/big" in line for line in shown(log)), what="the start")
+        await wait_for(pilot, lambda: any("job succeeded" in line for line in shown(log)), timeout=30,
                        what="lines written after the dialog opened")
         await pilot.press("escape")
         assert isinstance(app.screen, CustomScreen)

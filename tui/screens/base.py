@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import ActiveBinding
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input
 from textual.worker import Worker
@@ -49,6 +51,9 @@ class FieldHelp:
         self.query_one("#field-help").update(Text(tooltip if isinstance(tooltip, str) else ""))
 
 
+FOOTER_PALETTE_WIDTH = 12  # "▏^p palette", at the footer's right end
+
+
 class DeckScreen(ReportsWorkerErrors, Screen):
     TAB_TITLE = ""
     MODE = ""
@@ -63,6 +68,51 @@ class DeckScreen(ReportsWorkerErrors, Screen):
 
     def compose_footer(self) -> ComposeResult:
         yield Footer(compact=True)
+
+    def row_actions(self) -> list[str] | None:
+        """The actions of this screen that the selected row can take now, the most wanted first, for the
+        footer (80 columns do not hold every key: the last go first; `?` lists them all); None: the footer
+        shows the screen's keys as bound."""
+        return None
+
+    @property
+    def active_bindings(self) -> dict[str, ActiveBinding]:
+        # The footer reads this (key dispatch does not): of this screen's own keys, only the row's actions,
+        # shown even where their binding hides them from a footer that lists every key.
+        bindings = super().active_bindings
+        wanted = self.row_actions()
+        if wanted is None:
+            return bindings
+        shown = {}
+        for key, active in bindings.items():
+            own = next((b for b in self._bindings.key_to_bindings.get(key, ()) if b.action in wanted), None)
+            if own is not None and (active.node is self or not active.binding.show):  # enter: the table's, ours
+                shown[key] = ActiveBinding(self, dataclasses.replace(own, show=True), active.enabled, own.tooltip)
+            elif active.node is not self:
+                shown[key] = active
+
+        def width(active: ActiveBinding) -> int:  # as the compact footer draws it: "key description "
+            return len(self.app.get_key_display(active.binding)) + len(active.binding.description) + 2
+
+        room = self.size.width - FOOTER_PALETTE_WIDTH
+        for action in reversed(wanted):
+            if sum(width(active) for active in shown.values() if active.binding.show) <= room:
+                break
+            shown = {key: active for key, active in shown.items()
+                     if not (active.node is self and active.binding.action == action)}
+        return shown
+
+    _footer_actions: list[str] | None = None
+
+    def follow_row(self) -> None:
+        """The footer follows the selected row: called when it moves or changes (redrawn only if its keys do)."""
+        wanted = self.row_actions()
+        if wanted != self._footer_actions:
+            self._footer_actions = wanted
+            self.refresh_bindings()
+
+    def on_live_table_highlighted(self, event: LiveTable.Highlighted) -> None:
+        self.follow_row()
 
     _focus_request = None  # a row to put the cursor on as soon as it is listed
 

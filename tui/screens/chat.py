@@ -126,9 +126,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
     # -- layout -------------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        dep = self.app.store.deployments.get(self.deployment_id)
-        title = f"Chat · {dep.name} ({dep.served_name}) · {dep.endpoint}" if dep else "Chat"
-        yield InfoLine(title, id="title")
+        yield InfoLine("Chat", id="title")
         yield InfoLine("", id="settings-line", classes="subtle-line")
         with VerticalScroll(id="messages"):
             yield Static(EMPTY, classes="empty-hint")
@@ -142,6 +140,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
 
         self.client = new_client()
         self.query_one("#messages", VerticalScroll).anchor()  # follow the newest text as it streams
+        self._show_title()
         self._show_settings()
         self.prepare(self.conversation_id)
 
@@ -149,11 +148,37 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         if self.client is not None:
             await self.client.aclose()
 
+    def on_resize(self) -> None:
+        self._show_title()
+        self._show_settings()
+
+    def _room(self) -> int:
+        return max(20, self.size.width - 2)  # the lines' padding
+
+    def _show_title(self) -> None:
+        """Chat · name (served name) · endpoint: what does not fit goes whole, the least telling first."""
+        dep = self.app.store.deployments.get(self.deployment_id)
+        if dep is None:
+            return
+        served = f" ({dep.served_name})" if dep.served_name and dep.served_name != dep.name else ""
+        endpoint = dep.endpoint or ""
+        short = endpoint.removeprefix("http://").removesuffix("/v1")
+        for title in (f"Chat · {dep.name}{served} · {endpoint}", f"Chat · {dep.name}{served} · {short}",
+                      f"Chat · {dep.name} · {short}", f"Chat · {dep.name}"):
+            if len(title) <= self._room():
+                break
+        self.query_one("#title", InfoLine).update(title)
+
     def _show_settings(self) -> None:
+        """The sampling settings whole; the system prompt takes the room left, cut at a word."""
         p = self.params
+        rest = f" · temperature {p.temperature:g} · top-p {p.top_p:g} · max {p.max_tokens:,} tokens"
         system = " ".join(self.system_prompt.split()) or "none"
-        self.query_one("#settings-line", InfoLine).update(
-            f"system: {system} · temperature {p.temperature:g} · top-p {p.top_p:g} · max {p.max_tokens:,} tokens")
+        room = self._room() - len("system: ") - len(rest)
+        if len(system) > room:
+            cut = system[: max(room - 1, 0)]
+            system = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" .,;:") + "…"
+        self.query_one("#settings-line", InfoLine).update(f"system: {system}{rest}")
 
     def _error(self, message: str) -> None:
         self.query_one("#chat-error", Static).update(Text(message))

@@ -50,7 +50,7 @@ class CustomScreen(DeckScreen):
     BINDINGS = [
         Binding("slash", "focus_filter", "Filter", id="custom.filter", tooltip="Filter by name, kind, state or source"),
         Binding("enter", "menu", "Actions", id="custom.menu", tooltip="Action menu of the selected model"),
-        Binding("f", "finetune", "Fine-tune model", id="custom.finetune", tooltip="Fine-tune a model with LoRA on your dataset"),
+        Binding("f", "finetune", "Fine-tune", id="custom.finetune", tooltip="Fine-tune a model with LoRA on your dataset"),
         Binding("d", "details", "Details", id="custom.details", tooltip="Everything known about the model, lineage included"),
         Binding("p", "deploy", "Deploy", id="custom.deploy", tooltip="Serve the model through an OpenAI-compatible endpoint"),
         Binding("c", "connect", "Connect", id="custom.connect", show=False, tooltip="Go to the model's deployment"),
@@ -84,6 +84,7 @@ class CustomScreen(DeckScreen):
         self.table.set_rows((model_id, self._cells(row)) for model_id, row in self.store.models.items())
         self.apply_filter()
         self.honour_focus_request()
+        self.follow_row()
 
     def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None:
         for model_id in gone:
@@ -126,6 +127,7 @@ class CustomScreen(DeckScreen):
         self._show_preview(event.key)
 
     def _show_preview(self, model_id: int | None) -> None:
+        self.follow_row()
         preview = self.query_one("#preview", InfoLine)
         row = self.store.models.get(model_id) if model_id is not None else None
         if row is None:
@@ -148,10 +150,8 @@ class CustomScreen(DeckScreen):
     def on_live_table_selected(self, event: LiveTable.Selected) -> None:
         self.action_menu()
 
-    def action_menu(self) -> None:
-        row = self._row()
-        if row is None:
-            return
+    def _actions(self, row: ModelRow) -> list[tuple[str, str]]:
+        """What the row's model can do now, as (action, label): its menu, and the keys its footer shows."""
         from engine.models import (
             retry_label,  # loaded by now; not at import, to keep the first paint fast
         )
@@ -173,6 +173,20 @@ class CustomScreen(DeckScreen):
         if row.model.job_id is not None:
             actions.append(("logs", "Job log  l"))
         actions.append(("delete", "Delete  ctrl+d"))
+        return actions
+
+    def row_actions(self) -> list[str] | None:
+        row = self._row()
+        if row is None:  # nothing to act on: what starts a model
+            return ["focus_filter", "import_model", "finetune"]
+        order = ["menu", "cancel_job", "retry", "merge", "connect", "deploy", "finetune", "logs", "details", "delete"]
+        return sorted(["menu"] + [action for action, _label in self._actions(row)], key=order.index)
+
+    def action_menu(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        actions = self._actions(row)
 
         def chosen(action: str | None) -> None:
             if action:

@@ -121,6 +121,7 @@ class DeploymentsScreen(DeckScreen):
         self.table.set_rows((d.id, self._cells(d)) for d in self.store.deployments.values())
         self.apply_filter()
         self.honour_focus_request()
+        self.follow_row()
 
     def deployments_changed(self, changed: set[int], gone: set[int]) -> None:
         for dep_id in gone:
@@ -129,6 +130,7 @@ class DeploymentsScreen(DeckScreen):
             self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
         self.apply_filter()  # the state filter and the counts follow the new states
         self.honour_focus_request()
+        self.follow_row()
 
     def _cells(self, dep: Deployment) -> tuple:
         state = deployment_state_text(dep.state, dep.phase, dep.reason, dep.ends_at, clock())
@@ -196,6 +198,19 @@ class DeploymentsScreen(DeckScreen):
                 self.notify("Endpoint added: enter for Connect, c to chat", timeout=4)
 
         self.app.push_screen(EndpointDialog(), added)
+
+    def row_actions(self) -> list[str] | None:
+        dep = self._selected()
+        if dep is None:
+            return ["focus_filter", "cycle_state", "add_endpoint"]
+        actions = ["connect", "chat"] if dep.state == DeploymentState.READY else []
+        actions.append("details")
+        if dep.backend != "external":
+            actions.append("logs")
+            actions.append("stop" if dep.state.is_live() else "restart")
+        if not dep.state.is_live() or dep.backend == "external":
+            actions.append("delete")
+        return actions
 
     def _selected(self) -> Deployment | None:
         key = self.table.cursor_key

@@ -1,18 +1,20 @@
 """FollowingLog: a job's log file, tailed as it grows (like `tail -f`), in a thread, for as long as the
-widget is on screen. Used by the log dialog (`l`) and the fine-tune details."""
+widget is on screen; long lines wrap (a path or a traceback's message is read whole, at 80 columns too).
+Used by the log dialog (`l`) and the fine-tune details."""
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import work
-from textual.widgets import Log
+from textual.widgets import RichLog
 from textual.worker import get_current_worker
 
 MAX_LINES = 5000  # the widget keeps the tail; the file keeps everything
 
 
-class FollowingLog(Log):
+class FollowingLog(RichLog):
     def __init__(self, path: str | None = None, **kwargs):
-        super().__init__(max_lines=MAX_LINES, **kwargs)
+        super().__init__(max_lines=MAX_LINES, wrap=True, min_width=20, markup=False, highlight=False, **kwargs)
         self.path = path
 
     def on_mount(self) -> None:
@@ -37,4 +39,6 @@ class FollowingLog(Log):
 
     def _append(self, lines: list[str]) -> None:
         if self.is_attached:  # the dialog may have closed while the lines were read
-            self.write_lines(lines)
+            for line in lines[-MAX_LINES:]:
+                self.write(Text(line))
+
