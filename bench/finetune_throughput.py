@@ -70,13 +70,14 @@ print(json.dumps({"tokens": tokens, "runtime": result.metrics["train_runtime"]})
 '''
 
 
-def make_model(folder: Path, device: str) -> Path:
+def make_model(folder: Path, size: tuple[int, int, int, int]) -> Path:
+    """A random Llama of `size` (hidden, layers, heads, ffn) with the tests' tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.tinymodel import make_tokenizer
 
-    hidden, layers, heads, ffn = SIZES[device]
+    hidden, layers, heads, ffn = size
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     home = fresh_home()
-    model_dir = make_model(home / "model", args.device)
+    model_dir = make_model(home / "model", SIZES[args.device])
     data = make_dataset(home / "data.jsonl")
     ours, bare = [], []
     for round_number in range(args.rounds):

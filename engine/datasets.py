@@ -267,6 +267,7 @@ class TokenStats:
     over_max_length: int  # rows cut to the max length
     unlearnable: int  # rows with nothing to learn once cut (the reply starts past the max length)
     own_template: bool
+    mean_trained: float = 0.0  # tokens a trained row carries, once cut (what a run's speed is counted in)
 
     def describe(self, max_length: int) -> str:
         text = (f"{self.total_tokens:,} tokens, mean {self.mean_tokens:,}, longest {self.max_tokens:,}; "
@@ -280,14 +281,26 @@ class TokenStats:
 
 def token_stats(tokenizer, dataset: Dataset, max_length: int) -> TokenStats:
     template, own = chat_template(tokenizer)
-    lengths, unlearnable = [], 0
+    lengths, unlearnable, trained = [], 0, []
     for example in dataset.examples:
         full = encode(tokenizer, template, example, 10**9)
         lengths.append(len(full["input_ids"]) if full else 0)
         if full is None or all(label == IGNORE for label in full["labels"][:max_length]):
             unlearnable += 1  # what encode() would drop once the row is cut to max_length
+        else:
+            trained.append(min(lengths[-1], max_length))
     return TokenStats(len(lengths), sum(lengths), round(sum(lengths) / len(lengths)), max(lengths),
-                      sum(1 for n in lengths if n > max_length), unlearnable, own)
+                      sum(1 for n in lengths if n > max_length), unlearnable, own,
+                      sum(trained) / len(trained) if trained else 0.0)
+
+
+@dataclass
+class TokenCount:
+    """What the dialog's token-count subprocess tells: the counts, worded, and this CPU's speed if asked."""
+
+    stats: TokenStats
+    summary: str
+    cpu_flops: float | None = None
 
 
 def load_tokenizer(model_path: str | Path):
@@ -299,41 +312,53 @@ def load_tokenizer(model_path: str | Path):
     return tokenizer
 
 
-def token_stats_in_subprocess(model_path: str | Path, dataset: str | Path, max_length: int) -> str:
+def token_stats_in_subprocess(model_path: str | Path, dataset: str | Path, max_length: int,
+                              cpu_speed: bool = False) -> TokenCount:
     """Token counts for the dashboard's dialog, from a short child process (the tokenizer needs
-    transformers, which the dashboard never imports). Raises DatasetError with the reason."""
+    transformers, which the dashboard never imports); with `cpu_speed`, this CPU's measured speed too
+    (engine/estimates.py guesses a CPU run's time from it). Raises DatasetError with the reason."""
     import subprocess
     import sys
 
     from engine.jobs import child_env
 
+    command = [sys.executable, "-m", "engine.datasets", str(model_path), str(dataset), str(max_length)]
     try:
-        out = subprocess.run([sys.executable, "-m", "engine.datasets", str(model_path), str(dataset), str(max_length)],
+        out = subprocess.run(command + (["--cpu-speed"] if cpu_speed else []),
                              capture_output=True, text=True, timeout=300, env=child_env())
         result = json.loads(out.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         raise DatasetError(f"could not count tokens: {exc}") from exc
     if "error" in result:
         raise DatasetError(result["error"])
-    return result["summary"]
+    summary, cpu_flops = result.pop("summary"), result.pop("cpu_flops", None)
+    return TokenCount(TokenStats(**result), summary, cpu_flops)
 
 
 def main(argv: list[str]) -> int:
-    """`python -m engine.datasets MODEL_PATH DATASET MAX_LENGTH`: print token statistics as JSON."""
+    """`python -m engine.datasets MODEL_PATH DATASET MAX_LENGTH [--cpu-speed]`: print token statistics
+    (and this CPU's speed) as JSON."""
     import dataclasses
     import sys
 
+    cpu_speed = "--cpu-speed" in argv
+    argv = [arg for arg in argv if arg != "--cpu-speed"]
     model_path, dataset_path, max_length = argv[0], argv[1], int(argv[2])
+    extra = {}
     try:
         dataset = read_dataset(dataset_path)
         stats = token_stats(load_tokenizer(model_path), dataset, max_length)
+        if cpu_speed:
+            from engine.estimates import measure_cpu_flops
+
+            extra["cpu_flops"] = measure_cpu_flops()
     except EngineError as exc:
         print(json.dumps({"error": str(exc)}))
         return 1
     except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is a reason, not a crash
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1
-    print(json.dumps(dataclasses.asdict(stats) | {"summary": stats.describe(max_length)}))
+    print(json.dumps(dataclasses.asdict(stats) | {"summary": stats.describe(max_length)} | extra))
     sys.stdout.flush()
     return 0
 

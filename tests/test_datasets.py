@@ -119,8 +119,12 @@ def test_validation_rows_are_held_out_only_when_there_are_enough():
 
 def test_token_counts_come_from_the_base_models_tokenizer_in_a_subprocess(tmp_path, tiny_model_dir):
     data = write_dataset(tmp_path, "openai", rows=8)
-    summary = token_stats_in_subprocess(tiny_model_dir, data, 16)
-    assert re.match(r"\d+ tokens, mean \d+, longest \d+; 8 over 16 \(cut\); 8 left out", summary), summary
+    counted = token_stats_in_subprocess(tiny_model_dir, data, 16)
+    assert re.match(r"\d+ tokens, mean \d+, longest \d+; 8 over 16 \(cut\); 8 left out", counted.summary), counted
+    assert counted.stats.rows == 8 and counted.stats.mean_trained == 0 and counted.cpu_flops is None
+    counted = token_stats_in_subprocess(tiny_model_dir, data, 4096, cpu_speed=True)
+    assert counted.stats.unlearnable == 0 and counted.stats.mean_trained == counted.stats.total_tokens / 8
+    assert counted.cpu_flops > 1e8  # any CPU of this century
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"text": "x"}, {"messages": 1}])
     with pytest.raises(DatasetError, match="line 2: missing field 'text'"):
         token_stats_in_subprocess(tiny_model_dir, broken, 16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -715,6 +717,16 @@ async def test_finetune_from_the_dialog_runs_live_in_custom_then_merges(db, tiny
         for name, value in {"name": "sharegpt-lora", "max_steps": "400", "batch_size": "4", "grad_accum": "1",
                             "learning_rate": "0.01", "val_split": "0"}.items():
             set_input(app, name, value)
+
+        def estimate() -> str:
+            return str(app.screen.query_one("#estimate").render())
+
+        # Nothing has run on this base yet: a guess from this CPU's speed, for the settings as typed now
+        await wait_for(pilot, lambda: dialog._counted is not None, 30, what="the count")
+        tokens = 400 * 4 * dialog._counted[2].stats.mean_trained  # the steps typed, not the default epochs
+        await wait_for(pilot, lambda: f"a guess from this CPU's speed: {tokens:,.0f} tokens at about" in estimate(), 30,
+                       what="the guessed time")
+        assert re.match(r"⏱ about \d+(m\d\ds|s) of training \(", estimate()), estimate()
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: isinstance(app.screen, CustomScreen), 30, what="the dialog to close")
         adapter = next(r.model for r in app.store.models.values() if r.model.name == "sharegpt-lora")
@@ -733,6 +745,17 @@ async def test_finetune_from_the_dialog_runs_live_in_custom_then_merges(db, tiny
         await pilot.press("m")
         await wait_for(pilot, lambda: any(r.model.name == "sharegpt-lora-merged" and r.model.state == ModelState.READY
                                           for r in app.store.models.values()), 120, what="the merged model")
+
+        # The next run on this base is timed from the speed the last one measured
+        from engine import jobs
+
+        measured = json.loads(jobs.get(db, adapter.job_id).metrics_json)["tokens_per_s"]
+        await pilot.press("f")
+        await wait_for(pilot, lambda: isinstance(app.screen, FinetuneDialog))
+        app.screen.query_one("#base").value = app.store.models[1].model.id  # tiny, not the merged model
+        set_input(app, "dataset", str(data))
+        await wait_for(pilot, lambda: f"{measured:,.0f} tokens/s, as job {adapter.job_id} ran" in estimate(), 60,
+                       what="the measured time")
 
 
 async def test_deploy_drawer_tells_merged_from_adapter_and_follows_a_download_that_fails(db):

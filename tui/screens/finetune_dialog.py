@@ -3,8 +3,9 @@ target with its own options and a GPU count), method and the LoRA hyperparameter
 
 Empty fields take the sound defaults shown in grey, so picking a base model and a dataset is enough.
 The dataset is read and checked as soon as it is named (its first bad line shown here), with token
-counts from the base model's tokenizer. Nothing is lost on an error: the dialog closes only once the
-fine-tune has started, and returns the new adapter's id.
+counts from the base model's tokenizer and how long the run will train (engine/estimates.py). Nothing
+is lost on an error: the dialog closes only once the fine-tune has started, and returns the new
+adapter's id.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tui.widgets.target_select import TargetSelect, initial_target
 # Shown on their own rows above the grid of numbers.
 WIDE_FIELDS = ("method", "target_modules")
 CHECK_DELAY_S = 0.4  # wait for typing to pause before reading the dataset again
+LONG_RUN_S = 30 * 60  # an estimate over this stands out
 
 
 class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[int | None]):
@@ -52,6 +54,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self._rows: tuple[str, int, str] | None = None  # the dataset read last: path, rows, format name
         self._starting = False
         self._local_qlora = False  # a GPU here and bitsandbytes: known once the GPUs are read
+        self._counted = None  # the dataset and base counted last: (path, base id, TokenCount, params)
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
                 yield Static("JSONL: OpenAI chat, ShareGPT, Alpaca or text (detected)",
                              id="dataset-summary", classes="form-note")
                 yield Static("", id="token-summary", classes="form-note")
+                yield Static("", id="estimate", classes="form-note")  # shown once there is one
                 with Horizontal(classes="form-row"):
                     yield Label("Output name", classes="form-label")
                     yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
@@ -129,6 +133,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
 
     def on_mount(self) -> None:
         self.query_one("#gpu-count-row").display = False
+        self.query_one("#estimate").display = False
         if self.initial_dataset:
             self.check_dataset()
 
@@ -144,6 +149,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self.query_one("#gpus-row").display = not counted
         self._offer_methods()
         self._show_problems(self._hyperparameters()[1])
+        self._show_estimate()
 
     def _offer_methods(self) -> None:
         """QLoRA where it can run: a GPU here with bitsandbytes, or another target (its run checks)."""
@@ -203,6 +209,52 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self.query_one("#dataset-summary", Static).update(Text.assemble(
             ("✓ ", "bold green"), f"{rows:,} rows, {format_name}: {rows - val:,} train, "
                                  f"{val:,} validation{steps}"))
+        self._show_estimate()
+
+    def _on_cpu(self) -> bool:
+        if self._target():
+            return self._value("gpu_count") == "0"
+        gpus, chosen = self.query_one(GpuSelect).gpus, self._gpus()
+        return chosen == "cpu" or (chosen == "auto" and gpus == [])
+
+    def _show_estimate(self) -> None:
+        line = self.query_one("#estimate", Static)
+        base, counted = self._base(), self._counted
+        hp, errors = self._hyperparameters()
+        if (base is None or counted is None or self._rows is None or errors
+                or counted[:2] != (self._value("dataset"), base.model.id) or counted[0] != self._rows[0]):
+            line.display = False
+            return
+        from engine.datasets import validation_count
+
+        rows = self._rows[1]
+        val = validation_count(rows, hp.val_split)
+        self._estimate(base.model.id, hp, rows - val, bool(val), *counted[2:], self._on_cpu(), self._target())
+
+    @work(thread=True, exclusive=True, group="estimate", exit_on_error=False)
+    def _estimate(self, base_id: int, hp: Hyperparameters, train_rows: int, validation: bool, counted,
+                  params: int | None, on_cpu: bool, target: str) -> None:
+        from engine import estimates
+
+        seen = estimates.rows_seen(hp.steps(train_rows), hp.batch_size, hp.grad_accum, train_rows, hp.epochs,
+                                   hp.max_steps)
+        measured = estimates.measured_speed(self.app.db, base_id, on_cpu, target)
+        guess_cpu = counted.cpu_flops if on_cpu and not target else None
+        found = estimates.estimate(seen * counted.stats.mean_trained, measured, params, guess_cpu, validation)
+        if found is None:
+            text = Text("No time estimate yet: the first run on this device measures its speed", style="dim")
+        else:
+            long = found.seconds > LONG_RUN_S
+            text = Text.assemble(("⏱ ", "bold"), (found.describe(), "bold yellow" if long else ""))
+            if long:
+                text.append("; fewer max steps or a shorter max length shorten it", style="yellow")
+        worker = get_current_worker()
+        self.app.call_from_thread(lambda: worker.is_cancelled or self._shown_estimate(text))
+
+    def _shown_estimate(self, text: Text) -> None:
+        line = self.query_one("#estimate", Static)
+        line.update(text)
+        line.display = True
 
     def _show_problems(self, errors: dict[str, str]) -> None:
         for f in Hyperparameters.fields():
@@ -228,6 +280,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         if event.select.id == "base":
             self._schedule_check()
         self._show_problems(self._hyperparameters()[1])
+        self._show_estimate()  # the device (and the base) it rests on
 
     def _schedule_check(self) -> None:
         if self._check_timer is not None:
@@ -238,6 +291,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         path = self._value("dataset")
         summary = self.query_one("#dataset-summary", Static)
         self.query_one("#token-summary", Static).update("")
+        self.query_one("#estimate", Static).display = False
         if not path:
             summary.update("JSONL: OpenAI chat, ShareGPT, Alpaca or text (detected)")
             return
@@ -250,7 +304,9 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
     def _read_dataset(self, path: str, base_id: int | None, hp: Hyperparameters) -> None:
         from catalog.schema import Model
         from engine.datasets import read_dataset, token_stats_in_subprocess
+        from engine.estimates import model_params
         from engine.finetune import default_name, model_limits
+        from engine.localmodel import model_config
 
         worker = get_current_worker()
 
@@ -282,10 +338,18 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self.app.call_from_thread(show, tokens, "Counting tokens with the base model's tokenizer…")
         max_length = hp.resolved(model_limits(base.path).max_length).max_length
         try:
-            text = Text(token_stats_in_subprocess(base.path, path, max_length))
-        except EngineError as exc:
-            text = Text("No token counts: " + str(exc).splitlines()[0], style="red")  # the first line says it
-        self.app.call_from_thread(show, tokens, text)
+            counted = token_stats_in_subprocess(base.path, path, max_length, cpu_speed=True)
+        except EngineError as exc:  # the first line says it
+            self.app.call_from_thread(show, tokens, Text("No token counts: " + str(exc).splitlines()[0], style="red"))
+            return
+        self.app.call_from_thread(show, tokens, Text(counted.summary))
+        if not worker.is_cancelled:
+            params = model_params(model_config(base.path)[1])
+            self.app.call_from_thread(self._counted_for, path, base.id, counted, params)
+
+    def _counted_for(self, path: str, base_id: int, counted, params: int | None) -> None:
+        self._counted = (path, base_id, counted, params)
+        self._show_estimate()
 
     # -- starting -----------------------------------------------------------------------------------
 
