@@ -95,9 +95,16 @@ def job_progress(job: Job, detail: str = "short") -> str:
     if metrics.get("total_steps") and "elapsed_s" not in metrics:
         return training_progress(metrics, job.eta_s, detail)
     phase = metrics.get("phase") or ("starting" if job.state.value == "queued" else "working")
+    elapsed = metrics.get("elapsed_s")
+    if elapsed is not None and job.progress is not None:  # a phase that counts its steps (a conversion's tensors)
+        eta = f" ETA {human_duration(job.eta_s)}" if job.eta_s is not None and job.progress < 1 else ""
+        if detail == "tiny":
+            return f"{job.progress:.0%}"
+        if detail == "short":
+            return f"{phase} {progress_bar(job.progress, 6)} {job.progress:.0%}{eta}"
+        return f"{phase}: {progress_bar(job.progress)} {job.progress:.0%}  {human_duration(elapsed)} so far{eta}"
     if detail == "tiny":
         return ""
-    elapsed = metrics.get("elapsed_s")
     return f"{phase} ({human_duration(elapsed)})" if elapsed is not None else phase
 
 

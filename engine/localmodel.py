@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import EngineError
@@ -40,6 +42,56 @@ def check_gguf(path: Path) -> None:
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise EngineError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+# GGUF metadata value types: struct formats of the scalars; 8 is a string, 9 an array (spec: ggml's docs/gguf.md)
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_header_value(path: Path, wanted: str):
+    """One metadata value of a GGUF file, read from its header up to that key (None if it has none).
+    The gguf package's reader parses every field and tensor first (3 s for a 100 MB model here); a
+    dialog asks for one value."""
+    import struct
+
+    def read(f, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("the GGUF header ends early")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(f) -> str:
+        return f.read(read(f, "Q")).decode("utf-8", errors="replace")
+
+    def value(f, kind: int):
+        if kind in _GGUF_SCALARS:
+            return read(f, _GGUF_SCALARS[kind])
+        if kind == 8:
+            return string(f)
+        if kind == 9:
+            item, count = read(f, "I"), read(f, "Q")
+            if item in _GGUF_SCALARS:  # skipped whole: nobody asks for an array here
+                f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    value(f, item)
+            return None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        version = read(f, "I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        read(f, "Q")  # tensors
+        for _ in range(read(f, "Q")):
+            key, kind = string(f), read(f, "I")
+            found = value(f, kind)
+            if key == wanted:
+                return found
+    return None
 
 
 @_unreadable_is_a_reason
@@ -81,26 +133,97 @@ def publish(out_dir: Path) -> None:
     partial.rename(final)
 
 
-def convert_gguf(gguf: Path, out_dir: Path, log) -> None:
+Progress = Callable[[int, "int | None", "str | None"], None]  # (done, total, the step it is at)
+
+
+def convert_gguf(gguf: Path, out_dir: Path, log, progress: Progress | None = None) -> str:
     """Load a GGUF file with transformers (dequantized) and save it as safetensors with its tokenizer.
-    Written to a temporary folder first, so a crash never leaves a half model behind. Job processes only."""
+    Written to a temporary folder first, so a crash never leaves a half model behind. `progress` hears
+    each step, and the tensors counted as they are dequantized. Returns what was converted, for the
+    model's details. Job processes only."""
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"loading {gguf} (dequantizing GGUF weights; this takes a while)")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    from engine.format import human_bytes
+    from engine.mirrors import gguf_quantization
+
+    def step(name: str, said: str) -> None:
+        log(said)
+        if progress is not None:
+            progress(0, None, name)
+
+    with _gguf_read_once():
+        step("reading the tokenizer", f"reading the tokenizer and layout of {gguf}")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        step("dequantizing the weights", "dequantizing the weights")
+        with _counting_tensors(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are plain tensors after loading; the GGUF marker only blocks saving them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _, partial = output_folders(out_dir)
     shutil.rmtree(partial, ignore_errors=True)
-    log(f"writing safetensors to {out_dir}")
+    step("writing safetensors", f"writing safetensors to {out_dir}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     publish(out_dir)
+    quantization = gguf_quantization(gguf)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return (f"{gguf.name} ({quantization + ', ' if quantization else ''}{human_bytes(gguf.stat().st_size)}), "
+            f"dequantized to {dtype}")
+
+
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers parses the whole GGUF file three times in a conversion (tokenizer, config, weights:
+    4.7 s each for SmolLM2-135M here, most of its vocabulary), and builds gguf's tensor-name map once per
+    module (397 times, 7 s). Within one conversion the file does not change: one parse, one map each."""
+    import gguf as gguf_package
+
+    reader, name_map = gguf_package.GGUFReader, gguf_package.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def read_once(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf_package.GGUFReader, gguf_package.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf_package.GGUFReader, gguf_package.get_tensor_name_map = reader, name_map
+
+
+@contextmanager
+def _counting_tensors(progress: Progress | None) -> Iterator[None]:
+    """transformers counts the GGUF tensors it dequantizes with a tqdm bar (in the log); the same bar,
+    subclassed, tells `progress` as well. Without that module's bar (another transformers), no count."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+
+    shown = getattr(gguf_loading, "tqdm", None)
+    if progress is None or shown is None:
+        yield
+        return
+
+    class Counted(shown):
+        def update(self, n: float | None = 1) -> bool | None:
+            displayed = super().update(n)
+            progress(int(self.n), self.total, None)
+            return displayed
+
+        def close(self) -> None:
+            progress(int(self.n), self.total, None)
+            super().close()
+
+    gguf_loading.tqdm = Counted
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = shown
 
 
 def has_chat_template(path: str | Path) -> bool:

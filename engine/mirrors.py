@@ -70,3 +70,74 @@ def find_mirror(repo_id: str, home: Path) -> tuple[Mirror, Path] | None:
         if mirror.repo_id == repo_id and (location := mirror.locate()) is not None:
             return mirror, location
     return None
+
+
+HUB_BYTES_PER_PARAM = 2  # the Hub's weights are bf16 or fp16 safetensors, nearly always
+CONVERTED_BYTES_PER_PARAM = 4  # a GGUF is dequantized to float32 (transformers loads it so)
+
+
+def gguf_quantization(path: Path) -> str | None:
+    """The GGUF file's quantization as its header names it (Q4_1, Q8_0, F16…); None when it does not say."""
+    from engine.localmodel import gguf_header_value
+
+    try:
+        file_type = gguf_header_value(path, "general.file_type")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(file_type, int):
+        return None
+    try:
+        from gguf import LlamaFileType  # its names; the dashboard alone may not have the package
+    except ImportError:
+        return f"GGUF file type {file_type}"
+    try:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"GGUF file type {file_type}"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a download of a repo gives: from the Hub, and from a local mirror when the Hub is unreachable."""
+
+    hub_bytes: int | None  # about: the weights in bf16
+    mirror: str | None = None  # how the mirror is described (its file, its package)
+    mirror_bytes: int | None = None
+    quantization: str | None = None  # a GGUF mirror's
+    converted_bytes: int | None = None  # a GGUF mirror once dequantized
+
+    def describe(self) -> str:
+        from engine.format import human_bytes
+
+        hub = f"about {human_bytes(self.hub_bytes)} from the Hub (bf16 weights)" if self.hub_bytes else "from the Hub"
+        if self.mirror is None:
+            return hub
+        if self.converted_bytes is None:
+            return f"{hub}; offline, the local mirror {self.mirror} ({human_bytes(self.mirror_bytes)})"
+        source = f"{self.quantization} GGUF" if self.quantization else "GGUF"
+        return (f"{hub}; offline, the local mirror {self.mirror}: {source}, {human_bytes(self.mirror_bytes)}, "
+                f"converted to float32 safetensors, about {human_bytes(self.converted_bytes)} on disk")
+
+
+def hub_bytes(params: int | None) -> int | None:
+    """About what a download from the Hub is: the weights, in bf16."""
+    return params * HUB_BYTES_PER_PARAM if params else None
+
+
+def offer(repo_id: str, params: int | None, home: Path) -> Offer:
+    """What a download of `repo_id` would give on this machine (reads a mirror's GGUF header: a thread's
+    work, not the UI's). A mirrors file that cannot be read leaves the mirror out."""
+    hub = hub_bytes(params)
+    try:
+        found = find_mirror(repo_id, home)
+    except EngineError:
+        found = None
+    if found is None:
+        return Offer(hub)
+    mirror, location = found
+    size = location.stat().st_size if location.is_file() else sum(p.stat().st_size for p in location.rglob("*")
+                                                                     if p.is_file())
+    if not location.is_file():
+        return Offer(hub, location.name, size)
+    converted = params * CONVERTED_BYTES_PER_PARAM if params else None
+    return Offer(hub, location.name, size, gguf_quantization(location), converted)

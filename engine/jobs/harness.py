@@ -79,21 +79,38 @@ class JobContext:
                 time.sleep(1.0)
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Work whose progress cannot be counted: report its name and the time spent, every second."""
+    def phase(self, name: str) -> Iterator[Callable[[int, int | None, str | None], None]]:
+        """Work reported by its name and the time spent, every second. Work that can tell its steps calls
+        what this yields with (done, total, step): a step's name is shown after the phase's ("converting
+        GGUF: dequantizing the weights"), and a count gives that step a fraction and an ETA."""
         start, done = time.monotonic(), threading.Event()
+        counted: dict[str, Any] = {}  # the step, its fraction, and when counting it began
+
+        def count(steps_done: int, total: int | None, step: str | None = None) -> None:
+            if step is not None and step != counted.get("step"):
+                counted.clear()
+                counted["step"] = step
+            if total:
+                counted.setdefault("since", time.monotonic())
+                counted["fraction"] = min(steps_done / total, 1.0)
 
         def tick() -> None:
+            finished = False
             while True:
-                elapsed = round(time.monotonic() - start)
-                self.report(metrics={"phase": name, "elapsed_s": elapsed})
-                if done.wait(1.0):
+                now = time.monotonic()
+                fraction, eta = counted.get("fraction"), None
+                if fraction:
+                    eta = (now - counted["since"]) * (1 - fraction) / fraction
+                shown = f"{name}: {counted['step']}" if counted.get("step") else name
+                self.report(metrics={"phase": shown, "elapsed_s": round(now - start)}, progress=fraction, eta_s=eta)
+                if finished:
                     return
+                finished = done.wait(1.0)  # then once more: how the phase ended (100%)
 
         ticker = threading.Thread(target=tick, name="phase", daemon=True)
         ticker.start()
         try:
-            yield
+            yield count
         finally:
             done.set()
             ticker.join()

@@ -15,7 +15,8 @@ from textual.binding import Binding
 
 from catalog.states import ModelState
 from engine.community import haystack, matches, terms
-from engine.format import human_params
+from engine.format import human_bytes, human_params
+from engine.mirrors import hub_bytes
 from tui.screens.base import DeckScreen
 from tui.screens.confirm import ChoiceDialog, ConfirmDialog
 from tui.screens.details import DetailsDialog
@@ -124,10 +125,12 @@ class CommunityScreen(DeckScreen):
             preview.update("")
             return
         text = Text.assemble((entry.name, "bold"), "  ", (entry.link, "underline"), "\n", entry.description, "\n")
-        text.append(f"{human_params(entry.params)} params · licence {entry.license}" + (" · gated" if entry.gated else ""), style="dim")
-        text.append("  ·  ")
+        download = f", about {human_bytes(hub_bytes(entry.params))}" if hub_bytes(entry.params) else ""
+        text.append(f"{human_params(entry.params)} params{download} · licence {entry.license}"
+                    + (" · gated" if entry.gated else ""), style="dim")
+        text.append(" · ")
         text.append_text(self._status(entry))
-        text.append(f"  ·  enter: {self._primary(entry)}", style="dim")
+        text.append(f" · enter: {self._primary(entry)}", style="dim")
         preview.update(text)
 
     # -- actions ------------------------------------------------------------------------------------
@@ -210,10 +213,21 @@ class CommunityScreen(DeckScreen):
         if row is not None and row.model.state != ModelState.FAILED:
             then(row.model.id)
             return
+        self.with_offer(entry, lambda offer: self._ask_download(entry, row, offer, waits, then))
+
+    @work(thread=True, exit_on_error=False, group="offer")
+    def with_offer(self, entry: CommunityModel, then: Callable) -> None:
+        """What a download of the entry gives here (a mirror's GGUF header is read: not on the UI thread)."""
+        from engine.mirrors import offer
+
+        found = offer(entry.repo_id, entry.params, self.db.path.parent)
+        self.app.call_from_thread(then, found)
+
+    def _ask_download(self, entry: CommunityModel, row, offer, waits: str, then: Callable[[int | str], None]) -> None:
         verb = "Retry the download of" if row else "Download"
         title = f"{verb} {entry.name} first?"
-        message = (f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet. "
-                   f"It downloads in the background; {waits}.")
+        message = (f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet: "
+                   f"{offer.describe()}. It downloads in the background; {waits}.")
         if not self.store.targets or row is not None:  # a failed download is retried where it failed: here
             question = ConfirmDialog(title, message, confirm_label="Download", variant="primary")
             self.app.push_screen(question, lambda yes: yes and self.download_then(entry.repo_id, then))
@@ -260,15 +274,17 @@ class CommunityScreen(DeckScreen):
 
     def action_details(self) -> None:
         entry = self._entry()
-        if entry is None:
-            return
+        if entry is not None:
+            self.with_offer(entry, lambda offer: self._show_details(entry, offer))
+
+    def _show_details(self, entry: CommunityModel, offer) -> None:
         row = self.store.model_for_repo(entry.repo_id)
         fields = [
             ("Repo", entry.repo_id), ("Link", entry.link), ("Description", entry.description),
             ("Task", entry.task), ("Parameters", f"{entry.params:,} ({human_params(entry.params)})"),
             ("Licence", entry.license), ("Gated", "yes: accept the licence on the Hub first" if entry.gated else "no"),
             ("Chat", "yes" if entry.chat else "no"), ("Fine-tunable", "yes" if entry.finetunable else "no"),
-            ("Tags", ", ".join(entry.tags)),
+            ("Tags", ", ".join(entry.tags)), ("Download", offer.describe()),
             ("Custom model", model_status(row, "long") if row else Text("not downloaded")),
         ]
         self.app.push_screen(DetailsDialog(entry.name, fields, copy_value=entry.link))
