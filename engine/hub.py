@@ -178,3 +178,11 @@ def check_free_space(needed: int, folder: Path | None = None) -> None:
     if needed > free:
         raise OSError(errno.ENOSPC, f"not enough free disk: about {human_bytes(needed)} needed, "
                                     f"{human_bytes(free)} free", str(folder))
+
+
+BYTES_PER_PARAM = 2  # the Hub's weights are bf16 or fp16 safetensors, nearly always
+
+
+def download_bytes(params: int | None) -> int | None:
+    """About what a download of a model from the Hub is: its weights, in bf16."""
+    return params * BYTES_PER_PARAM if params else None

@@ -72,7 +72,6 @@ def find_mirror(repo_id: str, home: Path) -> tuple[Mirror, Path] | None:
     return None
 
 
-HUB_BYTES_PER_PARAM = 2  # the Hub's weights are bf16 or fp16 safetensors, nearly always
 CONVERTED_BYTES_PER_PARAM = 4  # a GGUF is dequantized to float32 (transformers loads it so)
 
 
@@ -119,15 +118,12 @@ class Offer:
                 f"converted to float32 safetensors, about {human_bytes(self.converted_bytes)} on disk")
 
 
-def hub_bytes(params: int | None) -> int | None:
-    """About what a download from the Hub is: the weights, in bf16."""
-    return params * HUB_BYTES_PER_PARAM if params else None
-
-
 def offer(repo_id: str, params: int | None, home: Path) -> Offer:
     """What a download of `repo_id` would give on this machine (reads a mirror's GGUF header: a thread's
     work, not the UI's). A mirrors file that cannot be read leaves the mirror out."""
-    hub = hub_bytes(params)
+    from engine.hub import download_bytes
+
+    hub = download_bytes(params)
     try:
         found = find_mirror(repo_id, home)
     except EngineError:

@@ -25,9 +25,6 @@ from engine.localmodel import has_chat_template
 from tui.keys import KeysInOrder
 from tui.messages import CommunityChanged, DataLoaded, DeploymentsChanged, ModelsChanged
 from tui.screens.base import DeckScreen
-from tui.screens.community import CommunityScreen
-from tui.screens.custom import CustomScreen
-from tui.screens.deployments import DeploymentsScreen
 from tui.screens.help import HelpDialog
 from tui.store import Store
 
@@ -38,12 +35,22 @@ if TYPE_CHECKING:
 POLL_S = 0.1
 RECONCILE_S = 2.0
 TAB_MODES = ("community", "custom", "deployments")
+# Each tab screen's class, imported when it is first wanted: only Community's is before the first paint.
+_TAB_CLASSES = {"community": "tui.screens.community:CommunityScreen", "custom": "tui.screens.custom:CustomScreen",
+                "deployments": "tui.screens.deployments:DeploymentsScreen"}
+
+
+def tab_screen_class(mode: str) -> type[DeckScreen]:
+    import importlib
+
+    module, name = _TAB_CLASSES[mode].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class ModelDeckApp(KeysInOrder, App):
     TITLE = "modeldeck"
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses (tests, benches) live elsewhere
-    SCREENS = {"community": CommunityScreen, "custom": CustomScreen, "deployments": DeploymentsScreen}
+    SCREENS = {mode: (lambda mode=mode: tab_screen_class(mode)()) for mode in TAB_MODES}
     MODES = {mode: mode for mode in TAB_MODES}
     DEFAULT_MODE = "community"
     # 1 2 3 are on the nav bar, so the footer keeps its room for the screen's own keys.
@@ -67,8 +74,8 @@ class ModelDeckApp(KeysInOrder, App):
         self.keymap: dict[str, str] = {}  # the user's keys by binding id (the config file's [keys])
 
     def on_mount(self) -> None:
-        self.apply_keymap()
         self.follow_database()
+        self.call_after_refresh(self.apply_keymap)  # it reads every screen's keys: after the first paint
 
     def apply_keymap(self) -> None:
         """The user's own keys ([keys] of the config file: a binding's id = its keys)."""
@@ -78,7 +85,7 @@ class ModelDeckApp(KeysInOrder, App):
             keys = current().keys
         except CatalogError:
             return  # the database's opening says what is wrong with the file, and ends the app
-        known = {b.id for screen in (self, *map(self.SCREENS.get, TAB_MODES)) for b in screen.BINDINGS
+        known = {b.id for screen in (self, *map(tab_screen_class, TAB_MODES)) for b in screen.BINDINGS
                  if isinstance(b, Binding) and b.id}
         if unknown := sorted(set(keys) - known):
             self.notify(f"no binding has the id {', '.join(unknown)}; the ids are listed by ? (Keys)",
@@ -308,14 +315,15 @@ class ModelDeckApp(KeysInOrder, App):
         action of every screen, calling the same actions as the keys: the current screen's first, and one
         of another screen switches to it and acts on its selected row."""
         yield from super().get_system_commands(screen)
-        modes = sorted(TAB_MODES, key=lambda mode: self.SCREENS[mode] is not type(screen))  # the current first
+        modes = sorted(TAB_MODES, key=lambda mode: tab_screen_class(mode) is not type(screen))  # the current first
         for mode in modes:
-            title = self.SCREENS[mode].TAB_TITLE
-            if self.SCREENS[mode] is not type(screen):
+            tab = tab_screen_class(mode)
+            title = tab.TAB_TITLE
+            if tab is not type(screen):
                 yield SystemCommand(f"Go to {title}", f"Switch to the {title} screen", partial(self.switch_mode, mode))
-            for binding in self.SCREENS[mode].BINDINGS:
+            for binding in tab.BINDINGS:
                 if isinstance(binding, Binding) and binding.description and binding.id:
-                    where = "" if self.SCREENS[mode] is type(screen) else f" (on {title})"
+                    where = "" if tab is type(screen) else f" (on {title})"
                     yield SystemCommand(f"{title}: {binding.description}",
                                         (binding.tooltip or f"key: {binding.key}") + where,
                                         partial(self._act_on, mode, binding.action))

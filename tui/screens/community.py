@@ -16,12 +16,9 @@ from textual.binding import Binding
 from catalog.states import ModelState
 from engine.community import haystack, matches, terms
 from engine.format import human_bytes, human_params
-from engine.mirrors import hub_bytes
+from engine.hub import download_bytes
+from tui import dialogs
 from tui.screens.base import DeckScreen
-from tui.screens.confirm import ChoiceDialog, ConfirmDialog
-from tui.screens.details import DetailsDialog
-from tui.screens.finetune_dialog import FinetuneDialog
-from tui.screens.tag_picker import TagPicker
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
@@ -125,7 +122,7 @@ class CommunityScreen(DeckScreen):
             preview.update("")
             return
         text = Text.assemble((entry.name, "bold"), "  ", (entry.link, "underline"), "\n", entry.description, "\n")
-        download = f", about {human_bytes(hub_bytes(entry.params))}" if hub_bytes(entry.params) else ""
+        download = f", about {human_bytes(download_bytes(entry.params))}" if download_bytes(entry.params) else ""
         text.append(f"{human_params(entry.params)} params{download} · licence {entry.license}"
                     + (" · gated" if entry.gated else ""), style="dim")
         text.append(" · ")
@@ -146,7 +143,7 @@ class CommunityScreen(DeckScreen):
                 self.tags = tags
                 self.apply_filter()
 
-        self.app.push_screen(TagPicker(dict(counts), self.tags), chosen)
+        self.app.push_screen(dialogs.TagPicker(dict(counts), self.tags), chosen)
 
     def _entry(self) -> CommunityModel | None:
         key = self.table.cursor_key
@@ -229,13 +226,13 @@ class CommunityScreen(DeckScreen):
         message = (f"{entry.name} ({human_params(entry.params)} parameters) is not on this machine yet: "
                    f"{offer.describe()}. It downloads in the background; {waits}.")
         if not self.store.targets or row is not None:  # a failed download is retried where it failed: here
-            question = ConfirmDialog(title, message, confirm_label="Download", variant="primary")
+            question = dialogs.ConfirmDialog(title, message, confirm_label="Download", variant="primary")
             self.app.push_screen(question, lambda yes: yes and self.download_then(entry.repo_id, then))
             return
         from engine import targets
 
         kinds = ", ".join(sorted({targets.kind(choice.kind).TITLE for choice in self.store.targets}))
-        question = ChoiceDialog(title, f"{message} Or run it on a target that downloads it itself ({kinds}): nothing "
+        question = dialogs.ChoiceDialog(title, f"{message} Or run it on a target that downloads it itself ({kinds}): nothing "
                                        "comes to this machine.",
                                 [("download", "Download", "y"), ("elsewhere", "Run it on a target", "t")])
 
@@ -270,7 +267,7 @@ class CommunityScreen(DeckScreen):
             if adapter_id is not None:
                 self.app.show_row("custom", adapter_id)
 
-        self.app.push_screen(FinetuneDialog(model_id), started)
+        self.app.push_screen(dialogs.FinetuneDialog(model_id), started)
 
     def action_details(self) -> None:
         entry = self._entry()
@@ -287,7 +284,7 @@ class CommunityScreen(DeckScreen):
             ("Tags", ", ".join(entry.tags)), ("Download", offer.describe()),
             ("Custom model", model_status(row, "long") if row else Text("not downloaded")),
         ]
-        self.app.push_screen(DetailsDialog(entry.name, fields, copy_value=entry.link))
+        self.app.push_screen(dialogs.DetailsDialog(entry.name, fields, copy_value=entry.link))
 
     def action_copy_link(self) -> None:
         entry = self._entry()

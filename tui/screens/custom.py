@@ -24,13 +24,8 @@ from engine.format import (
     model_location,
 )
 from engine.hub import model_link
-from tui.screens.action_menu import ActionMenu
+from tui import dialogs
 from tui.screens.base import DeckScreen
-from tui.screens.confirm import ConfirmDialog
-from tui.screens.details import DetailsDialog, TrainingDetails
-from tui.screens.finetune_dialog import FinetuneDialog
-from tui.screens.import_dialog import ImportDialog
-from tui.screens.log_dialog import LogDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
@@ -192,7 +187,7 @@ class CustomScreen(DeckScreen):
             if action:
                 self.call_next(self.run_action, action)
 
-        self.app.push_screen(ActionMenu(row.model.name, actions), chosen)
+        self.app.push_screen(dialogs.ActionMenu(row.model.name, actions), chosen)
 
     def action_logs(self) -> None:
         row = self._row()
@@ -209,7 +204,7 @@ class CustomScreen(DeckScreen):
                                       severity="warning", timeout=4)
             return
         title = f"{name}: job {job.id} ({job.kind.value}, {job.state.value})"
-        self.app.call_from_thread(self.app.push_screen, LogDialog(title, job.log_path))
+        self.app.call_from_thread(self.app.push_screen, dialogs.LogDialog(title, job.log_path))
 
     def action_copy_path(self) -> None:
         row = self._row()
@@ -222,7 +217,7 @@ class CustomScreen(DeckScreen):
         if row.model.kind == ModelKind.ADAPTER and row.model.job_id is not None:
             self.open_training_details(row.model.id)
         else:
-            self.app.push_screen(DetailsDialog(row.model.name, self.details_fields(row), copy_value=row.model.path))
+            self.app.push_screen(dialogs.DetailsDialog(row.model.name, self.details_fields(row), copy_value=row.model.path))
 
     @work(thread=True, exit_on_error=False, group="engine")
     def open_training_details(self, model_id: int) -> None:
@@ -254,7 +249,7 @@ class CustomScreen(DeckScreen):
             row = self.store.models.get(model_id)
             return row is not None and row.job is not None
 
-        self.app.push_screen(TrainingDetails(row.model.name, live, copy_value=row.model.path, training=training))
+        self.app.push_screen(dialogs.TrainingDetails(row.model.name, live, copy_value=row.model.path, training=training))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="reread")
     def reread_job(self, seen: dict, job_id: int) -> None:
@@ -306,7 +301,7 @@ class CustomScreen(DeckScreen):
             if result:
                 self.import_model(*result)
 
-        self.app.push_screen(ImportDialog(), chosen)
+        self.app.push_screen(dialogs.ImportDialog(), chosen)
 
     @work(thread=True, exit_on_error=False, group="engine")
     def import_model(self, path: Path, name: str | None) -> None:
@@ -320,7 +315,7 @@ class CustomScreen(DeckScreen):
     def action_finetune(self) -> None:
         row = self._row()
         base_id = None if row is None else (row.model.base_id if row.model.kind == ModelKind.ADAPTER else row.model.id)
-        self.app.push_screen(FinetuneDialog(base_id), self._started)
+        self.app.push_screen(dialogs.FinetuneDialog(base_id), self._started)
 
     def _started(self, model_id: int | None) -> None:
         if model_id is not None:
@@ -389,7 +384,7 @@ class CustomScreen(DeckScreen):
             self._cancel(job.id, job.kind.value, name)
             return
         done = job_progress(job, "short")
-        question = ConfirmDialog(f"Cancel the {job.kind.value} of {name}?",
+        question = dialogs.ConfirmDialog(f"Cancel the {job.kind.value} of {name}?",
                                  f"It has run {human_duration(ran_s)} ({done}). A retry (r) resumes it from what it "
                                  "kept.", confirm_label="Cancel it", variant="warning")
         self.app.push_screen(question, lambda yes: yes and self._cancel(job.id, job.kind.value, name))
@@ -418,7 +413,7 @@ class CustomScreen(DeckScreen):
             self.app.call_from_thread(self.notify, f"Cannot delete {name}: " + "; ".join(plan.blockers),
                                       title="Delete refused", severity="error", timeout=10)
             return
-        dialog = ConfirmDialog(f"Delete {name}?", f"{delete_consequence(plan)} This cannot be undone.")
+        dialog = dialogs.ConfirmDialog(f"Delete {name}?", f"{delete_consequence(plan)} This cannot be undone.")
         self.app.call_from_thread(self.app.push_screen, dialog, lambda yes: yes and self.delete(name))
 
     @work(thread=True, exit_on_error=False, group="engine")

@@ -22,10 +22,8 @@ from engine.format import (
     masked_key,
 )
 from engine.targets import option_label
+from tui import dialogs
 from tui.screens.base import DeckScreen
-from tui.screens.confirm import ConfirmDialog
-from tui.screens.details import LiveDetails
-from tui.screens.log_dialog import LogDialog
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
@@ -228,7 +226,7 @@ class DeploymentsScreen(DeckScreen):
         if job is None or not job.log_path:
             self.app.call_from_thread(self.notify, f"{name} has no server log", severity="warning", timeout=4)
             return
-        self.app.call_from_thread(self.app.push_screen, LogDialog(f"{name}: server log (job {job.id})", job.log_path))
+        self.app.call_from_thread(self.app.push_screen, dialogs.LogDialog(f"{name}: server log (job {job.id})", job.log_path))
 
     def action_stop(self) -> None:
         dep = self._selected()
@@ -241,7 +239,7 @@ class DeploymentsScreen(DeckScreen):
         if not dep.state.is_live():
             self.notify(f"{dep.name} is {dep.state.value}; nothing to stop", severity="warning", timeout=4)
             return
-        question = ConfirmDialog(f"Stop {dep.name}?", f"Clients of {dep.endpoint} lose it; the port and GPUs are "
+        question = dialogs.ConfirmDialog(f"Stop {dep.name}?", f"Clients of {dep.endpoint} lose it; the port and GPUs are "
                                  "freed. The deployment stays listed as stopped.", confirm_label="Stop")
         self.app.push_screen(question, lambda yes: yes and self.stop(dep.id, dep.name))
 
@@ -285,7 +283,7 @@ class DeploymentsScreen(DeckScreen):
         what = ("It leaves the list with its conversations (and its key, if the keyring holds it); the server "
                 "itself is not touched." if external else
                 "Its record, settings and chat conversations go; its model stays.")
-        question = ConfirmDialog(f"Delete {dep.name}?", f"{what} This cannot be undone.")
+        question = dialogs.ConfirmDialog(f"Delete {dep.name}?", f"{what} This cannot be undone.")
         self.app.push_screen(question, lambda yes: yes and self.delete(dep.id))
 
     @work(thread=True, exit_on_error=False, group="engine")
@@ -318,7 +316,7 @@ class DeploymentsScreen(DeckScreen):
             seen["dep"] = self.store.deployments.get(dep_id, seen["dep"])
             return self.details_fields(seen["dep"]), log_path
 
-        self.app.push_screen(LiveDetails(dep.name, live, copy_value=dep.endpoint))
+        self.app.push_screen(dialogs.LiveDetails(dep.name, live, copy_value=dep.endpoint))
 
     def details_fields(self, dep: Deployment) -> list[tuple[str, str | Text]]:
         from engine import targets
