@@ -233,8 +233,8 @@ class CommunityScreen(DeckScreen):
 
         kinds = ", ".join(sorted({targets.kind(choice.kind).TITLE for choice in self.store.targets}))
         question = dialogs.ChoiceDialog(title, f"{message} Or run it on a target that downloads it itself ({kinds}): nothing "
-                                       "comes to this machine.",
-                                [("download", "Download", "y"), ("elsewhere", "Run it on a target", "t")])
+                                               "comes to this machine.",
+                                        [("download", "Download", "y"), ("elsewhere", "Run it on a target", "t")])
 
         def answered(answer: str | None) -> None:
             if answer == "download":

@@ -385,8 +385,8 @@ class CustomScreen(DeckScreen):
             return
         done = job_progress(job, "short")
         question = dialogs.ConfirmDialog(f"Cancel the {job.kind.value} of {name}?",
-                                 f"It has run {human_duration(ran_s)} ({done}). A retry (r) resumes it from what it "
-                                 "kept.", confirm_label="Cancel it", variant="warning")
+                                         f"It has run {human_duration(ran_s)} ({done}). A retry (r) resumes it from "
+                                         "what it kept.", confirm_label="Cancel it", variant="warning")
         self.app.push_screen(question, lambda yes: yes and self._cancel(job.id, job.kind.value, name))
 
     def _cancel(self, job_id: int, kind: str, name: str) -> None:

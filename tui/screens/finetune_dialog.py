@@ -292,6 +292,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         summary = self.query_one("#dataset-summary", Static)
         self.query_one("#token-summary", Static).update("")
         self.query_one("#estimate", Static).display = False
+        self.workers.cancel_group(self, "estimate")  # one on its way rests on the dataset before
         if not path:
             summary.update("JSONL: OpenAI chat, ShareGPT, Alpaca or text (detected)")
             return
