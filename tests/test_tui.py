@@ -438,6 +438,10 @@ async def test_the_footer_shows_the_keys_of_the_selected_row_whole_at_80_columns
     app = ModelDeckApp(db)
     async with app.run_test(size=(80, 24)) as pilot:
         await loaded(pilot)
+        await pilot.pause(0.1)
+        community = footer_keys(app)
+        assert community[0] == "⏎ Action" and community[-2:] == ["? Keys", "q Quit"], community
+        assert sum(len(k) + 1 for k in community) + len("▏^p palette") <= 80, community
         await pilot.press("2")
         shown = {}
         for _ in range(table(app).row_count):

@@ -116,6 +116,7 @@ class CommunityScreen(DeckScreen):
         self._show_preview(event.key)
 
     def _show_preview(self, repo_id: str | None) -> None:
+        self.follow_row()
         preview = self.query_one("#preview", InfoLine)
         entry = self.store.community.get(repo_id) if repo_id else None
         if entry is None:
@@ -148,6 +149,15 @@ class CommunityScreen(DeckScreen):
     def _entry(self) -> CommunityModel | None:
         key = self.table.cursor_key
         return self.store.community.get(key) if key else None
+
+    def row_actions(self) -> list[str] | None:
+        entry = self._entry()
+        if entry is None:
+            return ["focus_filter", "pick_tags"]
+        actions = ["primary", "deploy"] + (["finetune"] if entry.finetunable else [])
+        if (row := self.store.model_for_repo(entry.repo_id)) is not None and self.store.is_deployed(row.model.id):
+            actions.append("connect")
+        return actions + ["pick_tags", "focus_filter", "details", "copy_link"]
 
     def _primary(self, entry: CommunityModel) -> str:
         """The row's one action, as the seed page names them."""
