@@ -100,8 +100,8 @@ def job_progress(job: Job, detail: str = "short") -> str:
         eta = f" ETA {human_duration(job.eta_s)}" if job.eta_s is not None and job.progress < 1 else ""
         if detail == "tiny":
             return f"{job.progress:.0%}"
-        if detail == "short":
-            return f"{phase} {progress_bar(job.progress, 6)} {job.progress:.0%}{eta}"
+        if detail == "short":  # the count first: a narrow column cuts the phase's name, not the bar
+            return f"{progress_bar(job.progress, 6)} {job.progress:.0%}{eta} {phase}"
         return f"{phase}: {progress_bar(job.progress)} {job.progress:.0%}  {human_duration(elapsed)} so far{eta}"
     if detail == "tiny":
         return ""
@@ -116,6 +116,8 @@ def training_progress(metrics: dict, eta_s: float | None, detail: str) -> str:
         return f"{fraction:.0%}"
     loss = f" loss {metrics['loss']:.3f}" if metrics.get("loss") is not None else ""
     eta = f" ETA {human_duration(eta_s)}" if eta_s is not None and step < total else ""
+    if step == 0 and eta_s is None:  # a CPU's first step can take a minute: say that it is under way
+        eta = " first step…"
     if detail == "short":
         return f"{progress_bar(fraction, 6)} {fraction:.0%}{loss}{eta}"
     parts = [f"step {step:,}/{total:,}", f"epoch {metrics.get('epoch', 0):.2f}"]

@@ -176,6 +176,38 @@ def test_pacing_waits_for_ten_times_what_a_validation_or_a_checkpoint_cost(monke
     assert not training.Pacing(100, evaluate=False, save=False).evaluate_now(50)
 
 
+def test_a_steps_loss_is_written_when_it_is_logged_not_with_the_next_step(db):
+    """A step's report goes out at its end, just before its loss is logged: on a CPU the next step is
+    40 s away, and the dashboard showed the loss of the step before meanwhile."""
+    from types import SimpleNamespace
+
+    from catalog.schema import JobKind
+    from engine.jobs.harness import JobContext
+    from engine.jobs.training import Collator, Pacing, Reporter, Stopping
+
+    with db.write() as session:
+        job = jobs.create(session, JobKind.FINETUNE, "fine-tune", None)
+    reporter = Reporter(JobContext(db, jobs.get(db, job.id)), Stopping(), Collator(0), 4, 0, Pacing(4, False, False))
+    control = SimpleNamespace(should_log=False, should_save=False, should_evaluate=False, should_training_stop=False)
+    for step, loss in ((1, 4.07), (2, 3.91)):
+        state = SimpleNamespace(global_step=step, epoch=step / 2, log_history=[])
+        reporter.stepped(state, control)
+        reporter.logged(state, {"loss": loss, "learning_rate": 1e-4})
+        written = json.loads(jobs.get(db, job.id).metrics_json)
+        assert (written["step"], written["loss"]) == (step, loss)
+
+
+def test_a_first_step_under_way_says_so_then_the_eta_takes_its_place():
+    from catalog.schema import JobKind
+    from engine.format import job_progress
+
+    first = Job(kind=JobKind.FINETUNE, title="fine-tune", metrics_json=Job.dumps({"step": 0, "total_steps": 4}))
+    assert job_progress(first, "short").endswith("0% first step…") and "first step…" in job_progress(first, "long")
+    later = Job(kind=JobKind.FINETUNE, title="fine-tune", eta_s=46, metrics_json=Job.dumps(
+        {"step": 1, "total_steps": 4, "loss": 4.07}))
+    assert job_progress(later, "short").endswith("25% loss 4.070 ETA 46s")
+
+
 def test_a_malformed_dataset_is_refused_before_any_job_starts(db, tiny, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 3
     bad = write_jsonl(tmp_path / "bad.jsonl", rows + [{"messages": [{"role": "user", "content": "hi"}]}])

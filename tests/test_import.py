@@ -112,7 +112,7 @@ def test_a_phase_that_counts_shows_a_bar_and_an_eta(db):
         writing = jobs.get(db, job.id)
     assert seen.progress == 0.25 and seen.eta_s is not None  # from the time the quarter took
     short = job_progress(seen, "short")
-    assert short.startswith("converting GGUF: dequantizing the weights ") and "25% ETA" in short, short
+    assert short.endswith(" converting GGUF: dequantizing the weights") and "25% ETA" in short, short
     assert job_progress(seen, "tiny") == "25%"
     assert writing.progress is None and job_progress(writing, "short").startswith("converting GGUF: writing safetensors (")
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,9 @@ def train(ctx, stopping: Stopping, run: Run) -> dict:
     copy = run.dataset
     dataset = read_dataset(copy)
     train_idx, val_idx = dataset.split(hp.val_split, hp.seed)
+    # PEFT asks transformers a question that transformers 5 renamed: a FutureWarning in every run's log,
+    # nothing the user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     with ctx.phase("loading the base model"):
         import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -420,7 +424,9 @@ class Reporter:
         if "eval_loss" in logs:
             self.add_eval(state.global_step, logs["eval_loss"])
             self.ctx.log(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
-        self.report(force="eval_loss" in logs)  # a train loss waits for the next report, at most a second
+        # Written now: the step's own report went out just before its loss was logged, and the next one
+        # comes with the next step (40 s away on a CPU). Logs come at most every LOG_EVERY_S.
+        self.report(force=True)
 
     def add_eval(self, step: int, loss: float) -> None:
         self.last_eval = loss

@@ -96,12 +96,12 @@ class PromptView(Vertical):
 class ChatScreen(ReportsWorkerErrors, Screen):
     AUTO_FOCUS = "#prompt"
     BINDINGS = [
-        Binding("escape", "stop_or_back", "Stop / Back", tooltip="Stop the reply (keeping what came), else go back"),
+        Binding("escape", "stop_or_back", "Stop/back", tooltip="Stop the reply (keeping what came), else go back"),
         Binding("ctrl+r", "regenerate", "Regenerate", tooltip="Ask for the last reply again (retries a failed one)"),
         Binding("ctrl+n", "new_conversation", "New", tooltip="Start a new conversation"),
-        Binding("ctrl+o", "open_conversation", "Conversations", tooltip="Reopen a conversation with this deployment"),
+        Binding("ctrl+o", "open_conversation", "History", tooltip="Reopen a conversation with this deployment"),
         Binding("ctrl+t", "settings", "Settings", tooltip="System prompt, temperature, top-p, max tokens"),
-        Binding("ctrl+y", "copy_reply", "Copy reply", tooltip="Copy the last reply (OSC 52, works over SSH)"),
+        Binding("ctrl+y", "copy_reply", "Copy", tooltip="Copy the last reply (OSC 52, works over SSH)"),
     ]
     DEFAULT_CSS = """
     ChatScreen #title { height: 1; background: $panel; color: $text; padding: 0 1; text-style: bold; }
@@ -131,7 +131,7 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         with VerticalScroll(id="messages"):
             yield Static(EMPTY, classes="empty-hint")
         yield Static("", id="chat-error")
-        yield Input(placeholder="Message (enter sends; ctrl+t settings, ctrl+o conversations)", id="prompt",
+        yield Input(placeholder="Message (enter sends; ctrl+t settings, ctrl+o earlier conversations)", id="prompt",
                     compact=True)
         yield Footer(compact=True)
 

@@ -123,7 +123,11 @@ class CommunityScreen(DeckScreen):
             preview.update("")
             return
         text = Text.assemble((entry.name, "bold"), "  ", (entry.link, "underline"), "\n", entry.description, "\n")
-        download = f", about {human_bytes(download_bytes(entry.params))}" if download_bytes(entry.params) else ""
+        here = self.store.model_for_repo(entry.repo_id)
+        if here is not None and here.model.size_bytes:  # what it takes here (a GGUF mirror's: float32)
+            download = f", {human_bytes(here.model.size_bytes)} on disk"
+        else:
+            download = f", about {human_bytes(download_bytes(entry.params))}" if download_bytes(entry.params) else ""
         text.append(f"{human_params(entry.params)} params{download} · licence {entry.license}"
                     + (" · gated" if entry.gated else ""), style="dim")
         text.append(" · ")

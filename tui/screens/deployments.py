@@ -239,8 +239,9 @@ class DeploymentsScreen(DeckScreen):
         if not dep.state.is_live():
             self.notify(f"{dep.name} is {dep.state.value}; nothing to stop", severity="warning", timeout=4)
             return
-        question = dialogs.ConfirmDialog(f"Stop {dep.name}?", f"Clients of {dep.endpoint} lose it; the port and GPUs "
-                                         "are freed. The deployment stays listed as stopped.", confirm_label="Stop")
+        freed = "the port and GPUs are" if dep.gpus not in (None, "", "cpu", "0") else "its port is"
+        question = dialogs.ConfirmDialog(f"Stop {dep.name}?", f"Clients of {dep.endpoint} lose it; {freed} freed. The "
+                                         "deployment stays listed as stopped.", confirm_label="Stop")
         self.app.push_screen(question, lambda yes: yes and self.stop(dep.id, dep.name))
 
     @work(thread=True, exit_on_error=False, group="engine")
