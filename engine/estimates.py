@@ -22,8 +22,8 @@ from catalog import Database
 from catalog.schema import Job, JobKind
 from engine.format import human_duration
 
-# A LoRA step's forward and backward (activation gradients only; the base's weights are frozen) do about
-# 4 × params multiply-adds' worth of work per token; what share of the CPU's matmul speed they reach.
+# A LoRA step costs about 4 × params FLOPs a token: 2 forward, 2 for the activation gradients (the base's
+# weights are frozen: none for theirs). CPU_EFFICIENCY: the share of the CPU's matmul speed a step reaches.
 CPU_EFFICIENCY = 0.5  # bench/finetune_estimate.py here: measured / guessed 0.86-1.4 over four models
 VALIDATION_SHARE = 0.1  # the pacing keeps validations under a tenth of a run's time
 
