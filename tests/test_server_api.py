@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx2 as httpx
 import pytest
@@ -309,13 +310,35 @@ def test_a_kept_alive_connection_survives_every_refusal(server):
                                                           else 200 if b"1e-40" in b else 404, 200)]
 
 
-def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on(model_dir):
-    """Fault injection in-process: the generator raises; the same connection then serves a good request."""
+@contextmanager
+def served_in_process(engine):
+    """The app on `engine`, served by uvicorn in a thread of this process (so a test can reach into the
+    engine); yields the port."""
     import asyncio
 
     import uvicorn
 
     from engine.server.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", KEY), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on(model_dir):
+    """Fault injection in-process: the generator raises; the same connection then serves a good request."""
     from engine.server.generation import Engine
 
     engine = Engine(str(model_dir), None, "auto", None, log=lambda line: None)
@@ -329,22 +352,32 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on
         return real_submit(prompt_ids, sampling)
 
     engine.submit = submit
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", KEY), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with served_in_process(engine) as port:
         good = post(json.dumps({"model": "tiny", "messages": USER, "max_tokens": 2}).encode())
         assert raw_exchange(port, [good, good]) == [500, 200]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        engine.shutdown()
+
+
+def test_generated_tokens_are_counted_as_they_are_made_not_when_the_reply_ends(endless_dir):
+    """Active deployments' Tok/s is the growth of this counter between two reads: counted only when a
+    reply ended, a 28-s reply read as one 2-s burst of 90 tok/s."""
+    from engine.deployments import parse_load
+    from engine.server.generation import Engine
+
+    engine = Engine(str(endless_dir), None, "auto", None, log=lambda line: None)
+    real_token, counted = engine._token, []
+
+    def token(choice, *args, **kwargs):
+        going = real_token(choice, *args, **kwargs)
+        if going and choice.generated == 3:  # mid-reply: what a read of /metrics sees now
+            counted.append(parse_load(engine.metrics.text().decode()).tokens)
+        return going
+
+    engine._token = token
+    with served_in_process(engine) as port:
+        ask = post(json.dumps({"model": "tiny", "messages": USER, "max_tokens": 8}).encode())
+        assert raw_exchange(port, [ask]) == [200]
+        assert counted == [3]
+        assert parse_load(engine.metrics.text().decode()).tokens == 8
 
 
 def test_huge_requests_are_refused_at_once_while_other_clients_keep_getting_tokens(endless_dir, tmp_path):

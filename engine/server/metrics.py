@@ -31,7 +31,7 @@ class Metrics:
         self.requests.labels(status=str(status)).inc()
 
     def finished(self, generated: int, ttft: float | None, elapsed: float) -> None:
-        self.generation_tokens.inc(generated)
+        """A choice is over (its tokens were counted as they were made)."""
         self.choice_seconds.observe(elapsed)
         if ttft is not None:
             self.time_to_first_token.observe(ttft)
