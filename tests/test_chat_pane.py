@@ -97,6 +97,31 @@ async def test_a_reply_streams_into_the_pane_and_stopping_keeps_what_came(db, de
     assert turns[1].content == kept and turns[1].stats.finish == "stopped" and 0 < turns[1].stats.tokens < 3000
 
 
+async def test_a_stop_that_lands_inside_a_redraw_keeps_the_pane_as_saved(db, deployment, monkeypatch):
+    """Escape pressed while a fragment is being written to the pane (the write queues it, then yields):
+    the pane once showed that fragment twice, the conversation once (seen in CI)."""
+    from textual.widgets._markdown import MarkdownStream
+
+    app = ModelDeckApp(db)
+    write, writes = MarkdownStream.write, []
+
+    async def write_then_stop(stream, fragment: str) -> None:
+        writes.append(fragment)
+        if len(writes) == 3 and isinstance(app.screen, ChatScreen):
+            app.screen.action_stop_or_back()  # the cancel reaches the write at its await
+        await write(stream, fragment)
+
+    monkeypatch.setattr(MarkdownStream, "write", write_then_stop)
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = await open_chat(pilot, app, deployment.id, max_tokens=3000)
+        await send(pilot, chat, "Tell me a story")
+        await wait_for(pilot, lambda: len(writes) >= 3 and not chat.streaming, 30, what="the stopped reply")
+        kept = reply_text(chat)
+    [conversation] = conversations.listed(db, deployment.id)
+    saved = conversations.turns(db, conversation.id)[1]
+    assert saved.stats.finish == "stopped" and saved.content == kept
+
+
 async def test_the_conversation_survives_a_restart_and_regenerate_replaces_the_reply(db, deployment):
     app = ModelDeckApp(db)
     async with app.run_test(size=(100, 30)) as pilot:

@@ -324,8 +324,11 @@ class ChatScreen(ReportsWorkerErrors, Screen):
                     parts.append(event.text)
                     self._unrendered += 1
                     if time.monotonic() - last_write >= RENDER_EVERY_S:
-                        await stream.write("".join(parts[-self._unrendered:]))
+                        fragment = "".join(parts[-self._unrendered:])
                         self._unrendered, last_write = 0, time.monotonic()
+                        # The stream queues the fragment before its first await: a stop (a cancel) during
+                        # the write must not find it still counted as unrendered, and write it twice.
+                        await stream.write(fragment)
                         view.show_live(stats)
         except ChatError as exc:
             stats.finish, stats.error = "error", str(exc)
