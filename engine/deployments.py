@@ -252,9 +252,9 @@ def start(db: Database, checked: DeployPlan, force: bool = False, replace: bool 
                           deployment_id=deployment.id, target=checked.target.spec)
         deployment.job_id = job.id
     left = []
-    for old in ended:  # what a replaced one left on its target, as a delete does; before the new one starts there
-        if old.id == key_of:
-            continue  # started again: its objects and run folder are the new one's (same name and key)
+    # What a replaced one left on its target, as a delete does, before the new one starts there; not when it
+    # is started again: its objects and run folder are the new one's (same name and key).
+    for old in ended if key_of is None else ():
         try:
             targets.of_deployment(old).delete_deployment(old)
         except EngineError as exc:  # the new deployment goes on; what is left is said in its log

@@ -94,6 +94,24 @@ def gguf_header_value(path: Path, wanted: str):
     return None
 
 
+def gguf_quantization(path: Path) -> str | None:
+    """The GGUF file's quantization as its header names it (Q4_1, Q8_0, F16…); None when it does not say."""
+    try:
+        file_type = gguf_header_value(path, "general.file_type")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(file_type, int):
+        return None
+    try:
+        from gguf import LlamaFileType  # its names; the dashboard alone may not have the package
+    except ImportError:
+        return f"GGUF file type {file_type}"
+    try:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"GGUF file type {file_type}"
+
+
 @_unreadable_is_a_reason
 def check_model_folder(path: Path) -> dict:
     """A folder in Hugging Face layout: config.json naming the architecture, weights, a tokenizer.
@@ -146,7 +164,6 @@ def convert_gguf(gguf: Path, out_dir: Path, log, progress: Progress | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.format import human_bytes
-    from engine.mirrors import gguf_quantization
 
     def step(name: str, said: str) -> None:
         log(said)

@@ -75,26 +75,6 @@ def find_mirror(repo_id: str, home: Path) -> tuple[Mirror, Path] | None:
 CONVERTED_BYTES_PER_PARAM = 4  # a GGUF is dequantized to float32 (transformers loads it so)
 
 
-def gguf_quantization(path: Path) -> str | None:
-    """The GGUF file's quantization as its header names it (Q4_1, Q8_0, F16…); None when it does not say."""
-    from engine.localmodel import gguf_header_value
-
-    try:
-        file_type = gguf_header_value(path, "general.file_type")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(file_type, int):
-        return None
-    try:
-        from gguf import LlamaFileType  # its names; the dashboard alone may not have the package
-    except ImportError:
-        return f"GGUF file type {file_type}"
-    try:
-        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        return f"GGUF file type {file_type}"
-
-
 @dataclass(frozen=True)
 class Offer:
     """What a download of a repo gives: from the Hub, and from a local mirror when the Hub is unreachable."""
@@ -121,7 +101,8 @@ class Offer:
 def offer(repo_id: str, params: int | None, home: Path) -> Offer:
     """What a download of `repo_id` would give on this machine (reads a mirror's GGUF header: a thread's
     work, not the UI's). A mirrors file that cannot be read leaves the mirror out."""
-    from engine.hub import download_bytes
+    from engine.hub import download_bytes, snapshot_size
+    from engine.localmodel import gguf_quantization
 
     hub = download_bytes(params)
     try:
@@ -130,10 +111,8 @@ def offer(repo_id: str, params: int | None, home: Path) -> Offer:
         found = None
     if found is None:
         return Offer(hub)
-    mirror, location = found
-    size = location.stat().st_size if location.is_file() else sum(p.stat().st_size for p in location.rglob("*")
-                                                                     if p.is_file())
-    if not location.is_file():
-        return Offer(hub, location.name, size)
+    _, location = found
+    if location.is_dir():  # a model folder, used as it is
+        return Offer(hub, location.name, snapshot_size(location))
     converted = params * CONVERTED_BYTES_PER_PARAM if params else None
-    return Offer(hub, location.name, size, gguf_quantization(location), converted)
+    return Offer(hub, location.name, location.stat().st_size, gguf_quantization(location), converted)

@@ -70,8 +70,7 @@ def test_a_gguf_conversion_counts_the_tensors_it_dequantizes(tmp_path):
 def test_the_gguf_header_is_read_as_the_gguf_package_reads_it(tmp_path):
     import gguf as gguf_package
 
-    from engine.localmodel import gguf_header_value
-    from engine.mirrors import gguf_quantization
+    from engine.localmodel import gguf_header_value, gguf_quantization
     from tests.tinymodel import make_tiny_gguf
 
     path = tmp_path / "tiny.gguf"

@@ -125,12 +125,16 @@ class JobContext:
             session.add(model)
             record(session, f"model:{self.model_id}", "updated")
 
-    def succeed(self, **model_fields: Any) -> None:
-        """The model becomes Ready (with `model_fields`) and the job Succeeded, in one transaction."""
+    def succeed(self, more_meta: dict[str, Any] | None = None, **model_fields: Any) -> None:
+        """The model becomes Ready (with `model_fields`, and `more_meta` joining its meta) and the job
+        Succeeded, in one transaction."""
         with self.db.write() as session:
             job = session.get(Job, self.job_id)
             if self.model_id is not None:
-                move_model(session, session.get(Model, self.model_id), ModelState.READY, **model_fields)
+                model = session.get(Model, self.model_id)
+                if more_meta:
+                    model_fields["meta_json"] = Model.dumps(model.meta | more_meta)
+                move_model(session, model, ModelState.READY, **model_fields)
             move_job(session, job, JobState.SUCCEEDED, progress=1.0)
 
     def fail(self, reason: str) -> None:

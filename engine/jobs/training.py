@@ -24,7 +24,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.schema import Model
 from engine import hub
 from engine.datasets import (
     chat_template,
@@ -77,10 +76,7 @@ LINEAGE_IN_META = ("rows", "target_modules", "steps", "final_loss", "final_eval_
 
 def succeed_with(ctx: JobContext, lineage: dict, size_bytes: int | None) -> None:
     """The adapter is Ready: the headline figures of its run (its lineage) join its meta, for the screens."""
-    with ctx.db.read() as session:
-        meta = session.get(Model, ctx.model_id).meta
-    meta.update({k: lineage[k] for k in LINEAGE_IN_META if k in lineage})
-    ctx.succeed(size_bytes=size_bytes, meta_json=Model.dumps(meta))
+    ctx.succeed({k: lineage[k] for k in LINEAGE_IN_META if k in lineage}, size_bytes=size_bytes)
 
 
 @dataclass

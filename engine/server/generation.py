@@ -215,7 +215,7 @@ class Engine:
         if choice.first is None:
             choice.first = time.perf_counter() - choice.submitted
         choice.generated += 1
-        self.metrics.generation_tokens.inc()  # now, not when the reply ends: Tok/s is read from its growth
+        self.metrics.token()
         if logprobs is not None:
             choice.pending_logprobs.append(logprobs)
         delta = choice.stream.add(token)

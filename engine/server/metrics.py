@@ -30,6 +30,10 @@ class Metrics:
     def request(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()
 
+    def token(self) -> None:
+        """A token generated: counted now, not when its reply ends (Tok/s is read from the growth)."""
+        self.generation_tokens.inc()
+
     def finished(self, generated: int, ttft: float | None, elapsed: float) -> None:
         """A choice is over (its tokens were counted as they were made)."""
         self.choice_seconds.observe(elapsed)

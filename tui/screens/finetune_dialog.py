@@ -55,6 +55,7 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self._starting = False
         self._local_qlora = False  # a GPU here and bitsandbytes: known once the GPUs are read
         self._counted = None  # the dataset and base counted last: (path, base id, TokenCount, params)
+        self._speeds: dict[tuple, tuple[float, str] | None] = {}  # measured: by (base id, on a CPU, target)
 
     # -- layout -------------------------------------------------------------------------------------
 
@@ -238,7 +239,10 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
 
         seen = estimates.rows_seen(hp.steps(train_rows), hp.batch_size, hp.grad_accum, train_rows, hp.epochs,
                                    hp.max_steps)
-        measured = estimates.measured_speed(self.app.db, base_id, on_cpu, target)
+        key = (base_id, on_cpu, target)  # asked once a dialog: the estimate follows every keystroke
+        if key not in self._speeds:
+            self._speeds[key] = estimates.measured_speed(self.app.db, base_id, on_cpu, target)
+        measured = self._speeds[key]
         guess_cpu = counted.cpu_flops if on_cpu and not target else None
         found = estimates.estimate(seen * counted.stats.mean_trained, measured, params, guess_cpu, validation)
         if found is None:
