@@ -39,7 +39,7 @@ FIELD_LABELS = {
 @dataclass
 class DeploySettings:
     backend: str = "auto"
-    gpus: str = "auto"  # as engine.gpus.parse_choice takes it
+    gpus: str = "auto"  # as engine.gpus.place takes it
     tensor_parallel: int = 1  # vLLM only
     dtype: str = "auto"
     max_model_len: int = 0  # 0: the model's own

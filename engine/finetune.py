@@ -92,7 +92,8 @@ class Plan:
     def summary(self) -> str:
         val = f"{self.validation_rows} held out for validation" if self.validation_rows else "no validation rows"
         return (f"{len(self.dataset.examples):,} rows, {self.dataset.format_name} format: {self.train_rows:,} to train on, "
-                f"{val}; {self.steps:,} steps on {self.placement.where}")
+                f"{val}; {self.steps:,} steps on {self.placement.where}"
+                + (f" ({self.placement.chosen_because})" if self.placement.chosen_because else ""))
 
 
 def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparameters, gpus: str = "auto",
@@ -105,8 +106,8 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
         where = where.checked()
     with db.read() as session:
         base = model_for(session, base_name, where)  # a repo id: a Hub model that a cluster downloads itself
-    check_base(base)
-    placement = where.plan_finetune(base, gpus, where.options(options or {}, "finetune"), offline)
+        check_base(base)
+        placement = where.plan_finetune(session, base, gpus, where.options(options or {}, "finetune"), offline)
     dataset = read_dataset(dataset_path)
     placement.check(dataset)
     limits = model_limits(base.path if base.state == ModelState.READY and base.path else None)

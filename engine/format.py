@@ -9,6 +9,7 @@ from catalog.states import DeploymentState, ModelState
 
 if TYPE_CHECKING:
     from catalog.schema import Job
+    from engine.gpus import Gpu, GpuState
     from engine.models import DeletePlan
 
 
@@ -207,3 +208,27 @@ def masked_key(key: str | None) -> str:
     if not key:
         return "—"
     return key[:6] + "…" + key[-2:] if len(key) > 10 else "…"
+
+
+def gib(mb: float | None) -> str:
+    return "—" if mb is None else f"{mb / 1024:.1f}"
+
+
+def gpu_usage(gpu: Gpu) -> list[str]:
+    """A GPU's load as the ledger's columns: utilisation, memory used/total GiB, temperature, power."""
+    return [f"{gpu.utilization}%" if gpu.utilization is not None else "—",
+            f"{gib(gpu.memory_used_mb)}/{gib(gpu.memory_total_mb)} GiB",
+            f"{gpu.temperature_c}°C" if gpu.temperature_c is not None else "—",
+            f"{gpu.power_w:.0f}/{gpu.power_limit_w:.0f} W" if gpu.power_w is not None and gpu.power_limit_w
+            else (f"{gpu.power_w:.0f} W" if gpu.power_w is not None else "—")]
+
+
+def held_by(state: GpuState, commands: bool = True) -> str:
+    """Who holds a GPU, in one line: modeldeck's work by name, other processes by pid and user (and command),
+    each with the memory it uses; 'free' when nobody does."""
+    parts = []
+    for holder in state.holders:
+        what = holder.what if commands or holder.ours else \
+            f"pid {','.join(map(str, holder.pids))}" + (f" ({holder.user})" if holder.user else "")
+        parts.append(what + (f" {gib(holder.memory_mb)} GiB" if holder.memory_mb is not None else ""))
+    return "; ".join(parts) or "free"

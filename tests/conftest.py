@@ -151,11 +151,11 @@ def deployment_now(db, deployment_id):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where nvidia-smi lists a CUDA GPU; elsewhere they skip, saying why."""
+    """`gpu` tests run only where NVML lists a CUDA GPU; elsewhere they skip, saying why."""
     from engine.gpus import list_gpus
 
     if any(item.get_closest_marker("gpu") for item in items) and not list_gpus():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU (nvidia-smi lists none on this machine)")
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (NVML lists none on this machine)")
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)

@@ -80,6 +80,18 @@ def test_a_bad_home_is_a_clear_error(tmp_path, monkeypatch):
     assert result.returncode == 1 and "cannot create modeldeck home" in result.stderr
 
 
+def test_gpus_says_there_is_none_here_and_prints_an_empty_json_list():
+    from engine.gpus import list_gpus
+
+    if list_gpus():
+        listed = json.loads(run("gpus", "--json").stdout)
+        assert listed and all(g["memory_total_mb"] > 0 and "holders" in g for g in listed)
+        assert run("gpus").stdout.splitlines()[0].split()[:3] == ["GPU", "NAME", "UTIL"]
+        return
+    assert run("gpus").stdout == "no NVIDIA GPU here (NVML finds no driver): work on this machine runs on the CPU\n"
+    assert json.loads(run("gpus", "--json").stdout) == []
+
+
 def test_an_unknown_tag_is_an_error_that_lists_the_tags():
     result = run("catalog", "--tag", "nonsense", check=False)
     assert result.returncode == 1 and "unknown tag nonsense; tags: chat," in result.stderr

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="a Ready base or merged custom model (or one still downloading)")
     p.add_argument("dataset", help="a .jsonl file (or a .json list of records)")
     p.add_argument("--name", help="the adapter's name (default: BASE-DATASET-lora)")
-    p.add_argument("--gpus", default="auto", help="auto (the first GPU, else the CPU), cpu, or GPU numbers like 0,1; "
+    p.add_argument("--gpus", default="auto", help="auto (the freest GPU no other modeldeck work holds, else the CPU), cpu, or "
+                   "GPU numbers like 0,1; "
                    "with --target, how many GPUs the pod or batch job gets (auto: 1; 0 or cpu: its CPUs)")
     _hyperparameter_flags(p)
     _target_flags(p, "finetune", "run it there (a Job on Kubernetes, a batch job on SLURM)")
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the deployment's name (default: the served name)")
     p.add_argument("--backend", choices=["auto", "vllm", "transformers"], help="auto: vLLM with a CUDA GPU and vLLM, "
                    "else the built-in server")
-    p.add_argument("--gpus", help="auto, cpu, or GPU numbers like 0,1")
+    p.add_argument("--gpus", help="auto (the freest GPUs no other deployment holds, with room for it), cpu, or GPU "
+                   "numbers like 0,1")
     p.add_argument("--tensor-parallel", dest="tensor_parallel", type=int, help="GPUs to split the model over (vLLM)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", dest="max_model_len", type=int, help="context length (default: the model's)")
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("stop", "cmd_stop", "stop a deployment (the server ends cleanly and frees its port)")
     p.add_argument("deployment")
     p.add_argument("--rm", action="store_true", help="also remove its record and chats (works on a stopped one too)")
+    verb("gpus", "cmd_gpus", "list this machine's GPUs: load, memory, temperature, power, and who holds each")
     verb("jobs", "cmd_jobs", "list jobs (downloads, imports, fine-tunes, merges, servers)")
     p = verb("logs", "cmd_logs", "print a job's log: by job id, a deployment's name (its server), or a model's name")
     p.add_argument("job", help="a job id, a deployment's name, or a custom model's name")

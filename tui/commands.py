@@ -425,6 +425,23 @@ def cmd_rm(args, db) -> int:
     return 0
 
 
+def cmd_gpus(args, db) -> int:
+    from dataclasses import asdict
+
+    from engine.format import gpu_usage, held_by
+    from engine.gpus import read_ledger
+
+    states = read_ledger(db)
+    if not states and not args.json:
+        print("no NVIDIA GPU here (NVML finds no driver): work on this machine runs on the CPU")
+        return 0
+    table = _table(["gpu", "name", "util", "memory", "temp", "power", "held by"],
+                   [[str(s.gpu.index), s.gpu.name, *gpu_usage(s.gpu), held_by(s)] for s in states])
+    _emit(args, [asdict(s.gpu) | {"nvlink": sorted(s.gpu.nvlink), "holders": [asdict(h) for h in s.holders]}
+                 for s in states], table)
+    return 0
+
+
 def cmd_jobs(args, db) -> int:
     from catalog.schema import Deployment
 

@@ -68,6 +68,7 @@ class Placement:
     bitsandbytes: bool | None = None  # whether QLoRA's package is there (None: look on this machine)
     details: Any = None
     output_folder: Path | None = None  # where its adapter's folder goes (None: MODELDECK_HOME/models)
+    chosen_because: str = ""  # what "auto" chose and why, or a warning on GPUs typed that others hold
 
     def check(self, dataset: Dataset) -> None:
         """Refuse a dataset the target cannot take (a Kubernetes Job gets it through Secrets)."""
@@ -88,6 +89,7 @@ class Serving:
     first_phase: str = "starting"  # "waiting for the download" for a model still downloading here
     summary: str = ""  # what runs where, for the drawer's plan line ("vLLM on GPU 0, 127.0.0.1:8001")
     placed_by: str = ""  # who judges the fit where there is no fit check: a cluster's scheduler
+    chosen_because: str = ""  # what "auto" chose and why (the drawer's "Chosen" line)
 
 
 class Target(ABC):
@@ -164,6 +166,13 @@ class Target(ABC):
     def is_here(self) -> bool:
         return False
 
+    def gpus_here(self, gpus: str | None) -> frozenset[int]:
+        """The GPUs of this machine that work placed with `gpus` (as its row keeps them) was given: none
+        where a target counts GPUs on machines of its own."""
+        if self.GPUS != "here" or not gpus or gpus in ("cpu", "auto"):
+            return frozenset()
+        return frozenset(int(part) for part in gpus.split(",") if part.strip().isdigit())
+
     # -- options and plans: EngineError says what to change ------------------------------------------
 
     def checked(self) -> Target:
@@ -177,7 +186,8 @@ class Target(ABC):
         return check_option_names(self, values, what)
 
     @abstractmethod
-    def plan_finetune(self, base: Model, gpus: str, options: dict[str, Any], offline: bool = False) -> Placement:
+    def plan_finetune(self, session, base: Model, gpus: str, options: dict[str, Any],
+                      offline: bool = False) -> Placement:
         """Where a fine-tune of `base` would run, checked; `offline` (a dry run) asks the system nothing."""
 
     def check_dataset(self, placement: Placement, dataset: Dataset) -> None:

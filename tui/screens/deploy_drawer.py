@@ -243,6 +243,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
             verdict = checked.fit.verdict
             text = Text.assemble(("Runs ", "dim"), runs, "\n", ("Memory ", "dim"), (verdict, VERDICT_STYLES[verdict]),
                                  f": {checked.fit.needs}")
+        if checked.serving.chosen_because:
+            text.append("\nChosen ", style="dim").append(checked.serving.chosen_because)
         for warning in checked.warnings:
             text.append(f"\n⚠ {warning}", style="yellow")
         self.query_one("#plan", Static).update(text)

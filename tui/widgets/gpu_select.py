@@ -1,4 +1,4 @@
-"""GpuSelect: the GPUs to run on (auto, each GPU with its free memory, all, CPU), asked of nvidia-smi in a
+"""GpuSelect: the GPUs to run on (auto, each GPU with its free memory, all, CPU), read through NVML in a
 thread after mounting, so a dialog opens at once. Posts Loaded when the machine's GPUs are known."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ class GpuSelect(Select[str]):
             self.select, self.gpus = select, gpus
 
     def __init__(self, **kwargs):
-        super().__init__([("auto: the first GPU, else the CPU", "auto"), ("CPU", "cpu")], value="auto",
+        super().__init__([("auto: the freest GPU, else the CPU", "auto"), ("CPU", "cpu")], value="auto",
                          allow_blank=False, compact=True, **kwargs)
-        self.gpus: list[Gpu] | None = None  # None until nvidia-smi has answered
+        self.gpus: list[Gpu] | None = None  # None until NVML has answered
 
     def on_mount(self) -> None:
         self.load()
@@ -37,7 +37,7 @@ class GpuSelect(Select[str]):
     def _loaded(self, gpus: list[Gpu]) -> None:
         from engine.gpus import choices
 
-        self.gpus, chosen = gpus, self.value  # a choice made before nvidia-smi answered stays
+        self.gpus, chosen = gpus, self.value  # a choice made before NVML answered stays
         options = choices(gpus)
         self.set_options(options)
         if chosen in [value for _, value in options]:

@@ -139,7 +139,8 @@ class KubernetesTarget(Target):
 
     # -- fine-tune -------------------------------------------------------------------------------------
 
-    def plan_finetune(self, base: Model, gpus: str, options: dict[str, Any], offline: bool = False) -> Placement:
+    def plan_finetune(self, session, base: Model, gpus: str, options: dict[str, Any],
+                      offline: bool = False) -> Placement:
         from engine import hub
         from engine.targets.kubernetes.manifests import gpu_list
 

@@ -12,7 +12,7 @@ from engine.targets import Choice, Placement, Serving, Target
 
 if TYPE_CHECKING:
     from catalog.schema import Deployment, Job, Model
-    from engine.backends import DeploySettings, FitCheck
+    from engine.backends import DeploySettings, FitCheck, MemoryEstimate
     from engine.gpus import Gpu
 
 
@@ -45,19 +45,22 @@ class LocalTarget(Target):
 
     # -- fine-tune -------------------------------------------------------------------------------------
 
-    def plan_finetune(self, base: Model, gpus: str, options: dict[str, Any], offline: bool = False) -> Placement:
+    def plan_finetune(self, session, base: Model, gpus: str, options: dict[str, Any],
+                      offline: bool = False) -> Placement:
         from engine import targets
-        from engine.gpus import list_gpus, parse_choice
+        from engine.gpus import ledger_in, list_gpus, place
 
         home = targets.home_of(base)
         if not home.files_here(base) and not (base.state == ModelState.PENDING and base.repo_id):
             raise home.refuse_here(base, "fine-tune")
         try:
-            gpus = parse_choice(gpus, list_gpus())
+            chosen = place(gpus, ledger_in(session, list_gpus()))
         except ValueError as exc:
             raise EngineError(str(exc)) from None
+        gpus = chosen.gpus
         count = 0 if gpus == "cpu" else len(gpus.split(","))
-        return Placement(self, gpus, count, "CPU" if gpus == "cpu" else f"GPU {gpus}", files_here=True)
+        return Placement(self, gpus, count, "CPU" if gpus == "cpu" else f"GPU {gpus}", files_here=True,
+                         chosen_because=chosen.shared or chosen.why)
 
     def finetune_meta(self, placement: Placement, name: str) -> dict[str, Any]:
         return {"gpus": placement.gpus}
@@ -78,19 +81,11 @@ class LocalTarget(Target):
     def plan_deploy(self, session, model: Model, base: Model | None, settings: DeploySettings,
                     kept_ports: set[int], available_gpus: list[Gpu] | None) -> Serving:
         from engine.backends import checked_listen, choose_backend, context_limit, vllm_available
-        from engine.gpus import list_gpus, parse_choice
+        from engine.gpus import is_auto, ledger_in, list_gpus, place
 
         available_gpus = list_gpus() if available_gpus is None else available_gpus
-        try:
-            gpus = parse_choice(settings.gpus, available_gpus)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
-        backend = choose_backend(settings.backend, gpus != "cpu", vllm_available())
-        if backend == "vllm" and (gpus == "cpu" or not vllm_available()):
-            raise EngineError("vLLM needs a CUDA GPU and the vllm command; choose the built-in server (transformers)")
-        if backend == "vllm" and settings.tensor_parallel > len(gpus.split(",")):
-            raise EngineError(f"tensor-parallel size {settings.tensor_parallel} needs as many GPUs; "
-                              f"{len(gpus.split(','))} chosen ({gpus})")
+        on_gpu = bool(available_gpus) if is_auto(settings.gpus) else settings.gpus.strip().lower() != "cpu"
+        backend = choose_backend(settings.backend, on_gpu, vllm_available())
         if backend == "transformers" and settings.tensor_parallel > 1:
             raise EngineError("tensor parallel needs vLLM; the built-in server runs a model on one device")
         base = deployable(session, model)
@@ -98,16 +93,31 @@ class LocalTarget(Target):
         if limit and settings.max_model_len > limit:
             raise EngineError(f"max model length {settings.max_model_len:,} is over the model's own limit of "
                               f"{limit:,} tokens; leave it empty for {limit:,}")
+        needed, rough = _needed(session, model, base, settings)
+        share = settings.gpu_memory_fraction if backend == "vllm" else 1.0
+        try:  # auto: GPUs no other deployment holds, with room for it (tensor parallel: as many as its size)
+            chosen = place(settings.gpus, ledger_in(session, available_gpus),
+                           settings.tensor_parallel if backend == "vllm" else 1, needed.total, share)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        gpus = chosen.gpus
+        if backend == "vllm" and (gpus == "cpu" or not vllm_available()):
+            raise EngineError("vLLM needs a CUDA GPU and the vllm command; choose the built-in server (transformers)")
+        if backend == "vllm" and settings.tensor_parallel > len(gpus.split(",")):
+            raise EngineError(f"tensor-parallel size {settings.tensor_parallel} needs as many GPUs; "
+                              f"{len(gpus.split(','))} chosen ({gpus})")
         settings = checked_listen(settings, kept_ports)
-        fit = _fit(session, model, base, settings, backend, gpus, available_gpus)
+        fit = _fit(needed, rough, gpus, backend, share, available_gpus)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # where to reach it from here
         host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
         waiting = model.state == ModelState.PENDING
         warnings = [f"{model.name} is still downloading; the server starts once it is Ready"] if waiting else []
         where = "the CPU" if gpus == "cpu" else f"GPU {gpus}"
+        if chosen.shared:
+            warnings.append(chosen.shared)
         return Serving(settings, backend, gpus, fit, f"http://{host}:{settings.port}/v1", warnings,
                        "waiting for the download" if waiting else "starting",
-                       f"{'vLLM' if backend == 'vllm' else 'built-in server'} on {where}")
+                       f"{'vLLM' if backend == 'vllm' else 'built-in server'} on {where}", chosen_because=chosen.why)
 
     def recheck_deploy(self, session, model: Model) -> None:
         deployable(session, model)
@@ -143,30 +153,32 @@ def deployable(session, model: Model) -> Model | None:
     return base
 
 
-def _fit(session, model: Model, base: Model | None, settings: DeploySettings, backend: str, gpus: str,
-         available_gpus: list[Gpu]) -> FitCheck:
-    import psutil
-
+def _needed(session, model: Model, base: Model | None, settings: DeploySettings) -> tuple[MemoryEstimate, bool]:
+    """The memory serving it needs (weights + KV cache), and whether that is rough (a model still downloading:
+    2 bytes a parameter, as most checkpoints are stored, and no KV cache yet)."""
     from catalog.schema import CommunityModel
-    from engine.backends import DTYPE_BYTES, FitCheck, MemoryEstimate, estimate_memory
+    from engine.backends import DTYPE_BYTES, MemoryEstimate, estimate_memory
 
     if model.path and model.state == ModelState.READY:
         weights_from = base or model
         size = (weights_from.size_bytes or 0) + ((model.size_bytes or 0) if base else 0)
-        needed, rough = estimate_memory(weights_from.path, size, settings.dtype, settings.max_model_len or None), False
-    else:  # downloading: 2 bytes a parameter (bf16/fp16, as most checkpoints are stored), no KV cache yet
-        entry = session.get(CommunityModel, model.repo_id) if model.repo_id else None
-        bytes_per = DTYPE_BYTES.get(settings.dtype, 2)
-        needed, rough = MemoryEstimate((entry.params if entry else 0) * bytes_per, 0), True
+        return estimate_memory(weights_from.path, size, settings.dtype, settings.max_model_len or None), False
+    entry = session.get(CommunityModel, model.repo_id) if model.repo_id else None
+    return MemoryEstimate((entry.params if entry else 0) * DTYPE_BYTES.get(settings.dtype, 2), 0), True
+
+
+def _fit(needed: MemoryEstimate, rough: bool, gpus: str, backend: str, share: float,
+         available_gpus: list[Gpu]) -> FitCheck:
+    import psutil
+
+    from engine.backends import FitCheck
+
     if gpus == "cpu":
         return FitCheck(needed, psutil.virtual_memory().available, "RAM", rough)
     chosen = [g for g in available_gpus if str(g.index) in gpus.split(",")]
     if backend == "transformers":
         chosen = chosen[:1]  # the built-in server runs on the first chosen GPU
-    share = settings.gpu_memory_fraction if backend == "vllm" else 1.0
-    mib = 2**20
-    free = sum(min(g.memory_free_mb, g.memory_total_mb * share) * mib for g in chosen)
+    free = sum(min(g.memory_free_mb, g.memory_total_mb * share) * 2**20 for g in chosen)
     where = "GPU " + ",".join(str(g.index) for g in chosen) if len(chosen) == 1 else \
         "GPUs " + ",".join(str(g.index) for g in chosen)
     return FitCheck(needed, int(free), where, rough)
-

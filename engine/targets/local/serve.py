@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import httpx2 as httpx
 import psutil
@@ -17,6 +18,7 @@ import psutil
 from catalog.schema import Deployment, Model, ModelState
 from engine import jobs
 from engine.backends import serve_command
+from engine.gpus import out_of_memory_here
 from engine.jobs import STOP_DEADLINE_S, log_tail
 from engine.jobs.harness import JobContext, JobFailure
 from engine.jobs.serving import healthy, ready, set_phase, warm_up, watch_health
@@ -38,18 +40,24 @@ def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | N
     # this supervisor died) ends the server too. Its output goes to this job's log.
     child = subprocess.Popen(command.argv, env=os.environ | command.env, stdin=subprocess.DEVNULL,
                              stdout=sys.stdout, stderr=subprocess.STDOUT, cwd=ctx.db.path.parent)
+    def gone() -> str | None:
+        return exited(child, log_path, lambda tail: out_of_memory_here(ctx.db, deployment.gpus,
+                                                                        f"deployment {deployment.name}", tail))
+
     try:
-        wait_until_ready(ctx, child, base_url, deployment, log_path)
+        wait_until_ready(ctx, child, base_url, deployment, gone)
         ready(ctx, deployment.id)
         ctx.log(f"ready at {deployment.endpoint}")
-        watch_health(base_url, lambda: exited(child, log_path), WATCH_EVERY_S)
+        watch_health(base_url, gone, WATCH_EVERY_S)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not interrupt the cleanup
         end_server(child)
 
 
-def exited(child: subprocess.Popen, log_path: str | None) -> str | None:
-    """Why the server is gone, with the last lines it wrote; None while it runs."""
+def exited(child: subprocess.Popen, log_path: str | None,
+           out_of_memory: Callable[[str], str | None] = lambda tail: None) -> str | None:
+    """Why the server is gone, with the last lines it wrote (CUDA out of memory: on which GPU, and who holds
+    it now); None while it runs."""
     code = child.poll()
     if code is None:
         return None
@@ -57,16 +65,17 @@ def exited(child: subprocess.Popen, log_path: str | None) -> str | None:
         return f"the server was killed by signal {signal.Signals(-code).name}"
     sys.stdout.flush()
     tail = [line for line in log_tail(log_path, 12) if not line.startswith("INFO:")]  # uvicorn's routine lines
-    reason = tail_reason(tail)
+    reason = out_of_memory("\n".join(tail)) or tail_reason(tail)
     return f"the server exited with code {code}" + (f": {reason}" if reason else "")
 
 
-def wait_until_ready(ctx: JobContext, child, base_url: str, deployment: Deployment, log_path: str | None) -> None:
+def wait_until_ready(ctx: JobContext, child, base_url: str, deployment: Deployment,
+                     gone: Callable[[], str | None]) -> None:
     set_phase(ctx, deployment.id, "loading weights")
     start = time.monotonic()
     with httpx.Client() as client:
         while not healthy(client, base_url):
-            if reason := exited(child, log_path):
+            if reason := gone():
                 raise JobFailure(reason)
             if time.monotonic() - start > READY_TIMEOUT_S:
                 raise JobFailure(f"the server did not answer /health within {READY_TIMEOUT_S:.0f} s")

@@ -226,7 +226,8 @@ class SlurmTarget(Target):
 
     # -- fine-tune -------------------------------------------------------------------------------------
 
-    def plan_finetune(self, base: Model, gpus: str, options: dict[str, Any], offline: bool = False) -> Placement:
+    def plan_finetune(self, session, base: Model, gpus: str, options: dict[str, Any],
+                      offline: bool = False) -> Placement:
         if base.state == ModelState.READY and not base.path and not base.repo_id:
             raise EngineError(f"{base.name}'s files are not on this machine: a batch job reads them from the shared "
                               "work directory, or downloads a model from the Hub")
