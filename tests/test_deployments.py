@@ -157,19 +157,6 @@ def test_what_cannot_be_deployed_is_refused_with_the_reason(db, tiny, tmp_path):
     assert deployments.deployment_rows(db) == [] and free_port()
 
 
-def test_server_load_is_read_from_either_servers_metrics():
-    from engine.deployments import parse_load
-
-    ours = ('# HELP modeldeck_requests_total x\nmodeldeck_requests_total{status="200"} 7\n'
-            'modeldeck_requests_total{status="400"} 2\nmodeldeck_generation_tokens_total 350\n')
-    vllm = ('vllm:request_success_total{finished_reason="stop",model_name="m"} 3.0\n'
-            'vllm:request_success_total{finished_reason="length",model_name="m"} 1.0\n'
-            'vllm:generation_tokens_total{model_name="m"} 1234.0\n')
-    assert (parse_load(ours).requests, parse_load(ours).tokens) == (9, 350)
-    assert (parse_load(vllm).requests, parse_load(vllm).tokens) == (4, 1234)
-    assert parse_load("garbage\n# only comments").requests == 0
-
-
 def test_the_plan_checks_the_fit_and_warns_of_an_exposed_address(db, tiny):
     checked = deployments.plan(db, "tiny", DeploySettings(host="0.0.0.0"))
     assert checked.backend == "transformers" and checked.gpus == "cpu" and checked.settings.port > 0

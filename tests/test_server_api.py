@@ -360,7 +360,7 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on
 def test_generated_tokens_are_counted_as_they_are_made_not_when_the_reply_ends(endless_dir):
     """Active deployments' Tok/s is the growth of this counter between two reads: counted only when a
     reply ended, a 28-s reply read as one 2-s burst of 90 tok/s."""
-    from engine.deployments import parse_load
+    from engine.load import parse_load
     from engine.server.generation import Engine
 
     engine = Engine(str(endless_dir), None, "auto", None, log=lambda line: None)

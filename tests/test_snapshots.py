@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tui_helpers import T0, seed, seed_training, wait_for
+from tests.tui_helpers import T0, busy_history, seed, seed_training, two_gpus, wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
 from tui.screens.chat import ChatScreen
@@ -17,6 +17,7 @@ from tui.screens.deploy_drawer import DeployDrawer
 from tui.screens.details import DetailsDialog, LiveDetails, TrainingDetails
 from tui.screens.file_picker import FilePicker
 from tui.screens.finetune_dialog import FinetuneDialog
+from tui.screens.gpu_dialog import GpuDialog
 from tui.screens.help import HelpDialog
 from tui.screens.import_dialog import ImportDialog
 from tui.screens.log_dialog import LogDialog
@@ -33,12 +34,20 @@ def fixed_clock(monkeypatch):
     monkeypatch.setattr(deployments, "clock", lambda: T0 + 3600)
 
 
-def app_for(db, seeded: bool = True, training: bool = False) -> ModelDeckApp:
+def app_for(db, seeded: bool = True, training: bool = False, gpus: bool = False, load: bool = False) -> ModelDeckApp:
+    """The app on a seeded database; `gpus`: on a two-GPU box (as NVML would read it); `load`: the Ready
+    deployment with a minute and a half of load history."""
     if seeded:
         ids = seed(db)
         if training:
             seed_training(db, ids)
-    return ModelDeckApp(db, follow=False)
+    app = ModelDeckApp(db, follow=False)
+    if gpus:
+        app.gpu_reader = lambda _db: two_gpus()
+    if load:
+        [ready] = [d for d in deployment_rows(db) if d.state.value == "ready"]
+        app.store.load[ready.id] = busy_history()
+    return app
 
 
 def kubeconfig_with(tmp_path, monkeypatch, *contexts: str) -> None:
@@ -113,6 +122,14 @@ def free_ram(monkeypatch, available: int) -> None:
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available))
 
 
+async def gpus_read(pilot) -> None:
+    """A step: wait until the GPUs were read twice (the sparklines have two points, always)."""
+    await wait_for(pilot, lambda: pilot.app.store.gpu_history and len(pilot.app.store.gpu_history.utilization[0]) >= 2,
+                   10, what="two readings of the GPUs")
+    pilot.app.workers.cancel_group(pilot.app, "gpus")  # no third: the picture holds still
+    await pilot.pause()
+
+
 def plan_shown(expected: str = "Memory"):
     """A step: wait until the drawer's plan shows `expected` (the plan for what is typed now; it is asked
     for after a short pause, and the previous one stays on screen meanwhile)."""
@@ -147,7 +164,14 @@ class TestScreens:
                             run_before=keys("2", "down", "down", "down", "down"))
 
     def test_deployments(self, snap_compare, db, size):
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3"))
+        assert snap_compare(app_for(db, load=True), terminal_size=size, run_before=keys("3"))
+
+    def test_gpu_strip_on_a_two_gpu_machine(self, snap_compare, db, size):
+        assert snap_compare(app_for(db, gpus=True), terminal_size=size, run_before=keys(gpus_read))
+
+    def test_gpu_dialog(self, snap_compare, db, size):
+        assert snap_compare(app_for(db, gpus=True), terminal_size=size,
+                            run_before=keys(gpus_read, "4", shown(GpuDialog)))
 
     def test_deployments_empty(self, snap_compare, db, size):
         assert snap_compare(app_for(db, seeded=False), terminal_size=size, run_before=keys("3"))
@@ -193,7 +217,8 @@ class TestDialogs:
 
             await wait_for(pilot, lambda: len(pilot.app.screen.query_one(FollowingLog).lines) >= 5, what="the log")
 
-        assert snap_compare(app_for(db), terminal_size=size, run_before=keys("3", "d", shown(LiveDetails), log_read))
+        assert snap_compare(app_for(db, load=True), terminal_size=size,
+                            run_before=keys("3", "d", shown(LiveDetails), log_read))
 
     def test_connect(self, snap_compare, db, size, monkeypatch):
         monkeypatch.setenv("SSH_CONNECTION", "10.1.2.3 50000 10.9.8.7 22")  # a session over SSH: the tunnel shows

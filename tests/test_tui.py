@@ -871,11 +871,24 @@ async def test_a_deployment_made_from_the_shell_goes_ready_on_screen_then_stops_
         from openai import OpenAI
 
         ready = deployments.deployment_rows(db, {deployment.id})[0]
+        await wait_for(pilot, lambda: deployment.id in app.store.load, 10, what="a first reading of its load")
         OpenAI(base_url=ready.endpoint, api_key=ready.api_key, max_retries=0).completions.create(
             model="tiny", prompt="hi", max_tokens=3)
-        # requests and tokens/s come from the server's /metrics (the warm-up completion counts too)
-        await wait_for(pilot, lambda: plain(table(app).cells(deployment.id)[4]) not in ("—", "0", "1"), 15,
-                       what="the request count")
+        # requests and tokens/s come from the server's /metrics: the warm-up and this one (the listing the
+        # SDK does not send, and the supervisor's /health, are not load)
+        await wait_for(pilot, lambda: plain(table(app).cells(deployment.id)[4]) == "2", 15, what="the request count")
+        await wait_for(pilot, lambda: any(b in plain(table(app).cells(deployment.id)[5]) for b in "▂▃▄▅▆▇█"), 15,
+                       what="the tokens of that request on the Tok/s line")
+        from tui.screens.details import DeploymentDetails
+        from tui.widgets.load_chart import LoadChart
+
+        await pilot.press("d")
+        chart = await wait_for(pilot, lambda: isinstance(app.screen, DeploymentDetails) and
+                               app.screen.query_one(LoadChart), what="the details' load chart")
+        history = app.store.load[deployment.id]
+        assert "Tok/s" in chart.render().plain and f"peak {max(history.series('tokens_per_s')):,.0f}" in \
+            chart.render().plain
+        await pilot.press("escape")
         await pilot.press("2")  # the model's row says it is deployed
         await wait_for(pilot, lambda: plain(table(app).cells(1)[2]) == "Ready · deployed", what="deployed in Custom")
         await pilot.press("3")

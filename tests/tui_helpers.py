@@ -169,3 +169,37 @@ def seed_training(db, ids: dict[str, int]) -> dict[str, int]:
         session.flush()
         running.job_id = job.id
     return ids | {"training": running.id}
+
+
+def two_gpus(busy: int = 87):
+    """What the ledger reads on a two-GPU box: GPU 0 serves the seeded deployment support-bot, GPU 1 is
+    nearly filled by another user's training run. `busy`: GPU 0's utilisation."""
+    from engine.gpus import Claim, Gpu, GpuProcess, ProcessInfo, ledger
+
+    gpus = [Gpu(0, "NVIDIA H100 80GB HBM3", 81559, 41000, busy, 61, 402.5, 700.0, (GpuProcess(4242, 40960),),
+                frozenset({1})),
+            Gpu(1, "NVIDIA H100 80GB HBM3", 81559, 78000, 99, 74, 655.0, 700.0, (GpuProcess(5151, 77824),),
+                frozenset({0}))]
+    claims = [Claim("deployment support-bot", frozenset({0}), 4000, 1000.0)]
+    processes = {4242: ProcessInfo(4242, "alice", "python -m engine.server --model Qwen2.5-0.5B-Instruct",
+                                   ((4242, 1001.0), (4000, 1000.0))),
+                 5151: ProcessInfo(5151, "bob", "torchrun --nproc-per-node 1 train.py --config big.yaml",
+                                   ((5151, 900.0),))}
+    return ledger(gpus, claims, processes)
+
+
+def busy_history():
+    """A minute and a half of a Ready deployment's load, read every 2 s: bursts of requests and quiet between."""
+    import math
+
+    from engine.load import LoadHistory, ServerLoad
+
+    history = LoadHistory()
+    requests = tokens = fast = slow = 0.0
+    for n in range(46):
+        wave = max(0.0, math.sin(n / 5))
+        requests, tokens = requests + round(4 * wave), tokens + round(260 * wave)
+        fast, slow = fast + round(3 * wave), slow + round(wave)
+        history.add(ServerLoad(int(requests), int(tokens), ((0.05, fast), (0.25, fast + slow), (math.inf, fast + slow))),
+                    1000.0 + 2 * n)
+    return history

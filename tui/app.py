@@ -20,6 +20,7 @@ from textual.screen import Screen
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from catalog.errors import CatalogError
+from catalog.states import DeploymentState
 from engine.errors import EngineError
 from engine.localmodel import has_chat_template
 from tui.keys import KeysInOrder
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 POLL_S = 0.1
 RECONCILE_S = 2.0
+LOAD_EVERY_S = 2.0  # how often the Ready servers' /metrics are read (their load history)
+GPUS_EVERY_S = 2.0  # how often the GPUs are read (NVML, in a worker)
 TAB_MODES = ("community", "custom", "deployments")
 # Each tab screen's class, imported when it is first wanted: only Community's is before the first paint.
 _TAB_CLASSES = {"community": "tui.screens.community:CommunityScreen", "custom": "tui.screens.custom:CustomScreen",
@@ -58,6 +61,8 @@ class ModelDeckApp(KeysInOrder, App):
         Binding("1", "switch_mode('community')", "Community", id="app.community", tooltip="Curated open models", show=False),
         Binding("2", "switch_mode('custom')", "Custom", id="app.custom", tooltip="Your downloaded and fine-tuned models", show=False),
         Binding("3", "switch_mode('deployments')", "Active deployments", id="app.deployments", tooltip="Active deployments", show=False),
+        Binding("4", "gpus", "GPUs", id="app.gpus", show=False,
+                tooltip="This machine's GPUs: load, memory, temperature, power and who holds each"),
         Binding("question_mark", "help", "Keys", id="app.help", tooltip="Show the keys of this screen"),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
@@ -169,9 +174,77 @@ class ModelDeckApp(KeysInOrder, App):
         self.store.loaded = True
         for screen in self._tab_screens():
             screen.reload()
+        self.set_interval(LOAD_EVERY_S, self.poll_load)
+        self.watch_gpus()
         if self._open_chat is not None:
             self._chat_on_start(self._open_chat)
         self.discover_targets()
+
+    # -- load and GPUs: read in workers, kept in the store, shown by whoever shows them ----------------
+
+    def _load_and_gpu_viewers(self) -> list:
+        return [s for s in dict.fromkeys([*self._tab_screens(), *self.screen_stack])
+                if s.is_mounted and hasattr(s, "load_changed")]
+
+    def poll_load(self) -> None:
+        ready = {d.id: d.endpoint for d in self.store.deployments.values()  # an external one's are not ours
+                 if d.state == DeploymentState.READY and d.endpoint and d.backend != "external"}
+        for gone in set(self.store.load) - set(ready):  # stopped: its history ends with it
+            del self.store.load[gone]
+        if ready:
+            self.read_load(ready)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load")
+    def read_load(self, endpoints: dict[int, str]) -> None:
+        from engine.load import read_load
+
+        samples = {dep_id: (read_load(endpoint), time.monotonic()) for dep_id, endpoint in endpoints.items()}
+        self.call_from_thread(self._show_load, samples)
+
+    def _show_load(self, samples: dict) -> None:
+        from engine.load import LoadHistory
+
+        read = set()
+        for dep_id, (load, at) in samples.items():
+            if load is not None and dep_id in self.store.deployments:
+                self.store.load.setdefault(dep_id, LoadHistory()).add(load, at)
+                read.add(dep_id)
+        for viewer in self._load_and_gpu_viewers():
+            viewer.load_changed(read)
+
+    gpu_reader = None  # what reads the ledger (default: engine.gpus.read_ledger); tests give their readings
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="gpus")
+    def watch_gpus(self) -> None:
+        """Read the GPUs every GPUS_EVERY_S until the app ends; where the first reading finds none, never
+        again (a machine does not gain a GPU while the dashboard runs)."""
+        from engine.gpus import read_ledger
+
+        reader = self.gpu_reader or read_ledger
+        worker = get_current_worker()
+        while not worker.is_cancelled:
+            try:
+                states = reader(self.db)
+            except Exception:  # noqa: BLE001 - a locked database, a GPU fallen off the bus: read again next time
+                states = None
+            if states is not None:
+                self.call_from_thread(self._show_gpus, states)
+                if not states:
+                    return
+            for _ in range(int(GPUS_EVERY_S / POLL_S)):  # in steps: the app's exit does not wait for a sleep
+                if worker.is_cancelled:
+                    return
+                time.sleep(POLL_S)
+
+    def _show_gpus(self, states: list) -> None:
+        from engine.gpus import GpuHistory
+
+        if self.store.gpu_history is None:
+            self.store.gpu_history = GpuHistory()
+        self.store.gpu_history.add([s.gpu for s in states])  # here, on the UI thread that draws it
+        self.store.gpus = states
+        for viewer in self._load_and_gpu_viewers():
+            viewer.gpus_changed()
 
     @work(thread=True, exclusive=True, group="targets", exit_on_error=False)
     def discover_targets(self) -> None:
@@ -226,8 +299,6 @@ class ModelDeckApp(KeysInOrder, App):
 
     def announce_deployments(self, message: DeploymentsChanged) -> None:
         """A deployment that leaves Pending says so, wherever the user is looking."""
-        from catalog.states import DeploymentState
-
         for dep in message.rows:
             before = self.store.deployments.get(dep.id)
             if before is None or before.state != DeploymentState.PENDING or dep.state == DeploymentState.PENDING:
@@ -290,7 +361,6 @@ class ModelDeckApp(KeysInOrder, App):
             return
         self.push_screen(ChatScreen(deployment_id, conversation_id))
 
-
     def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
                markup: bool = False) -> None:
         """Every notification is plain text: they carry names, replies and servers' errors, where a '['
@@ -306,6 +376,12 @@ class ModelDeckApp(KeysInOrder, App):
         else:
             self.notify(f"No {what} to copy", severity="warning", timeout=3)
 
+    def action_gpus(self) -> None:
+        from tui import dialogs
+
+        if not isinstance(self.screen, dialogs.GpuDialog):
+            self.push_screen(dialogs.GpuDialog())
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpDialog):
             self.push_screen(HelpDialog(self.screen, self.BINDINGS))
@@ -315,6 +391,8 @@ class ModelDeckApp(KeysInOrder, App):
         action of every screen, calling the same actions as the keys: the current screen's first, and one
         of another screen switches to it and acts on its selected row."""
         yield from super().get_system_commands(screen)
+        yield SystemCommand("GPUs", "This machine's GPUs: load, memory, temperature, power and who holds each (4)",
+                            self.action_gpus)
         modes = sorted(TAB_MODES, key=lambda mode: tab_screen_class(mode) is not type(screen))  # the current first
         for mode in modes:
             tab = tab_screen_class(mode)

@@ -8,8 +8,8 @@ import importlib
 
 _MODULES = {
     "ActionMenu": "tui.screens.action_menu", "ChoiceDialog": "tui.screens.confirm", "ConfirmDialog": "tui.screens.confirm",
-    "DetailsDialog": "tui.screens.details", "LiveDetails": "tui.screens.details", "TrainingDetails": "tui.screens.details",
-    "FinetuneDialog": "tui.screens.finetune_dialog", "ImportDialog": "tui.screens.import_dialog",
+    "DeploymentDetails": "tui.screens.details", "DetailsDialog": "tui.screens.details", "LiveDetails": "tui.screens.details", "TrainingDetails": "tui.screens.details",
+    "FinetuneDialog": "tui.screens.finetune_dialog", "GpuDialog": "tui.screens.gpu_dialog", "ImportDialog": "tui.screens.import_dialog",
     "LogDialog": "tui.screens.log_dialog", "TagPicker": "tui.screens.tag_picker",
 }
 

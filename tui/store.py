@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from catalog.schema import CommunityModel, Deployment
+    from engine.gpus import GpuHistory, GpuState
+    from engine.load import LoadHistory
     from engine.models import ModelRow
     from engine.targets import Choice
 
@@ -18,6 +20,9 @@ class Store:
     models: dict[int, ModelRow] = field(default_factory=dict)
     deployments: dict[int, Deployment] = field(default_factory=dict)
     targets: list[Choice] = field(default_factory=list)  # where work can run besides this machine, once known
+    load: dict[int, LoadHistory] = field(default_factory=dict)  # each Ready deployment's, read from its /metrics
+    gpus: list[GpuState] = field(default_factory=list)  # this machine's GPUs and who holds them (none: no GPU)
+    gpu_history: GpuHistory | None = None
     _by_repo: dict[str, int] = field(default_factory=dict)
 
     def apply_models(self, rows: list[ModelRow], gone: set[int]) -> set[str]:

@@ -151,8 +151,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
     async def models(request: Request):
         if not authorized(request):
             return unauthorized()
-        engine.metrics.request(200)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()]}  # not counted: the load is the generation requests
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
@@ -160,7 +159,6 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             return unauthorized()
         if model_id != served_name:
             return error(not_served(model_id))
-        engine.metrics.request(200)
         return model_card()
 
     def not_served(name: str) -> RequestError:

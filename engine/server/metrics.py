@@ -12,6 +12,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
+        # the load: completions and chats, and refused requests; not model listings (clients poll them)
         self.requests = Counter("modeldeck_requests", "Requests answered, by HTTP status.", ["status"],
                                 registry=registry)
         self.prompt_tokens = Counter("modeldeck_prompt_tokens", "Prompt tokens processed.", registry=registry)

@@ -15,6 +15,7 @@ from textual.worker import Worker
 from engine.errors import EngineError
 from tui.store import Store
 from tui.widgets.filter_bar import FilterBar
+from tui.widgets.gpu_strip import GpuStrip
 from tui.widgets.live_table import LiveTable
 from tui.widgets.nav import NavBar
 
@@ -65,6 +66,7 @@ class DeckScreen(ReportsWorkerErrors, Screen):
 
     def compose_nav(self) -> ComposeResult:
         yield NavBar(self.MODE)
+        yield GpuStrip()
 
     def compose_footer(self) -> ComposeResult:
         yield Footer(compact=True)
@@ -166,3 +168,10 @@ class DeckScreen(ReportsWorkerErrors, Screen):
     def models_changed(self, changed: set[int], gone: set[int], repos: set[str]) -> None: ...
 
     def deployments_changed(self, changed: set[int], gone: set[int]) -> None: ...
+
+    def load_changed(self, deployment_ids: set[int]) -> None:
+        """The Ready deployments' load history has a new reading (app.store.load)."""
+
+    def gpus_changed(self) -> None:
+        """A new reading of the GPUs (app.store.gpus)."""
+        self.query_one(GpuStrip).show(self.store.gpus, self.store.gpu_history)

@@ -27,10 +27,10 @@ from tui.screens.base import DeckScreen
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.info import InfoLine
 from tui.widgets.live_table import Column, LiveTable
+from tui.widgets.sparkline import sparkline
 
 if TYPE_CHECKING:
     from catalog.schema import Deployment
-    from engine.deployments import ServerLoad
 
 EMPTY = ("No deployments yet. A deployment serves a model through an OpenAI-compatible endpoint (vLLM on a "
          "GPU, else the built-in server); each one is listed here with its live state, endpoint and load. "
@@ -39,6 +39,7 @@ STATE_STYLES = {DeploymentState.PENDING: "yellow", DeploymentState.READY: "bold 
                 DeploymentState.FAILED: "bold red", DeploymentState.STOPPED: "dim"}
 STATE_FILTERS = (None, *DeploymentState)
 clock = time.time  # the snapshot tests set a fixed one
+SPARK_CELLS = 4  # the Tok/s column's history: the last 8 s
 
 
 def listening_text(dep: Deployment) -> str:
@@ -67,45 +68,27 @@ class DeploymentsScreen(DeckScreen):
     ]
     COLUMNS = [
         Column("Deployment", ratio=3, min_width=10, cut_middle=True), Column("Backend", width=8), Column("Endpoint", ratio=3, min_width=15),
-        Column("State", ratio=4, min_width=12), Column("Requests", width=8), Column("Tok/s", width=6),
+        Column("State", ratio=4, min_width=12), Column("Requests", width=8), Column("Tok/s", width=10),
         Column("Up", width=6),
     ]
-    LOAD_EVERY_S = 2.0  # how often the Ready servers' /metrics are read
+    TICK_S = 2.0  # the uptimes move on
 
     def __init__(self) -> None:
         super().__init__()
         self.state_filter: DeploymentState | None = None
-        # per deployment: its last counters and when they were read, and the rate between the last two
-        self._load: dict[int, tuple[ServerLoad, float, float | None]] = {}
 
     def on_mount(self) -> None:  # DeckScreen's on_mount runs too (Textual calls each class's handler)
-        self.set_interval(self.LOAD_EVERY_S, self.poll_load)
+        self.set_interval(self.TICK_S, self.tick)
 
-    def poll_load(self) -> None:
-        live = [d for d in self.store.deployments.values()
-                if d.state.is_live()]
-        for dep in live:  # their uptime moves on
-            self.table.upsert(dep.id, self._cells(dep))
-        ready = {d.id: d.endpoint for d in live  # an external one's metrics are not ours to poll
-                 if d.state == DeploymentState.READY and d.endpoint and d.backend != "external"}
-        if ready:
-            self.read_load(ready)
+    def tick(self) -> None:
+        for dep in self.store.deployments.values():
+            if dep.state.is_live():
+                self.table.upsert(dep.id, self._cells(dep))
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="load")
-    def read_load(self, endpoints: dict[int, str]) -> None:
-        from engine.deployments import read_load
-
-        samples = {dep_id: (read_load(endpoint), time.monotonic()) for dep_id, endpoint in endpoints.items()}
-        self.app.call_from_thread(self._show_load, samples)
-
-    def _show_load(self, samples: dict[int, tuple[ServerLoad | None, float]]) -> None:
-        for dep_id, (load, at) in samples.items():
-            if load is None or dep_id not in self.store.deployments:
-                continue
-            before = self._load.get(dep_id)
-            rate = (load.tokens - before[0].tokens) / (at - before[1]) if before and at > before[1] else None
-            self._load[dep_id] = (load, at, rate)
-            self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
+    def load_changed(self, deployment_ids: set[int]) -> None:
+        for dep_id in deployment_ids:
+            if dep_id in self.store.deployments:
+                self.table.upsert(dep_id, self._cells(self.store.deployments[dep_id]))
 
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
@@ -132,9 +115,12 @@ class DeploymentsScreen(DeckScreen):
 
     def _cells(self, dep: Deployment) -> tuple:
         state = deployment_state_text(dep.state, dep.phase, dep.reason, dep.ends_at, clock())
-        load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
-        requests = f"{load[0].requests:,}" if load else "—"
-        rate = f"{load[2]:,.0f}" if load and load[2] is not None else "—"
+        history = self.store.load.get(dep.id) if dep.state == DeploymentState.READY else None
+        requests = f"{history.last.requests:,}" if history else "—"
+        rate = Text("—")
+        if history and history.points:  # tokens/s now, after the last readings' line
+            rate = sparkline(history.series("tokens_per_s"), SPARK_CELLS).append(
+                f" {history.points[-1].tokens_per_s:,.0f}")
         if dep.backend == "external":
             address = Text((dep.endpoint or "—").removeprefix("http://").removeprefix("https://"))
         else:  # where it listens; an address open to other machines stands out
@@ -317,7 +303,8 @@ class DeploymentsScreen(DeckScreen):
             seen["dep"] = self.store.deployments.get(dep_id, seen["dep"])
             return self.details_fields(seen["dep"]), log_path
 
-        self.app.push_screen(dialogs.LiveDetails(dep.name, live, copy_value=dep.endpoint))
+        self.app.push_screen(dialogs.DeploymentDetails(dep.name, live, lambda: self.store.load.get(dep_id),
+                                                       copy_value=dep.endpoint))
 
     def details_fields(self, dep: Deployment) -> list[tuple[str, str | Text]]:
         from engine import targets
@@ -326,7 +313,8 @@ class DeploymentsScreen(DeckScreen):
         base = self.store.models.get(row.model.base_id) if row and row.model.base_id else None
         adapter_base = base.model if base and row.model.kind.value == "adapter" else None
         command = targets.of_deployment(dep).serving_command(dep, row.model if row else None, adapter_base)
-        load = self._load.get(dep.id) if dep.state == DeploymentState.READY else None
+        history = self.store.load.get(dep.id) if dep.state == DeploymentState.READY else None
+        load = history.last if history else None
         fields = [
             ("Model", row.model.name if row else "—"), ("Backend", f"{backend_label(dep.backend)} ({dep.backend})"),
             ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason, dep.ends_at, clock()),
@@ -336,8 +324,8 @@ class DeploymentsScreen(DeckScreen):
             ("Created", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
             ("Up", self._uptime(dep)),
             ("Listening on", listening_text(dep)),
-            ("Requests", f"{load[0].requests:,} answered (the warm-up included), {load[0].tokens:,} "
-                         f"token{'' if load[0].tokens == 1 else 's'} generated" if load else "—"),
+            ("Requests", f"{load.requests:,} answered (the warm-up included), {load.tokens:,} "
+                         f"token{'' if load.tokens == 1 else 's'} generated" if load else "—"),
             ("Command", command),
         ]
         settings = dep.loads(dep.settings_json, {})

@@ -7,6 +7,7 @@ adds what a fine-tuned adapter has: its loss curve (train and validation)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
@@ -16,8 +17,12 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
+from tui.widgets.load_chart import LoadChart
 from tui.widgets.log_view import FollowingLog
 from tui.widgets.loss_chart import LossChart
+
+if TYPE_CHECKING:
+    from engine.load import LoadHistory
 
 Fields = list[tuple[str, str | Text]]
 LIVE_REFRESH_S = 0.5
@@ -91,6 +96,29 @@ class LiveDetails(DetailsDialog):
 
     def hint(self) -> str:
         return super().hint() + "  ·  live"
+
+
+class DeploymentDetails(LiveDetails):
+    """A deployment's details with its load over the last minutes (LoadChart), above its server's log."""
+
+    CLASSES = "wide live deployment"
+
+    def __init__(self, title: str, live: Callable[[], tuple[Fields, str | None]],
+                 load: Callable[[], LoadHistory | None], copy_value: str | None = None):
+        super().__init__(title, live, copy_value)
+        self.load = load
+
+    def compose_extra(self) -> ComposeResult:
+        yield LoadChart(id="load")
+        yield from super().compose_extra()
+
+    def on_mount(self) -> None:  # LiveDetails.on_mount runs too
+        self.query_one(LoadChart).show(self.load())
+
+    def load_changed(self, deployment_ids: set[int]) -> None:
+        self.query_one(LoadChart).show(self.load())
+
+    def gpus_changed(self) -> None: ...
 
 
 class TrainingDetails(LiveDetails):

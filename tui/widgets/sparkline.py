@@ -1,0 +1,22 @@
+"""sparkline(): values over time as one line of block characters (▁ to █), each value a cell, scaled to the
+highest shown (or a given top, as a GPU's 100%); zero is a dim ▁, so a quiet stretch still reads as time."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int, top: float | None = None, style: str = "cyan") -> Text:
+    """The last `width` values, right-aligned (fewer values than cells: blank on the left)."""
+    shown = values[-width:] if width > 0 else []
+    top = top if top is not None else max(shown, default=0.0)
+    text = Text(" " * (max(width, 0) - len(shown)), no_wrap=True)
+    for value in shown:
+        if value <= 0 or top <= 0:
+            text.append(BLOCKS[0], style="dim")
+        else:
+            level = min(len(BLOCKS) - 1, max(0, round(value / top * (len(BLOCKS) - 1))))
+            text.append(BLOCKS[level], style=style)
+    return text
