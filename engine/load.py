@@ -45,12 +45,14 @@ def parse_load(metrics_text: str) -> ServerLoad:
     return ServerLoad(int(requests), int(tokens), tuple(sorted(buckets.items())))
 
 
-def read_load(endpoint: str, timeout: float = 1.0) -> ServerLoad | None:
-    """The server's counters from its /metrics, or None when it does not answer with them."""
+def read_load(endpoint: str, timeout: float = 1.0, client=None) -> ServerLoad | None:
+    """The server's counters from its /metrics, or None when it does not answer with them. `client`: an
+    httpx client kept between readings (a new one each time costs more than the reading: its TLS set-up)."""
     import httpx2 as httpx
 
     try:
-        response = httpx.get(endpoint.removesuffix("/v1") + "/metrics", timeout=timeout)
+        url = endpoint.removesuffix("/v1") + "/metrics"
+        response = client.get(url, timeout=timeout) if client is not None else httpx.get(url, timeout=timeout)
         return parse_load(response.text) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None

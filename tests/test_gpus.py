@@ -298,3 +298,32 @@ def test_nvml_reads_each_gpu_and_sees_a_cuda_process_on_it():
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.gpu
+def test_auto_places_a_deployment_on_the_freest_gpu_and_the_ledger_shows_it_there(db, tiny):
+    """On a real GPU: auto's choice is the freest GPU nobody of modeldeck holds, the server runs there, and
+    the ledger finds its process under the deployment's job."""
+    from engine.gpus import read_ledger
+    from tests.conftest import wait_until
+    from tests.test_deployments import ready
+
+    expected = choose(read_ledger(db)).gpus
+    deployment, _ = deployments.deploy(db, "tiny", DeploySettings(backend="transformers"))
+    try:
+        done = ready(db, deployment.id)
+        assert done.gpus == expected
+
+        def holder():
+            [state] = [s for s in read_ledger(db) if str(s.gpu.index) == expected]
+            return next((h for h in state.holders if h.what == f"deployment {done.name}" and h.pids), None)
+
+        found = wait_until(holder, 20, what="the server's process on its GPU")
+        assert found.ours and (found.memory_mb is None or found.memory_mb > 0)
+        if len(read_ledger(db)) > 1:  # a second deployment goes elsewhere
+            assert deployments.plan(db, "tiny", DeploySettings(backend="transformers"), name="second").gpus != expected
+        else:  # the only GPU is held: auto refuses, a typed one shares
+            with pytest.raises(EngineError, match="no modeldeck work holds"):
+                deployments.plan(db, "tiny", DeploySettings(backend="transformers"), name="second")
+    finally:
+        deployments.stop(db, deployment.id)

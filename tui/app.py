@@ -196,9 +196,14 @@ class ModelDeckApp(KeysInOrder, App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load")
     def read_load(self, endpoints: dict[int, str]) -> None:
+        import httpx2 as httpx
+
         from engine.load import read_load
 
-        samples = {dep_id: (read_load(endpoint), time.monotonic()) for dep_id, endpoint in endpoints.items()}
+        if self._load_client is None:  # one for the app's life: each new client sets up TLS, even for http
+            self._load_client = httpx.Client()
+        samples = {dep_id: (read_load(endpoint, client=self._load_client), time.monotonic())
+                   for dep_id, endpoint in endpoints.items()}
         self.call_from_thread(self._show_load, samples)
 
     def _show_load(self, samples: dict) -> None:
@@ -212,6 +217,7 @@ class ModelDeckApp(KeysInOrder, App):
         for viewer in self._load_and_gpu_viewers():
             viewer.load_changed(read)
 
+    _load_client = None  # the httpx client the load readings share (made in their worker)
     gpu_reader = None  # what reads the ledger (default: engine.gpus.read_ledger); tests give their readings
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="gpus")

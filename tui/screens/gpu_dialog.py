@@ -33,7 +33,8 @@ class GpuDialog(ModalScreen[None]):
             yield Label("GPUs on this machine", classes="dialog-title")
             with VerticalScroll(classes="dialog-scroll"):
                 yield Static(self._body(), id="gpus")
-            yield Label("escape close  ·  live, read every 2 s", classes="dialog-hint")
+            yield Label("escape close" + ("  ·  live, read every 2 s" if self.app.store.gpus else ""),
+                        classes="dialog-hint")
 
     def load_changed(self, deployment_ids: set[int]) -> None: ...
 

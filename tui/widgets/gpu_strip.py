@@ -48,9 +48,10 @@ class GpuStrip(Widget):
         self.show(self.app.store.gpus, self.app.store.gpu_history)
 
     def show(self, states: list[GpuState], history: GpuHistory | None) -> None:
+        resized = len(states) != len(self.states)  # a new layout only when its height may change
         self.states, self.history = states, history
         self.display = bool(states)
-        self.refresh(layout=True)
+        self.refresh(layout=resized)
 
     def on_resize(self) -> None:
         self.refresh(layout=True)  # wide and compact have different heights
