@@ -157,6 +157,19 @@ def _refuse_what_it_does_not_use(target: targets.Target, settings: DeploySetting
                               "leave it out there")
 
 
+def _check_auto_gpus(session: Session, checked: DeployPlan) -> None:
+    """GPUs auto chose are still nobody's (another deployment may have been given them since the plan)."""
+    from engine.gpus import given_here, is_auto
+
+    if not is_auto(checked.settings.gpus):
+        return  # typed: the user may share a GPU
+    given = given_here(session)
+    if clash := sorted(i for i in checked.target.gpus_here(checked.gpus) if i in given):
+        who = "; ".join(f"GPU {i}: {', '.join(given[i])}" for i in clash)
+        raise EngineError(f"auto chose GPU {','.join(map(str, clash))}, given meanwhile to other work ({who}); "
+                          "deploy again and auto chooses among the GPUs left")
+
+
 def _ended_named(session: Session, name: str) -> list[Deployment]:
     """Stopped or failed deployments of this name: a new one of the name takes their place."""
     return list(session.exec(select(Deployment).where(
@@ -222,6 +235,7 @@ def start(db: Database, checked: DeployPlan, force: bool = False, replace: bool 
             raise EngineError(f"{checked.model.name!r} was deleted meanwhile")
         checked.target.recheck_deploy(session, model)
         _check_name_and_port(session, checked.name, settings.port)  # again, under the write lock
+        _check_auto_gpus(session, checked)
         ended = _ended_named(session, checked.name)
         key_of = checked.restarts.id if checked.restarts is not None else None
         if ended and not replace and key_of is None:

@@ -41,6 +41,7 @@ class Gpu:
     power_limit_w: float | None = None
     processes: tuple[GpuProcess, ...] = ()
     nvlink: frozenset[int] = frozenset()  # the other GPUs it reaches over NVLink
+    mig: bool = False  # split into MIG instances: a GPU number does not address them (auto leaves it)
 
     @property
     def memory_free_mb(self) -> int:
@@ -69,13 +70,13 @@ class _Nvml:
         try:
             pynvml.nvmlInit()
             handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except pynvml.NVMLError:
+        except Exception:  # noqa: BLE001 - NVMLError, or the binding's mismatch errors (not NVMLError's)
             return []
         for (i, a), (j, b) in itertools.combinations(enumerate(handles), 2):
             try:
                 linked = pynvml.nvmlDeviceGetP2PStatus(a, b, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) == \
                     pynvml.NVML_P2P_STATUS_OK
-            except pynvml.NVMLError:
+            except Exception:  # noqa: BLE001 - not supported here
                 linked = False
             if linked:
                 self._links[i] = self._links.get(i, frozenset()) | {j}
@@ -96,7 +97,7 @@ class _Nvml:
         def ask(call, *args, default=None):
             try:
                 return call(handle, *args)
-            except nvml.NVMLError:  # not supported on this GPU, or not permitted to this user
+            except Exception:  # noqa: BLE001 - not supported on this GPU or driver, not permitted to this user
                 return default
 
         memory = ask(nvml.nvmlDeviceGetMemoryInfo)
@@ -104,15 +105,19 @@ class _Nvml:
         power, limit = ask(nvml.nvmlDeviceGetPowerUsage), ask(nvml.nvmlDeviceGetEnforcedPowerLimit)
         name = ask(nvml.nvmlDeviceGetName, default="GPU")
         processes = {}
-        for listing in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for proc in ask(listing, default=[]) or []:
+        listings = [(nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetComputeRunningProcesses_v2),
+                    (nvml.nvmlDeviceGetGraphicsRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses_v2)]
+        for latest, older in listings:  # an older driver lacks the latest call
+            found = ask(latest)
+            for proc in (found if found is not None else ask(older, default=[])) or []:
                 used = proc.usedGpuMemory
                 processes[proc.pid] = GpuProcess(proc.pid, used // MIB if isinstance(used, int) else None)
+        mig = ask(nvml.nvmlDeviceGetMigMode)
         return Gpu(index, name.decode() if isinstance(name, bytes) else name,
                    memory.total // MIB if memory else 0, memory.used // MIB if memory else 0,
                    rates.gpu if rates else None, ask(nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU),
                    power / 1000 if power is not None else None, limit / 1000 if limit is not None else None,
-                   tuple(processes.values()), self._links.get(index, frozenset()))
+                   tuple(processes.values()), self._links.get(index, frozenset()), bool(mig and mig[0]))
 
 
 _nvml = _Nvml()
@@ -253,7 +258,9 @@ def claims_of(deployments: Iterable[Deployment], jobs: Iterable[Job], host: str)
 
 
 def process_info(pids: Iterable[int]) -> dict[int, ProcessInfo]:
-    """What the process table says of the processes on the GPUs (those visible from here)."""
+    """What the process table says of the processes on the GPUs (those visible from here). In a container
+    NVML may give the host's pids: one that is another process here is named as that process (modeldeck's
+    own are matched by start time too, so never mistaken)."""
     import psutil
 
     found = {}
@@ -283,24 +290,38 @@ def read_ledger(db: Database) -> list[GpuState]:
 
 def ledger_in(session, gpus: list[Gpu]) -> list[GpuState]:
     """The ledger of these readings, with the live work the session sees."""
+    if not gpus:
+        return []
+    return ledger(gpus, _claims_in(session), process_info(p.pid for g in gpus for p in g.processes))
+
+
+def given_here(session) -> dict[int, list[str]]:
+    """The GPUs of this machine given to live modeldeck work, by the database alone (under a write lock, so
+    two deployments started at once cannot both take one by auto)."""
+    given: dict[int, list[str]] = {}
+    for claim in _claims_in(session):
+        for index in claim.gpus:
+            given.setdefault(index, []).append(claim.what)
+    return given
+
+
+def _claims_in(session) -> list[Claim]:
     from sqlmodel import select
 
     from catalog.schema import Deployment, Job
     from catalog.states import LIVE_DEPLOYMENT_STATES, JobState
     from engine.jobs import HERE
 
-    if not gpus:
-        return []
     deployments = list(session.exec(select(Deployment).where(Deployment.state.in_(LIVE_DEPLOYMENT_STATES))))
     job_ids = {d.job_id for d in deployments if d.job_id}
     jobs = list(session.exec(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]) | Job.id.in_(job_ids))))
-    claims = claims_of(deployments, jobs, HERE)
-    return ledger(gpus, claims, process_info(p.pid for g in gpus for p in g.processes))
+    return claims_of(deployments, jobs, HERE)
 
 
 @dataclass
 class GpuHistory:
-    """The last readings of each GPU (utilisation and memory used, in percent), for the ledger's sparklines."""
+    """The last readings of each GPU (utilisation and memory used, in percent; None where NVML does not say,
+    as on a MIG GPU), for the ledger's sparklines."""
 
     keep: int = 60
     utilization: dict[int, deque] = field(default_factory=dict)
@@ -308,7 +329,7 @@ class GpuHistory:
 
     def add(self, gpus: list[Gpu]) -> None:
         for gpu in gpus:
-            self.utilization.setdefault(gpu.index, deque(maxlen=self.keep)).append(gpu.utilization or 0)
+            self.utilization.setdefault(gpu.index, deque(maxlen=self.keep)).append(gpu.utilization)  # None: unknown
             self.memory.setdefault(gpu.index, deque(maxlen=self.keep)).append(
                 100 * gpu.memory_used_mb / gpu.memory_total_mb if gpu.memory_total_mb else 0)
 
@@ -316,7 +337,7 @@ class GpuHistory:
 # -- choosing GPUs -----------------------------------------------------------------------------------------
 
 def choices(gpus: list[Gpu]) -> list[tuple[str, str]]:
-    """The GPU choices a dialog offers, as (label, value as parse_choice takes it)."""
+    """The GPU choices a dialog offers, as (label, value as `place` takes it)."""
     if not gpus:
         return [("auto: CPU (no NVIDIA GPU here)", "auto"), ("CPU", "cpu")]
     return [("auto: the freest GPU no deployment holds", "auto"), *((gpu.describe(), str(gpu.index)) for gpu in gpus),
@@ -374,9 +395,15 @@ def choose(states: list[GpuState], count: int = 1, needed_bytes: int | None = No
     vLLM takes), linked by NVLink where a set of them is. Raises ValueError when no such GPUs are left."""
     if not states:
         return Choice("cpu")  # nothing to choose: the plan says it runs on the CPU
+    if len(states) < count:
+        raise ValueError(f"auto needs {count} GPUs and this machine has {len(states)}; lower the tensor-parallel "
+                         "size")
     taken = {s.gpu.index: s.held_by_us for s in states if s.held_by_us}
-    open_ = [s.gpu for s in states if s.gpu.index not in taken]
+    mig = [s.gpu.index for s in states if s.gpu.mig and s.gpu.index not in taken]
+    open_ = [s.gpu for s in states if s.gpu.index not in taken and not s.gpu.mig]
     held_words = "; ".join(f"GPU {i}: {', '.join(who)}" for i, who in taken.items())
+    if mig:
+        held_words = "; ".join(filter(None, [held_words, f"GPU {', '.join(map(str, mig))}: MIG instances"]))
     if len(open_) < count:
         need = "a GPU" if count == 1 else f"{count} GPUs"
         raise ValueError(f"auto needs {need} that no modeldeck work holds, and {len(open_)} of {len(states)} "
@@ -384,14 +411,18 @@ def choose(states: list[GpuState], count: int = 1, needed_bytes: int | None = No
                          "to share them, or cpu")
 
     def room(gpu: Gpu) -> float:
+        """What the work may use of it: vLLM takes `share` of the whole GPU, and refuses to start where
+        less than that is free."""
+        if share < 1 and gpu.memory_free_mb < gpu.memory_total_mb * share:
+            return 0.0
         return min(gpu.memory_free_mb, gpu.memory_total_mb * share)
 
     per_gpu = needed_bytes / count / MIB if needed_bytes else 0
 
     def rank(group: tuple[Gpu, ...]) -> tuple:
-        fits = all(room(g) >= per_gpu for g in group)
+        fits = all(room(g) >= per_gpu for g in group) and (share >= 1 or all(room(g) > 0 for g in group))
         linked = all(b.index in a.nvlink for a, b in itertools.combinations(group, 2))
-        return fits, linked, min(room(g) for g in group), -group[0].index
+        return fits, linked, min(g.memory_free_mb for g in group), -group[0].index
 
     best = max(itertools.combinations(open_, count), key=rank)
     fits, linked, _, _ = rank(best)
@@ -400,13 +431,15 @@ def choose(states: list[GpuState], count: int = 1, needed_bytes: int | None = No
         gpu = best[0]
         why = f"auto: GPU {gpu.index}, the most free memory ({_gib(gpu.memory_free_mb)} of {_gib(gpu.memory_total_mb)})"
     else:
-        why = f"auto: GPUs {indexes}, the most free memory ({', '.join(_gib(g.memory_free_mb) for g in best)} free)"
-        if linked:
-            why += ", linked by NVLink"
-    if not fits and per_gpu:
+        free = ", ".join(_gib(g.memory_free_mb) for g in best)
+        freest = max(itertools.combinations(open_, count), key=lambda group: min(g.memory_free_mb for g in group))
+        why = f"auto: GPUs {indexes}, " + (f"linked by NVLink ({free} free)" if linked and freest != best else
+                                            f"the most free memory ({free} free)" + (", linked by NVLink" if linked
+                                                                                     else ""))
+    if not fits and (per_gpu or share < 1):
         why += "; none left has room for it"
-    if taken:
-        why += f" (held by modeldeck: {held_words})"
+    if held_words:
+        why += f" (held by modeldeck: {held_words})" if not mig else f" (left: {held_words})"
     return Choice(indexes, why)
 
 
@@ -425,7 +458,8 @@ def place(choice: str | None, states: list[GpuState], count: int = 1, needed_byt
 # -- what a failure on a GPU means -------------------------------------------------------------------------
 
 OOM_SIGNS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory",
-             "No available memory for the cache blocks")  # the last: vLLM, when the KV cache finds no room
+             "No available memory for the cache blocks",  # vLLM: the KV cache finds no room
+             "is less than desired GPU memory utilization")  # vLLM: less free than its share at start
 
 
 def out_of_memory_reason(log_tail: str, given: list[int], states: list[GpuState], mine: str) -> str | None:

@@ -102,14 +102,17 @@ class LoadHistory:
         return self.readings[-1][1] if self.readings else None
 
     def add(self, load: ServerLoad, at: float) -> LoadPoint | None:
-        """A new reading; returns the point it makes (None for the first, or the first after a restart)."""
+        """A new reading; returns the point it makes (None for the first, or the first after a restart, or
+        one older than the last: a slow reading that came late)."""
+        if self.readings and at <= self.readings[-1][0]:
+            return None
         if self.readings:
             last = self.readings[-1][1]
             if load.requests < last.requests or load.tokens < last.tokens:  # the server started again
                 self.readings.clear()
                 self.points.clear()
         point = None
-        if self.readings and at > self.readings[-1][0]:
+        if self.readings:
             before_at, before = self.readings[-1]
             span = at - before_at
             window = next(((t, r) for t, r in self.readings if t >= at - self.ttft_window_s), self.readings[-1])

@@ -185,7 +185,7 @@ def test_auto_prefers_gpus_that_fit_then_nvlink_then_the_most_free():
     states = [state(gpu(0, 40, nvlink={1})), state(gpu(1, 40, nvlink={0})), state(gpu(2, 70)), state(gpu(3, 70))]
     assert choose(states, 2, 60 * 2**30).gpus == "0,1"  # 30 GiB a GPU: both pairs fit, the linked one wins
     linked = choose(states, 2, 60 * 2**30)
-    assert linked.why.startswith("auto: GPUs 0,1") and "linked by NVLink" in linked.why
+    assert linked.why == "auto: GPUs 0,1, linked by NVLink (40 GiB, 40 GiB free)"  # not the most free: said so
     assert choose(states, 2, 120 * 2**30).gpus == "2,3"  # 60 GiB a GPU: only the unlinked pair fits
     assert choose(states, 1, None).gpus == "2"  # the most free; the lower number on a tie
 
@@ -200,6 +200,20 @@ def test_auto_takes_vllms_share_of_each_gpu_into_account():
     states = [state(gpu(0, free_gib=80)), state(gpu(1, free_gib=75))]
     # vLLM may take 0.5 of each: 40 GiB on either, so neither fits 45 GiB
     assert choose(states, 1, 45 * 2**30, share=0.5).why.endswith("none left has room for it")
+    # vLLM refuses to start on a GPU with less free than its share: 60 GiB free of 80 is not 0.9 of it
+    half_used = [state(gpu(0, free_gib=60)), state(gpu(1, free_gib=75))]
+    assert choose(half_used, 1, 10 * 2**30, share=0.9).gpus == "1"
+    assert choose(half_used, 1, 10 * 2**30, share=0.95).why.endswith("none left has room for it")
+
+
+def test_auto_leaves_mig_gpus_and_says_when_the_machine_has_too_few():
+    import dataclasses
+
+    states = [state(dataclasses.replace(gpu(0, free_gib=80), mig=True)), state(gpu(1, free_gib=10))]
+    chosen = choose(states, 1, None)
+    assert chosen.gpus == "1" and chosen.why.endswith("(left: GPU 0: MIG instances)")
+    with pytest.raises(ValueError, match="auto needs 2 GPUs and this machine has 1; lower the tensor-parallel"):
+        choose(states[1:], 2)
 
 
 def test_auto_is_the_cpu_without_gpus_and_typed_gpus_are_checked():
@@ -207,8 +221,8 @@ def test_auto_is_the_cpu_without_gpus_and_typed_gpus_are_checked():
     assert place("cpu", [state(gpu(0))]).gpus == "cpu"
     with pytest.raises(ValueError, match="no GPU 5 on this machine; GPUs here: 0"):
         place("5", [state(gpu(0))])
-    with pytest.raises(ValueError, match="auto needs 2 GPUs"):
-        choose([state(gpu(0))], 2)
+    with pytest.raises(ValueError, match="auto needs 2 GPUs that no modeldeck work holds, and 1 of 2 is free"):
+        choose([state(gpu(0)), state(gpu(1), "deployment a")], 2)
 
 
 def test_a_deploy_plan_chooses_a_gpu_no_deployment_holds(db, tiny):
@@ -229,6 +243,22 @@ def test_a_deploy_plan_chooses_a_gpu_no_deployment_holds(db, tiny):
                                settings_json="{}"))
     with pytest.raises(EngineError, match="auto needs a GPU that no modeldeck work holds"):
         deployments.plan(db, "tiny", DeploySettings(), readings)
+
+
+def test_two_deploys_planned_at_once_cannot_both_take_a_gpu_by_auto(db, tiny):
+    """Both plans chose GPU 1; the first to start takes it, the second is refused under the write lock."""
+    readings = [gpu(0, free_gib=10), gpu(1, free_gib=70)]
+    first = deployments.plan(db, "tiny", DeploySettings(), readings, name="first")
+    second = deployments.plan(db, "tiny", DeploySettings(), readings, name="second")
+    assert first.gpus == second.gpus == "1"
+    started, _ = deployments.start(db, first)
+    try:
+        with pytest.raises(EngineError, match=r"auto chose GPU 1, given meanwhile to other work \(GPU 1: "
+                                              r"deployment first\); deploy again"):
+            deployments.start(db, second)
+        assert [d.name for d in deployments.deployment_rows(db)] == ["first"]
+    finally:
+        deployments.stop(db, started.id)
 
 
 # -- what a failure on a GPU means -------------------------------------------------------------------------
@@ -258,21 +288,25 @@ def test_a_server_that_dies_of_out_of_memory_says_so_in_its_failure_reason(db, t
     from engine.targets.local.serve import exited
 
     log = tmp_path / "server.log"
+    script = (f"print('INFO: loading'); print({TORCH_OOM!r}); "  # then 20 lines of the API server's traceback
+              "[print(f'  File \"api_server.py\", line {n}') for n in range(20)]; "
+              "print('RuntimeError: Engine core initialization failed. See root cause above.'); exit(1)")
     with log.open("w") as out:
-        child = subprocess.Popen([sys.executable, "-c", f"print('INFO: loading'); print({TORCH_OOM!r}); exit(1)"],
-                                 stdout=out)
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=out)
         child.wait()
     words = exited(child, str(log), lambda tail: out_of_memory_here(db, "0", "deployment x", tail))
-    assert words.startswith("the server exited with code 1: CUDA out of memory on GPU 0")
-    assert exited(child, str(log)) == f"the server exited with code 1: {TORCH_OOM}"  # on the CPU: as it said
+    assert words == ("the server exited with code 1: CUDA out of memory on GPU 0; it said: RuntimeError: Engine "
+                     "core initialization failed. See root cause above.")
+    assert exited(child, str(log)) == ("the server exited with code 1: RuntimeError: Engine core initialization "
+                                       "failed. See root cause above.")  # on the CPU: as it said
 
 
 # -- the reader, on a real GPU -----------------------------------------------------------------------------
 
-def test_without_a_driver_there_are_no_gpus():
+def test_without_a_driver_there_are_no_gpus_and_asking_again_raises_nothing():
     if list_gpus():
         pytest.skip("this machine has GPUs")
-    assert list_gpus() == []  # asked again: NVML is not retried, and nothing raises
+    assert list_gpus() == []
 
 
 @pytest.mark.gpu

@@ -78,6 +78,7 @@ def test_history_starts_again_when_the_server_does_and_forgets_past_its_span():
     for at in range(6, 30, 2):
         history.add(load(at, at * 10), float(at))
     assert history.points[0].at >= 18.0 and history.last == load(28, 280)
+    assert history.add(load(20, 200), 27.0) is None and history.last == load(28, 280)  # late: not a restart
 
 
 def test_a_real_servers_history_adds_up_to_the_requests_sent(server):  # noqa: F811

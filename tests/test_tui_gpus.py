@@ -4,6 +4,8 @@ The readings are the engine's own types (what NVML would report), handed to the 
 
 from __future__ import annotations
 
+import pytest
+
 from tests.tui_helpers import seed, two_gpus, wait_for
 from tui.app import ModelDeckApp
 from tui.widgets.gpu_strip import GpuStrip
@@ -29,10 +31,14 @@ def strip_text(app) -> str:
 
 
 async def test_without_a_gpu_there_is_no_strip_and_4_says_so(db):
+    from engine.gpus import list_gpus
     from tui.screens.gpu_dialog import NO_GPU, GpuDialog
 
+    if list_gpus():
+        pytest.skip("this machine has GPUs")
     seed(db)
-    app = ModelDeckApp(db, follow=False)  # NVML itself: this machine has no GPU
+    app = ModelDeckApp(db, follow=False)
+    app.gpu_reader = None  # NVML itself, which finds no GPU here
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: app.store.gpu_history is not None, what="the GPUs read once")
         for tab in "123":
@@ -51,7 +57,7 @@ async def test_the_strip_is_one_line_at_80_columns_and_a_line_per_gpu_at_120(db)
         strip = await wait_for(pilot, lambda: (s := app.screen.query_one(GpuStrip)).display and s)
         await pilot.pause()
         assert strip.size.height == 1
-        assert strip_text(app) == " GPU 0 87% 40.0/79.6G support-bot │ 1 99% 76.2/79.6G bob  4 GPUs"
+        assert strip_text(app) == " GPU 0 87% 40.0/79.6G support-bot │ 1 99% 76.2/79.6G bob  4: details"
         await pilot.press("3")  # every tab screen has it
         await wait_for(pilot, lambda: app.screen.query_one(GpuStrip).display, what="the strip on screen 3")
         await pilot.resize_terminal(120, 40)
@@ -61,6 +67,21 @@ async def test_the_strip_is_one_line_at_80_columns_and_a_line_per_gpu_at_120(db)
         assert lines[0].startswith(" GPU 0 H100 80GB HBM3 ") and "87%" in lines[0] and "40.0/79.6 GiB" in lines[0]
         assert "deployment support-bot 40.0 GiB" in lines[0]
         assert lines[1].endswith("pid 5151 (bob) 76.0 GiB")
+
+
+async def test_eight_gpus_at_80_columns_are_packed_two_to_a_compact_line(db):
+    import dataclasses
+
+    seed(db)
+    eight = [dataclasses.replace(s, gpu=dataclasses.replace(s.gpu, index=i)) for i in range(4) for s in two_gpus()]
+    eight = [dataclasses.replace(s, gpu=dataclasses.replace(s.gpu, index=i)) for i, s in enumerate(eight)]
+    app = app_reading(db, lambda: eight)
+    async with app.run_test(size=(80, 24)) as pilot:
+        strip = await wait_for(pilot, lambda: (s := app.screen.query_one(GpuStrip)).display and s)
+        await pilot.pause()
+        lines = strip_text(app).splitlines()
+        assert strip.size.height == len(lines) == 4 and all(len(line) <= 80 for line in lines)
+        assert [f"{i} " in "".join(lines) for i in range(8)] == [True] * 8 and lines[-1].endswith("4: details")
 
 
 async def test_the_gpu_dialog_names_every_holder_and_follows_the_readings(db):
@@ -85,3 +106,11 @@ async def test_the_gpu_dialog_names_every_holder_and_follows_the_readings(db):
         await wait_for(pilot, lambda: "30%" in dialog_text(dialog), what="the dialog following")
         await pilot.press("escape")
         assert not isinstance(app.screen, GpuDialog)
+
+
+def test_sparklines_scale_to_their_top_and_leave_unknown_readings_blank():
+    from tui.widgets.sparkline import sparkline
+
+    assert sparkline([0, 50, 100], 5, top=100).plain == "  ▁▅█"
+    assert sparkline([None, 0, 5, 10], 4).plain == " ▁▅█"  # a MIG GPU's utilisation: not known, not 0
+    assert sparkline([10, 20, 30, 40], 2).plain == "▆█"  # the last values, scaled to what is shown

@@ -191,7 +191,8 @@ class ModelDeckApp(KeysInOrder, App):
                  if d.state == DeploymentState.READY and d.endpoint and d.backend != "external"}
         for gone in set(self.store.load) - set(ready):  # stopped: its history ends with it
             del self.store.load[gone]
-        if ready:
+        reading = any(w.group == "load" and w.is_running for w in self.workers)
+        if ready and not reading:  # a slow server holds the reading up: the next waits for it
             self.read_load(ready)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load")

@@ -71,7 +71,7 @@ class GpuDialog(ModalScreen[None]):
                 who = holder.what if holder.ours else (f"{holder.user}" if holder.user else "not visible")
                 holders.add_row(Text(who, style="bold green" if holder.ours else ""),
                                 f"{gib(holder.memory_mb)} GiB" if holder.memory_mb is not None else
-                                ("given it; not on it yet" if holder.ours else "—"),
+                                ("given it; not on it yet" if holder.ours and not holder.pids else "—"),
                                 ", ".join(map(str, holder.pids)) or "—", holder.command or "")
             blocks += [head, grid, holders if state.holders else Text("Held by nobody: free", style="dim"), Text()]
         return Group(*blocks)

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from engine.gpus import GpuHistory, GpuState
 
 WIDE = 110  # columns from which each GPU gets its own line
-MOST_LINES = 4  # more GPUs than this: the compact line (the table keeps its rows)
-HINT = "  4 GPUs"
+ROWS_A_LINE = 5  # a line per GPU while there are at most (screen rows / this) GPUs: the table keeps its rows
+HINT = "  4: details"
 
 
 def short_holder(state: GpuState) -> str:
@@ -57,15 +57,15 @@ class GpuStrip(Widget):
         self.refresh(layout=True)  # wide and compact have different heights
 
     def get_content_height(self, container, viewport, width: int) -> int:
-        return len(self.states) if self._wide(width) else 1
+        return len(self.states) if self._wide(width) else len(self._compact(width).split("\n"))
 
     def _wide(self, width: int) -> bool:
-        return width >= WIDE and len(self.states) <= MOST_LINES
+        return width >= WIDE and len(self.states) <= max(2, self.app.size.height // ROWS_A_LINE)
 
     def render(self) -> Text:
         if not self.states:
             return Text()
-        return self._lines() if self._wide(self.size.width) else self._compact()
+        return self._lines() if self._wide(self.size.width) else self._compact(self.size.width)
 
     def _lines(self) -> Text:
         text = Text(no_wrap=True, overflow="ellipsis")
@@ -86,16 +86,25 @@ class GpuStrip(Widget):
                 text.append("\n")
         return text
 
-    def _compact(self) -> Text:
-        text = Text(" GPU ", style="bold", no_wrap=True, overflow="ellipsis")
-        for n, state in enumerate(self.states):
+    def _compact(self, width: int) -> Text:
+        """Every GPU in a few words, as many to a line as fit (an 8-GPU box: two lines at 80 columns)."""
+        entries = []
+        for state in self.states:
             gpu = state.gpu
-            if n:
-                text.append(" │ ", style="dim")
-            text.append(f"{gpu.index} ", style="bold")
-            text.append(f"{gpu.utilization if gpu.utilization is not None else '—'}% ")
-            text.append(f"{gib(gpu.memory_used_mb)}/{gib(gpu.memory_total_mb)}G", style=_memory_style(state))
-            text.append(f" {short_holder(state)}")
-        if text.cell_len + len(HINT) <= self.size.width:
-            text.append(HINT, style="dim")
-        return text
+            entry = Text.assemble((f"{gpu.index} ", "bold"),
+                                  f"{gpu.utilization if gpu.utilization is not None else '—'}% ",
+                                  (f"{gib(gpu.memory_used_mb)}/{gib(gpu.memory_total_mb)}G", _memory_style(state)),
+                                  f" {short_holder(state)}")
+            entries.append(entry)
+        text, line = Text(no_wrap=True, overflow="ellipsis"), Text(" GPU ", style="bold")
+        for entry in entries:
+            if line.cell_len > 5 and line.cell_len + 3 + entry.cell_len > width:
+                text.append_text(line)
+                text.append("\n")
+                line = Text("     ")
+            elif line.cell_len > 5:
+                line.append(" │ ", style="dim")
+            line.append_text(entry)
+        if line.cell_len + len(HINT) <= width:
+            line.append(HINT, style="dim")
+        return text.append_text(line)

@@ -65,7 +65,10 @@ def exited(child: subprocess.Popen, log_path: str | None,
         return f"the server was killed by signal {signal.Signals(-code).name}"
     sys.stdout.flush()
     tail = [line for line in log_tail(log_path, 12) if not line.startswith("INFO:")]  # uvicorn's routine lines
-    reason = out_of_memory("\n".join(tail)) or tail_reason(tail)
+    reason = tail_reason(tail)
+    # vLLM's engine says "out of memory" well above the API server's own traceback: look further back
+    if memory := out_of_memory("\n".join(log_tail(log_path, 200))):
+        reason = f"{memory}; it said: {reason}" if reason and reason not in memory else memory
     return f"the server exited with code {code}" + (f": {reason}" if reason else "")
 
 
