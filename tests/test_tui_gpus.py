@@ -114,3 +114,21 @@ def test_sparklines_scale_to_their_top_and_leave_unknown_readings_blank():
     assert sparkline([0, 50, 100], 5, top=100).plain == "  ▁▅█"
     assert sparkline([None, 0, 5, 10], 4).plain == " ▁▅█"  # a MIG GPU's utilisation: not known, not 0
     assert sparkline([10, 20, 30, 40], 2).plain == "▆█"  # the last values, scaled to what is shown
+
+
+@pytest.mark.gpu
+async def test_the_strip_shows_this_machines_real_gpus(db):
+    """On a GPU machine: NVML's readings on screen, a line per GPU at 120 columns (up to 8 GPUs at 40 rows)."""
+    from engine.gpus import list_gpus
+
+    gpus = list_gpus()
+    app = ModelDeckApp(db, follow=False)
+    app.gpu_reader = None  # NVML itself
+    async with app.run_test(size=(120, 40)) as pilot:
+        strip = await wait_for(pilot, lambda: (s := app.screen.query_one(GpuStrip)).display and s, 15)
+        await pilot.pause()
+        lines = strip_text(app).splitlines()
+        if len(gpus) <= 8:
+            assert strip.size.height == len(lines) == len(gpus)
+            assert all(line.startswith(f" GPU {g.index} ") for line, g in zip(lines, gpus))
+        assert all(f"/{g.memory_total_mb / 1024:.1f}" in strip_text(app) for g in gpus)
