@@ -29,7 +29,6 @@ import os, sys, time
 from tui.app import ModelDeckApp
 from engine import gpus
 
-live = sys.argv[1] == "live"
 ledger_on, load_on = sys.argv[1] in ("live", "ledger"), sys.argv[1] in ("live", "load")
 if ledger_on and not gpus.list_gpus():  # no GPU here: readings as NVML would give them, through the real ledger
     pids = [os.getpid(), os.getppid()]

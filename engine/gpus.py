@@ -183,11 +183,13 @@ class GpuState:
 
 
 def _claim_of(info: ProcessInfo | None, claims: Iterable[Claim]) -> Claim | None:
+    from engine.jobs import same_start
+
     if info is None:
         return None
     for claim in claims:
         for pid, started in info.lineage:
-            if pid == claim.pid and (claim.pid_started_at is None or abs(started - claim.pid_started_at) <= 1.0):
+            if pid == claim.pid and same_start(started, claim.pid_started_at):
                 return claim
     return None
 
@@ -462,10 +464,14 @@ OOM_SIGNS = ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memor
              "is less than desired GPU memory utilization")  # vLLM: less free than its share at start
 
 
+def says_out_of_memory(log_tail: str) -> bool:
+    return any(sign in log_tail for sign in OOM_SIGNS)
+
+
 def out_of_memory_reason(log_tail: str, given: list[int], states: list[GpuState], mine: str) -> str | None:
     """A deployment or job that died of CUDA out of memory: which of its GPUs, and who else holds them now
     (`mine`: its own claim's name, left out). None when the log says nothing of memory."""
-    if not any(sign in log_tail for sign in OOM_SIGNS):
+    if not says_out_of_memory(log_tail):
         return None
     by_index = {s.gpu.index: s for s in states}
     parts = []
@@ -483,7 +489,7 @@ def out_of_memory_reason(log_tail: str, given: list[int], states: list[GpuState]
 
 def out_of_memory_here(db: Database, given: str | None, mine: str, log_tail: str) -> str | None:
     """`out_of_memory_reason` with the GPUs as they are now (read only when the log speaks of memory)."""
-    if not given or given == "cpu" or not any(sign in log_tail for sign in OOM_SIGNS):
-        return None
+    if not given or given == "cpu" or not says_out_of_memory(log_tail):
+        return None  # nothing to say: no GPU given, or the log does not speak of memory
     indexes = [int(part) for part in given.split(",") if part.strip().isdigit()]
     return out_of_memory_reason(log_tail, indexes, read_ledger(db), mine)

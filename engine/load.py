@@ -104,10 +104,10 @@ class LoadHistory:
     def add(self, load: ServerLoad, at: float) -> LoadPoint | None:
         """A new reading; returns the point it makes (None for the first, or the first after a restart, or
         one older than the last: a slow reading that came late)."""
-        if self.readings and at <= self.readings[-1][0]:
-            return None
         if self.readings:
-            last = self.readings[-1][1]
+            last_at, last = self.readings[-1]
+            if at <= last_at:
+                return None
             if load.requests < last.requests or load.tokens < last.tokens:  # the server started again
                 self.readings.clear()
                 self.points.clear()

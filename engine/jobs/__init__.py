@@ -147,13 +147,19 @@ def supervised(job: Job) -> bool:
     return process_alive(job.pid, job.pid_started_at)
 
 
+def same_start(started: float, expected: float | None) -> bool:
+    """Whether a process that started at `started` is the one recorded as starting at `expected` (None: not
+    recorded); a reused pid has another start time."""
+    return expected is None or abs(started - expected) <= 1.0
+
+
 def process_alive(pid: int | None, started_at: float | None) -> bool:
     """True if `pid` is still the process we started (same create time) and not a zombie."""
     if pid is None:
         return False
     try:
         process = psutil.Process(pid)
-        if started_at is not None and abs(process.create_time() - started_at) > 1.0:
+        if not same_start(process.create_time(), started_at):
             return False  # the pid was reused by another process
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
