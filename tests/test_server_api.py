@@ -61,7 +61,16 @@ def direct_greedy(model_dir, prompt_ids: list[int], tokens: int) -> list[int]:
 # -- what clients send ------------------------------------------------------------------------------
 
 
-def test_batched_greedy_decoding_gives_what_generate_gives(server, model_dir):
+def choices_by_path(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith("modeldeck_choices_total{")}
+
+
+def test_greedy_decoding_gives_what_generate_gives_alone_batched_or_handed_over(server, model_dir):
+    """A lone request (the plain path), two choices at once (the batch), and a lone one that another joins
+    mid-way (handed over to the batch, its tokens so far joining its prompt): token for token what
+    model.generate gives."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -69,10 +78,44 @@ def test_batched_greedy_decoding_gives_what_generate_gives(server, model_dir):
     expected = direct_greedy(model_dir, prompt, 12)
     eos = tokenizer.eos_token_id
     expected = expected[:expected.index(eos)] if eos in expected else expected
-    reply = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
     # (a random model's last token can be half a character: the server never sends one)
-    assert reply.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
-    assert reply.usage.completion_tokens == len(expected)
+    text = tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+    before = choices_by_path(server)
+    alone = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    together = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, n=2)
+    assert alone.choices[0].text == text and alone.usage.completion_tokens == len(expected)
+    assert [c.text for c in together.choices] == [text, text] and together.usage.completion_tokens == 2 * len(expected)
+    after = choices_by_path(server)
+    assert after.get("plain", 0) - before.get("plain", 0) == 1
+    assert after.get("batched", 0) - before.get("batched", 0) == 2
+
+
+def test_a_lone_request_another_joins_is_handed_over_to_the_batch_without_a_changed_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.tinymodel import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "long", context=1024, endless=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer("modeldeck serves")["input_ids"]
+    expected = tokenizer.decode(direct_greedy(folder, prompt, 900), skip_special_tokens=True).rstrip("\ufffd")
+    server = Server(folder, tmp_path)
+    try:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 900, "temperature": 0, "stream": True}
+        texts, second = [], None
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    texts.append(json.loads(line[6:])["choices"][0]["text"])
+                    if len(texts) == 3:  # under way alone: now another arrives
+                        second = server.client().completions.create(model="tiny", prompt="x", max_tokens=5)
+        assert second is not None and second.usage.completion_tokens == 5
+        assert "".join(texts) == expected
+        paths = choices_by_path(server)
+        assert paths.get("handed over") == 1 and paths.get("batched") == 1, paths
+    finally:
+        server.stop()
 
 
 def test_a_prompt_as_a_list_of_strings_or_token_ids_gets_a_choice_each_in_order(server, model_dir):
@@ -345,11 +388,11 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on
     real_submit = engine.submit
     broken = {"on": True}
 
-    def submit(prompt_ids, sampling):
+    def submit(prompt_ids, sampling, **more):
         if broken["on"]:
             broken["on"] = False
             raise RuntimeError("injected")
-        return real_submit(prompt_ids, sampling)
+        return real_submit(prompt_ids, sampling, **more)
 
     engine.submit = submit
     with served_in_process(engine) as port:

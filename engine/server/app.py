@@ -268,7 +268,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             for ids, limit in zip(prompts, limits):
                 for j in range(n):
                     seed = None if sampling.seed is None else sampling.seed + j  # n choices, n different samples
-                    choices.append(engine.submit(ids, _with(sampling, max_tokens=limit, seed=seed)))
+                    choices.append(engine.submit(ids, _with(sampling, max_tokens=limit, seed=seed),
+                                                 siblings=len(prompts) * n - 1))
             return choices
 
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

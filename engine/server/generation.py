@@ -4,8 +4,18 @@
   cache), the engine behind `transformers serve --continuous-batching`. Requests join and leave the batch
   at every step; temperature, top-p and greedy decoding are per request.
 - **Plain** (what batching cannot honour exactly: a seed of the request's own, presence and frequency
-  penalties, logit biases, logprobs): a thread of ours that steps its requests a token each in turn, with
-  its own KV caches, on the same weights.
+  penalties, logit biases, logprobs): our own steps, a token for each of its requests in turn, with their
+  own KV caches, on the same weights.
+- **Lone**: a request that arrives when nothing else is being generated starts on the plain path too, which
+  for one request is the model's own forward without the batching manager's bookkeeping (about a tenth
+  faster on a CPU); the moment another batchable request arrives it is handed over to the batch, its
+  generated tokens joining its prompt (one prefill).
+
+One thread runs the model: the plain steps run inside the batching manager's own loop, a round of them before
+each batched step. Two threads that both run torch ops on a CPU each keep a team of OpenMP threads, and with
+more of those than cores libgomp stops spinning and sleeps between ops: measured here, a plain forward ran
+15-20% slower once any second thread had run one op, whatever it did after. Without batching the plain path
+has a thread of its own.
 
 Either way a choice's tokens become text through one `TextStream` (incremental decoding, stop strings
 never sent in part), and reach the request's coroutine on the event loop as events:
@@ -109,6 +119,7 @@ class Choice:
     pending_logprobs: list[dict] = field(default_factory=list)
     ending: threading.Lock = field(default_factory=threading.Lock)  # the loop and the plain thread may both end it
     eos: int | None = None  # the end-of-sequence token it ended on
+    hand_over: bool = False  # set on the event loop: a lone choice on the plain path moves to the batch
 
     def put(self, event: tuple) -> None:
         """From any thread."""
@@ -152,24 +163,53 @@ class Engine:
         self.metrics = Metrics()
         self.open: dict[str, Choice] = {}  # every choice not ended yet, for a shutdown to end
         self.plain_jobs: queue.Queue[Choice] = queue.Queue()
-        self.plain_active: set[str] = set()  # the plain thread's own: only it ends them
-        threading.Thread(target=self._plain_thread, name="plain", daemon=True).start()
+        self.plain_active: set[str] = set()  # the plain steps' own: only they end them
+        self._plain: list[tuple[Choice, Iterator[None]]] = []  # touched only by the thread that runs the model
+        self._plain_thread_started = threading.Lock()
+        self._own_thread = False
+        self.shared = False  # whether the plain steps run in the batching loop (then a lone request starts plain)
         self.log = log
         self._grammar_tokenizer = None  # llguidance's view of the tokenizer, made at the first response_format
+        self.lone: Choice | None = None  # the batchable choice on the plain path, while it has the machine alone
         self.batcher = self._start_batching(log) if batching else None
+        if not self.shared:
+            self._start_plain_thread()
 
     # -- submitting ------------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], sampling: Sampling) -> Choice:
-        """Start one choice (on the event loop); its events arrive on choice.out."""
+    def submit(self, prompt_ids: list[int], sampling: Sampling, siblings: int = 0) -> Choice:
+        """Start one choice (on the event loop); its events arrive on choice.out. `siblings`: the other
+        choices of its request, submitted with it (a choice with company is never lone)."""
         choice = Choice(prompt_ids, sampling, TextStream(self.tokenizer, sampling.stop), asyncio.get_running_loop())
+        alone = not self.open and not siblings
         self.open[choice.id] = choice
         self.metrics.running.inc()
-        if self.batcher is not None and sampling.batchable:
+        if self.batcher is not None and sampling.batchable and not alone:
+            if self.lone is not None:
+                self.lone.hand_over, self.lone = True, None
+            self.metrics.choices.labels(path="batched").inc()
             self._submit_batched(choice)
         else:
-            self.plain_jobs.put(choice)
+            if self.shared and sampling.batchable:
+                self.lone = choice
+            self.metrics.choices.labels(path="plain").inc()
+            self._queue_plain(choice)
         return choice
+
+    def _queue_plain(self, choice: Choice) -> None:
+        self.plain_jobs.put(choice)
+        if self.shared and self.batcher is not None:
+            self.batcher._wake_up_loop.set()  # its loop runs the plain steps: not a wait for new requests now
+
+    def _join_batch(self, choice: Choice) -> None:
+        """A lone choice the plain thread let go of, on to the batch (on the event loop)."""
+        if choice.ended:  # a shutdown ended it on the way
+            return
+        if choice.cancelled.is_set():
+            self.end(choice, "abort")
+            return
+        self.metrics.choices.labels(path="handed over").inc()
+        self._submit_batched(choice)
 
     def _close(self, choice: Choice) -> bool:
         """Mark it over, once (any thread): False if it was already."""
@@ -339,6 +379,7 @@ class Engine:
                 log(f"continuous batching: this model's attention ({attention}) has no batching version here; every "
                     "request runs on the plain path")
                 return None
+            self.shared = self._share_loop(manager)
             manager.start()
         except Exception as exc:  # noqa: BLE001 - an architecture it cannot page: the plain path serves all
             log(f"continuous batching could not start ({type(exc).__name__}: {exc}); every request runs on "
@@ -388,44 +429,79 @@ class Engine:
 
         choice.on_cancel = cancelled
         manager.register_result_handler(choice.id, on_output)
-        accepted = manager.add_request(choice.prompt_ids, request_id=choice.id, max_new_tokens=s.max_tokens,
-                                       streaming=True, **knobs)
+        # a choice handed over from the plain path goes on from its last token: what it made joins its prompt
+        accepted = manager.add_request(choice.prompt_ids + choice.stream.tokens, request_id=choice.id,
+                                       max_new_tokens=s.max_tokens - choice.generated, streaming=True, **knobs)
         if accepted is None:  # its loop died (a CUDA error, say): the plain path serves from now on
             with manager.output_router._lock:
                 manager.output_router.result_handlers.pop(choice.id, None)
             choice.on_cancel = None
             error = manager.background_thread_status.fatal_error
             self.log(f"continuous batching stopped ({error}); every request runs on the plain path from now on")
-            self.batcher = None
+            self.batcher, self.shared = None, False
+            self._start_plain_thread()
             self.plain_jobs.put(choice)
 
     # -- plain: a token each in turn, on our own loop --------------------------------------------------
 
-    def _plain_thread(self) -> None:
+    def _share_loop(self, manager) -> bool:
+        """The plain steps into the batching loop: a round of them before each of its steps (and no wait for new
+        requests while there are plain ones). Should the loop die, a thread of ours carries the plain ones on.
+        False where this transformers' manager has no such loop (the plain path then has a thread of its own)."""
+        body = getattr(manager, "_generation_loop_body", None)
+        if body is None or not isinstance(getattr(manager, "_wake_up_loop", None), threading.Event):
+            return False
+
+        def shared_body(batch_processor, bootstrapping: bool) -> bool:
+            try:
+                with self.torch.inference_mode():  # the loop runs in its caller's mode: not this (measured slower)
+                    self._plain_round(wait=False)
+                if self._plain or not self.plain_jobs.empty():
+                    manager._wake_up_loop.set()
+                return body(batch_processor, bootstrapping=bootstrapping)
+            except BaseException:
+                self.batcher, self.shared = None, False
+                self._start_plain_thread()
+                raise
+
+        manager._generation_loop_body = shared_body
+        return True
+
+    def _start_plain_thread(self) -> None:
+        with self._plain_thread_started:
+            if not self._own_thread:
+                self._own_thread = True
+                threading.Thread(target=self._plain_loop, name="plain", daemon=True).start()
+
+    def _plain_loop(self) -> None:
         # Inference mode for the whole thread: the generations interleave, so none may enter or leave it.
         with self.torch.inference_mode():
-            active: list[tuple[Choice, Iterator[None]]] = []
             while True:
-                while len(active) < self.max_concurrent:
-                    try:
-                        choice = self.plain_jobs.get(block=not active)
-                    except queue.Empty:
-                        break
-                    self.plain_active.add(choice.id)
-                    active.append((choice, self._plain(choice)))
-                for entry in list(active):
-                    choice, steps = entry
-                    try:
-                        next(steps)
-                    except StopIteration:
-                        active.remove(entry)
-                        self.plain_active.discard(choice.id)
-                    except Exception as exc:  # noqa: BLE001 - a failed generation ends its request, not the server
-                        self.fail(choice, f"{type(exc).__name__}: {exc}")
-                        active.remove(entry)
-                        self.plain_active.discard(choice.id)
+                self._plain_round(wait=True)
 
-    def _plain(self, choice: Choice) -> Iterator[None]:
+    def _plain_round(self, wait: bool) -> None:
+        """What is queued joins (waiting for it when `wait` and nothing runs), then a token for each plain choice."""
+        active = self._plain
+        while len(active) < self.max_concurrent:
+            try:
+                choice = self.plain_jobs.get(block=wait and not active)
+            except queue.Empty:
+                break
+            self.plain_active.add(choice.id)
+            active.append((choice, self._plain_steps(choice)))
+        for entry in list(active):
+            choice, steps = entry
+            try:
+                next(steps)
+            except StopIteration:
+                active.remove(entry)
+                self.plain_active.discard(choice.id)
+            except Exception as exc:  # noqa: BLE001 - a failed generation ends its request, not the server
+                self.fail(choice, f"{type(exc).__name__}: {exc}")
+                active.remove(entry)
+                self.plain_active.discard(choice.id)
+
+    def _plain_steps(self, choice: Choice) -> Iterator[None]:
         """One choice, yielding after each token so the others take theirs."""
         torch, s = self.torch, choice.sampling
         generator = torch.Generator(device=self.device)
@@ -443,7 +519,8 @@ class Engine:
             matcher = llguidance.LLMatcher(self._grammar_tokenizer, s.grammar, log_level=0)
             bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
             unpack = np.unpackbits
-        ids, past = torch.tensor([choice.prompt_ids], device=self.device), None
+        # from where it is: a choice that comes back from a batch that died has tokens of its own already
+        ids, past = torch.tensor([choice.prompt_ids + choice.stream.tokens], device=self.device), None
         while True:
             if choice.cancelled.is_set() or choice.ended:
                 self.end(choice, "abort")
@@ -474,6 +551,9 @@ class Engine:
             logprobs = self._logprobs(logits, token, s.logprobs) if s.logprobs is not None else None
             counts[token] += 1
             if not self._token(choice, token, logprobs):
+                return
+            if choice.hand_over and self.batcher is not None:  # another came: the batch serves both from now on
+                choice.loop.call_soon_threadsafe(self._join_batch, choice)
                 return
             ids = torch.tensor([[token]], device=self.device)
             yield
