@@ -400,6 +400,43 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on
         assert raw_exchange(port, [good, good]) == [500, 200]
 
 
+@pytest.mark.parametrize("when", ["before its first step", "at a batched step"])
+def test_a_batching_loop_that_dies_leaves_every_request_answered_on_the_plain_path(model_dir, monkeypatch, when):
+    """Its KV cache cannot be made (out of memory, say), or a batched step fails: what is under way or comes
+    later is served by the plain path on a thread of its own, never left waiting."""
+    from transformers.generation.continuous_batching import continuous_api
+
+    from engine.server.generation import Engine
+
+    manager_class = continuous_api.ContinuousBatchingManager
+    if when == "before its first step":
+        def broken(self):
+            raise RuntimeError("no room for the cache")
+
+        monkeypatch.setattr(manager_class, "_create_batch_processor", broken)
+    else:
+        def broken(self):
+            raise RuntimeError("a step failed")
+
+        monkeypatch.setattr(manager_class, "_generation_step", broken)
+    said = []
+    engine = Engine(str(model_dir), None, "auto", None, log=said.append)
+    with served_in_process(engine) as port:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=30)
+        alone = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4, "temperature": 0})
+        assert alone.status_code == 200 and alone.json()["usage"]["completion_tokens"] >= 1
+        pair = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4, "n": 2})
+        if when == "at a batched step":  # these two were in the batch when it failed: said, as an error
+            assert pair.status_code == 500 and "generation failed" in pair.json()["error"]["message"]
+        else:  # the loop was gone already: the plain path served them
+            assert pair.status_code == 200 and len(pair.json()["choices"]) == 2
+        after = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4, "n": 2})
+        assert after.status_code == 200 and len(after.json()["choices"]) == 2
+        assert engine.batcher is None and any("continuous batching stopped" in line for line in said), said
+        assert engine.metrics.running._value.get() == 0
+
+
 def test_generated_tokens_are_counted_as_they_are_made_not_when_the_reply_ends(endless_dir):
     """Active deployments' Tok/s is the growth of this counter between two reads: counted only when a
     reply ended, a 28-s reply read as one 2-s burst of 90 tok/s."""

@@ -181,25 +181,25 @@ class Engine:
         """Start one choice (on the event loop); its events arrive on choice.out. `siblings`: the other
         choices of its request, submitted with it (a choice with company is never lone)."""
         choice = Choice(prompt_ids, sampling, TextStream(self.tokenizer, sampling.stop), asyncio.get_running_loop())
-        alone = not self.open and not siblings
+        alone = self.shared and not self.open and not siblings
         self.open[choice.id] = choice
         self.metrics.running.inc()
         if self.batcher is not None and sampling.batchable and not alone:
             if self.lone is not None:
                 self.lone.hand_over, self.lone = True, None
-            self.metrics.choices.labels(path="batched").inc()
             self._submit_batched(choice)
         else:
-            if self.shared and sampling.batchable:
+            if alone and sampling.batchable:
                 self.lone = choice
-            self.metrics.choices.labels(path="plain").inc()
             self._queue_plain(choice)
         return choice
 
     def _queue_plain(self, choice: Choice) -> None:
+        self.metrics.choices.labels(path="plain").inc()
         self.plain_jobs.put(choice)
-        if self.shared and self.batcher is not None:
-            self.batcher._wake_up_loop.set()  # its loop runs the plain steps: not a wait for new requests now
+        manager = self.batcher
+        if self.shared and manager is not None:
+            manager._wake_up_loop.set()  # its loop runs the plain steps: not a wait for new requests now
 
     def _join_batch(self, choice: Choice) -> None:
         """A lone choice the plain thread let go of, on to the batch (on the event loop)."""
@@ -208,7 +208,6 @@ class Engine:
         if choice.cancelled.is_set():
             self.end(choice, "abort")
             return
-        self.metrics.choices.labels(path="handed over").inc()
         self._submit_batched(choice)
 
     def _close(self, choice: Choice) -> bool:
@@ -219,6 +218,8 @@ class Engine:
             choice.ended = True
         self.metrics.running.dec()
         self.open.pop(choice.id, None)
+        if self.lone is choice:
+            self.lone = None
         return True
 
     def end(self, choice: Choice, finish: str) -> None:
@@ -390,7 +391,10 @@ class Engine:
         return manager
 
     def _submit_batched(self, choice: Choice) -> None:
-        s, manager = choice.sampling, self.batcher
+        s, manager = choice.sampling, self.batcher  # read once: the loop's thread sets it to None if it dies
+        if manager is None:
+            self._queue_plain(choice)
+            return
         # Greedy as the one token a vanishing top-p keeps (the likeliest: the warper keeps at least one), where a
         # tiny temperature could overflow. Equal to argmax but for exact ties (it keeps the last of them).
         knobs = ({"temperature": 1.0, "top_p": GREEDY_TOP_P} if s.greedy
@@ -427,7 +431,6 @@ class Engine:
             drop()
             self.end(choice, "abort")
 
-        choice.on_cancel = cancelled
         manager.register_result_handler(choice.id, on_output)
         # a choice handed over from the plain path goes on from its last token: what it made joins its prompt
         accepted = manager.add_request(choice.prompt_ids + choice.stream.tokens, request_id=choice.id,
@@ -435,36 +438,49 @@ class Engine:
         if accepted is None:  # its loop died (a CUDA error, say): the plain path serves from now on
             with manager.output_router._lock:
                 manager.output_router.result_handlers.pop(choice.id, None)
-            choice.on_cancel = None
-            error = manager.background_thread_status.fatal_error
-            self.log(f"continuous batching stopped ({error}); every request runs on the plain path from now on")
+            self._batching_ended(manager)
+            self._queue_plain(choice)
+            return
+        choice.on_cancel = cancelled  # (outputs come on this loop, after this)
+        self.metrics.choices.labels(path="handed over" if choice.generated else "batched").inc()
+
+    def _batching_ended(self, manager) -> None:
+        """The batching loop is gone (stopped, or died): the plain path has a thread of its own from now on."""
+        if self.batcher is manager:
             self.batcher, self.shared = None, False
-            self._start_plain_thread()
-            self.plain_jobs.put(choice)
+            error = getattr(manager.background_thread_status, "fatal_error", None)
+            if error is not None:
+                self.log(f"continuous batching stopped ({error}); every request runs on the plain path from now on")
+        self._start_plain_thread()
 
     # -- plain: a token each in turn, on our own loop --------------------------------------------------
 
     def _share_loop(self, manager) -> bool:
         """The plain steps into the batching loop: a round of them before each of its steps (and no wait for new
-        requests while there are plain ones). Should the loop die, a thread of ours carries the plain ones on.
-        False where this transformers' manager has no such loop (the plain path then has a thread of its own)."""
+        requests while there are plain ones), so a long plain prefill holds the batch for its length. When the
+        loop ends, however (stopped, or died before or after its first step), a thread of ours carries the plain
+        ones on. False where this transformers' manager has no such loop (the plain path then has a thread of its
+        own, beside the manager's)."""
         body = getattr(manager, "_generation_loop_body", None)
-        if body is None or not isinstance(getattr(manager, "_wake_up_loop", None), threading.Event):
+        run = getattr(manager, "_run_generation_loop", None)
+        if body is None or run is None or not isinstance(getattr(manager, "_wake_up_loop", None), threading.Event):
             return False
 
         def shared_body(batch_processor, bootstrapping: bool) -> bool:
+            with self.torch.inference_mode():  # the loop runs in its caller's mode: not this (measured slower)
+                self._plain_round(wait=False)
+            if self._plain or not self.plain_jobs.empty():
+                manager._wake_up_loop.set()
+            return body(batch_processor, bootstrapping=bootstrapping)
+
+        def run_then_hand_back(*args, **kwargs):
             try:
-                with self.torch.inference_mode():  # the loop runs in its caller's mode: not this (measured slower)
-                    self._plain_round(wait=False)
-                if self._plain or not self.plain_jobs.empty():
-                    manager._wake_up_loop.set()
-                return body(batch_processor, bootstrapping=bootstrapping)
-            except BaseException:
-                self.batcher, self.shared = None, False
-                self._start_plain_thread()
-                raise
+                return run(*args, **kwargs)
+            finally:
+                self._batching_ended(manager)
 
         manager._generation_loop_body = shared_body
+        manager._run_generation_loop = run_then_hand_back  # what start() runs on its thread
         return True
 
     def _start_plain_thread(self) -> None:

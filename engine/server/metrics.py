@@ -23,7 +23,8 @@ class Metrics:
         self.choice_seconds = Histogram("modeldeck_choice_seconds", "From a choice's arrival to its end.",
                                         registry=registry)
         self.choices = Counter("modeldeck_choices", "Choices started, by where they are generated: batched, plain "
-                               "(alone, or what batching cannot honour), or handed over from plain to the batch.",
+                               "(alone, or what batching cannot honour), and handed over (from plain, counted there "
+                               "too, to the batch).",
                                ["path"], registry=registry)
         self.running = Gauge("modeldeck_choices_running", "Choices being generated or waiting to be.",
                              registry=registry)
