@@ -30,7 +30,7 @@ from common import fresh_home, percentile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOKENS, ROUNDS, LOADS, LOAD_ROUNDS = 64, 5, (1, 8, 16), 7
+TOKENS, ROUNDS, LOADS, LOAD_ROUNDS = 64, 9, (1, 8, 16), 15
 KEY = "sk-bench"
 PROMPT = [{"role": "user", "content": "Tell me about training and deploying open language models."}]
 CACHE_BLOCKS = 36  # what the built-in server sizes for this model on a CPU; transformers serve gets the same
