@@ -50,12 +50,34 @@ def human_time(timestamp: float | None) -> str:
 
 # How a model's recorded details are labelled (anything else: its key, in words).
 META_LABELS = {"gpus": "GPUs", "tokens_per_s": "Tokens/s", "train_runtime_s": "Training time (s)",
-               "final_loss": "Final loss", "final_eval_loss": "Final validation loss", "gguf": "GGUF file",
+               "final_loss": "Final loss", "final_eval_loss": "Final validation loss", "evaluation": "Held-out rows", "gguf": "GGUF file",
                "base_model": "Base model", "target_modules": "Target modules"}
 
 
 def meta_label(key: str) -> str:
     return META_LABELS.get(key, key.replace("_", " ").capitalize())
+
+
+def meta_value(key: str, value: object) -> str:
+    """A recorded detail as the screens and `show` write it."""
+    if key == "evaluation" and isinstance(value, dict):
+        return describe_evaluation(value)
+    return human_value(value)
+
+
+def describe_evaluation(evaluation: dict) -> str:
+    """'adapter loss 1.04 (perplexity 2.83), base 2.31 (10.1): 0.45× the base's perplexity; 2 held-out rows,
+    54 tokens'"""
+    def one(result: dict) -> str:
+        ppl = result.get("perplexity")
+        return f"{result['loss']:.4g} (perplexity {ppl:.4g})" if ppl is not None else f"{result['loss']:.4g}"
+
+    adapter, base = evaluation["adapter"], evaluation["base"]
+    ratio = (f": {adapter['perplexity'] / base['perplexity']:.2f}× the base's perplexity"
+             if adapter.get("perplexity") and base.get("perplexity") else "")
+    rows = evaluation["rows"]
+    return (f"adapter loss {one(adapter)}, base {one(base)}{ratio}; {rows} held-out row{'s' if rows != 1 else ''}, "
+            f"{evaluation['tokens']} tokens")
 
 
 def human_value(value: object) -> str:

@@ -67,6 +67,58 @@ def test_a_fine_tune_on_each_format_makes_an_adapter_that_changes_the_model(db, 
     assert "step 4/4" in log and "loss" in log and "{'loss'" not in log
 
 
+def direct_loss(model, rows: list[dict]) -> float:
+    """The mean loss per answer token, row by row through the model's own loss (not the code under test)."""
+    import torch
+
+    total = tokens = 0
+    with torch.no_grad():
+        for row in rows:
+            counted = sum(1 for label in row["labels"][1:] if label != -100)
+            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+            total, tokens = total + float(loss) * counted, tokens + counted
+    return total / tokens
+
+
+def test_a_finished_fine_tune_says_how_its_adapter_and_its_base_do_on_the_held_out_rows(db, tiny, tmp_path):
+    """Loss and perplexity of both on the same held-out rows, each as a direct computation gives them; in the
+    model's details, `show` and its lineage."""
+    import math
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.datasets import chat_template, encode, read_dataset
+    from engine.format import meta_value
+
+    path = write_dataset(tmp_path, "openai")
+    model, job = start(db, path, max_steps=8)
+    done = settled(db, model.id, timeout=120)
+    assert done.state == ModelState.READY, done.reason
+    lineage = json.loads((Path(done.path) / "modeldeck.json").read_text())
+    hp = Hyperparameters(**lineage["hyperparameters"])  # as the run resolved them (its max length, say)
+    dataset = read_dataset(path)
+    tokenizer = AutoTokenizer.from_pretrained(done.path)
+    template = chat_template(tokenizer)[0]
+    held_out = [encode(tokenizer, template, dataset.examples[i], hp.max_length)
+                for i in dataset.split(hp.val_split, hp.seed)[1]]
+    base = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    expected_base = direct_loss(base, held_out)
+    expected_adapter = direct_loss(PeftModel.from_pretrained(base, done.path).eval(), held_out)
+
+    evaluation = done.meta["evaluation"]
+    assert evaluation["rows"] == 2 and evaluation["tokens"] == sum(
+        sum(1 for label in row["labels"][1:] if label != -100) for row in held_out)
+    assert evaluation["adapter"]["loss"] == pytest.approx(expected_adapter, rel=1e-4)
+    assert evaluation["base"]["loss"] == pytest.approx(expected_base, rel=1e-4)
+    assert evaluation["adapter"]["perplexity"] == pytest.approx(math.exp(expected_adapter), rel=1e-3)
+    assert expected_adapter < expected_base  # the tiny data is learnable: the adapter predicts it better
+    line = meta_value("evaluation", evaluation)
+    assert line.startswith(f"adapter loss {evaluation['adapter']['loss']:.4g} (perplexity ")
+    assert "2 held-out rows" in line and "× the base's perplexity" in line
+    assert lineage["evaluation"] == evaluation
+
+
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(db, tiny, tmp_path):
     model, job = start(db, write_dataset(tmp_path), max_steps=120, save_steps=10, val_split=0)
     checkpoints = Path(model.path + ".partial") / "checkpoints"

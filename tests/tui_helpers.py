@@ -151,7 +151,10 @@ def seed_training(db, ids: dict[str, int]) -> dict[str, int]:
         adapter.meta_json = Model.dumps({
             "dataset": "/data/support.jsonl", "format": "OpenAI chat", "rows": {"train": 1900, "validation": 100},
             "hyperparameters": {"rank": 16, "alpha": 32, "learning_rate": 0.0002, "epochs": 3.0},
-            "final_loss": 0.9123, "final_eval_loss": 1.0412, "tokens_per_s": 2311.0})
+            "final_loss": 0.9123, "final_eval_loss": 1.0412,
+            "evaluation": {"rows": 100, "tokens": 5210, "adapter": {"loss": 1.0388, "perplexity": 2.8258},
+                           "base": {"loss": 1.7412, "perplexity": 5.7045}},
+            "tokens_per_s": 2311.0})
         session.add(adapter)
         running = Model(name="support-bot-v2", kind=ModelKind.ADAPTER, state=ModelState.PENDING,
                         source="finetune:Qwen2.5-0.5B-Instruct", base_id=ids["base"], owns_path=True,

@@ -23,10 +23,10 @@ from engine.format import (
     human_bytes,
     human_params,
     human_time,
-    human_value,
     job_progress,
     listening_on,
     meta_label,
+    meta_value,
     model_location,
     state_text,
 )
@@ -113,7 +113,7 @@ def cmd_show(args, db) -> int:
         ("name", m.name), ("kind", m.kind.value), ("state", state_text(m.state, m.reason, row.job, "long", row.cancelled)),
         ("source", m.source), ("repo", m.repo_id), ("revision", m.revision), ("path", model_location(m)),
         ("size", human_bytes(m.size_bytes)), ("base", row.base_name), ("created", human_time(m.created_at)),
-        *((meta_label(key).lower(), human_value(v)) for key, v in m.meta.items()),
+        *((meta_label(key).lower(), meta_value(key, v)) for key, v in m.meta.items()),
     ]
     if row.job:
         fields.append(("job", f"{row.job.id} {row.job.kind.value}, log {row.job.log_path}"))

@@ -33,7 +33,7 @@ from engine.datasets import (
     token_stats,
 )
 from engine.finetune import latest_checkpoint, model_limits
-from engine.format import human_duration
+from engine.format import describe_evaluation, human_duration
 from engine.hyperparameters import Hyperparameters
 from engine.jobs import JobCancelled
 from engine.jobs.harness import JobContext, JobFailure
@@ -70,8 +70,20 @@ class Stopping:
             raise JobCancelled()
 
 
-LINEAGE_IN_META = ("rows", "target_modules", "steps", "final_loss", "final_eval_loss", "train_runtime_s",
-                   "tokens_per_s")
+LINEAGE_IN_META = ("rows", "target_modules", "steps", "final_loss", "final_eval_loss", "evaluation",
+                   "train_runtime_s", "tokens_per_s")
+
+
+def compare_with_base(model, rows: list[dict], collator, batch_size: int, stopping) -> dict:
+    """The adapter and its base (the same model with the adapter switched off) on the same rows."""
+    from engine.jobs.evaluation import evaluate
+
+    counted = collator.tokens  # the collator counts trained tokens: evaluation is not training
+    adapter = evaluate(model, rows, collator, batch_size, stopping)
+    with model.disable_adapter():
+        base = evaluate(model, rows, collator, batch_size, stopping)
+    collator.tokens = counted
+    return {"rows": len(rows), "tokens": adapter.tokens, "adapter": adapter.as_dict(), "base": base.as_dict()}
 
 
 def succeed_with(ctx: JobContext, lineage: dict, size_bytes: int | None) -> None:
@@ -208,6 +220,11 @@ def train(ctx, stopping: Stopping, run: Run) -> dict:
         reporter.add_eval(trainer.state.global_step, trainer.evaluate()["eval_loss"])
     final_eval = reporter.last_eval
     reporter.report(force=True)
+    evaluation = None
+    if validation:
+        with ctx.phase("evaluating the adapter and its base on the held-out rows"):
+            evaluation = compare_with_base(model, validation, collator, hp.batch_size, stopping)
+        ctx.log(f"held-out rows: {describe_evaluation(evaluation)}")
     with ctx.phase("saving the adapter"):
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -215,7 +232,7 @@ def train(ctx, stopping: Stopping, run: Run) -> dict:
             "base": run.base_name, "base_repo": run.base_repo, "dataset": run.dataset_label, "format": dataset.format_name,
             "rows": {"train": len(train), "validation": len(validation)}, "hyperparameters": run.hyperparameters,
             "target_modules": targets, "steps": trainer.state.global_step,
-            "final_loss": reporter.last_loss, "final_eval_loss": final_eval,
+            "final_loss": reporter.last_loss, "final_eval_loss": final_eval, "evaluation": evaluation,
             "train_runtime_s": round(result.metrics["train_runtime"], 3),
             "train_tokens": reporter.trained_tokens,
             "tokens_per_s": round(reporter.tokens_per_s, 1),

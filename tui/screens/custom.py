@@ -18,9 +18,9 @@ from engine.format import (
     human_bytes,
     human_duration,
     human_time,
-    human_value,
     job_progress,
     meta_label,
+    meta_value,
     model_location,
 )
 from engine.hub import model_link
@@ -243,6 +243,7 @@ class CustomScreen(DeckScreen):
                     seen["job"] = row.job
             job = seen["job"]
             curves = job.loads(job.metrics_json, {}).get("curve", {}) if job else {}
+            curves = curves | {"evaluation": seen["row"].model.meta.get("evaluation")}  # once it is Ready
             return self.details_fields(seen["row"]), curves, job.log_path if job else None
 
         def training() -> bool:
@@ -293,7 +294,7 @@ class CustomScreen(DeckScreen):
         if row.job:
             fields.append(("Job", f"{row.job.id} {row.job.kind.value} {row.job.state.value}: {job_progress(row.job, 'long')}"))
             fields.append(("Job log", row.job.log_path or "—"))
-        fields += [(meta_label(key), human_value(v)) for key, v in m.meta.items() if key != "link"]  # shown above
+        fields += [(meta_label(key), meta_value(key, v)) for key, v in m.meta.items() if key != "link"]  # shown above
         return fields
 
     def action_import_model(self) -> None:

@@ -123,7 +123,8 @@ class DeploymentDetails(LiveDetails):
 
 class TrainingDetails(LiveDetails):
     """An adapter's details with its loss curve and job log. `live()` returns the current fields, curves
-    and log path, so the dialog follows a running fine-tune."""
+    (and "evaluation": the held-out rows' perplexities, once it is Ready) and log path, so the dialog follows a
+    running fine-tune."""
 
     CLASSES = "wide live training"
 
@@ -151,7 +152,8 @@ class TrainingDetails(LiveDetails):
         self._show_curves()
 
     def _show_curves(self) -> None:
-        self.query_one(LossChart).set_curves(self.curves.get("train", []), self.curves.get("eval", []))
+        self.query_one(LossChart).set_curves(self.curves.get("train", []), self.curves.get("eval", []),
+                                             self.curves.get("evaluation"))
 
     def hint(self) -> str:
         return DetailsDialog.hint(self) + ("  ·  live while it trains" if self.training() else "")

@@ -19,10 +19,12 @@ class LossChart(Widget):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.curves: tuple[Curve, Curve] = ([], [])
+        self.evaluation: dict | None = None
 
-    def set_curves(self, train: Curve, validation: Curve) -> None:
-        if (train, validation) != self.curves:
-            self.curves = (train, validation)
+    def set_curves(self, train: Curve, validation: Curve, evaluation: dict | None = None) -> None:
+        """`evaluation`: the finished run's held-out rows, adapter against base (engine/jobs/evaluation.py)."""
+        if (train, validation) != self.curves or evaluation != self.evaluation:
+            self.curves, self.evaluation = (train, validation), evaluation
             self.refresh()
 
     def render(self) -> Text:
@@ -63,10 +65,18 @@ class LossChart(Widget):
             text.append("\n")
         left, right = f"step {x0:g}", f"{x1:g}"
         text.append(" " * AXIS_WIDTH + left + right.rjust(width - len(left)) + "\n", style="dim")
+        legend_start = len(text)
         text.append(" " * AXIS_WIDTH)
         for name, colour in self.SERIES:
             last = self.curves[self.SERIES.index((name, colour))]
             value = f" {last[-1][1]:.4f}" if last else " —"
             text.append("── ", style=colour)
             text.append(f"{name}{value}   ")
+        adapter, base = ((self.evaluation or {}).get(k, {}).get("perplexity") for k in ("adapter", "base"))
+        if adapter is not None and base is not None:  # did it help: on the same held-out rows
+            word = "perplexity"
+            if len(text) - legend_start + len(f"{word} {adapter:.3g} (base {base:.3g})") > self.size.width:
+                word = "ppl"  # 80 columns
+            text.append(f"{word} {adapter:.3g}", style="bold")
+            text.append(f" (base {base:.3g})")
         return text
