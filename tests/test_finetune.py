@@ -119,6 +119,66 @@ def test_a_finished_fine_tune_says_how_its_adapter_and_its_base_do_on_the_held_o
     assert lineage["evaluation"] == evaluation
 
 
+def test_the_held_out_loss_weighs_every_answer_token_alike_whatever_the_batching(tiny, tmp_path):
+    """Rows of different lengths (padding in a batch), prompt tokens masked: batches of 4, of 3 and one by one
+    all give the token-weighted loss the model's own loss gives row by row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.datasets import chat_template, encode, read_dataset
+    from engine.jobs.evaluation import evaluate
+    from engine.jobs.training import Collator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    dataset = read_dataset(write_dataset(tmp_path, "openai"))
+    rows = [encode(tokenizer, chat_template(tokenizer)[0], example, 256) for example in dataset.examples[:9]]
+    assert len({len(row["input_ids"]) for row in rows}) > 1 and any(-100 in row["labels"] for row in rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    expected = direct_loss(model.eval(), rows)
+    model.train()
+    for batch_size in (4, 3, 1):
+        result = evaluate(model, rows, Collator(tokenizer.pad_token_id), batch_size)
+        assert result.loss == pytest.approx(expected, rel=1e-5), batch_size
+    assert model.training  # left as it was found
+
+
+def test_a_cancel_or_a_failure_while_evaluating_keeps_the_finished_adapter(tiny, tmp_path):
+    """Training is over when the held-out rows are scored: a cancel or an error there costs the evaluation
+    (said in the log), never the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.datasets import chat_template, encode, read_dataset
+    from engine.jobs import JobCancelled
+    from engine.jobs.training import Collator, compare_with_base
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    dataset = read_dataset(write_dataset(tmp_path, "openai"))
+    rows = [encode(tokenizer, chat_template(tokenizer)[0], example, 256) for example in dataset.examples[:3]]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), LoraConfig(r=2, task_type="CAUSAL_LM"))
+
+    class Log:
+        lines: list[str] = []
+
+        def log(self, line: str) -> None:
+            self.lines.append(line)
+
+    class Cancelled:
+        def check(self) -> None:
+            raise JobCancelled()
+
+    class Fine:
+        def check(self) -> None:
+            pass
+
+    collator = Collator(tokenizer.pad_token_id)
+    assert compare_with_base(Log(), model, rows, collator, 2, Cancelled()) is None
+    assert "cancelled while evaluating" in Log.lines[-1]
+    assert compare_with_base(Log(), model, [{"input_ids": [1, 2], "labels": [-100, -100]}], collator, 2, Fine()) is None
+    assert "failed (ValueError: the rows have no answer tokens" in Log.lines[-1]
+    done = compare_with_base(Log(), model, rows, collator, 2, Fine())
+    assert done["rows"] == 3 and done["adapter"]["loss"] > 0 and collator.tokens == 0  # not counted as trained
+
+
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(db, tiny, tmp_path):
     model, job = start(db, write_dataset(tmp_path), max_steps=120, save_steps=10, val_split=0)
     checkpoints = Path(model.path + ".partial") / "checkpoints"

@@ -44,8 +44,9 @@ def evaluate(model, rows: list[dict], collate, batch_size: int = 8, stopping=Non
                 batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 targets = batch["labels"][:, 1:]  # each position predicts the next token
-                total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                               targets.reshape(-1), ignore_index=-100, reduction="sum"))
+                for row in range(logits.shape[0]):  # a row at a time in fp32: not a whole batch's vocabulary
+                    total += float(F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100,
+                                                   reduction="sum"))
                 tokens += int((targets != -100).sum())
     finally:
         model.train(was_training)

@@ -74,15 +74,26 @@ LINEAGE_IN_META = ("rows", "target_modules", "steps", "final_loss", "final_eval_
                    "train_runtime_s", "tokens_per_s")
 
 
-def compare_with_base(model, rows: list[dict], collator, batch_size: int, stopping) -> dict:
-    """The adapter and its base (the same model with the adapter switched off) on the same rows."""
+def compare_with_base(ctx, model, rows: list[dict], collator, batch_size: int, stopping) -> dict | None:
+    """The adapter and its base (the same model with the adapter switched off) on the same rows; None, said in
+    the log, where that cannot be done: the training is over, so its adapter is saved whatever happens here (a
+    cancel now, out of memory)."""
     from engine.jobs.evaluation import evaluate
 
     counted = collator.tokens  # the collator counts trained tokens: evaluation is not training
-    adapter = evaluate(model, rows, collator, batch_size, stopping)
-    with model.disable_adapter():
-        base = evaluate(model, rows, collator, batch_size, stopping)
-    collator.tokens = counted
+    try:
+        adapter = evaluate(model, rows, collator, batch_size, stopping)
+        with model.disable_adapter():
+            base = evaluate(model, rows, collator, batch_size, stopping)
+    except JobCancelled:
+        ctx.log("cancelled while evaluating on the held-out rows: the finished adapter is saved without it")
+        return None
+    except Exception as exc:  # noqa: BLE001 - the adapter is trained: it is kept, the evaluation is not
+        ctx.log(f"the evaluation on the held-out rows failed ({type(exc).__name__}: {exc}); the adapter is saved "
+                "without it")
+        return None
+    finally:
+        collator.tokens = counted
     return {"rows": len(rows), "tokens": adapter.tokens, "adapter": adapter.as_dict(), "base": base.as_dict()}
 
 
@@ -223,8 +234,9 @@ def train(ctx, stopping: Stopping, run: Run) -> dict:
     evaluation = None
     if validation:
         with ctx.phase("evaluating the adapter and its base on the held-out rows"):
-            evaluation = compare_with_base(model, validation, collator, hp.batch_size, stopping)
-        ctx.log(f"held-out rows: {describe_evaluation(evaluation)}")
+            evaluation = compare_with_base(ctx, model, validation, collator, hp.batch_size, stopping)
+        if evaluation is not None:
+            ctx.log(f"held-out rows: {describe_evaluation(evaluation)}")
     with ctx.phase("saving the adapter"):
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
