@@ -120,6 +120,7 @@ class Choice:
     ending: threading.Lock = field(default_factory=threading.Lock)  # the loop and the plain thread may both end it
     eos: int | None = None  # the end-of-sequence token it ended on
     hand_over: bool = False  # set on the event loop: a lone choice on the plain path moves to the batch
+    batch: object | None = None  # the batching manager that took it, while it is there
 
     def put(self, event: tuple) -> None:
         """From any thread."""
@@ -165,6 +166,7 @@ class Engine:
         self.plain_jobs: queue.Queue[Choice] = queue.Queue()
         self.plain_active: set[str] = set()  # the plain steps' own: only they end them
         self._plain: list[tuple[Choice, Iterator[None]]] = []  # touched only by the thread that runs the model
+        self._stepping = threading.Lock()  # ...and while a dying batching loop hands over to our own, by either
         self._plain_thread_started = threading.Lock()
         self._own_thread = False
         self.shared = False  # whether the plain steps run in the batching loop (then a lone request starts plain)
@@ -441,17 +443,33 @@ class Engine:
             self._batching_ended(manager)
             self._queue_plain(choice)
             return
-        choice.on_cancel = cancelled  # (outputs come on this loop, after this)
+        choice.on_cancel, choice.batch = cancelled, manager  # (outputs come on this loop, after this)
         self.metrics.choices.labels(path="handed over" if choice.generated else "batched").inc()
 
     def _batching_ended(self, manager) -> None:
-        """The batching loop is gone (stopped, or died): the plain path has a thread of its own from now on."""
+        """The batching loop is gone (stopped, or died): the plain path has a thread of its own from now on, and
+        takes what the loop still held (a request it accepted just before it stopped had no answer coming)."""
         if self.batcher is manager:
             self.batcher, self.shared = None, False
             error = getattr(manager.background_thread_status, "fatal_error", None)
             if error is not None:
                 self.log(f"continuous batching stopped ({error}); every request runs on the plain path from now on")
         self._start_plain_thread()
+        for choice in list(self.open.values()):
+            try:
+                choice.loop.call_soon_threadsafe(self._rescue, choice, manager)
+            except RuntimeError:  # its event loop is closed: the server is gone
+                pass
+
+    def _rescue(self, choice: Choice, manager) -> None:
+        """On the event loop: a choice still with a batching loop that ended goes on on the plain path, from its
+        last token."""
+        if choice.ended or choice.batch is not manager:
+            return
+        with manager.output_router._lock:
+            manager.output_router.result_handlers.pop(choice.id, None)
+        choice.batch = choice.on_cancel = None
+        self._queue_plain(choice)
 
     # -- plain: a token each in turn, on our own loop --------------------------------------------------
 
@@ -497,12 +515,20 @@ class Engine:
 
     def _plain_round(self, wait: bool) -> None:
         """What is queued joins (waiting for it when `wait` and nothing runs), then a token for each plain choice."""
+        first = self.plain_jobs.get() if wait and not self._plain else None  # waited for without the lock
+        with self._stepping:
+            self._plain_step_all(first)
+
+    def _plain_step_all(self, first: Choice | None) -> None:
         active = self._plain
         while len(active) < self.max_concurrent:
-            try:
-                choice = self.plain_jobs.get(block=wait and not active)
-            except queue.Empty:
-                break
+            if first is not None:
+                choice, first = first, None
+            else:
+                try:
+                    choice = self.plain_jobs.get(block=False)
+                except queue.Empty:
+                    break
             self.plain_active.add(choice.id)
             active.append((choice, self._plain_steps(choice)))
         for entry in list(active):
