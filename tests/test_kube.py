@@ -582,9 +582,10 @@ async def test_a_cluster_finetune_follows_its_job_and_registers_the_adapter_it_w
     # The Job controller's and the kubelet's part: a pod runs modeldeck's entry point; its log is the real one.
     client = client_for(on_emulator)
     core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
-    # The log so far: up to the end of training (before the adapter is saved), then the whole of it.
+    # The log so far: up to the end of training (before the held-out rows are scored and the adapter is
+    # saved), then the whole of it.
     lines = result.stdout.splitlines()
-    so_far = {"log": "\n".join(lines[:next(i for i, line in enumerate(lines) if "saving the adapter" in line)])}
+    so_far = {"log": "\n".join(lines[:next(i for i, line in enumerate(lines) if "evaluating the adapter" in line)])}
     on_emulator["get /api/v1/namespaces/ml/pods/md-ft-run-x1/log"] << (lambda: timestamped(so_far["log"]))
     await asyncio.to_thread(core.create_namespaced_pod, "ml", job_pod(db, "run", {"running": {}}))
     await model_where(db, model.id, lambda m: json.loads(jobs.get(db, job.id).metrics_json or "{}").get("step") == 4)
