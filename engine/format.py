@@ -50,8 +50,9 @@ def human_time(timestamp: float | None) -> str:
 
 # How a model's recorded details are labelled (anything else: its key, in words).
 META_LABELS = {"gpus": "GPUs", "tokens_per_s": "Tokens/s", "train_runtime_s": "Training time (s)",
-               "final_loss": "Final loss", "final_eval_loss": "Final validation loss", "evaluation": "Held-out rows", "gguf": "GGUF file",
-               "base_model": "Base model", "target_modules": "Target modules"}
+               "final_loss": "Final loss", "final_eval_loss": "Final validation loss",
+               "evaluation": "Held-out rows", "gguf": "GGUF file", "base_model": "Base model",
+               "target_modules": "Target modules"}
 
 
 def meta_label(key: str) -> str:
