@@ -16,6 +16,7 @@ from engine.errors import EngineError
 from tui.store import Store
 from tui.widgets.filter_bar import FilterBar
 from tui.widgets.gpu_strip import GpuStrip
+from tui.widgets.info import InfoLine
 from tui.widgets.live_table import LiveTable
 from tui.widgets.nav import NavBar
 
@@ -112,6 +113,11 @@ class DeckScreen(ReportsWorkerErrors, Screen):
         if wanted != self._footer_actions:
             self._footer_actions = wanted
             self.refresh_bindings()
+
+    def preview_line(self) -> InfoLine | None:
+        """The selected row's preview under the table; None while the screen is still being composed or is
+        already torn down (a change can come then)."""
+        return next(self.query("#preview").results(InfoLine), None)
 
     def on_live_table_highlighted(self, event: LiveTable.Highlighted) -> None:
         self.follow_row()

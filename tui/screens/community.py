@@ -117,9 +117,8 @@ class CommunityScreen(DeckScreen):
 
     def _show_preview(self, repo_id: str | None) -> None:
         self.follow_row()
-        found = self.query("#preview").results(InfoLine)
-        preview = next(found, None)
-        if preview is None:  # a change that comes while the screen is still composed, or already torn down
+        preview = self.preview_line()
+        if preview is None:
             return
         entry = self.store.community.get(repo_id) if repo_id else None
         if entry is None:

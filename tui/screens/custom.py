@@ -123,9 +123,8 @@ class CustomScreen(DeckScreen):
 
     def _show_preview(self, model_id: int | None) -> None:
         self.follow_row()
-        found = self.query("#preview").results(InfoLine)
-        preview = next(found, None)
-        if preview is None:  # a change that comes while the screen is still composed, or already torn down
+        preview = self.preview_line()
+        if preview is None:
             return
         row = self.store.models.get(model_id) if model_id is not None else None
         if row is None:
