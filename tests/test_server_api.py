@@ -384,7 +384,7 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on
     """Fault injection in-process: the generator raises; the same connection then serves a good request."""
     from engine.server.generation import Engine
 
-    engine = Engine(str(model_dir), None, "auto", None, log=lambda line: None)
+    engine = Engine(str(model_dir), "auto", None, log=lambda line: None)
     real_submit = engine.submit
     broken = {"on": True}
 
@@ -420,7 +420,7 @@ def test_a_batching_loop_that_dies_leaves_every_request_answered_on_the_plain_pa
 
         monkeypatch.setattr(manager_class, "_generation_step", broken)
     said = []
-    engine = Engine(str(model_dir), None, "auto", None, log=said.append)
+    engine = Engine(str(model_dir), "auto", None, log=said.append)
     with served_in_process(engine) as port:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"},
                               timeout=30)
@@ -443,7 +443,7 @@ def test_generated_tokens_are_counted_as_they_are_made_not_when_the_reply_ends(e
     from engine.load import parse_load
     from engine.server.generation import Engine
 
-    engine = Engine(str(endless_dir), None, "auto", None, log=lambda line: None)
+    engine = Engine(str(endless_dir), "auto", None, log=lambda line: None)
     real_token, counted = engine._token, []
 
     def token(choice, *args, **kwargs):

@@ -170,3 +170,26 @@ def make_tool_caller(folder: Path, steps: int = 300) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_tiny_adapter(base: Path, folder: Path, seed: int, rank: int = 4,
+                      targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj"), tokenizer: bool = True,
+                      **config) -> Path:
+    """A LoRA adapter of the model at `base` with large random weights (so it certainly changes what the model
+    says, each seed differently), saved in PEFT's layout with the base's tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                      init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 2.0)
+    model.save_pretrained(folder)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder

@@ -172,6 +172,23 @@ class CompletionRequest(Common):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._/:-]+$")]
+
+
+class LoadAdapter(Strict):
+    """POST /v1/load_lora_adapter, as vLLM takes it (`load_inplace` is not offered: unload, then load)."""
+
+    lora_name: AdapterName
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadAdapter(Strict):
+    """POST /v1/unload_lora_adapter, as vLLM takes it."""
+
+    lora_name: AdapterName
+    lora_int_id: int | None = None  # vLLM's clients may send it; the name is what counts here
+
+
 # -- errors --------------------------------------------------------------------------------------------
 
 TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}

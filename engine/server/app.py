@@ -2,10 +2,11 @@
 
 Routes: GET /health and GET /metrics (Prometheus text) open; behind `Authorization: Bearer KEY`:
 GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions and POST /v1/completions (streamed or
-not). Every error is OpenAI-shaped JSON; input never gets a 5xx, and a connection stays usable after any
-error. A body over --max-body-bytes gets a 413 before it is read; a prompt certainly longer than the
-context is refused before it is tokenized, and tokenizing runs on a small pool of its own, so one huge
-request cannot stall the others. A stop ends every open stream with a final event.
+not), and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (adapters served beside the base,
+each under its own name, chosen per request by `model`). Every error is OpenAI-shaped JSON; input never gets a
+5xx, and a connection stays usable after any error. A body over --max-body-bytes gets a 413 before it is read;
+a prompt certainly longer than the context is refused before it is tokenized, and tokenizing runs on a small
+pool of its own, so one huge request cannot stall the others. A stop ends every open stream with a final event.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from fastapi import FastAPI, Request  # module level: FastAPI reads the handlers
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from engine.server.adapters import AdapterError
 from engine.server.api import (
     MAX_CHOICES,
     ChatRequest,
     CompletionRequest,
+    LoadAdapter,
     RequestError,
+    UnloadAdapter,
     message_dicts,
     parse,
     refuse_unsupported,
@@ -113,6 +117,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
     created = int(time.time())
     expected = f"Bearer {api_key}".encode()
     tokenizing = ThreadPoolExecutor(2, thread_name_prefix="tokenize")  # bounded: a flood waits here, not everywhere
+    loading = ThreadPoolExecutor(1, thread_name_prefix="adapters")  # reading an adapter's files; one at a time
 
     def error(exc: RequestError) -> JSONResponse:
         engine.metrics.request(exc.status)
@@ -144,47 +149,96 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
     async def metrics():
         return Response(engine.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_card() -> dict:
-        return {"id": served_name, "object": "model", "created": created, "owned_by": "modeldeck"}
+    def model_card(name: str) -> dict:
+        """As vLLM lists them: an adapter's `parent` is the base it is applied to, its `root` where it was read."""
+        adapter = engine.adapters.get(name)
+        return {"id": name, "object": "model", "created": created, "owned_by": "modeldeck",
+                "root": adapter.path if adapter else served_name, "parent": served_name if adapter else None}
 
     @app.get("/v1/models")
     async def models(request: Request):
         if not authorized(request):
             return unauthorized()
-        return {"object": "list", "data": [model_card()]}  # not counted: the load is the generation requests
+        # not counted: the load is the generation requests
+        return {"object": "list", "data": [model_card(name) for name in (served_name, *list(engine.adapters))]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
         if not authorized(request):
             return unauthorized()
-        if model_id != served_name:
-            return error(not_served(model_id))
-        return model_card()
+        try:
+            served(model_id)
+        except RequestError as exc:
+            return error(exc)
+        return model_card(model_id)
 
-    def not_served(name: str) -> RequestError:
-        return RequestError(f"The model '{name}' does not exist; this server serves '{served_name}'", 404,
-                            param="model", code="model_not_found")
+    def served(name: str):
+        """The adapter a request names (None: the base model); a name not served is a 404."""
+        if name == served_name:
+            return None
+        adapter = engine.adapters.get(name)
+        if adapter is None:
+            names = ", ".join(f"'{n}'" for n in (served_name, *list(engine.adapters)))
+            raise RequestError(f"The model '{name}' does not exist; this server serves {names}", 404,
+                               param="model", code="model_not_found")
+        return adapter
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request):
+        """vLLM's route: serve a LoRA adapter of this base under a name, without a restart."""
+        if not authorized(request):
+            return unauthorized()
+        try:
+            body = parse(LoadAdapter, await request.body())
+            if body.lora_name == served_name or body.lora_name in engine.adapters:
+                raise RequestError(f"The lora adapter '{body.lora_name}' has already been loaded" if
+                                   body.lora_name in engine.adapters else
+                                   f"'{body.lora_name}' is the base model's name here; choose another",
+                                   param="lora_name", code="invalid_value")
+            try:
+                await asyncio.get_running_loop().run_in_executor(loading, engine.load_adapter, body.lora_name,
+                                                                 body.lora_path)
+            except AdapterError as exc:
+                raise RequestError(str(exc), param="lora_path", code="invalid_value") from None
+        except RequestError as exc:
+            return error(exc)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request):
+        """vLLM's route: stop serving an adapter; its requests still running finish, new ones get a 404."""
+        if not authorized(request):
+            return unauthorized()
+        try:
+            body = parse(UnloadAdapter, await request.body())
+            try:
+                engine.unload_adapter(body.lora_name)
+            except KeyError:
+                raise RequestError(f"The lora adapter '{body.lora_name}' cannot be found", 404, param="lora_name",
+                                   code="model_not_found") from None
+        except RequestError as exc:
+            return error(exc)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     def check_size(characters: int, param: str) -> None:
         if characters > engine.context * MAX_CHARS_PER_TOKEN:
             raise RequestError(f"the prompt is {characters} characters, more than this model's context of "
                                f"{engine.context} tokens can hold", param=param, code="context_length_exceeded")
 
-    def offered_tools(request: ChatRequest) -> tuple[list[dict] | None, dict | None]:
+    def offered_tools(request: ChatRequest, tokenizer) -> tuple[list[dict] | None, dict | None]:
         """The tools the model is offered, and how its reply is read back for calls (None, None: no tools)."""
         if not request.tools or request.tool_choice == "none":
             return None, None
-        if "tools" not in str(getattr(engine.tokenizer, "chat_template", "") or ""):
+        if "tools" not in str(getattr(tokenizer, "chat_template", "") or ""):
             raise RequestError("'tools': this model's chat template offers no tools", param="tools",
                                code="unsupported_parameter")
-        template = engine.response_template()
+        template = engine.response_template(tokenizer)
         if template is None:
             raise RequestError("'tools': this model's tool calls cannot be read back (its tokenizer has no "
                                "response_template)", param="tools", code="unsupported_parameter")
         return [t.model_dump(exclude_none=True) for t in request.tools], template
 
-    def chat_prompt(request: ChatRequest, tools: list[dict] | None) -> list[int]:
-        tokenizer = engine.tokenizer
+    def chat_prompt(request: ChatRequest, tools: list[dict] | None, tokenizer) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template: use /v1/completions with a prompt",
                                param="messages", code="no_chat_template")
@@ -200,7 +254,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             raise RequestError("the messages make an empty prompt", param="messages", code="invalid_value")
         return ids
 
-    def text_prompts(request: CompletionRequest) -> list[list[int]]:
+    def text_prompts(request: CompletionRequest, tokenizer) -> list[list[int]]:
         prompt = request.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -208,7 +262,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             prompt = [prompt]
         prompts = []
         for i, item in enumerate(prompt):
-            ids = engine.tokenizer(item)["input_ids"] if isinstance(item, str) else list(item)
+            ids = tokenizer(item)["input_ids"] if isinstance(item, str) else list(item)
             if any(t >= engine.vocab_size for t in ids):
                 raise RequestError(f"'prompt[{i}]' holds a token id over this model's vocabulary "
                                    f"({engine.vocab_size})", param="prompt", code="invalid_value")
@@ -229,8 +283,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             return unauthorized()
         try:
             body = parse(ChatRequest if chat else CompletionRequest, await request.body())
-            if body.model != served_name:
-                raise not_served(body.model)
+            adapter = served(body.model)
+            tokenizer = engine.tokenizer_of(adapter)
             refuse_unsupported(body)
             sampling = sampling_of(body, default_max_tokens, engine.vocab_size)
             if chat and body.response_format is not None:
@@ -246,13 +300,13 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             if chat:
                 check_size(sum(len(m.content if isinstance(m.content, str) else
                                    "".join(p.text for p in m.content or [])) for m in body.messages), "messages")
-                tools, response_template = offered_tools(body)
-                prompts = [await loop.run_in_executor(tokenizing, chat_prompt, body, tools)]
+                tools, response_template = offered_tools(body, tokenizer)
+                prompts = [await loop.run_in_executor(tokenizing, chat_prompt, body, tools, tokenizer)]
             else:
                 prompt = body.prompt
                 check_size(len(prompt) if isinstance(prompt, str) else
                            sum(len(p) for p in prompt if isinstance(p, str)), "prompt")
-                prompts = await loop.run_in_executor(tokenizing, text_prompts, body)
+                prompts = await loop.run_in_executor(tokenizing, text_prompts, body, tokenizer)
             wanted = body.max_completion_tokens or body.max_tokens if chat else body.max_tokens
             limits = [fit(ids, wanted, "messages" if chat else "prompt") for ids in prompts]
             if body.stream_options is not None and not body.stream:
@@ -269,7 +323,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
                 for j in range(n):
                     seed = None if sampling.seed is None else sampling.seed + j  # n choices, n different samples
                     choices.append(engine.submit(ids, _with(sampling, max_tokens=limit, seed=seed),
-                                                 siblings=len(prompts) * n - 1))
+                                                 siblings=len(prompts) * n - 1, adapter=adapter))
             return choices
 
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -279,7 +333,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             engine.metrics.request(200)
             usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
             # started by the stream itself: a client gone before it begins leaves nothing generating
-            return StreamingResponse(stream(start, ident, chat, prompt_tokens, usage_wanted, reading),
+            return StreamingResponse(stream(start, ident, body.model, chat, prompt_tokens, usage_wanted, reading),
                                      media_type="text/event-stream")
         choices = start()
         results = await asyncio.gather(*(whole(c, request) for c in choices))
@@ -306,7 +360,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
         completion = sum(c.generated for c in choices)
         engine.metrics.request(200)
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": served_name, "choices": out, "usage": usage(prompt_tokens, completion)}
+                "model": body.model, "choices": out, "usage": usage(prompt_tokens, completion)}
 
     async def whole(choice: Choice, request: Request):
         text, finish, logprobs = "", "length", []
@@ -355,19 +409,19 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             if not choice.ended:
                 choice.cancel()
 
-    async def stream(start, ident: str, chat: bool, prompt_tokens: int, usage_wanted: bool, reading):
+    async def stream(start, ident: str, model_name: str, chat: bool, prompt_tokens: int, usage_wanted: bool, reading):
         choices: list[Choice] = []
         try:
             choices = start()
-            async for chunk in chunks(choices, ident, chat, prompt_tokens, usage_wanted, reading):
+            async for chunk in chunks(choices, ident, model_name, chat, prompt_tokens, usage_wanted, reading):
                 yield chunk
         finally:
             for choice in choices:
                 if not choice.ended:
                     choice.cancel()
 
-    async def chunks(choices: list[Choice], ident: str, chat: bool, prompt_tokens: int, usage_wanted: bool,
-                     reading):
+    async def chunks(choices: list[Choice], ident: str, model_name: str, chat: bool, prompt_tokens: int,
+                     usage_wanted: bool, reading):
         """The stream's chunks. Where tools were offered a reply is read whole first (a tool call is only
         known once closed): its content, then its calls, then its end."""
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -385,7 +439,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
                 choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
             else:
                 choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
-            data = {"id": ident, "object": kind, "created": int(time.time()), "model": served_name,
+            data = {"id": ident, "object": kind, "created": int(time.time()), "model": model_name,
                     "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
 
@@ -433,7 +487,7 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
                     yield chunk(index, finish=finish)
                     open_choices -= 1
             if usage_wanted:
-                data = {"id": ident, "object": kind, "created": int(time.time()), "model": served_name,
+                data = {"id": ident, "object": kind, "created": int(time.time()), "model": model_name,
                         "choices": [], "usage": usage(prompt_tokens, sum(c.generated for c in choices))}
                 yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
@@ -478,8 +532,14 @@ def usage(prompt: int, completion: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model folder (Hugging Face layout)")
-    parser.add_argument("--adapter", help="a PEFT adapter folder, merged into the model at load")
-    parser.add_argument("--served-name", required=True)
+    parser.add_argument("--served-name", required=True, help="the base model's name in requests")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="a LoRA adapter folder (PEFT) served beside the base under NAME (repeatable; implies "
+                             "--enable-lora)")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="take adapters while serving (POST /v1/load_lora_adapter); costs the batching cache's "
+                             "prefix sharing once one is loaded, and CUDA graphs")
+    parser.add_argument("--max-lora-rank", type=int, default=0, help="refuse adapters of a higher rank (0: any)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -493,9 +553,24 @@ def main(argv: list[str] | None = None) -> None:
     api_key = os.environ.get(API_KEY_ENV)
     if not api_key:
         parser.exit(2, f"set {API_KEY_ENV}: every /v1 route needs the key\n")
-    print(f"loading {args.model}" + (f" with adapter {args.adapter}" if args.adapter else ""), flush=True)
-    engine = Engine(args.model, args.adapter, args.dtype, args.max_model_len, args.max_concurrent,
-                    batching=not args.no_batching, log=lambda line: print(line, flush=True))
+    adapters = []
+    for given in args.adapter:
+        name, sep, path = given.partition("=")
+        if not sep or not name or not path:
+            parser.exit(2, f"--adapter {given!r}: give it as NAME=PATH\n")
+        if name == args.served_name or name in dict(adapters):
+            parser.exit(2, f"--adapter {given!r}: the name {name!r} is served already\n")
+        adapters.append((name, path))
+    print(f"loading {args.model}", flush=True)
+    engine = Engine(args.model, args.dtype, args.max_model_len, args.max_concurrent, batching=not args.no_batching,
+                    log=lambda line: print(line, flush=True), lora=args.enable_lora or bool(adapters),
+                    max_lora_rank=args.max_lora_rank)
+    for name, path in adapters:
+        try:
+            engine.load_adapter(name, path)
+        except AdapterError as exc:
+            engine.shutdown()
+            parser.exit(2, f"adapter {name!r}: {exc}\n")
     print(f"loaded on {engine.device}; context {engine.context} tokens; serving {args.served_name!r} "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     import uvicorn

@@ -35,7 +35,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from engine.server.adapters import Adapter, AdapterError, Hooks, Stack, read_adapter, route, routing
 from engine.server.api import Sampling
 from engine.server.metrics import Metrics
 
@@ -121,6 +123,7 @@ class Choice:
     eos: int | None = None  # the end-of-sequence token it ended on
     hand_over: bool = False  # set on the event loop: a lone choice on the plain path moves to the batch
     batch: object | None = None  # the batching manager that took it, while it is there
+    adapter: Adapter | None = None  # the adapter it is generated with (None: the base model)
 
     def put(self, event: tuple) -> None:
         """From any thread."""
@@ -136,21 +139,27 @@ class Choice:
 class Engine:
     """The loaded model, the batching manager and the plain thread."""
 
-    def __init__(self, model_path: str, adapter: str | None, dtype: str, max_model_len: int | None,
-                 max_concurrent: int = 8, batching: bool = True, log: Callable[[str], None] = print):
+    def __init__(self, model_path: str, dtype: str, max_model_len: int | None, max_concurrent: int = 8,
+                 batching: bool = True, log: Callable[[str], None] = print, lora: bool = False,
+                 max_lora_rank: int = 0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter or model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         device = "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "cpu"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
-        if adapter:  # merged into the base at load: no cost per token, and batching sees a plain model
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         self.model, self.device = model.eval(), device
+        # Adapters (engine/server/adapters.py): those requests may name, and the stack whose weights apply (these,
+        # and any still used by a request after it was unloaded), swapped in between two forwards.
+        self.lora, self.max_lora_rank = lora, max_lora_rank
+        self.adapters: dict[str, Adapter] = {}
+        self._stack = Stack.of([])
+        self._stack_stale = False
+        self._hooks = Hooks(model)
+        self._routable = True  # whether a batched step's requests can be read (else adapters run on the plain path)
+        self._adapters_changing = threading.Lock()
         # transformers 5 names the KV cache argument `cache` (and warns on every `past_key_values`)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         config_limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -166,7 +175,9 @@ class Engine:
         self.plain_jobs: queue.Queue[Choice] = queue.Queue()
         self.plain_active: set[str] = set()  # the plain steps' own: only they end them
         self._plain: list[tuple[Choice, Iterator[None]]] = []  # touched only by the thread that runs the model
-        self._stepping = threading.Lock()  # ...and while a dying batching loop hands over to our own, by either
+        # Held by whatever runs the model (the plain steps; the batched steps where they run on a thread of their
+        # own), and by a change of the adapters' hooks
+        self._stepping = threading.RLock()
         self._plain_thread_started = threading.Lock()
         self._own_thread = False
         self.shared = False  # whether the plain steps run in the batching loop (then a lone request starts plain)
@@ -179,14 +190,17 @@ class Engine:
 
     # -- submitting ------------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], sampling: Sampling, siblings: int = 0) -> Choice:
+    def submit(self, prompt_ids: list[int], sampling: Sampling, siblings: int = 0,
+               adapter: Adapter | None = None) -> Choice:
         """Start one choice (on the event loop); its events arrive on choice.out. `siblings`: the other
-        choices of its request, submitted with it (a choice with company is never lone)."""
-        choice = Choice(prompt_ids, sampling, TextStream(self.tokenizer, sampling.stop), asyncio.get_running_loop())
+        choices of its request, submitted with it (a choice with company is never lone). `adapter`: one of
+        `adapters` (None: the base model)."""
+        choice = Choice(prompt_ids, sampling, TextStream(self.tokenizer_of(adapter), sampling.stop),
+                        asyncio.get_running_loop(), adapter=adapter)
         alone = self.shared and not self.open and not siblings
         self.open[choice.id] = choice
         self.metrics.running.inc()
-        if self.batcher is not None and sampling.batchable and not alone:
+        if self.batcher is not None and sampling.batchable and not alone and (adapter is None or self._routable):
             if self.lone is not None:
                 self.lone.hand_over, self.lone = True, None
             self._submit_batched(choice)
@@ -195,6 +209,114 @@ class Engine:
                 self.lone = choice
             self._queue_plain(choice)
         return choice
+
+    # -- adapters: served beside the base model, chosen per request (engine/server/adapters.py) ---------------
+
+    def tokenizer_of(self, adapter: Adapter | None):
+        """The tokenizer a request for this adapter is read and written with: the adapter's own (a chat template
+        saved with it), else the base model's."""
+        return adapter.tokenizer if adapter is not None and adapter.tokenizer is not None else self.tokenizer
+
+    def load_adapter(self, name: str, path: str) -> Adapter:
+        """Serve an adapter under `name`, from the next forward on; requests already running are not touched. Reads
+        its files: not on the event loop. Raises AdapterError."""
+        from transformers import AutoTokenizer
+
+        if not self.lora:
+            raise AdapterError("this server was started without adapters; start it with --enable-lora to load them")
+        if name in self.adapters:
+            raise AdapterError(f"an adapter named {name!r} is served already: unload it first, or choose another name")
+        adapter = read_adapter(name, path, self.model, self.max_lora_rank)
+        if (Path(path) / "tokenizer_config.json").is_file():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except Exception as exc:  # noqa: BLE001 - a damaged tokenizer file, in the tokenizer's words
+                raise AdapterError(f"{name}: its tokenizer cannot be read ({type(exc).__name__}: {exc})") from None
+            if len(tokenizer) > self.vocab_size:
+                raise AdapterError(f"{name}: its tokenizer has {len(tokenizer)} tokens, more than this model's "
+                                   f"{self.vocab_size} (an adapter of another base model?)")
+            adapter.tokenizer = tokenizer
+        with self._adapters_changing:
+            if name in self.adapters:  # another load of the same name, meanwhile
+                raise AdapterError(f"an adapter named {name!r} is served already: unload it first, or choose another "
+                                   "name")
+            self.adapters[name] = adapter
+            self._stack_stale = True
+        self.log(f"adapter {name!r} loaded from {path} (rank {adapter.rank}, {len(adapter.layers)} layers)")
+        return adapter
+
+    def unload_adapter(self, name: str) -> Adapter:
+        """Stop serving an adapter: new requests for it are refused; those running finish with it."""
+        with self._adapters_changing:
+            adapter = self.adapters.pop(name, None)
+            if adapter is None:
+                raise KeyError(name)
+            self._stack_stale = True
+        users = sum(1 for c in list(self.open.values()) if c.adapter is adapter)
+        self.log(f"adapter {name!r} unloaded" + (f"; {users} requests using it finish with it" if users else ""))
+        return adapter
+
+    def _stack_with(self, adapters) -> Stack:
+        """The stack, made anew first if it lacks one of these adapters or holds one nobody needs any more. On the
+        thread that runs the model, holding `_stepping`: hooks are added only between two forwards."""
+        stack = self._stack
+        if not self._stack_stale and all(a.key in stack.adapters for a in adapters if a is not None):
+            return stack
+        self._stack_stale = False
+        needed = {a.key: a for a in self.adapters.values()}
+        for choice in list(self.open.values()):
+            if choice.adapter is not None:
+                needed.setdefault(choice.adapter.key, choice.adapter)
+        for adapter in adapters:  # a choice ended meanwhile still runs this forward
+            if adapter is not None:
+                needed.setdefault(adapter.key, adapter)
+        if needed.keys() != stack.adapters.keys():
+            stack = Stack.of(list(needed.values()))
+            self._hooks.cover(stack)
+            if stack.adapters:
+                self._no_prefix_sharing()
+            self._stack = stack
+        return stack
+
+    def _no_prefix_sharing(self) -> None:
+        """The batching cache shares blocks between requests whose prompts begin alike; an adapter computes other
+        keys and values for the same tokens, so from the first adapter on nothing is shared (never again: a block
+        freed while sharing was off may hold an adapter's values under a base prompt's hash)."""
+        manager = self.batcher
+        if manager is None:
+            return
+        manager.continuous_batching_config.allow_block_sharing = False  # a cache made after this
+        cache = getattr(getattr(manager, "batch_processor", None), "cache", None)
+        if cache is not None:
+            cache.allow_block_sharing = cache.use_prefix_sharing = False
+
+    def _batched_routing(self, manager):
+        """Whose each token of the batch about to run is, from the requests the batching step prepared; None for a
+        batch of the base model only. Unreadable (another transformers): adapters go to the plain path from now on,
+        and the adapter requests of this batch fail rather than being answered by the base model."""
+        try:
+            ios = manager.batch_processor.inputs_and_outputs
+            if hasattr(ios, "io_pairs"):  # asynchronous batching: the pair being prepared
+                ios = ios.io_pairs[ios.current_pair].host_io
+            batch = [(f.state.request_id.split("__child#")[0], f.query_length, f.has_new_token)
+                     for f in ios.requests_in_batch]
+        except AttributeError as exc:
+            if self._routable:
+                self._routable = False
+                self.log(f"continuous batching: its batches cannot be read here ({exc}); requests for adapters run on "
+                         "the plain path")
+            for choice in list(self.open.values()):
+                if choice.adapter is not None and choice.batch is manager:
+                    choice.cancelled.set()
+                    self.fail(choice, "this server's batching cannot apply adapters; send the request again")
+            return None
+        adapters = [getattr(self.open.get(request_id), "adapter", None) for request_id, _, _ in batch]
+        if not any(adapters):
+            return None
+        stack = self._stack_with(adapters)
+        keys = [a.key if a is not None else None for a in adapters]
+        return routing(stack, [(key, n) for key, (_, n, _) in zip(keys, batch)],
+                       [(key, 1) for key, (_, _, new) in zip(keys, batch) if new])
 
     def _queue_plain(self, choice: Choice) -> None:
         self.metrics.choices.labels(path="plain").inc()
@@ -222,6 +344,8 @@ class Engine:
         self.open.pop(choice.id, None)
         if self.lone is choice:
             self.lone = None
+        if choice.adapter is not None and self.adapters.get(choice.adapter.name) is not choice.adapter:
+            self._stack_stale = True  # maybe the last request of an unloaded adapter: its weights can go
         return True
 
     def end(self, choice: Choice, finish: str) -> None:
@@ -275,27 +399,28 @@ class Engine:
 
     # -- tools: the chat template offers them, the response template reads the calls back -----------------
 
-    def response_template(self) -> dict | None:
+    def response_template(self, tokenizer) -> dict | None:
         """How this model's replies are laid out (content, tool calls), for tokenizer.parse_response: the
         tokenizer's own, else the one transformers knows for the model's family."""
-        template = getattr(self.tokenizer, "response_template", None)
+        template = getattr(tokenizer, "response_template", None)
         if template is not None:
             return template
         try:
             from transformers.cli.serving.utils import get_response_template
         except ImportError:
             return None
-        return get_response_template(self.tokenizer, self.model)
+        return get_response_template(tokenizer, self.model.config)
 
     def read_tool_calls(self, choice: Choice, tools: list[dict], template: dict,
                         one: bool = False) -> tuple[str, list[dict]]:
         """A finished choice's reply as its content and the tool calls in it (OpenAI's shape); with `one`, the
         first call only (parallel_tool_calls: false)."""
         ids = choice.stream.tokens + ([choice.eos] if choice.eos is not None else [])
-        prefix = self.tokenizer.decode(choice.prompt_ids)
+        tokenizer = self.tokenizer_of(choice.adapter)
+        prefix = tokenizer.decode(choice.prompt_ids)
         offered = {t.get("function", {}).get("name") for t in tools}
         try:
-            parsed = self.tokenizer.parse_response(ids, template, prefix=prefix, tools=tools)
+            parsed = tokenizer.parse_response(ids, template, prefix=prefix, tools=tools)
             calls = []
             for i, call in enumerate(parsed.get("tool_calls") or []):
                 function = call["function"]
@@ -367,6 +492,8 @@ class Engine:
         shared = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=0,
                                   max_new_tokens=self.context, eos_token_id=sorted(self.eos) or -1)
         settings: dict = {"per_request_processors": True}
+        if self.lora:  # a captured graph would replay one batch's adapters for every batch; hooks need eager steps
+            settings |= {"use_cuda_graph": False, "use_async_batching": False}
         if self.device == "cpu":  # sized for the requests it serves at once, not most of the machine's memory
             per_request = math.ceil(min(self.context, CPU_CACHE_TOKENS_PER_REQUEST) / PAGE_TOKENS)
             settings["num_blocks"] = self.max_concurrent * per_request + math.ceil(self.context / PAGE_TOKENS)
@@ -383,6 +510,8 @@ class Engine:
                     "request runs on the plain path")
                 return None
             self.shared = self._share_loop(manager)
+            if self.lora:
+                self._route_batches(manager)
             manager.start()
         except Exception as exc:  # noqa: BLE001 - an architecture it cannot page: the plain path serves all
             log(f"continuous batching could not start ({type(exc).__name__}: {exc}); every request runs on "
@@ -472,6 +601,30 @@ class Engine:
         self._queue_plain(choice)
 
     # -- plain: a token each in turn, on our own loop --------------------------------------------------
+
+    def _route_batches(self, manager) -> None:
+        """Each batched step runs with its tokens' adapters routed, holding the model (so hooks are never added
+        during a forward). Where this transformers' manager has no step of its own to wrap, adapters run on the
+        plain path."""
+        step = getattr(manager, "_generation_step", None)
+        if step is None:
+            self._routable = False
+            return
+
+        def routed_step() -> None:
+            with self._stepping:
+                route(self._batched_routing(manager) if self.adapters or self._stack.adapters else None)
+                try:
+                    step()
+                finally:
+                    route(None)
+
+        manager._generation_step = routed_step
+
+    def _plain_routing(self, choice: Choice, tokens: int):
+        if choice.adapter is None:
+            return None
+        return routing(self._stack_with([choice.adapter]), [(choice.adapter.key, tokens)])
 
     def _share_loop(self, manager) -> bool:
         """The plain steps into the batching loop: a round of them before each of its steps (and no wait for new
@@ -567,6 +720,7 @@ class Engine:
             if choice.cancelled.is_set() or choice.ended:
                 self.end(choice, "abort")
                 return
+            route(self._plain_routing(choice, ids.shape[1]))
             out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: past})
             past = getattr(out, self.cache_arg)
             logits = out.logits[0, -1].float()
