@@ -137,6 +137,21 @@ MIGRATIONS: list[str] = [
                   THEN json_object('image', json_extract(settings_json, '$.image')) ELSE '{}' END))
         WHERE json_type(settings_json, '$.options') IS NULL AND backend <> 'external';
     """,
+    # 5: the adapters a deployment serves beside its base, each under its own name; a deployment of an adapter
+    # served it so already (on its base, under the deployment's served name).
+    """
+    CREATE TABLE deployment_adapter (
+        id INTEGER NOT NULL PRIMARY KEY,
+        deployment_id INTEGER NOT NULL REFERENCES deployment (id) ON DELETE CASCADE,
+        model_id INTEGER REFERENCES model (id) ON DELETE SET NULL,
+        served_name VARCHAR NOT NULL,
+        created_at FLOAT NOT NULL
+    );
+    CREATE INDEX ix_deployment_adapter_deployment_id ON deployment_adapter (deployment_id);
+    INSERT INTO deployment_adapter (deployment_id, model_id, served_name, created_at)
+        SELECT d.id, d.model_id, d.served_name, d.created_at FROM deployment d JOIN model m ON m.id = d.model_id
+        WHERE m.kind = 'adapter' AND d.served_name IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -158,6 +158,18 @@ class Deployment(SQLModel, JsonMixin, table=True):
     ends_at: float | None = None  # when its target ends it (a batch job's time limit)
 
 
+class DeploymentAdapter(SQLModel, JsonMixin, table=True):
+    """An adapter a deployment serves beside its base model, under its own name (a request names it)."""
+
+    __tablename__ = "deployment_adapter"
+
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: int = Field(foreign_key="deployment.id", ondelete="CASCADE", index=True)
+    model_id: int | None = Field(default=None, foreign_key="model.id", ondelete="SET NULL")
+    served_name: str
+    created_at: float = Field(default_factory=now)
+
+
 class Conversation(SQLModel, JsonMixin, table=True):
     """A chat with one deployment, kept to reopen; its settings are the chat pane's."""
 

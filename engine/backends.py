@@ -8,7 +8,6 @@ runs; the serving job runs the command it builds.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import socket
 import sys
@@ -29,10 +28,13 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+VLLM_MAX_LORAS = 4  # adapters in one vLLM batch at least (its --max-loras; vLLM's own default is 1)
+
+
 FIELD_LABELS = {
     "backend": "Backend", "gpus": "GPUs", "tensor_parallel": "Tensor parallel", "dtype": "Dtype",
     "max_model_len": "Max model length", "gpu_memory_fraction": "GPU memory", "port": "Port",
-    "host": "Bind address", "served_name": "Served name", "target": "Target",
+    "host": "Bind address", "served_name": "Served name", "max_lora_rank": "Max LoRA rank", "target": "Target",
 }
 
 
@@ -47,6 +49,9 @@ class DeploySettings:
     port: int = 0  # 0: a free one
     host: str = "127.0.0.1"
     served_name: str = ""  # empty: the model's name
+    # The highest adapter rank it takes (vLLM reserves room for it); 0: the built-in server takes any, vLLM the
+    # highest of the adapters it starts with (and none at all when it starts without)
+    max_lora_rank: int = 0
     target: str = ""  # where it runs: a target's spec (engine/targets); empty: this machine
     options: dict[str, Any] = field(default_factory=dict)  # the target's own (a cluster's image, a batch job's time)
 
@@ -68,6 +73,9 @@ class DeploySettings:
             errors["host"] = f"Bind address {self.host!r}: an IP address or host name, like 127.0.0.1"
         if not 0 <= self.port <= 65535:
             errors["port"] = "Port must be from 1 to 65535 (or empty for a free one)"
+        if not 0 <= self.max_lora_rank <= VLLM_LORA_RANKS[-1]:
+            errors["max_lora_rank"] = (f"Max LoRA rank must be from 1 to {VLLM_LORA_RANKS[-1]} (or empty: from the "
+                                       "adapters)")
         return errors
 
     @classmethod
@@ -127,55 +135,76 @@ def vllm_lora_rank(rank: int) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
-def _lora_rank(adapter: Path) -> int:
-    try:
-        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-        return int(config.get("r", 16))
-    except (OSError, ValueError, TypeError):
-        return 16
+def lora_rank(adapter_folder: str | Path | None) -> int:
+    """An adapter's LoRA rank from its config (the highest of its rank pattern); 0 when it cannot be read."""
+    from engine.server.adapters import rank_of  # light: it imports torch and PEFT only to load an adapter
+
+    return rank_of(adapter_folder) if adapter_folder else 0
+
+
+def base_served_name(served_name: str, deployed: Model) -> str:
+    """What a deployment's base model is called in requests: its served name, or, for a deployment of an adapter
+    (served under the served name), that name with "-base"."""
+    from catalog.states import ModelKind
+
+    return f"{served_name}-base" if deployed.kind == ModelKind.ADAPTER else served_name
 
 
 def vllm_command(model_path: str, settings: DeploySettings, served_name: str, api_key: str, gpus: str,
-                 adapter: tuple[str, str] | None = None) -> ServeCommand:
-    """`vllm serve` with the drawer's settings. An adapter (name, path) is served on its base model under
-    its own name, so requests name the adapter and vLLM applies it."""
+                 adapters: list[tuple[str, str]] = ()) -> ServeCommand:
+    """`vllm serve` with the drawer's settings: the base model as `served_name`, and each adapter (name, path) on
+    it under its own name, so requests name the adapter and vLLM applies it. With adapters (or a max LoRA rank
+    set), adapters can also be loaded and unloaded while it serves: its runtime routes are on."""
     argv = ["vllm", "serve", model_path, "--host", settings.host, "--port", str(settings.port),
-            "--served-model-name", served_name if adapter is None else f"{served_name}-base",
+            "--served-model-name", served_name,
             "--tensor-parallel-size", str(settings.tensor_parallel), "--dtype", settings.dtype,
             "--gpu-memory-utilization", str(settings.gpu_memory_fraction)]
     if settings.max_model_len:
         argv += ["--max-model-len", str(settings.max_model_len)]
-    if adapter is not None:
-        name, path = adapter
-        rank = _lora_rank(Path(path))
-        argv += ["--enable-lora", "--lora-modules", f"{name}={path}",
-                 "--max-lora-rank", str(vllm_lora_rank(rank))]
+    env = {"VLLM_API_KEY": api_key}
+    rank = settings.max_lora_rank or max((lora_rank(path) or 16 for _, path in adapters), default=0)
+    if rank:
+        argv += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(rank)),
+                 "--max-loras", str(max(len(adapters), VLLM_MAX_LORAS))]
+        if adapters:
+            argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     argv.append("--disable-uvicorn-access-log")  # the supervisor's health checks would fill the log
-    return ServeCommand(argv, {"VLLM_API_KEY": api_key} | cuda_env(gpus))
+    return ServeCommand(argv, env | cuda_env(gpus))
 
 
 def builtin_command(model_path: str, settings: DeploySettings, served_name: str, api_key: str, gpus: str,
-                    adapter_path: str | None = None) -> ServeCommand:
-    """The built-in server (engine/server/): the model, and an adapter merged into it at load."""
+                    adapters: list[tuple[str, str]] = ()) -> ServeCommand:
+    """The built-in server (engine/server/): the base model as `served_name`, and each adapter (name, path) beside
+    it under its own name; it takes more adapters while it serves."""
     argv = [sys.executable, "-m", "engine.server", "--model", model_path, "--served-name", served_name,
-            "--host", settings.host, "--port", str(settings.port), "--dtype", settings.dtype]
-    if adapter_path:
-        argv += ["--adapter", adapter_path]
+            "--host", settings.host, "--port", str(settings.port), "--dtype", settings.dtype, "--enable-lora"]
+    for name, path in adapters:
+        argv += ["--adapter", f"{name}={path}"]
+    if settings.max_lora_rank:
+        argv += ["--max-lora-rank", str(settings.max_lora_rank)]
     if settings.max_model_len:
         argv += ["--max-model-len", str(settings.max_model_len)]
     # One device: the built-in server does not split a model; the first chosen GPU serves it.
     return ServeCommand(argv, {"MODELDECK_API_KEY": api_key} | cuda_env(gpus.split(",")[0]))
 
 
-def serve_command(deployment: Deployment, model: Model, base: Model | None) -> ServeCommand:
-    """A deployment's server command: an adapter is served on its base."""
+def serve_command(deployment: Deployment, model: Model, base: Model | None,
+                  adapters: list[tuple[str, Model]]) -> ServeCommand:
+    """A deployment's server command: its base model, and the adapters it serves (an adapter deployed is one of
+    them, on its base)."""
     settings = DeploySettings.of(deployment)
-    if deployment.backend == "vllm":
-        adapter = (deployment.served_name, model.path) if base else None
-        return vllm_command(base.path if base else model.path, settings, deployment.served_name,
-                            deployment.api_key, deployment.gpus, adapter)
-    return builtin_command(base.path if base else model.path, settings, deployment.served_name,
-                           deployment.api_key, deployment.gpus, model.path if base else None)
+    build = vllm_command if deployment.backend == "vllm" else builtin_command
+    return build((base or model).path, settings, base_served_name(deployment.served_name, model), deployment.api_key,
+                 deployment.gpus, [(name, adapter.path) for name, adapter in adapters])
+
+
+def max_adapter_rank(backend: str, settings: DeploySettings) -> int | None:
+    """The highest rank of adapter a deployment takes while it serves: 0 any, None none (vLLM started without
+    adapters, nor a max LoRA rank)."""
+    if backend in ("vllm", "kubernetes"):  # (a cluster's server is vLLM)
+        return vllm_lora_rank(settings.max_lora_rank) if settings.max_lora_rank else None
+    return settings.max_lora_rank
 
 
 def port_free(host: str, port: int) -> bool:

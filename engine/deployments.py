@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from sqlmodel import Session, select, update
 
 from catalog import Database
-from catalog.schema import Conversation, Deployment, DeploymentState, Job, JobKind, Model, ModelKind
+from catalog.schema import (
+    Conversation,
+    Deployment,
+    DeploymentAdapter,
+    DeploymentState,
+    Job,
+    JobKind,
+    Model,
+    ModelKind,
+    ModelState,
+)
 from catalog.states import LIVE_DEPLOYMENT_STATES
 from engine import jobs, targets
 from engine.backends import FIELD_LABELS, DeploySettings, FitCheck
@@ -65,6 +75,8 @@ class DeployPlan:
     replaces: list[Deployment] = field(default_factory=list)  # ended ones of that name, which it replaces
     restarts: Deployment | None = None  # the one of them it starts again: its API key and chats are kept
     notes: list[str] = field(default_factory=list)  # what changed from the settings asked for
+    # each adapter it serves beside its base, under its name (a deployed adapter first, under the served name)
+    adapters: list[tuple[str, Model]] = field(default_factory=list)
 
     @property
     def backend(self) -> str:
@@ -128,9 +140,13 @@ def _name_and_kept_ports(session: Session, name: str | None, settings: DeploySet
 
 
 def plan(db: Database, model_name: str | int, settings: DeploySettings, available_gpus: list[Gpu] | None = None,
-         name: str | None = None) -> DeployPlan:
+         name: str | None = None, adapters: list[str | int | tuple[str | int, str]] = ()) -> DeployPlan:
     """Every check that can be made before launch, here and by its target; raises EngineError with what to
-    change."""
+    change. `adapters`: custom models (by name or id, or (model, served name)) served beside the model on its
+    base, each under its own name."""
+    from engine.backends import lora_rank, vllm_lora_rank
+    from engine.deployment_adapters import checked_for_deploy
+
     if problems := settings.problems():
         raise EngineError("; ".join(problems.values()))
     target = targets.resolve(settings.target).checked()  # a Kubernetes target takes its context's namespace
@@ -140,10 +156,18 @@ def plan(db: Database, model_name: str | int, settings: DeploySettings, availabl
         model = _model(session, model_name, target)
         base = _base(session, model)
         name, kept = _name_and_kept_ports(session, name, settings, model)
+        served_name = settings.served_name or model.name
+        asked = [(a, None) if not isinstance(a, tuple) else a for a in adapters]
+        extra = checked_for_deploy(session, model, [(_model(session, a, targets.here()), as_) for a, as_ in asked],
+                                   served_name)
+        served = ([(served_name, model)] if model.kind == ModelKind.ADAPTER else []) + extra
         replaces = _ended_named(session, name)
-        serving = target.plan_deploy(session, model, base, settings, kept, available_gpus)
-    return DeployPlan(model, base, serving.settings, target, serving, settings.served_name or model.name, name,
-                      replaces)
+        serving = target.plan_deploy(session, model, base, settings, kept, available_gpus, served)
+    if serving.backend in ("vllm", "kubernetes") and served and not serving.settings.max_lora_rank:
+        # vLLM reserves room for adapters of a rank it is told at start: the highest of these
+        ranks = [lora_rank(a.path) or int((a.meta.get("hyperparameters") or {}).get("rank", 16)) for _, a in served]
+        serving.settings = dataclasses.replace(serving.settings, max_lora_rank=vllm_lora_rank(max(ranks)))
+    return DeployPlan(model, base, serving.settings, target, serving, served_name, name, replaces, adapters=served)
 
 
 def _refuse_what_it_does_not_use(target: targets.Target, settings: DeploySettings) -> None:
@@ -178,9 +202,9 @@ def _ended_named(session: Session, name: str) -> list[Deployment]:
 
 
 def deploy(db: Database, model_name: str | int, settings: DeploySettings, name: str | None = None,
-           force: bool = False, replace: bool = False) -> tuple[Deployment, Job]:
+           force: bool = False, replace: bool = False, adapters: list = ()) -> tuple[Deployment, Job]:
     """Check everything, then register a Pending deployment and start its supervising job."""
-    return start(db, plan(db, model_name, settings, name=name), force, replace)
+    return start(db, plan(db, model_name, settings, name=name, adapters=adapters), force, replace)
 
 
 def asked_settings(stored: dict) -> DeploySettings:
@@ -205,16 +229,22 @@ def replan(db: Database, name: str | int) -> DeployPlan:
         raise EngineError(f"deployment {old.name!r} is {old.state.value} already")
     if old.model_id is None:
         raise EngineError(f"the model {old.name!r} served was deleted: deploy another under this name")
+    from engine.deployment_adapters import served_adapters
+
     settings = asked_settings(old.loads(old.settings_json, {}))
     target = targets.resolve(settings.target)
-    notes = []
+    with db.read() as session:  # what it served when it stopped, under the same names
+        served = served_adapters(session, old.id)
+    adapters = [(s.model.id, s.served_name) for s in served if s.model is not None and s.model.id != old.model_id]
+    notes = [f"the adapter served as {s.served_name!r} was deleted: not served" for s in served if s.model is None]
     if settings.port and target.is_here:
         with db.read() as session:
             kept = _check_name_and_port(session, old.name, 0)  # the ports live deployments keep
         if settings.port in kept or not port_free(settings.host, settings.port):
             notes.append(f"port {settings.port} is taken now: it listens on another")
             settings = dataclasses.replace(settings, port=0)  # a free one, which the plan chooses
-    return dataclasses.replace(plan(db, old.model_id, settings, name=old.name), restarts=old, notes=notes)
+    return dataclasses.replace(plan(db, old.model_id, settings, name=old.name, adapters=adapters), restarts=old,
+                               notes=notes)
 
 
 def restart(db: Database, name: str | int, force: bool = False) -> tuple[Deployment, Job]:
@@ -254,6 +284,10 @@ def start(db: Database, checked: DeployPlan, force: bool = False, replace: bool 
             settings_json=Deployment.dumps(dataclasses.asdict(settings)))
         session.add(deployment)
         session.flush()
+        for served_name, adapter in checked.adapters:
+            if (now := session.get(Model, adapter.id)) is None or now.state != ModelState.READY:
+                raise EngineError(f"the adapter {adapter.name!r} was deleted or changed meanwhile")
+            session.add(DeploymentAdapter(deployment_id=deployment.id, model_id=adapter.id, served_name=served_name))
         for old in ended:  # one row per name: the new one takes the place of the ended ones
             if old.id == key_of:
                 session.exec(update(Conversation).where(Conversation.deployment_id == old.id)

@@ -119,9 +119,12 @@ def plan(db: Database, base_name: str, dataset_path: str | Path, hp: Hyperparame
     return Plan(base, dataset, hp, placement, train, val, hp.steps(train), limits)
 
 
-def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, Job]:
+def start(db: Database, checked: Plan, name: str | None = None, serve_on: str | None = None) -> tuple[Model, Job]:
     """Register the adapter as Pending and start its job. A base model still downloading is waited for
-    by the job itself. Where its target keeps the files elsewhere (a cluster's volume), they stay there."""
+    by the job itself. Where its target keeps the files elsewhere (a cluster's volume), they stay there.
+    `serve_on`: a deployment of the base that the adapter joins once it is Ready."""
+    if serve_on:
+        _check_serve_on(db, checked.base, serve_on)
     chosen = bool(name)  # a name the user gave is checked; a default one is made free
     hp, base, placement = checked.hyperparameters, checked.base, checked.placement
     if placement.files_here:
@@ -144,9 +147,33 @@ def start(db: Database, checked: Plan, name: str | None = None) -> tuple[Model, 
             JobKind.FINETUNE, f"fine-tune {row.name} on {Path(dataset).name}{where}", placement.files_here,
             placement.output_folder,
             base_id=row.id, dataset=dataset, hyperparameters=dataclasses.asdict(hp), gpus=checked.gpus,
-            target=placement.target.spec)
+            target=placement.target.spec, **({"serve_on": serve_on} if serve_on else {}))
     jobs.spawn(db, job)
     return model, job
+
+
+def _check_serve_on(db: Database, base: Model, deployment_name: str) -> None:
+    """A deployment the adapter may join when done: a live one of this base, on a server that takes adapters."""
+    from engine.backends import DeploySettings, max_adapter_rank
+    from engine.deployment_adapters import base_of
+    from engine.deployments import find_deployment
+
+    with db.read() as session:
+        deployment = find_deployment(session, deployment_name)
+        deployed = session.get(Model, deployment.model_id) if deployment.model_id else None
+        serves = base_of(session, deployed) if deployed else None
+    if deployment.backend == "external":
+        raise EngineError(f"{deployment.name!r} is an external endpoint: the adapter can join a deployment modeldeck "
+                          "runs")
+    if not deployment.state.is_live():
+        raise EngineError(f"deployment {deployment.name!r} is {deployment.state.value}: the adapter can join a running "
+                          "deployment of its base")
+    if serves is None or serves.id != base.id:
+        serving = serves.name if serves else "a deleted model"
+        raise EngineError(f"deployment {deployment.name!r} serves {serving!r}, not {base.name!r}: the adapter can join "
+                          "only a deployment of its base")
+    if max_adapter_rank(deployment.backend, DeploySettings.of(deployment)) is None:
+        raise EngineError(f"{deployment.name!r} runs vLLM started without adapters, which takes none while it serves")
 
 
 def _output_model(session, db: Database, name: str, chosen: bool, model: Model, kind: JobKind, title: str,

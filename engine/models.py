@@ -17,6 +17,7 @@ from catalog import Database
 from catalog.schema import (
     CommunityModel,
     Deployment,
+    DeploymentAdapter,
     DeploymentState,
     Job,
     JobKind,
@@ -305,6 +306,14 @@ def dependents(session: Session, model: Model) -> list[str]:
     ]
     live = [dep.name for dep in session.exec(select(Deployment).where(
         Deployment.model_id == model.id, Deployment.state.in_(LIVE_DEPLOYMENT_STATES)))]
+    serving = [dep.name for dep in session.exec(select(Deployment).join(
+        DeploymentAdapter, DeploymentAdapter.deployment_id == Deployment.id).where(
+        DeploymentAdapter.model_id == model.id, Deployment.model_id != model.id,
+        Deployment.state.in_(LIVE_DEPLOYMENT_STATES)))]
+    if serving:
+        reasons.append(f"{', '.join(repr(name) for name in serving)} {'serve' if len(serving) > 1 else 'serves'} it "
+                       f"beside {'their' if len(serving) > 1 else 'its'} base: unload it first "
+                       f"(modeldeck unserve-adapter {model.name} {serving[0]})")
     if live:
         names = ", ".join(repr(name) for name in live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
         reasons.append(f"{'deployments' if len(live) > 1 else 'deployment'} {names} "

@@ -40,24 +40,36 @@ def test_the_vllm_command_carries_the_drawer_settings_and_keeps_the_key_out_of_a
     assert "sk-secret" not in command.shown
 
 
-def test_an_adapter_is_served_by_vllm_on_its_base_under_its_own_name(tmp_path):
-    adapter = tmp_path / "support-lora"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 24}))
-    command = vllm_command("/models/base", DeploySettings(port=9000), "support-lora", "k", gpus="2",
-                           adapter=("support-lora", str(adapter)))
+def test_adapters_are_served_by_vllm_on_their_base_each_under_its_own_name(tmp_path):
+    folders = {}
+    for name, rank in (("support-lora", 24), ("sql-lora", 8)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    command = vllm_command("/models/base", DeploySettings(port=9000), "base", "k", gpus="2",
+                           adapters=[(name, str(folder)) for name, folder in folders.items()])
     argv = command.argv
-    assert argv[argv.index("--served-model-name") + 1] == "support-lora-base"
-    assert argv[argv.index("--lora-modules") + 1] == f"support-lora={adapter}"
+    assert argv[argv.index("--served-model-name") + 1] == "base"
+    modules = argv.index("--lora-modules")
+    assert argv[modules + 1:modules + 3] == [f"support-lora={folders['support-lora']}", f"sql-lora={folders['sql-lora']}"]
     assert "--enable-lora" in argv and argv[argv.index("--max-lora-rank") + 1] == "32"  # rank 24, rounded up
-    assert command.env["CUDA_VISIBLE_DEVICES"] == "2"
+    assert argv[argv.index("--max-loras") + 1] == "4"  # adapters in one batch
+    assert command.env["CUDA_VISIBLE_DEVICES"] == "2" and command.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # a max rank asked for, no adapter yet: adapters can be loaded while it serves
+    later = vllm_command("/models/base", DeploySettings(port=9000, max_lora_rank=20), "base", "k", gpus="2").argv
+    assert "--enable-lora" in later and later[later.index("--max-lora-rank") + 1] == "32" and "--lora-modules" not in later
+    # neither: vLLM without LoRA (its kernels cost throughput)
+    plain = vllm_command("/models/base", DeploySettings(port=9000), "base", "k", gpus="2")
+    assert "--enable-lora" not in plain.argv and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plain.env
 
 
-def test_the_builtin_command_serves_the_base_with_the_adapter(tmp_path):
-    command = builtin_command("/models/base", DeploySettings(port=9001, max_model_len=512), "tuned", "k", gpus="cpu",
-                              adapter_path="/models/tuned")
+def test_the_builtin_command_serves_the_base_with_its_adapters(tmp_path):
+    command = builtin_command("/models/base", DeploySettings(port=9001, max_model_len=512, max_lora_rank=16), "base",
+                              "k", gpus="cpu", adapters=[("tuned", "/models/tuned"), ("other", "/models/other")])
     argv = command.argv
-    assert argv[1:3] == ["-m", "engine.server"] and argv[argv.index("--adapter") + 1] == "/models/tuned"
+    assert argv[1:3] == ["-m", "engine.server"] and "--enable-lora" in argv
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--adapter"] == ["tuned=/models/tuned", "other=/models/other"]
+    assert argv[argv.index("--max-lora-rank") + 1] == "16"
     assert argv[argv.index("--port") + 1] == "9001" and argv[argv.index("--max-model-len") + 1] == "512"
     assert command.env["MODELDECK_API_KEY"] == "k" and command.env["CUDA_VISIBLE_DEVICES"] == ""
 

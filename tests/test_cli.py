@@ -205,3 +205,27 @@ def test_deploy_ps_logs_stop_from_the_shell(tiny_model_dir):
     removed = run("rm", "tiny", "--yes").stdout  # its stopped deployment goes with it, and it says so
     assert "with it its ended deployment tiny and their chats" in removed
     assert json.loads(run("ps", "--json").stdout) == []
+
+
+def test_adapters_join_and_leave_a_deployment_from_the_shell(tiny_model_dir, db, tmp_path):
+    from tests.test_deployment_adapters import register_adapter
+    from tests.tinymodel import make_tiny_adapter
+
+    run("import", str(tiny_model_dir), "--name", "tiny")
+    for i, name in enumerate(("alpha", "beta")):
+        register_adapter(db, name, "tiny", make_tiny_adapter(tiny_model_dir, tmp_path / name, seed=20 + i))
+    deployed = json.loads(run("deploy", "tiny", "--adapter", "alpha", "--wait", "--json").stdout)
+    assert deployed["state"] == "ready" and deployed["adapters"] == ["alpha"]
+    said = run("serve-adapter", "beta", "tiny", "--as", "b2")
+    assert said.stdout.strip() == "tiny: serves beta as 'b2'"
+    listed = run("ps").stdout.splitlines()
+    assert "ADAPTERS" in listed[0] and "alpha, b2" in listed[1]
+    assert [d["adapters"] for d in json.loads(run("ps", "--json").stdout)] == [["alpha", "b2"]]
+    refused = run("serve-adapter", "alpha", "tiny", check=False)
+    assert refused.returncode == 1 and "'alpha' is served on 'tiny' already (as 'alpha')" in refused.stderr
+    blocked = run("rm", "beta", "--yes", check=False)
+    assert blocked.returncode == 1 and "'tiny' serves it beside its base: unload it first" in blocked.stderr
+    assert run("unserve-adapter", "b2", "tiny").stdout.strip() == "tiny: no longer serves 'b2'"
+    refused = run("unserve-adapter", "b2", "tiny", check=False)
+    assert refused.returncode == 1 and "serves no adapter 'b2' (it serves 'alpha')" in refused.stderr
+    assert "tiny: stopped" in run("stop", "tiny").stdout

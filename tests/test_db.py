@@ -263,21 +263,25 @@ def test_another_local_user_cannot_read_the_database_or_a_log(monkeypatch):
         shutil.rmtree(tmp_path)
 
 
-def damage(db_path: Path) -> None:
-    """Overwrite the table pages of the database, its header and schema intact, as a bad disk might."""
-    data = bytearray(db_path.read_bytes())
-    data[4096 * 2:] = b"\xab" * (len(data) - 4096 * 2)
-    db_path.write_bytes(data)
-
-
-def test_a_damaged_database_is_one_clear_line_from_the_cli(isolated, tiny_model_dir):
+def damaged_database(model_dir: Path) -> Path:
+    """A database with rows, whose pages after the schema's are overwritten, as a bad disk might; its header and
+    schema intact."""
     from engine import models
 
     db = open_database()
+    with db.engine.connect() as conn:  # the schema's pages, made before any row
+        intact = conn.exec_driver_sql("PRAGMA page_count").scalar() * conn.exec_driver_sql("PRAGMA page_size").scalar()
     for n in range(40):  # enough rows for pages past the schema's
-        models.import_path(db, tiny_model_dir, f"m{n}")
+        models.import_path(db, model_dir, f"m{n}")
     db.close()
-    damage(db.path)
+    data = bytearray(db.path.read_bytes())
+    data[intact:] = b"\xab" * (len(data) - intact)
+    db.path.write_bytes(data)
+    return db.path
+
+
+def test_a_damaged_database_is_one_clear_line_from_the_cli(isolated, tiny_model_dir):
+    path = damaged_database(tiny_model_dir)
     try:
         ran = subprocess.run([sys.executable, "-m", "tui.cli", "ls"], capture_output=True, text=True, timeout=60)
         assert ran.returncode == 1
@@ -285,7 +289,7 @@ def test_a_damaged_database_is_one_clear_line_from_the_cli(isolated, tiny_model_
         assert len(said) == 1 and "is damaged (database disk image is malformed)" in said[0], ran.stderr
         assert ".recover" in said[0]  # and what may save its rows
     finally:
-        db.path.unlink()  # what the tests' cleanup opens must open
+        path.unlink()  # what the tests' cleanup opens must open
 
 
 def test_a_read_only_database_is_said_as_such(isolated):

@@ -837,6 +837,10 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
                                                                   "hyperparameters": {"rank": 24}})))
         session.add(Model(name="local-lora", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune:qwen",
                           base_id=base.id, path="/tmp/local-lora"))
+        sql_meta = cluster_meta | {"volume": adapter_volume("sql-lora"), "folder": adapter_folder("sql-lora")}
+        session.add(Model(name="sql-lora", kind=ModelKind.ADAPTER, state=ModelState.READY, source="finetune:qwen",
+                          base_id=base.id, meta_json=Model.dumps({"cluster": sql_meta,
+                                                                  "hyperparameters": {"rank": 8}})))
     with pytest.raises(EngineError, match="local-lora's files are on this machine"):
         await asyncio.to_thread(deployments.plan, db, "local-lora", DeploySettings(target="emu/ml"))
     with pytest.raises(EngineError, match="support-lora was fine-tuned on emu/ml, where its files are: deploy it there"):
@@ -847,8 +851,12 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
 
     with pytest.raises(EngineError, match="support-lora's files are on the cluster emu/ml; merging works on files here"):
         finetune.merge(db, "support-lora")
+    with pytest.raises(EngineError, match="local-lora's files are on this machine"):  # beside a cluster's adapter
+        await asyncio.to_thread(deployments.plan, db, "support-lora", DeploySettings(target="emu/ml"), None, None,
+                                ["local-lora"])
     deployment, _ = await asyncio.to_thread(deployments.deploy, db, "support-lora",
-                                            DeploySettings(target="emu/ml", served_name="support"))
+                                            DeploySettings(target="emu/ml", served_name="support"),
+                                            adapters=["sql-lora"])
     await deployment_where(db, deployment.id, lambda d: ("deployments", "md-support") in live(on_emulator))
     apps = kubernetes.client.AppsV1Api(client_for(on_emulator))
     served = client_for(on_emulator).sanitize_for_serialization(
@@ -857,12 +865,29 @@ async def test_an_adapter_fine_tuned_on_the_cluster_is_served_there_from_its_vol
     pod = served["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "Qwen/Qwen2.5-0.5B-Instruct"  # the base, from the Hub
-    assert args[args.index("--lora-modules") + 1] == "support=/modeldeck/adapter/support-lora"
+    modules = args.index("--lora-modules")  # each adapter from its own volume, mounted read-only
+    assert args[modules + 1:modules + 3] == ["support=/modeldeck/adapter/support-lora",
+                                             "sql-lora=/modeldeck/adapter-1/sql-lora"]
     assert args[args.index("--max-lora-rank") + 1] == "32" and args[args.index("--served-model-name") + 1] == "support-base"
-    claim = next(v for v in pod["volumes"] if v["name"] == "adapter")["persistentVolumeClaim"]
-    assert claim == {"claimName": "md-ft-support-lora-adapter", "readOnly": True}
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if v["name"].startswith("adapter")}
+    assert claims == {"adapter": {"claimName": "md-ft-support-lora-adapter", "readOnly": True},
+                      "adapter-1": {"claimName": "md-ft-sql-lora-adapter", "readOnly": True}}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["adapter"] == "/modeldeck/adapter" and mounts["adapter-1"] == "/modeldeck/adapter-1"
+    # a pod cannot mount another volume while it runs: adapters join it when it is deployed
+    from engine import targets
+
+    with pytest.raises(EngineError, match="reads adapters from volumes mounted when it starts"):
+        targets.resolve("emu/ml").adapter_path(deployment, session_model(db, "sql-lora"))
     await until_done(asyncio.to_thread(deployments.stop, db, deployment.id))
     assert live(on_emulator) == set()
+
+
+def session_model(db, name: str):
+    from engine.models import find_model
+
+    with db.read() as session:
+        return find_model(session, name)
 
 
 def test_the_finetune_image_recipe_installs_the_jobs_entry_point(tmp_path):

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --target, how many GPUs the pod or batch job gets (auto: 1; 0 or cpu: its CPUs)")
     _hyperparameter_flags(p)
     _target_flags(p, "finetune", "run it there (a Job on Kubernetes, a batch job on SLURM)")
+    p.add_argument("--serve-on", dest="serve_on", metavar="DEPLOYMENT",
+                   help="when done, load the adapter onto this running deployment of its base (no restart)")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed, showing progress")
     p = verb("merge", "cmd_merge", "merge a Ready adapter into its base: a standalone Merged model")
     p.add_argument("adapter")
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default: a free one")
     p.add_argument("--host", help="bind address (default 127.0.0.1; anything else is reachable from outside)")
     p.add_argument("--served-name", dest="served_name", help="the model name clients send (default: the model's)")
+    p.add_argument("--adapter", action="append", dest="adapters", metavar="ADAPTER",
+                   help="a Ready adapter of the same base, served beside it under its own name; a request's model "
+                        "chooses it (repeatable)")
+    p.add_argument("--max-lora-rank", dest="max_lora_rank", type=int,
+                   help="the highest adapter rank it takes, now or loaded later (default: any on the built-in server; "
+                        "on vLLM, the highest of --adapter's, and with none, no adapters)")
     p.add_argument("--force", action="store_true", help="deploy even when the fit check says it does not fit")
     p.add_argument("--replace", action="store_true", help="take the place of a stopped or failed deployment of "
                    "the same name (its record and chats go)")
@@ -83,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start even when the fit check says it does not fit")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready or Failed")
     verb("ps", "cmd_ps", "list deployments")
+    p = verb("serve-adapter", "cmd_serve_adapter", "load an adapter onto a Ready deployment of its base, without a "
+             "restart: requests then name it")
+    p.add_argument("adapter", help="a Ready adapter")
+    p.add_argument("deployment")
+    p.add_argument("--as", dest="served_name", metavar="NAME", help="the name requests give (default: the adapter's)")
+    p = verb("unserve-adapter", "cmd_unserve_adapter", "unload an adapter from a deployment (its requests still "
+             "running finish; new ones get a 404)")
+    p.add_argument("adapter", help="the adapter, by its name or the name it is served as")
+    p.add_argument("deployment")
     p = verb("chat", "cmd_chat", "chat with a Ready deployment: one streamed reply to PROMPT, or the dashboard's chat")
     p.add_argument("deployment")
     p.add_argument("prompt", nargs="?", help="the message ('-' reads it from stdin); without it, the dashboard opens "

@@ -208,7 +208,7 @@ def cmd_finetune(args, db) -> int:
         sys.stdout.write(text)
         print(note, file=sys.stderr)
         return 0
-    model, job = finetune.start(db, plan, args.name)
+    model, job = finetune.start(db, plan, args.name, args.serve_on)
     return _started(args, db, model, job)
 
 
@@ -219,11 +219,11 @@ def cmd_merge(args, db) -> int:
     return _started(args, db, model, job)
 
 
-def _deployment_dict(d) -> dict[str, Any]:
+def _deployment_dict(d, adapters: list[str] | None = None) -> dict[str, Any]:
     return {"id": d.id, "name": d.name, "model_id": d.model_id, "backend": d.backend, "state": d.state.value,
             "phase": d.phase, "reason": d.reason, "endpoint": d.endpoint, "served_name": d.served_name,
-            "api_key": d.api_key, "gpus": d.gpus, "job_id": d.job_id, "created_at": d.created_at,
-            "settings": d.loads(d.settings_json, {})}
+            "adapters": adapters or [], "api_key": d.api_key, "gpus": d.gpus, "job_id": d.job_id,
+            "created_at": d.created_at, "settings": d.loads(d.settings_json, {})}
 
 
 def cmd_deploy(args, db) -> int:
@@ -237,7 +237,7 @@ def cmd_deploy(args, db) -> int:
     settings = DeploySettings(**values, target=args.target or "", options=_target_options(args))
     if args.dry_run:
         return _deploy_dry_run(args, db, settings)
-    checked = deployments.plan(db, args.model, settings, name=args.name)
+    checked = deployments.plan(db, args.model, settings, name=args.name, adapters=args.adapters or [])
     return _start_deployment(args, db, checked, args.replace)
 
 
@@ -250,6 +250,7 @@ def cmd_start(args, db) -> int:
 def _start_deployment(args, db, checked, replace: bool = False) -> int:
     """Start a checked plan, say where, and (--wait) follow it to Ready or Failed."""
     from engine import deployments
+    from engine.deployment_adapters import model_names
 
     try:
         deployment, _job = deployments.start(db, checked, args.force, replace)
@@ -274,11 +275,14 @@ def _start_deployment(args, db, checked, replace: bool = False) -> int:
         if sys.stderr.isatty() and not args.json:
             sys.stderr.write("\r\033[K")
     bound, exposed = listening_on(deployment)
+    with db.read() as session:
+        names = model_names(session, deployment)
     table = (f"{deployment.name}: {deployment_state_text(deployment.state, deployment.phase, deployment.reason, deployment.ends_at)}\n"
-             f"endpoint: {deployment.endpoint or '(once it runs: modeldeck ps)'}\nmodel:    {deployment.served_name}\n"
+             f"endpoint: {deployment.endpoint or '(once it runs: modeldeck ps)'}\n"
+             f"{'models:  ' if len(names) > 1 else 'model:   '} {', '.join(names) or deployment.served_name}\n"
              f"api key:  {deployment.api_key}"
              + (f"\nlistening on {bound}: reachable from other machines (with the API key)" if exposed else ""))
-    _emit(args, _deployment_dict(deployment), table)
+    _emit(args, _deployment_dict(deployment, names[1:]), table)
     return 1 if deployment.state.value == "failed" else 0
 
 
@@ -353,6 +357,7 @@ def _deploy_dry_run(args, db, settings) -> int:
     import dataclasses
 
     from engine import targets
+    from engine.deployment_adapters import checked_for_deploy
     from engine.models import find_model
 
     _dry_run_needs_a_target(args)
@@ -363,7 +368,10 @@ def _deploy_dry_run(args, db, settings) -> int:
     with db.read() as session:
         model = find_model(session, args.model)
         base = session.get(Model, model.base_id) if model.base_id else None
-    text, note = target.dry_run_deploy(args.name or settings.served_name or model.name, model, base, settings)
+        served = settings.served_name or model.name
+        adapters = ([(served, model)] if model.kind.value == "adapter" else []) + checked_for_deploy(
+            session, model, [(find_model(session, a), None) for a in args.adapters or []], served)
+    text, note = target.dry_run_deploy(args.name or served, model, base, settings, adapters)
     sys.stdout.write(text)
     print(note, file=sys.stderr)
     return 0
@@ -371,17 +379,43 @@ def _deploy_dry_run(args, db, settings) -> int:
 
 def cmd_ps(args, db) -> int:
     from engine import deployments
+    from engine.deployment_adapters import adapters_by_deployment
 
     rows = deployments.deployment_rows(db)
+    adapters = {dep_id: [name for name, _ in served] for dep_id, served in adapters_by_deployment(db).items()}
+
     def endpoint(d) -> str:
         bound, exposed = listening_on(d)
         open_now = exposed and d.backend != "external" and d.state.is_live()
         return (d.endpoint or "") + (f" (open on {bound})" if open_now else "")
 
-    table = _table(["name", "backend", "state", "endpoint", "gpus", "since"],
+    def served(d) -> str:  # the adapters beside the base (a deployed adapter is the deployment itself)
+        extra = [name for name in adapters.get(d.id, []) if name != d.served_name]
+        return ", ".join(extra)
+
+    table = _table(["name", "backend", "state", "endpoint", "gpus", "adapters", "since"],
                    [[d.name, backend_label(d.backend), _clip(deployment_state_text(d.state, d.phase, d.reason, d.ends_at), 60),
-                     endpoint(d), d.gpus or "", human_time(d.created_at)] for d in rows])
-    _emit(args, [_deployment_dict(d) for d in rows], table)
+                     endpoint(d), d.gpus or "", _clip(served(d), 40), human_time(d.created_at)] for d in rows])
+    _emit(args, [_deployment_dict(d, adapters.get(d.id, [])) for d in rows], table)
+    return 0
+
+
+def cmd_serve_adapter(args, db) -> int:
+    from engine.deployment_adapters import serve_adapter
+
+    served = serve_adapter(db, args.adapter, args.deployment, args.served_name)
+    _emit(args, {"deployment": args.deployment, "adapter": served.model.name, "served_name": served.served_name},
+          f"{args.deployment}: serves {served.model.name} as {served.served_name!r}")
+    return 0
+
+
+def cmd_unserve_adapter(args, db) -> int:
+    from engine.deployment_adapters import unserve_adapter
+
+    gone = unserve_adapter(db, args.adapter, args.deployment)
+    _emit(args, {"deployment": args.deployment, "adapter": gone.model.name if gone.model else None,
+                 "served_name": gone.served_name, "removed": True},
+          f"{args.deployment}: no longer serves {gone.served_name!r}")
     return 0
 
 

@@ -19,14 +19,19 @@ class Stop(JobCancelled):
 
 def work(ctx: JobContext) -> None:
     from engine import targets
+    from engine.deployment_adapters import served_adapters
 
     deployment_id = ctx.params["deployment_id"]
     with ctx.db.read() as session:
         deployment = session.get(Deployment, deployment_id)
         model = session.get(Model, deployment.model_id) if deployment else None
         base = session.get(Model, model.base_id) if model and model.kind == ModelKind.ADAPTER else None
+        served = served_adapters(session, deployment_id) if deployment else []
     if deployment is None or model is None:
         raise JobFailure("the deployment or its model was deleted")
+    adapters = [(s.served_name, s.model) for s in served if s.model is not None]
+    for gone in (s.served_name for s in served if s.model is None):
+        ctx.log(f"the adapter served as {gone!r} was deleted: not served")
     stopping = {"asked": False}
 
     def stop_requested(signum, frame):
@@ -35,7 +40,7 @@ def work(ctx: JobContext) -> None:
 
     try:
         signal.signal(signal.SIGTERM, stop_requested)
-        targets.of_deployment(deployment).serve(ctx, deployment, model, base)  # until stopped or failed
+        targets.of_deployment(deployment).serve(ctx, deployment, model, base, adapters)  # until stopped or failed
         raise JobFailure("the server's supervision ended without a reason")
     except BaseException as exc:  # every way out settles the deployment (the target has cleaned up)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not interrupt the cleanup

@@ -51,10 +51,13 @@ def warm_up(client: httpx.Client, base_url: str, deployment: Deployment) -> None
 
 
 def ready(ctx: JobContext, deployment_id: int, **fields) -> None:
+    from engine.deployment_adapters import reload_missing
+
     with ctx.db.write() as session:
         deployment = session.get(Deployment, deployment_id)
         if deployment is not None:
             move_deployment(session, deployment, DeploymentState.READY, **fields)
+    reload_missing(ctx.db, deployment_id, ctx.log)  # a server that came back knows only its command line's
 
 
 def watch_health(base_url: str, gone: Callable[[], str | None], every_s: float = 0.5) -> None:

@@ -98,8 +98,29 @@ def compare_with_base(ctx, model, rows: list[dict], collator, batch_size: int, s
 
 
 def succeed_with(ctx: JobContext, lineage: dict, size_bytes: int | None) -> None:
-    """The adapter is Ready: the headline figures of its run (its lineage) join its meta, for the screens."""
+    """The adapter is Ready: the headline figures of its run (its lineage) join its meta, for the screens; asked
+    to, it then joins a deployment of its base."""
     ctx.succeed({k: lineage[k] for k in LINEAGE_IN_META if k in lineage}, size_bytes=size_bytes)
+    if deployment := ctx.params.get("serve_on"):
+        serve_when_done(ctx, deployment)
+
+
+def serve_when_done(ctx: JobContext, deployment: str) -> None:
+    """"When done, serve on DEPLOYMENT": the Ready adapter is loaded onto it. What stops that (the deployment was
+    stopped meanwhile, say) is said in the log and in the adapter's details; the adapter stays Ready."""
+    from catalog.schema import Model
+    from engine.deployment_adapters import serve_adapter
+    from engine.errors import EngineError
+
+    try:
+        served = serve_adapter(ctx.db, ctx.model_id, deployment)
+        said = f"serving on {deployment} as {served.served_name!r}"
+    except EngineError as exc:
+        said = f"not served on {deployment}: {exc}"
+    ctx.log(said)
+    with ctx.db.read() as session:
+        meta = session.get(Model, ctx.model_id).meta
+    ctx.update_model(meta_json=Model.dumps(meta | {"when_done": said}))
 
 
 @dataclass

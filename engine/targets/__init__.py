@@ -199,8 +199,10 @@ class Target(ABC):
 
     @abstractmethod
     def plan_deploy(self, session, model: Model, base: Model | None, settings: DeploySettings,
-                    kept_ports: set[int], available_gpus: list[Gpu] | None) -> Serving:
-        """How `model` would be served here, checked (`kept_ports`: those live deployments keep)."""
+                    kept_ports: set[int], available_gpus: list[Gpu] | None,
+                    adapters: list[tuple[str, Model]] = ()) -> Serving:
+        """How `model` would be served here, checked (`kept_ports`: those live deployments keep). `adapters`:
+        each adapter served on the base beside it, under its name (a deployed adapter is one of them)."""
 
     def recheck_deploy(self, session, model: Model) -> None:
         """Under the write lock, before the deployment is registered: what may have changed since the plan."""
@@ -212,8 +214,20 @@ class Target(ABC):
         """Run (or follow) the fine-tune until it succeeds; raise JobFailure or JobCancelled otherwise."""
 
     @abstractmethod
-    def serve(self, ctx: JobContext, deployment: Deployment, model: Model, base: Model | None) -> None:
+    def serve(self, ctx: JobContext, deployment: Deployment, model: Model, base: Model | None,
+              adapters: list[tuple[str, Model]]) -> None:
         """Serve until stopped or failed (both end by an exception); clean up whatever ends it."""
+
+    def adapter_path(self, deployment: Deployment | None, adapter: Model) -> str:
+        """Where a deployment's server (None: one being planned) reads an adapter it serves: its files here, which
+        a batch job's node reads through the shared filesystem. EngineError where the server cannot read them."""
+        from engine import targets
+
+        home = targets.home_of(adapter)
+        if not adapter.path or not home.files_here(adapter):
+            raise EngineError(f"{adapter.name}'s files are on {home.label}: a server {self.label} runs cannot read "
+                              "them")
+        return adapter.path
 
     def job_env(self, job: Job) -> dict[str, str]:
         """What the supervising job's process must see in its environment."""
@@ -235,7 +249,8 @@ class Target(ABC):
 
     # -- what screens show -----------------------------------------------------------------------------
 
-    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None) -> str:
+    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None,
+                        adapters: list[tuple[str, Model]] = ()) -> str:
         """The details' Command line: what runs, and how to see it."""
         return "—"
 
@@ -264,7 +279,8 @@ class Target(ABC):
         """What a fine-tune would apply or submit there, as text for stdout, and a note for stderr."""
         raise EngineError(f"--dry-run prints what a target would run: give --target {spec_syntax()}")
 
-    def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings) -> tuple[str, str]:
+    def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings,
+                       adapters: list[tuple[str, Model]] = ()) -> tuple[str, str]:
         raise EngineError(f"--dry-run prints what a target would run: give --target {spec_syntax()}")
 
     # -- models whose files are there ---------------------------------------------------------------------

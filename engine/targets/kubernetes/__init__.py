@@ -57,7 +57,7 @@ class KubernetesTarget(Target):
     GPUS = "count"
     # The backend (vLLM), its GPUs (the tensor-parallel size) and its address are the cluster's.
     DEPLOY_FIELDS = frozenset({"tensor_parallel", "dtype", "max_model_len", "gpu_memory_fraction", "port",
-                               "served_name"})
+                               "served_name", "max_lora_rank"})
     STOP_DEADLINE_S = 60.0  # its supervisor deletes its objects through the API before it exits
     DOWNLOADS = True
     SPEC_FIELD = OptionField("namespace", "Namespace", "The namespace on the cluster (empty: the context's own)",
@@ -195,13 +195,13 @@ class KubernetesTarget(Target):
     # -- deploy ----------------------------------------------------------------------------------------
 
     def plan_deploy(self, session, model: Model, base: Model | None, settings: DeploySettings,
-                    kept_ports: set[int], available_gpus) -> Serving:
+                    kept_ports: set[int], available_gpus, adapters: list[tuple[str, Model]] = ()) -> Serving:
         """vLLM on the cluster, which downloads the model from the Hub itself; reached from here through a
         port-forward on a free local port. The fit is the cluster scheduler's to judge."""
         from engine.backends import checked_listen
 
         served = settings.served_name or model.name
-        cluster_deploy("plan", self.spec, model, base, served, settings, "")  # refuses what the cluster cannot serve
+        cluster_deploy("plan", self.spec, model, base, served, settings, "", adapters)  # refuses what it cannot serve
         local = checked_listen(dataclasses.replace(settings, host="127.0.0.1", backend="vllm"), kept_ports)
         gpus = settings.tensor_parallel
         warnings = [f"runs on the cluster {self.context!r}, namespace {self.namespace!r}, with {gpus} "
@@ -213,21 +213,29 @@ class KubernetesTarget(Target):
                        summary="vLLM on Kubernetes",
                        placed_by="by the cluster's scheduler, on nodes with the GPUs it asks for")
 
-    def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None) -> None:
+    def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None,
+              adapters: list[tuple[str, Model]]) -> None:
         from engine.targets.kubernetes.serve import serve
 
-        serve(ctx, deployment, model, base)
+        serve(ctx, deployment, model, base, adapters)
 
-    def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings) -> tuple[str, str]:
+    def adapter_path(self, deployment: Deployment | None, adapter: Model) -> str:
+        raise EngineError(f"a server on {self.label} reads adapters from volumes mounted when it starts: deploy it "
+                          f"again with {adapter.name!r} (--adapter), which mounts its volume")
+
+    def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings,
+                       adapters: list[tuple[str, Model]] = ()) -> tuple[str, str]:
         from engine.targets.kubernetes.manifests import deployment_objects, in_cluster_url, to_yaml
 
         served = settings.served_name or model.name
-        spec = cluster_deploy(name, self.spec, model, base, served, settings, "sk-md-" + secrets.token_urlsafe(24))
+        spec = cluster_deploy(name, self.spec, model, base, served, settings, "sk-md-" + secrets.token_urlsafe(24),
+                              adapters)
         note = (f"# {spec.name} in {self.spec}: {in_cluster_url(spec)} once applied; the YAML holds its API key"
                 + (" and your Hugging Face token" if spec.hf_token else "") + ": keep it out of git, or seal it")
         return to_yaml(deployment_objects(spec)), note
 
-    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None) -> str:
+    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None,
+                        adapters: list[tuple[str, Model]] = ()) -> str:
         from engine.backends import DeploySettings
         from engine.targets.kubernetes.manifests import port_forward_command
 
@@ -299,35 +307,44 @@ class KubernetesTarget(Target):
 
 
 def cluster_deploy(name: str, target: str, model: Model, base: Model | None, served_name: str,
-                   settings: DeploySettings, api_key: str):
+                   settings: DeploySettings, api_key: str, adapters: list[tuple[str, Model]] = ()):
     """The objects' description of a deployment on a cluster (manifests.py). The cluster downloads a base
     model from the Hub itself; an adapter must be one fine-tuned on that same cluster and namespace, whose
-    files are on a volume there."""
+    files are on a volume there (each adapter served: its volume mounted)."""
     from engine import hub
+    from engine.backends import base_served_name
     from engine.targets.kubernetes.cluster import parse_target
     from engine.targets.kubernetes.manifests import ClusterAdapter, ClusterDeploy
 
     _context, namespace = parse_target(target)
-    adapter, weights = None, model
-    if model.kind == ModelKind.ADAPTER:
-        on = model.meta.get("cluster")
+
+    def on_cluster(adapter: Model) -> ClusterAdapter:
+        on = adapter.meta.get("cluster")
         if not on:
-            raise EngineError(f"{model.name}'s files are on this machine: a cluster serves an adapter fine-tuned on "
-                              "it (a fine-tune with that cluster as its target)")
+            raise EngineError(f"{adapter.name}'s files are on this machine: a cluster serves an adapter fine-tuned "
+                              "on it (a fine-tune with that cluster as its target)")
         if parse_target(on["target"]) != parse_target(target):
-            raise EngineError(f"{model.name} was fine-tuned on {on['target']}, where its files are: deploy it there")
-        if model.state != ModelState.READY:
-            raise EngineError(f"{model.name!r} is {model.state.value}; deploy it once it is Ready")
+            raise EngineError(f"{adapter.name} was fine-tuned on {on['target']}, where its files are: deploy it there")
+        if adapter.state != ModelState.READY:
+            raise EngineError(f"{adapter.name!r} is {adapter.state.value}; deploy it once it is Ready")
+        rank = int((adapter.meta.get("hyperparameters") or {}).get("rank", 16))
+        return ClusterAdapter(on["volume"], on["folder"], rank)
+
+    weights = model
+    if model.kind == ModelKind.ADAPTER:
         if base is None or not base.repo_id:
             raise EngineError(f"the base model of {model.name!r} is missing")
-        rank = int((model.meta.get("hyperparameters") or {}).get("rank", 16))
-        adapter, weights = ClusterAdapter(on["volume"], on["folder"], rank), base
+        weights = base
     elif not model.repo_id or model.kind != ModelKind.BASE:
         raise EngineError(f"{model.name} is not a model from the Hub: a cluster downloads what it serves, so only a "
                           "base model from the Hub (or an adapter fine-tuned on that cluster) can be deployed there")
+    served = [(name, on_cluster(adapter)) for name, adapter in adapters]
+    if model.kind == ModelKind.ADAPTER and not any(adapter.id == model.id for _, adapter in adapters):
+        served.insert(0, (served_name, on_cluster(model)))  # (a plan given only the deployed adapter)
     return ClusterDeploy(name, namespace, weights.repo_id, weights.revision, served_name, settings,
                          settings.tensor_parallel, api_key, hf_token=hub.token(),
-                         image=vllm_image(settings.options.get("image", "")), adapter=adapter)
+                         image=vllm_image(settings.options.get("image", "")),
+                         base_served_name=base_served_name(served_name, model), adapters=served)
 
 
 def cluster_job(name: str, on: dict, base: Model, dataset: Path, hyperparameters: dict, attempt: int = 1):

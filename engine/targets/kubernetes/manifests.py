@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.backends import DeploySettings, vllm_lora_rank
+from engine.backends import VLLM_MAX_LORAS, DeploySettings, vllm_lora_rank
 from engine.targets.kubernetes import VLLM_IMAGE
 
 PORT = 8000
@@ -88,8 +88,14 @@ class ClusterAdapter:
     """A LoRA adapter a cluster fine-tune left on its volume, served by vLLM on its base model."""
 
     volume: str
-    folder: str
+    folder: str  # as its fine-tune's pod saw it (its volume mounted at ADAPTER_MOUNT)
     rank: int
+
+    def mounted(self, index: int) -> tuple[str, str]:
+        """Where a server with several adapters mounts the volume of its index-th one, and where its folder is
+        then (the first at ADAPTER_MOUNT, as its fine-tune saw it)."""
+        mount = ADAPTER_MOUNT if index == 0 else f"{ADAPTER_MOUNT}-{index}"
+        return mount, mount + self.folder.removeprefix(ADAPTER_MOUNT)
 
 
 @dataclass
@@ -107,7 +113,8 @@ class ClusterDeploy:
     hf_token: str | None = None
     cache_size_gib: int = 50
     image: str = VLLM_IMAGE
-    adapter: ClusterAdapter | None = None  # served under served_name; the base under served_name-base
+    base_served_name: str = ""  # the base model's name in requests (default: served_name)
+    adapters: list[tuple[str, ClusterAdapter]] = field(default_factory=list)  # each served under its name
 
     @property
     def owner(self) -> Owner:
@@ -147,17 +154,21 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         objects.append(_secret(_meta(owner, spec.namespace, token_secret, "hf-token"), {"token": spec.hf_token}))
     objects.append(_volume_claim(_meta(owner, spec.namespace, cache, "model-cache"), spec.cache_size_gib))
     s = spec.settings
-    base_served = spec.served_name if spec.adapter is None else f"{spec.served_name}-base"
-    args = ["--model", spec.repo_id, "--served-model-name", base_served, "--host", "0.0.0.0", "--port", str(PORT),
+    args = ["--model", spec.repo_id, "--served-model-name", spec.base_served_name or spec.served_name,
+            "--host", "0.0.0.0", "--port", str(PORT),
             "--tensor-parallel-size", str(s.tensor_parallel), "--dtype", s.dtype,
             "--gpu-memory-utilization", str(s.gpu_memory_fraction), "--disable-uvicorn-access-log"]
     if spec.revision:
         args += ["--revision", spec.revision]
     if s.max_model_len:
         args += ["--max-model-len", str(s.max_model_len)]
-    if spec.adapter is not None:
-        args += ["--enable-lora", "--lora-modules", f"{spec.served_name}={spec.adapter.folder}",
-                 "--max-lora-rank", str(vllm_lora_rank(spec.adapter.rank))]
+    rank = s.max_lora_rank or max((adapter.rank for _, adapter in spec.adapters), default=0)
+    if rank:
+        args += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(rank)),
+                 "--max-loras", str(max(len(spec.adapters), VLLM_MAX_LORAS))]
+    if spec.adapters:
+        args += ["--lora-modules",
+                 *(f"{name}={adapter.mounted(i)[1]}" for i, (name, adapter) in enumerate(spec.adapters))]
     env = [{"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": key_secret, "key": "api-key"}}},
            {"name": "HF_HOME", "value": CACHE_PATH}]
     if spec.hf_token:
@@ -175,10 +186,10 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_PATH}, {"name": "shm", "mountPath": "/dev/shm"}],
     }
     volumes = [{"name": "cache", "persistentVolumeClaim": {"claimName": cache}}, _shared_memory()]
-    if spec.adapter is not None:
-        container["volumeMounts"].append({"name": "adapter", "mountPath": ADAPTER_MOUNT, "readOnly": True})
-        volumes.append({"name": "adapter", "persistentVolumeClaim": {"claimName": spec.adapter.volume,
-                                                                      "readOnly": True}})
+    for i, (_, adapter) in enumerate(spec.adapters):
+        volume = "adapter" if i == 0 else f"adapter-{i}"
+        container["volumeMounts"].append({"name": volume, "mountPath": adapter.mounted(i)[0], "readOnly": True})
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": adapter.volume, "readOnly": True}})
     objects.append({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(owner, spec.namespace, base, "server"),
         "spec": {

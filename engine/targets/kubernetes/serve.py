@@ -36,9 +36,10 @@ FORWARD_TIMEOUT_S = 60.0
 FORWARD_RETRY_S = 5.0
 
 
-def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | None) -> None:
+def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | None,
+          adapters: list[tuple[str, Model]]) -> None:
     """Until stopped or failed; whatever ends it, every object of the deployment is deleted."""
-    on_cluster = OnCluster(ctx, deployment, model, base)
+    on_cluster = OnCluster(ctx, deployment, model, base, adapters)
     try:
         on_cluster.run()
     finally:
@@ -46,22 +47,24 @@ def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | N
         on_cluster.cleanup()
 
 
-def cluster_spec(deployment: Deployment, model: Model, base: Model | None) -> tuple[ClusterDeploy, str]:
+def cluster_spec(deployment: Deployment, model: Model, base: Model | None,
+                 adapters: list[tuple[str, Model]] = ()) -> tuple[ClusterDeploy, str]:
     """The deployment's objects' description, and its kubeconfig context."""
     settings = DeploySettings.of(deployment)
     context, _namespace = cluster.parse_target(settings.target)
     try:
         spec = cluster_deploy(deployment.name, settings.target, model, base, deployment.served_name, settings,
-                              deployment.api_key)
+                              deployment.api_key, adapters)
     except EngineError as exc:
         raise JobFailure(str(exc)) from None
     return spec, context
 
 
 class OnCluster:
-    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model, base: Model | None):
+    def __init__(self, ctx: JobContext, deployment: Deployment, model: Model, base: Model | None,
+                 adapters: list[tuple[str, Model]] = ()):
         self.ctx, self.deployment = ctx, deployment
-        self.spec, self.context = cluster_spec(deployment, model, base)
+        self.spec, self.context = cluster_spec(deployment, model, base, adapters)
         self.client = None
         self.forward: subprocess.Popen | None = None
         self.applied = False

@@ -21,7 +21,7 @@ class LocalTarget(Target):
     TITLE = "this machine"
     GPUS = "here"
     DEPLOY_FIELDS = frozenset({"backend", "gpus", "tensor_parallel", "dtype", "max_model_len", "gpu_memory_fraction",
-                               "port", "host", "served_name"})
+                               "port", "host", "served_name", "max_lora_rank"})
 
     @classmethod
     def names(cls, spec: str) -> bool:
@@ -79,7 +79,8 @@ class LocalTarget(Target):
     # -- deploy ----------------------------------------------------------------------------------------
 
     def plan_deploy(self, session, model: Model, base: Model | None, settings: DeploySettings,
-                    kept_ports: set[int], available_gpus: list[Gpu] | None) -> Serving:
+                    kept_ports: set[int], available_gpus: list[Gpu] | None,
+                    adapters: list[tuple[str, Model]] = ()) -> Serving:
         from engine.backends import checked_listen, choose_backend, context_limit, vllm_available
         from engine.gpus import is_auto, ledger_in, list_gpus, place
 
@@ -93,7 +94,9 @@ class LocalTarget(Target):
         if limit and settings.max_model_len > limit:
             raise EngineError(f"max model length {settings.max_model_len:,} is over the model's own limit of "
                               f"{limit:,} tokens; leave it empty for {limit:,}")
-        needed, rough = _needed(session, model, base, settings)
+        for _, adapter in adapters:
+            deployable(session, adapter)
+        needed, rough = _needed(session, model, base, settings, [a for _, a in adapters if a.id != model.id])
         share = settings.gpu_memory_fraction if backend == "vllm" else 1.0
         try:  # auto: GPUs no other deployment holds, with room for it (tensor parallel: as many as its size)
             chosen = place(settings.gpus, ledger_in(session, available_gpus),
@@ -122,15 +125,19 @@ class LocalTarget(Target):
     def recheck_deploy(self, session, model: Model) -> None:
         deployable(session, model)
 
-    def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None) -> None:
+    def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None,
+              adapters: list[tuple[str, Model]]) -> None:
         from engine.targets.local.serve import serve
 
-        serve(ctx, deployment, model, base)
+        serve(ctx, deployment, model, base, adapters)
 
-    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None) -> str:
+    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None,
+                        adapters: list[tuple[str, Model]] = ()) -> str:
         from engine.backends import serve_command
 
-        return serve_command(deployment, model, base).shown if model is not None and model.path else "—"
+        if model is None or not model.path:
+            return "—"
+        return serve_command(deployment, model, base, [(name, a) for name, a in adapters if a.path]).shown
 
 
 def deployable(session, model: Model) -> Model | None:
@@ -153,15 +160,17 @@ def deployable(session, model: Model) -> Model | None:
     return base
 
 
-def _needed(session, model: Model, base: Model | None, settings: DeploySettings) -> tuple[MemoryEstimate, bool]:
-    """The memory serving it needs (weights + KV cache), and whether that is rough (a model still downloading:
-    2 bytes a parameter, as most checkpoints are stored, and no KV cache yet)."""
+def _needed(session, model: Model, base: Model | None, settings: DeploySettings,
+            adapters: list[Model] = ()) -> tuple[MemoryEstimate, bool]:
+    """The memory serving it needs (weights, its adapters' + KV cache), and whether that is rough (a model still
+    downloading: 2 bytes a parameter, as most checkpoints are stored, and no KV cache yet)."""
     from catalog.schema import CommunityModel
     from engine.backends import DTYPE_BYTES, MemoryEstimate, estimate_memory
 
     if model.path and model.state == ModelState.READY:
         weights_from = base or model
         size = (weights_from.size_bytes or 0) + ((model.size_bytes or 0) if base else 0)
+        size += sum(adapter.size_bytes or 0 for adapter in adapters)
         return estimate_memory(weights_from.path, size, settings.dtype, settings.max_model_len or None), False
     entry = session.get(CommunityModel, model.repo_id) if model.repo_id else None
     return MemoryEstimate((entry.params if entry else 0) * DTYPE_BYTES.get(settings.dtype, 2), 0), True

@@ -28,13 +28,14 @@ READY_TIMEOUT_S = 900.0  # loading a large model can take minutes
 WATCH_EVERY_S = 0.5  # a server that exits turns the deployment Failed within a second
 
 
-def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | None) -> None:
+def serve(ctx: JobContext, deployment: Deployment, model: Model, base: Model | None,
+          adapters: list[tuple[str, Model]]) -> None:
     if model.state != ModelState.READY:  # deployed from Community while it downloads
         model = ctx.wait_for_model(model.id, "the model")
         set_phase(ctx, deployment.id, "starting")
     base_url = deployment.endpoint.removesuffix("/v1")
     log_path = jobs.get(ctx.db, ctx.job_id).log_path
-    command = serve_command(deployment, model, base)
+    command = serve_command(deployment, model, base, adapters)
     ctx.log(f"starting: {command.shown}")
     # The server inherits this process's group, so stopping the group (or a reconciler killing it after
     # this supervisor died) ends the server too. Its output goes to this job's log.

@@ -77,8 +77,9 @@ class SlurmTarget(Target):
     WHERE = "a SLURM partition"
     SYNTAX = "slurm[:PARTITION]"
     GPUS = "count"
+    # the node picks its port; the server listens on its address
     DEPLOY_FIELDS = frozenset({"backend", "gpus", "tensor_parallel", "dtype", "max_model_len", "gpu_memory_fraction",
-                               "served_name"})  # the node picks its port; the server listens on its address
+                               "served_name", "max_lora_rank"})
     STOP_DEADLINE_S = 60.0  # the supervisor cancels its batch job and waits for it to leave the node
     DOWNLOADS = True  # into the work directory's cache, by its batch jobs
     OPTIONS = (
@@ -276,8 +277,10 @@ class SlurmTarget(Target):
     # -- deploy ----------------------------------------------------------------------------------------
 
     def plan_deploy(self, session, model: Model, base: Model | None, settings: DeploySettings,
-                    kept_ports: set[int], available_gpus) -> Serving:
+                    kept_ports: set[int], available_gpus, adapters: list[tuple[str, Model]] = ()) -> Serving:
         weights = base or model
+        for _, adapter in adapters:
+            self.adapter_path(None, adapter)  # its files here: the batch job reads them through the shared filesystem
         for needed in filter(None, (model, base)):
             if needed.state != ModelState.READY:
                 raise EngineError(f"{needed.name!r} is {needed.state.value}; deploy it once it is Ready")
@@ -289,7 +292,8 @@ class SlurmTarget(Target):
         settings = self.serving_settings(settings, commands.cached_partitions()[self.partition].max_gpus > 0)
         backend, count = settings.backend, int(settings.gpus)
         warnings = self.check_request(self.request(settings.options, count), settings.options,
-                                      [p for p in (model.path, base.path if base else None) if p])
+                                      [p for p in (model.path, base.path if base else None,
+                                                   *(a.path for _, a in adapters)) if p])
         warnings.append("listens on its node's address, reachable on the cluster's network (with the API key)")
         server = "vLLM" if backend == "vllm" else "built-in server"
         where = f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
@@ -318,27 +322,27 @@ class SlurmTarget(Target):
             raise EngineError("tensor parallel needs vLLM; the built-in server runs a model on one device")
         return dataclasses.replace(settings, host="0.0.0.0", port=0, backend=backend, gpus=str(count))
 
-    def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None) -> None:
+    def serve(self, ctx, deployment: Deployment, model: Model, base: Model | None,
+              adapters: list[tuple[str, Model]]) -> None:
         from engine.targets.slurm.serve import serve
 
-        serve(ctx, self, deployment, model, base)
+        serve(ctx, self, deployment, model, base, adapters)
 
     def server_script(self, deployment_name: str, api_key: str, run_dir: Path, settings: DeploySettings,
-                      served_name: str, model: Model, base: Model | None) -> tuple[str, dict[str, str]]:
+                      served_name: str, model: Model, base: Model | None,
+                      adapters: list[tuple[str, Model]] = ()) -> tuple[str, dict[str, str]]:
         """The batch script of a deployment, and the environment sbatch gives it (its API key: never in the
         script)."""
         import dataclasses
 
-        from engine.backends import builtin_command, vllm_command
+        from engine.backends import base_served_name, builtin_command, vllm_command
 
         weights = base or model
         path = weights.path or weights.repo_id  # vLLM downloads a Hub model itself
         listen = dataclasses.replace(settings, host="0.0.0.0", port=0)
-        if settings.backend == "vllm":
-            command = vllm_command(path, listen, served_name, api_key, "cpu",
-                                   (served_name, model.path) if base else None)
-        else:
-            command = builtin_command(path, listen, served_name, api_key, "cpu", model.path if base else None)
+        build = vllm_command if settings.backend == "vllm" else builtin_command
+        command = build(path, listen, base_served_name(served_name, model), api_key, "cpu",
+                        [(name, adapter.path) for name, adapter in adapters])
         # The node chooses the port (the launcher fills it in); SLURM chooses the GPUs (CUDA_VISIBLE_DEVICES).
         argv = ["{port}" if i and command.argv[i - 1] == "--port" else part for i, part in enumerate(command.argv)]
         secret = {k: v for k, v in command.env.items() if k.endswith("API_KEY")}
@@ -350,7 +354,8 @@ class SlurmTarget(Target):
         return script(run_dir.name, self.request(settings.options, int(settings.gpus or 0)), run_dir, launcher,
                       exports), secret
 
-    def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings) -> tuple[str, str]:
+    def dry_run_deploy(self, name: str, model: Model, base: Model | None, settings: DeploySettings,
+                       adapters: list[tuple[str, Model]] = ()) -> tuple[str, str]:
         try:  # as the deployment would choose, where the controller says what the partition has
             has_gpus = commands.cached_partitions()[self.checked().partition].max_gpus > 0
         except EngineError:
@@ -358,11 +363,12 @@ class SlurmTarget(Target):
         settings = self.serving_settings(settings, has_gpus)
         run_dir = Path(settings.options["workdir"]) / run_name("deploy", name, "UID")
         text, _secret = self.server_script(name, "KEY", run_dir, settings, settings.served_name or model.name, model,
-                                           base)
+                                           base, adapters)
         return text, (f"# {name}: batch job {run_dir.name}; its API key goes in sbatch's environment "
                       "(MODELDECK_API_KEY or VLLM_API_KEY), never in the script")
 
-    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None) -> str:
+    def serving_command(self, deployment: Deployment, model: Model | None, base: Model | None,
+                        adapters: list[tuple[str, Model]] = ()) -> str:
         from engine.backends import DeploySettings
 
         workdir = DeploySettings.of(deployment).options.get("workdir", "?")

@@ -31,7 +31,8 @@ READY_TIMEOUT_S = 1800.0  # loading a large model on a cold node (its files over
 ENDS_AT_SLACK_S = 30.0  # the time left is written again only when it moved by more than this
 
 
-def serve(ctx: JobContext, target: SlurmTarget, deployment: Deployment, model: Model, base: Model | None) -> None:
+def serve(ctx: JobContext, target: SlurmTarget, deployment: Deployment, model: Model, base: Model | None,
+          adapters: list[tuple[str, Model]]) -> None:
     settings = DeploySettings.of(deployment)
     os.umask(0o077)  # what this supervisor writes in the work directory (the run's script): the user's alone
     run_dir = deployment_run(deployment)
@@ -41,7 +42,7 @@ def serve(ctx: JobContext, target: SlurmTarget, deployment: Deployment, model: M
             run_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(run_dir, 0o700)
             text, secret = target.server_script(deployment.name, deployment.api_key, run_dir, settings,
-                                                deployment.served_name, model, base)
+                                                deployment.served_name, model, base, adapters)
             set_phase(ctx, deployment.id, "submitting its batch job")
             try:
                 batch.submit(text, secret)
