@@ -651,14 +651,9 @@ async def test_a_bad_home_ends_the_app_with_the_reason(tmp_path, monkeypatch):
 
 
 async def test_a_damaged_database_ends_the_app_with_the_reason(isolated, tiny_model_dir):
-    from catalog import open_database
-    from tests.test_db import damage
+    from tests.test_db import damaged_database
 
-    db = open_database()
-    for n in range(40):
-        models.import_path(db, tiny_model_dir, f"m{n}")
-    db.close()
-    damage(db.path)
+    path = damaged_database(tiny_model_dir)
     try:
         app = ModelDeckApp()
         said, exit_app = [], app.exit
@@ -667,7 +662,7 @@ async def test_a_damaged_database_ends_the_app_with_the_reason(isolated, tiny_mo
             await wait_for(pilot, lambda: app.return_code == 1, what="the app to give up")
         assert "is damaged (database disk image is malformed)" in said[0]
     finally:
-        db.path.unlink()
+        path.unlink()
 
 
 async def test_a_live_update_repaints_its_row_when_the_table_is_scrolled(db):

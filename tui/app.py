@@ -105,6 +105,7 @@ class ModelDeckApp(KeysInOrder, App):
         """Load everything once, then patch from the event log until the app exits."""
         import engine
         from engine import jobs, models
+        from engine.deployment_adapters import adapters_by_deployment
         from engine.deployments import deployment_rows
         from engine.events import EventFollower
 
@@ -119,7 +120,7 @@ class ModelDeckApp(KeysInOrder, App):
         try:
             follower = EventFollower(self.db)  # before the load, so no change slips between the two
             self.post_message(DataLoaded(models.community_entries(self.db), models.model_rows(self.db),
-                                         deployment_rows(self.db)))
+                                         deployment_rows(self.db), adapters_by_deployment(self.db)))
         except CatalogError as exc:  # a damaged or unreadable file: nothing to show but why
             self.call_from_thread(self.exit, return_code=1, message=f"modeldeck: {exc}")
             return
@@ -144,6 +145,7 @@ class ModelDeckApp(KeysInOrder, App):
     def apply_changes(self, follower: EventFollower) -> None:
         """Read what the new events touched and post it (worker thread)."""
         from engine import models
+        from engine.deployment_adapters import adapters_by_deployment
         from engine.deployments import deployment_rows
 
         changes = follower.poll()
@@ -152,7 +154,8 @@ class ModelDeckApp(KeysInOrder, App):
             self.post_message(ModelsChanged(rows, changes.models - {r.model.id for r in rows}))
         if changes.deployments:
             rows = deployment_rows(self.db, changes.deployments)
-            self.post_message(DeploymentsChanged(rows, changes.deployments - {d.id for d in rows}))
+            self.post_message(DeploymentsChanged(rows, changes.deployments - {d.id for d in rows},
+                                                 adapters_by_deployment(self.db, changes.deployments)))
         if changes.community:
             self.post_message(CommunityChanged(models.community_entries(self.db)))
 
@@ -170,7 +173,7 @@ class ModelDeckApp(KeysInOrder, App):
     def on_data_loaded(self, message: DataLoaded) -> None:
         self.store.community = {c.repo_id: c for c in message.community}
         self.store.apply_models(message.models, set())
-        self.store.apply_deployments(message.deployments, set())
+        self.store.apply_deployments(message.deployments, set(), message.adapters)
         self.store.loaded = True
         for screen in self._tab_screens():
             screen.reload()
@@ -295,7 +298,7 @@ class ModelDeckApp(KeysInOrder, App):
 
     def on_deployments_changed(self, message: DeploymentsChanged) -> None:
         self.announce_deployments(message)
-        self.store.apply_deployments(message.rows, message.gone)
+        self.store.apply_deployments(message.rows, message.gone, message.adapters)
         for screen in self._tab_screens():
             screen.deployments_changed({d.id for d in message.rows}, message.gone)
 

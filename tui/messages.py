@@ -11,12 +11,16 @@ if TYPE_CHECKING:
     from engine.models import ModelRow
 
 
+Adapters = dict[int, list[tuple[str, "int | None"]]]  # by deployment: (served name, the adapter's model id)
+
+
 class DataLoaded(Message):
     """Everything, read once after the first paint."""
 
-    def __init__(self, community: list[CommunityModel], models: list[ModelRow], deployments: list[Deployment]):
+    def __init__(self, community: list[CommunityModel], models: list[ModelRow], deployments: list[Deployment],
+                 adapters: Adapters):
         super().__init__()
-        self.community, self.models, self.deployments = community, models, deployments
+        self.community, self.models, self.deployments, self.adapters = community, models, deployments, adapters
 
 
 class ModelsChanged(Message):
@@ -28,9 +32,10 @@ class ModelsChanged(Message):
 
 
 class DeploymentsChanged(Message):
-    def __init__(self, rows: list[Deployment], gone: set[int]):
+    def __init__(self, rows: list[Deployment], gone: set[int], adapters: Adapters | None = None):
+        """`adapters`: those of the deployments in `rows` (one without any is not in it)."""
         super().__init__()
-        self.rows, self.gone = rows, gone
+        self.rows, self.gone, self.adapters = rows, gone, adapters or {}
 
 
 class CommunityChanged(Message):

@@ -19,6 +19,7 @@ class Store:
     community: dict[str, CommunityModel] = field(default_factory=dict)  # by repo id, curated order
     models: dict[int, ModelRow] = field(default_factory=dict)
     deployments: dict[int, Deployment] = field(default_factory=dict)
+    adapters: dict[int, list[tuple[str, int | None]]] = field(default_factory=dict)  # by deployment: served as, model
     targets: list[Choice] = field(default_factory=list)  # where work can run besides this machine, once known
     load: dict[int, LoadHistory] = field(default_factory=dict)  # each Ready deployment's, read from its /metrics
     gpus: list[GpuState] = field(default_factory=list)  # this machine's GPUs and who holds them (none: no GPU)
@@ -40,11 +41,26 @@ class Store:
                 touched.add(row.model.repo_id)
         return touched
 
-    def apply_deployments(self, rows: list[Deployment], gone: set[int]) -> None:
+    def apply_deployments(self, rows: list[Deployment], gone: set[int],
+                          adapters: dict[int, list[tuple[str, int | None]]]) -> None:
         for dep_id in gone:
             self.deployments.pop(dep_id, None)
+            self.adapters.pop(dep_id, None)
         for dep in rows:
             self.deployments[dep.id] = dep
+            self.adapters[dep.id] = adapters.get(dep.id, [])
+
+    def adapters_beside(self, deployment: Deployment) -> list[tuple[str, int | None]]:
+        """The adapters a deployment serves beside what it was deployed as (a deployed adapter is the deployment
+        itself)."""
+        return [(name, model_id) for name, model_id in self.adapters.get(deployment.id, [])
+                if model_id is None or model_id != deployment.model_id]
+
+    def serving(self, model_id: int) -> list[Deployment]:
+        """The live deployments that serve this adapter beside their base."""
+        return [self.deployments[dep_id] for dep_id, served in self.adapters.items()
+                if dep_id in self.deployments and self.deployments[dep_id].state.is_live()
+                and self.deployments[dep_id].model_id != model_id and any(m == model_id for _, m in served)]
 
     def model_for_repo(self, repo_id: str) -> ModelRow | None:
         """The custom model downloaded from `repo_id`, if any."""

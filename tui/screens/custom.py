@@ -12,7 +12,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 
-from catalog.states import ModelKind, ModelState
+from catalog.states import DeploymentState, ModelKind, ModelState
 from engine.format import (
     delete_consequence,
     human_bytes,
@@ -52,6 +52,8 @@ class CustomScreen(DeckScreen):
         Binding("i", "import_model", "Import", id="custom.import", tooltip="Import a local model folder or GGUF file"),
         Binding("m", "merge", "Merge", id="custom.merge", show=False,
                 tooltip="Merge the selected adapter into its base: a model of its own"),
+        Binding("s", "serve_on", "Serve on…", id="custom.serve_on", show=False,
+                tooltip="Load the adapter onto a running deployment of its base, without a restart (or unload it)"),
         Binding("r", "retry", "Retry", id="custom.retry", show=False,
                 tooltip="Retry a failed download, conversion, fine-tune (resuming) or merge"),
         Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download, conversion, fine-tune or merge"),
@@ -159,6 +161,8 @@ class CustomScreen(DeckScreen):
             actions.append(("finetune", "Fine-tune  f"))
         if m.state == ModelState.READY and m.kind == ModelKind.ADAPTER:
             actions.append(("merge", "Merge into base  m"))
+            if self._deployments_of_base(m):
+                actions.append(("serve_on", "Serve on a deployment of its base…  s"))
         if self.store.is_deployed(m.id):
             actions.append(("connect", "Connect (its deployment)  c"))
         if m.state == ModelState.READY:
@@ -176,7 +180,8 @@ class CustomScreen(DeckScreen):
         row = self._row()
         if row is None:  # nothing to act on: what starts a model
             return ["focus_filter", "import_model", "finetune"]
-        order = ["menu", "cancel_job", "retry", "merge", "connect", "deploy", "finetune", "logs", "details", "delete"]
+        order = ["menu", "cancel_job", "retry", "merge", "connect", "deploy", "finetune", "logs", "details", "delete",
+                 "serve_on"]
         return sorted(["menu"] + [action for action, _label in self._actions(row)], key=order.index)
 
     def action_menu(self) -> None:
@@ -278,6 +283,7 @@ class CustomScreen(DeckScreen):
         m = row.model
         children = [r.model.name for r in self.store.models.values() if r.model.base_id == m.id]
         deployments = [d.name for d in self.store.deployments_of(m.id)]
+        deployments += [f"{d.name} (beside its base: s)" for d in self.store.serving(m.id)]
         fields: list[tuple[str, str | Text]] = [
             ("Kind", m.kind.value), ("State", model_status(row, "long")), ("Source", m.source),
         ]
@@ -348,6 +354,65 @@ class CustomScreen(DeckScreen):
             self.notify("Merge works on a Ready adapter (a fine-tune's result)", severity="warning")
             return
         self.merge(row.model.name)
+
+    def _deployments_of_base(self, adapter) -> list:
+        """The live deployments (not external) whose base is this adapter's, other than one of the adapter itself."""
+        found = []
+        for dep in self.store.deployments.values():
+            row = self.store.models.get(dep.model_id) if dep.model_id is not None else None
+            if row is None or not dep.state.is_live() or dep.backend == "external" or dep.model_id == adapter.id:
+                continue
+            base_id = row.model.base_id if row.model.kind == ModelKind.ADAPTER else row.model.id
+            if base_id == adapter.base_id:
+                found.append(dep)
+        return found
+
+    def action_serve_on(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        m = row.model
+        if m.kind != ModelKind.ADAPTER or m.state != ModelState.READY:
+            self.notify("Serving on a deployment is for a Ready adapter: it joins a running deployment of its base",
+                        severity="warning", timeout=5)
+            return
+        found = self._deployments_of_base(m)
+        if not found:
+            self.notify(f"No deployment of {row.base_name or 'its base'} is running: deploy it (p on it) and serve "
+                        f"{m.name} beside it, or deploy {m.name} itself (p)", severity="warning", timeout=6)
+            return
+        choices = []
+        for dep in found:
+            if any(model_id == m.id for _, model_id in self.store.adapters.get(dep.id, [])):
+                choices.append((f"unserve:{dep.id}", f"Stop serving it on {dep.name}"))
+            elif dep.state == DeploymentState.READY:
+                choices.append((f"serve:{dep.id}", f"Serve it on {dep.name}: requests name it {m.name}"))
+            else:
+                choices.append((f"wait:{dep.id}", f"{dep.name} is starting: serve it there once it is Ready"))
+
+        def chosen(choice: str | None) -> None:
+            if not choice or choice.startswith("wait:"):
+                return
+            what, dep_id = choice.split(":")
+            self.serve_or_unserve(m.id, int(dep_id), what == "serve")
+
+        self.app.push_screen(dialogs.ActionMenu(f"{m.name} on a deployment of {row.base_name}", choices, wide=True),
+                             chosen)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def serve_or_unserve(self, adapter_id: int, deployment_id: int, serve: bool) -> None:
+        from engine.deployment_adapters import serve_adapter, unserve_adapter
+
+        dep = self.store.deployments.get(deployment_id)
+        name = dep.name if dep else "the deployment"
+        if serve:
+            served = serve_adapter(self.db, adapter_id, deployment_id)
+            said = f"{name} serves {served.model.name}: requests name it {served.served_name!r}"
+        else:
+            adapter = self.store.models.get(adapter_id)
+            gone = unserve_adapter(self.db, adapter.model.name if adapter else str(adapter_id), deployment_id)
+            said = f"{name} no longer serves {gone.served_name}"
+        self.app.call_from_thread(self.notify, said, timeout=5)
 
     @work(thread=True, exit_on_error=False, group="engine")
     def merge(self, name: str) -> None:

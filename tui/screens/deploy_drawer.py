@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from engine.deployments import DeployPlan
     from engine.gpus import Gpu
 
-LABELS = {"name": "Deployment name", "gpu_count": FIELD_LABELS["gpus"]}  # the rest are the settings' own
+LABELS = {"name": "Deployment name", "gpu_count": FIELD_LABELS["gpus"], "adapters": "Adapters"}  # the rest: settings'
+ADAPTERS_HELP = ("Ready adapters of the same base, served beside it, each under its own name (a request's model "
+                 "chooses): their names, separated by commas")
 PLAN_DELAY_S = 0.3  # wait for typing to pause before asking for the plan again
 VERDICT_STYLES = {"fits": "bold green", "tight": "bold yellow", "does not fit": "bold red"}
 BACKENDS = [("auto: vLLM on a GPU, else built-in", "auto"), ("vLLM", "vllm"),
@@ -49,12 +51,15 @@ TYPED = [
     ("port", "a free one", "The port to listen on; empty or 0 picks a free one"),
     ("host", "127.0.0.1", "Bind address: 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network"),
     ("served_name", "", "The model name clients send in requests"),
+    ("adapters", "none", ADAPTERS_HELP),
+    ("max_lora_rank", "from the adapters", "The highest adapter rank it takes, now or loaded while it serves (vLLM "
+                                           "reserves room for it); empty: any on the built-in server"),
 ]
 GPU_COUNT_HELP = "How many GPUs its job gets (0: its CPUs; auto: the tensor-parallel size where there are GPUs)"
 VLLM_ONLY = ("tensor_parallel", "gpu_memory_fraction")
 # The rows of the common settings, each shown where the chosen target uses it (its DEPLOY_FIELDS).
 COMMON = ("backend", "gpus", "dtype", "tensor_parallel", "max_model_len", "gpu_memory_fraction", "port", "host",
-          "served_name")
+          "served_name", "max_lora_rank")
 
 
 class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[int | None]):
@@ -101,6 +106,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                 for field_id, placeholder, help_text in TYPED:
                     with Horizontal(classes="form-row", id=f"{field_id}-row"):
                         yield Label(LABELS.get(field_id) or FIELD_LABELS[field_id], classes="form-label")
+                        if field_id == "adapters":
+                            placeholder, help_text = self._adapters_hint(row)
                         yield Input(placeholder=placeholder or name, id=field_id, compact=True, tooltip=help_text)
                 yield Static("Checking…", id="plan", classes="drawer-plan")
             yield Checkbox("Deploy even if it does not fit", id="force", compact=True)
@@ -109,6 +116,22 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Deploy (ctrl+s)", variant="primary", id="start", compact=True)
                 yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def _adapters_hint(self, row) -> tuple[str, str]:
+        """The Adapters field's placeholder and help: the Ready adapters of this model's base, by name."""
+        if row is None:
+            return "none", ADAPTERS_HELP
+        m = row.model
+        base_id = m.base_id if m.kind == ModelKind.ADAPTER else m.id
+        ready = [r.model.name for r in self.app.store.models.values() if r.model.kind == ModelKind.ADAPTER
+                 and r.model.base_id == base_id and r.model.state == ModelState.READY and r.model.id != m.id]
+        if not ready:
+            return "none", ADAPTERS_HELP + " (its base has no other Ready adapter)"
+        shown = ", ".join(ready[:3]) + (f" (+{len(ready) - 3})" if len(ready) > 3 else "")
+        return f"none; e.g. {shown}", ADAPTERS_HELP + ": " + ", ".join(ready)
+
+    def _adapters(self) -> list[str]:
+        return [part for part in self.query_one("#adapters", Input).value.replace(",", " ").split() if part]
 
     @staticmethod
     def _about(row, entry=None) -> Text:
@@ -210,14 +233,14 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
         if errors:
             self.query_one("#plan", Static).update("")
             return
-        self._plan(settings, gpus, self._deployment_name())
+        self._plan(settings, gpus, self._deployment_name(), self._adapters())
 
     @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
-    def _plan(self, settings: DeploySettings, gpus: list[Gpu], name: str | None) -> None:
+    def _plan(self, settings: DeploySettings, gpus: list[Gpu], name: str | None, adapters: list[str]) -> None:
         from engine import deployments
 
         try:
-            checked = deployments.plan(self.app.db, self.model_id, settings, gpus, name)
+            checked = deployments.plan(self.app.db, self.model_id, settings, gpus, name, adapters)
         except Exception as exc:  # noqa: BLE001 - whatever it is, it belongs on the error line, not a toast
             self.app.call_from_thread(self._show_plan, None, str(exc) if isinstance(exc, EngineError) else
                                       f"{type(exc).__name__}: {exc}")
@@ -245,6 +268,10 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
                                  f": {checked.fit.needs}")
         if checked.serving.chosen_because:
             text.append("\nChosen ", style="dim").append(checked.serving.chosen_because)
+        if extra := [name for name, adapter in checked.adapters if adapter.id != checked.model.id]:
+            text.append("\nServes ", style="dim").append(
+                f"{checked.served_name}" if checked.model.kind != ModelKind.ADAPTER else
+                f"{checked.served_name}, its base as {checked.served_name}-base").append(f", and {', '.join(extra)}")
         for warning in checked.warnings:
             text.append(f"\n⚠ {warning}", style="yellow")
         self.query_one("#plan", Static).update(text)
@@ -272,7 +299,8 @@ class DeployDrawer(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[in
         from engine import deployments
 
         try:
-            checked = deployments.plan(self.app.db, self.model_id, settings, name=name)
+            checked = deployments.plan(self.app.db, self.model_id, settings, name=name,
+                                       adapters=self.app.call_from_thread(self._adapters))
             if checked.replaces and not replace:  # one row per name: ask before the ended one goes
                 self.app.call_from_thread(self._ask_to_replace, checked.replaces[-1], settings, name, force)
                 return

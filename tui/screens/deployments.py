@@ -64,6 +64,8 @@ class DeploymentsScreen(DeckScreen):
         Binding("x", "stop", "Stop", id="deployments.stop", tooltip="Stop the server (asks first); frees its port and GPUs"),
         Binding("r", "restart", "Start again", id="deployments.restart", show=False,
                 tooltip="Start a stopped or failed deployment again: its settings, name and API key"),
+        Binding("u", "unload_adapter", "Unload adapter", id="deployments.unload_adapter", show=False,
+                tooltip="Stop serving one of its adapters (requests using it finish; new ones get a 404)"),
         Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
@@ -126,8 +128,23 @@ class DeploymentsScreen(DeckScreen):
         else:  # where it listens; an address open to other machines stands out
             bound, exposed = listening_on(dep)
             address = Text(bound, style="bold yellow" if exposed else "")
-        return (dep.name, backend_label(dep.backend), address, Text(state, style=STATE_STYLES[dep.state]),
+        name = Text(dep.name)
+        if beside := self.store.adapters_beside(dep):  # how many adapters it serves beside its base
+            name.append(f" +{len(beside)}", style="cyan")
+        return (name, backend_label(dep.backend), address, Text(state, style=STATE_STYLES[dep.state]),
                 requests, rate, self._uptime(dep))
+
+    def _adapters_text(self, dep: Deployment) -> str:
+        """What it serves beside its base: each adapter by the name requests give, and the custom model it is."""
+        beside = self.store.adapters_beside(dep)
+        if not beside:
+            return "none (a Ready adapter of its base joins it from Custom: s)"
+        names = []
+        for name, model_id in beside:
+            model = self.store.models.get(model_id) if model_id is not None else None
+            names.append(name if model is not None and model.model.name == name else
+                         f"{name} ({model.model.name if model else 'deleted'})")
+        return ", ".join(names) + " (u unloads one)"
 
     @staticmethod
     def _uptime(dep: Deployment) -> str:
@@ -142,7 +159,8 @@ class DeploymentsScreen(DeckScreen):
 
         def keep(dep_id: int) -> bool:
             d = deployments[dep_id]
-            text = f"{d.name} {d.backend} {d.endpoint or ''} {d.served_name or ''}".lower()
+            served = " ".join(name for name, _ in self.store.adapters.get(dep_id, []))
+            text = f"{d.name} {d.backend} {d.endpoint or ''} {d.served_name or ''} {served}".lower()
             return (wanted is None or d.state == wanted) and all(w in text for w in words)
 
         self.table.set_filter(keep if words or wanted else None)
@@ -192,6 +210,8 @@ class DeploymentsScreen(DeckScreen):
         if dep.backend != "external":
             actions.append("logs")
             actions.append("stop" if dep.state.is_live() else "restart")
+        if self.store.adapters_beside(dep):
+            actions.append("unload_adapter")
         if not dep.state.is_live() or dep.backend == "external":
             actions.append("delete")
         return actions
@@ -281,6 +301,33 @@ class DeploymentsScreen(DeckScreen):
         deployments.delete(self.db, dep_id)
         self.app.call_from_thread(self.notify, f"Deleted {name}", timeout=3)
 
+    def action_unload_adapter(self) -> None:
+        dep = self._selected()
+        if dep is None:
+            return
+        beside = self.store.adapters_beside(dep)
+        if not beside:
+            self.notify(f"{dep.name} serves no adapter beside its base; one joins it from Custom (s on a Ready "
+                        "adapter of its base)", severity="warning", timeout=5)
+            return
+        actions = [(f"unserve({i})", f"{name}  (requests using it finish; new ones get a 404)"
+                    if dep.state == DeploymentState.READY else f"{name}  (not loaded when it starts again)")
+                   for i, (name, _) in enumerate(beside)]
+
+        def chosen(action: str | None) -> None:
+            if action:
+                self.unserve(dep.id, beside[int(action[len("unserve("):-1])][0])
+
+        self.app.push_screen(dialogs.ActionMenu(f"Unload an adapter from {dep.name}", actions, wide=True), chosen)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def unserve(self, dep_id: int, served_name: str) -> None:
+        from engine.deployment_adapters import unserve_adapter
+
+        gone = unserve_adapter(self.db, served_name, dep_id)
+        name = self.store.deployments[dep_id].name if dep_id in self.store.deployments else "the deployment"
+        self.app.call_from_thread(self.notify, f"{name} no longer serves {gone.served_name}", timeout=4)
+
     def action_details(self) -> None:
         dep = self._selected()
         if dep is not None:
@@ -312,7 +359,9 @@ class DeploymentsScreen(DeckScreen):
         row = self.store.models.get(dep.model_id)
         base = self.store.models.get(row.model.base_id) if row and row.model.base_id else None
         adapter_base = base.model if base and row.model.kind.value == "adapter" else None
-        command = targets.of_deployment(dep).serving_command(dep, row.model if row else None, adapter_base)
+        served = [(name, self.store.models[model_id].model) for name, model_id in self.store.adapters.get(dep.id, [])
+                  if model_id in self.store.models]
+        command = targets.of_deployment(dep).serving_command(dep, row.model if row else None, adapter_base, served)
         history = self.store.load.get(dep.id) if dep.state == DeploymentState.READY else None
         load = history.last if history else None
         fields = [
@@ -320,6 +369,7 @@ class DeploymentsScreen(DeckScreen):
             ("State", Text(deployment_state_text(dep.state, dep.phase, dep.reason, dep.ends_at, clock()),
                            style=STATE_STYLES[dep.state])),
             ("Endpoint", dep.endpoint or "—"), ("Served name", dep.served_name or "—"),
+            ("Adapters", self._adapters_text(dep)),
             ("API key", masked_key(dep.api_key)), ("GPUs", dep.gpus or "—"),
             ("Created", f"{human_time(dep.created_at)} ({human_duration(clock() - dep.created_at)} ago)"),
             ("Up", self._uptime(dep)),
@@ -332,7 +382,8 @@ class DeploymentsScreen(DeckScreen):
         if dep.backend == "external":  # no settings of ours: only where its key is kept
             where = f"from ${settings['key_env']}" if settings.get("key_env") else (
                 "in the system keyring" if settings.get("key_keyring") else "none")
-            return [(k, v) for k, v in fields if k not in ("Model", "GPUs", "Command")] + [("API key kept", where)]
+            return [(k, v) for k, v in fields if k not in ("Model", "GPUs", "Command", "Adapters")] + [
+            ("API key kept", where)]
         import dataclasses
 
         from engine.backends import DeploySettings

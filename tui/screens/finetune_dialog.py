@@ -80,6 +80,12 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
                 with Horizontal(classes="form-row"):
                     yield Label("Output name", classes="form-label")
                     yield Input(placeholder="BASE-DATASET-lora", id="name", compact=True)
+                with Horizontal(classes="form-row"):
+                    yield Label("When done", classes="form-label")
+                    yield Select(self._serve_on_options(self._initial_base()), value="", allow_blank=False,
+                                 id="serve_on", compact=True,
+                                 tooltip="Load the adapter onto a running deployment of its base once it is Ready "
+                                         "(no restart): requests then name it")
                 yield TargetSelect("finetune", initial=initial_target(self.app.store, self.base_id))
                 with Horizontal(classes="form-row", id="gpus-row"):
                     yield Label("GPUs", classes="form-label")
@@ -124,6 +130,18 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
             m = row.model
             state = "Ready" if m.state == ModelState.READY else f"downloading {job_progress(row.job, 'tiny')}".rstrip()
             options.append((f"{m.name}  ({m.kind.value}, {state})", m.id))
+        return options
+
+    def _serve_on_options(self, base_id) -> list[tuple[str, str]]:
+        """Keep it in Custom, or serve it on one of the running deployments of this base."""
+        options = [("keep it in Custom", "")]
+        for dep in self.app.store.deployments.values():
+            row = self.app.store.models.get(dep.model_id) if dep.model_id is not None else None
+            if row is None or dep.backend == "external" or not dep.state.is_live():
+                continue
+            serves = row.model.base_id if row.model.kind == ModelKind.ADAPTER else row.model.id
+            if serves == base_id:
+                options.append((f"serve it on {dep.name}", dep.name))
         return options
 
     def _initial_base(self):
@@ -283,6 +301,11 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
     def select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "base":
             self._schedule_check()
+            serve_on = self.query_one("#serve_on", Select)
+            kept = serve_on.value
+            options = self._serve_on_options(event.value)
+            serve_on.set_options(options)
+            serve_on.value = kept if any(value == kept for _, value in options) else ""
         self._show_problems(self._hyperparameters()[1])
         self._show_estimate()  # the device (and the base) it rests on
 
@@ -394,16 +417,16 @@ class FinetuneDialog(PrimaryButton, FieldHelp, ReportsWorkerErrors, ModalScreen[
         self._starting = True
         self.query_one("#start", Button).disabled = True
         self._start(base, dataset, hp, self._gpus(), self._value("name") or None, self._target(),
-                    self.query_one(TargetSelect).options)
+                    self.query_one(TargetSelect).options, str(self.query_one("#serve_on", Select).value) or None)
 
     @work(thread=True, exclusive=True, group="start", exit_on_error=False)
     def _start(self, base: str, dataset: str, hp: Hyperparameters, gpus: str, name: str | None, target: str,
-               options: dict[str, str]) -> None:
+               options: dict[str, str], serve_on: str | None) -> None:
         from engine import finetune
 
         try:
             plan = finetune.plan(self.app.db, base, dataset, hp, gpus, target=target or None, options=options)
-            model, _job = finetune.start(self.app.db, plan, name)
+            model, _job = finetune.start(self.app.db, plan, name, serve_on)
         except EngineError as exc:
             self.app.call_from_thread(self._refused, str(exc))
             return
