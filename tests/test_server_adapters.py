@@ -72,8 +72,8 @@ def server(made, tmp_path_factory):
     running.stop()
 
 
-def complete(server, model: str, tokens: int = TOKENS, **extra) -> httpx.Response:
-    return server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": tokens,
+def complete(server, model: str, tokens: int = TOKENS, prompt: str = PROMPT, **extra) -> httpx.Response:
+    return server.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": tokens,
                                            "temperature": 0, **extra})
 
 
@@ -97,7 +97,7 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(server, made):
     assert one.id == "beta" and one.model_extra["parent"] == "tiny"
 
 
-def test_each_request_gets_the_model_it_names_alone_or_mixed_in_one_batch(server, expected):
+def test_each_request_gets_the_model_it_names_alone_or_mixed_in_one_batch(server, made, expected):
     """Alone (the plain path) and many at once to different models (one continuous batch, each token with its
     own adapter): token for token what PEFT gives each."""
     for name in ("tiny", "alpha", "beta"):
@@ -109,6 +109,12 @@ def test_each_request_gets_the_model_it_names_alone_or_mixed_in_one_batch(server
     assert [text_of(r) for r in replies] == [expected[name] for name in names]
     assert [r.json()["model"] for r in replies] == names
     assert choices_by_path(server).get("batched", 0) - before >= 6, "the mixed requests were batched"
+    # longer prompts read in one batch: each prompt's tokens applied as a run of its own adapter
+    long_prompt = "modeldeck downloads, fine-tunes and deploys open language models from a terminal."
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda name: complete(server, name, prompt=long_prompt), names[:6]))
+    base = made[0]
+    assert [text_of(r) for r in replies] == [greedy(base, made[1].get(name), long_prompt) for name in names[:6]]
     # streamed through the SDK, the same
     streamed = "".join(chunk.choices[0].text for chunk in server.client().completions.create(
         model="beta", prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True) if chunk.choices)

@@ -11,6 +11,8 @@ requests to different adapters share a batch.
   stacked rank, a mask that keeps each token's own columns, and one matmul back, however many adapters it
   mixes (PEFT's own mixed batches loop over the adapters, and need one adapter per batch row; a continuous
   batch packs every request into one row). A step of one adapter alone skips the mask.
+  Where the batch is long runs of one adapter each (prompts being read), each run is applied with its own
+  adapter instead, on views of the run's rows: no wasted columns, and a few operations per run.
 - **Which token is whose** is a `Routing`, set for the thread that runs the next forward: the batched step knows
   its requests and how many tokens each brings, the plain path runs one request at a time.
 
@@ -30,6 +32,7 @@ from typing import Any
 
 _current = threading.local()  # the routing of the forward this thread runs next
 _serials = itertools.count()
+RUN_TOKENS = 8  # tokens per run of one adapter, on average, from which runs beat the mask (measured on a CPU)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -168,6 +171,8 @@ class Routing:
     spans: list[tuple[str | None, int]]
     logits: list[tuple[str | None, int]] | None = None
     single: str | None = None  # the one adapter every token is for, when it is one
+    tokens: int = 0  # packed, in all
+    runs: list[tuple[int, int, str]] | None = None  # (start, length, adapter key) where runs beat the mask
     _masks: dict = field(default_factory=dict)
 
     def mask(self, stacked: Stacked, tokens: int):
@@ -199,7 +204,15 @@ def routing(stack: Stack, spans: list[tuple[str | None, int]],
     keys = {adapter for adapter, _ in spans}
     if keys == {None}:
         return None
-    return Routing(stack, spans, logits, next(iter(keys)) if len(keys) == 1 else None)
+    runs, start = [], 0
+    for adapter, n in spans:  # neighbours of one adapter make one run
+        if runs and runs[-1][2] == adapter and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n, adapter)
+        elif adapter is not None:
+            runs.append((start, n, adapter))
+        start += n
+    return Routing(stack, spans, logits, next(iter(keys)) if len(keys) == 1 else None, start,
+                   runs if start >= RUN_TOKENS * len(runs) else None)
 
 
 def route(routing: Routing | None) -> None:
@@ -222,6 +235,11 @@ def _hook(layer: str):
             own = stacked.own.get(single)
             if own is not None:
                 flat_out.addmm_(flat_x @ own[0], own[1])
+            return output
+        if routing.runs is not None and flat_x.shape[0] == routing.tokens:
+            for start, length, key in routing.runs:
+                if (own := stacked.own.get(key)) is not None:
+                    flat_out[start:start + length].addmm_(flat_x[start:start + length] @ own[0], own[1])
             return output
         mask = routing.mask(stacked, flat_x.shape[0])
         if mask is not None:
