@@ -30,6 +30,7 @@ class JobKind(StrEnum):
     FINETUNE = "finetune"
     MERGE = "merge"
     SERVE = "serve"
+    EVALUATE = "evaluate"  # scores a Ready model on a dataset; the model stays Ready
 
 
 class JobState(StrEnum):

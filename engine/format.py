@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catalog.states import DeploymentState, ModelState
+from catalog.states import DeploymentState, JobKind, ModelState
 
 if TYPE_CHECKING:
     from catalog.schema import Job
@@ -52,7 +53,7 @@ def human_time(timestamp: float | None) -> str:
 META_LABELS = {"gpus": "GPUs", "tokens_per_s": "Tokens/s", "train_runtime_s": "Training time (s)",
                "final_loss": "Final loss", "final_eval_loss": "Final validation loss",
                "evaluation": "Held-out rows", "gguf": "GGUF file", "base_model": "Base model",
-               "target_modules": "Target modules"}
+               "target_modules": "Target modules", "evaluations": "Evaluations", "when_done": "When done"}
 
 
 def meta_label(key: str) -> str:
@@ -63,7 +64,29 @@ def meta_value(key: str, value: object) -> str:
     """A recorded detail as the screens and `show` write it."""
     if key == "evaluation" and isinstance(value, dict):
         return describe_evaluation(value)
+    if key == "evaluations" and isinstance(value, list):
+        return "\n".join(describe_scored(result) for result in value)
     return human_value(value)
+
+
+def describe_scored(result: dict) -> str:
+    """An evaluation on a dataset (engine/evaluate.py) in a line: 'support.jsonl: loss 1.04 (perplexity 2.83), base
+    2.31 (10.1): 0.28× the base's perplexity; 100 rows, 5,210 tokens'."""
+    def one(scored: dict) -> str:
+        ppl = scored.get("perplexity")
+        return f"{scored['loss']:.4g} (perplexity {ppl:.4g})" if ppl is not None else f"{scored['loss']:.4g}"
+
+    model, base = result["model"], result.get("base")
+    text = f"{Path(result['dataset']).name}: loss {one(model)}"
+    if base is not None:
+        text += f", base {one(base)}"
+        if model.get("perplexity") and base.get("perplexity"):
+            text += f": {model['perplexity'] / base['perplexity']:.2f}× the base's perplexity"
+    rows = result["rows"]
+    text += f"; {rows:,} row{'s' if rows != 1 else ''}, {result['tokens']:,} tokens"
+    if result.get("left_out"):
+        text += f" ({result['left_out']} left out: nothing to score within {result['max_length']} tokens)"
+    return text
 
 
 def describe_evaluation(evaluation: dict) -> str:
@@ -158,6 +181,8 @@ def state_text(state: ModelState, reason: str | None, job: Job | None, detail: s
                cancelled: bool = False, deployed: bool = False) -> str:
     """How a model's state reads everywhere: 'Ready', 'Failed: <reason>' ('Failed' when tiny),
     'Pending <progress>'."""
+    if state == ModelState.READY and job is not None and job.kind == JobKind.EVALUATE:  # scored on a dataset: Ready
+        return "Evaluating" if detail == "tiny" else f"Ready · evaluating {job_progress(job, detail)}".rstrip()
     if state == ModelState.READY and deployed:  # a live deployment serves it now
         return "Deployed" if detail == "tiny" else "Ready · deployed"
     if state == ModelState.READY:

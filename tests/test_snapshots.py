@@ -325,6 +325,30 @@ class TestDialogs:
         assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
             "2", "f", shown(FinetuneDialog), *"tests/data/", "ctrl+o", shown(FilePicker)))
 
+    def test_evaluate_dialog_with_a_bad_dataset(self, snap_compare, db, size):
+        from tui.screens.evaluate_dialog import EvaluateDialog
+
+        async def refused(pilot):
+            await wait_for(pilot, lambda: "line 3" in str(pilot.app.screen.query_one("#error").render()),
+                           what="the dataset's error")
+            pilot.app.screen.query_one("#dataset").cursor_blink = False
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys(
+            "2", "e", shown(EvaluateDialog), *"tests/data/support-chat-broken.jsonl", "enter", refused))
+
+    def test_a_deployment_serving_an_adapter_and_its_unload_menu(self, snap_compare, db, size):
+        from sqlmodel import select
+
+        from catalog.schema import DeploymentAdapter, Model
+
+        app = app_for(db)
+        [support_bot] = [d for d in deployment_rows(db) if d.name == "support-bot"]
+        with db.write() as session:
+            adapter = session.exec(select(Model).where(Model.name == "support-bot-lora")).one()
+            session.add(DeploymentAdapter(deployment_id=support_bot.id, model_id=adapter.id,
+                                          served_name="support-bot-lora", created_at=T0))
+        assert snap_compare(app, terminal_size=size, run_before=keys("3", "u", shown(ActionMenu)))
+
     def test_training_details_with_loss_curve_and_log(self, snap_compare, db, size):
         async def log_read(pilot):
             from tui.widgets.log_view import FollowingLog

@@ -284,8 +284,13 @@ class ModelDeckApp(KeysInOrder, App):
         """A model that leaves Pending says so, wherever the user is looking."""
         from catalog.states import ModelState
 
+        from engine.format import describe_scored
+
         for row in message.rows:
             before = self.store.models.get(row.model.id)
+            scored = row.model.meta.get("evaluations") or []
+            if before is not None and scored and scored[0] != (before.model.meta.get("evaluations") or [None])[0]:
+                self.notify(describe_scored(scored[0]), title=f"{row.model.name} evaluated", timeout=10)
             if before is None or before.model.state != ModelState.PENDING or row.model.state == ModelState.PENDING:
                 continue
             if row.model.state == ModelState.READY:

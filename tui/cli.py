@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("stop", "cmd_stop", "stop a deployment (the server ends cleanly and frees its port)")
     p.add_argument("deployment")
     p.add_argument("--rm", action="store_true", help="also remove its record and chats (works on a stopped one too)")
+    p = verb("eval", "cmd_eval", "score a model on a dataset: loss and perplexity of its answer tokens (an adapter: and "
+             "its base's on the same rows); kept in its details")
+    p.add_argument("model", help="a Ready custom model or adapter")
+    p.add_argument("dataset", help="a .jsonl file (OpenAI chat, ShareGPT, Alpaca or text), as a fine-tune takes")
     verb("gpus", "cmd_gpus", "list this machine's GPUs: load, memory, temperature, power, and who holds each")
     verb("jobs", "cmd_jobs", "list jobs (downloads, imports, fine-tunes, merges, servers)")
     p = verb("logs", "cmd_logs", "print a job's log: by job id, a deployment's name (its server), or a model's name")

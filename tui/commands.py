@@ -118,7 +118,9 @@ def cmd_show(args, db) -> int:
     if row.job:
         fields.append(("job", f"{row.job.id} {row.job.kind.value}, log {row.job.log_path}"))
     width = max(len(k) for k, _ in fields)
-    _emit(args, _model_dict(row), "\n".join(f"{k:>{width}}: {v}" for k, v in fields if v not in (None, "")))
+    indent = "\n" + " " * (width + 2)  # a value of several lines (the evaluations) under itself
+    _emit(args, _model_dict(row), "\n".join(f"{k:>{width}}: {str(v).replace(chr(10), indent)}" for k, v in fields
+                                            if v not in (None, "")))
     return 0
 
 
@@ -397,6 +399,36 @@ def cmd_ps(args, db) -> int:
                    [[d.name, backend_label(d.backend), _clip(deployment_state_text(d.state, d.phase, d.reason, d.ends_at), 60),
                      endpoint(d), d.gpus or "", _clip(served(d), 40), human_time(d.created_at)] for d in rows])
     _emit(args, [_deployment_dict(d, adapters.get(d.id, [])) for d in rows], table)
+    return 0
+
+
+def cmd_eval(args, db) -> int:
+    """Start the evaluation, follow it (its phase on stderr), print the result; ctrl+c cancels it."""
+    from engine import evaluate
+
+    checked = evaluate.plan(db, args.model, args.dataset)
+    job = evaluate.start(db, checked)
+    show = sys.stderr.isatty() and not args.json
+    try:
+        while not job.state.is_terminal():
+            time.sleep(0.5)
+            jobs.reconcile(db)
+            job = jobs.get(db, job.id)
+            if show:
+                line = f"{checked.model.name}: {job_progress(job, 'long')}"
+                sys.stderr.write("\r\033[K" + _clip(line, shutil.get_terminal_size().columns - 1))
+                sys.stderr.flush()
+    except KeyboardInterrupt:
+        jobs.cancel(db, job.id)
+        raise
+    finally:
+        if show:
+            sys.stderr.write("\r\033[K")
+    if job.state != JobState.SUCCEEDED:
+        raise EngineError(f"evaluating {checked.model.name} {job.state.value}: {job.error or 'see its log'} "
+                          f"(modeldeck logs {job.id})")
+    result = job.loads(job.metrics_json, {})["evaluation"]
+    _emit(args, result, f"{checked.model.name}: {evaluate.describe(result)}")
     return 0
 
 

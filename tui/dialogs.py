@@ -11,6 +11,7 @@ _MODULES = {
     "DeploymentDetails": "tui.screens.details", "DetailsDialog": "tui.screens.details", "LiveDetails": "tui.screens.details", "TrainingDetails": "tui.screens.details",
     "FinetuneDialog": "tui.screens.finetune_dialog", "GpuDialog": "tui.screens.gpu_dialog", "ImportDialog": "tui.screens.import_dialog",
     "LogDialog": "tui.screens.log_dialog", "TagPicker": "tui.screens.tag_picker",
+    "EvaluateDialog": "tui.screens.evaluate_dialog",
 }
 
 

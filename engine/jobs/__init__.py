@@ -47,7 +47,7 @@ REATTACH_LIMIT = 5  # a job's work on a target is re-attached at most this often
 LOG_TAIL_LINES = 8
 _ENTRY_POINTS = {JobKind.DOWNLOAD: "engine.jobs.download", JobKind.IMPORT: "engine.jobs.importer",
                  JobKind.FINETUNE: "engine.jobs.finetune", JobKind.MERGE: "engine.jobs.merge",
-                 JobKind.SERVE: "engine.jobs.serve"}
+                 JobKind.SERVE: "engine.jobs.serve", JobKind.EVALUATE: "engine.jobs.evaluate"}
 
 # Processes this process spawned: polling them reaps zombies and gives us their exit codes.
 _children: dict[int, subprocess.Popen] = {}
@@ -174,10 +174,13 @@ def get(db: Database, job_id: int) -> Job:
     return job
 
 
-def latest_for_model(db: Database, model_id: int) -> Job | None:
-    """The model's most recent job (running or finished), if any ever ran for it."""
+def latest_for_model(db: Database, model_id: int, kind: JobKind | None = None) -> Job | None:
+    """The model's most recent job (of a kind: its fine-tune, not an evaluation since), if any ever ran for it."""
     with db.read() as session:
-        return session.exec(select(Job).where(Job.model_id == model_id).order_by(Job.id.desc())).first()
+        query = select(Job).where(Job.model_id == model_id)
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        return session.exec(query.order_by(Job.id.desc())).first()
 
 
 def log_tail(path: str | None, lines: int = LOG_TAIL_LINES) -> list[str]:

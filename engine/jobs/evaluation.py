@@ -26,9 +26,9 @@ class Evaluation:
                 round(self.perplexity, 4)}
 
 
-def evaluate(model, rows: list[dict], collate, batch_size: int = 8, stopping=None) -> Evaluation:
+def evaluate(model, rows: list[dict], collate, batch_size: int = 8, stopping=None, progress=None) -> Evaluation:
     """`rows`: encoded rows (input_ids, labels); `collate` pads a list of them into a batch. `stopping`: a
-    cancel between batches."""
+    cancel between batches; `progress(rows done, rows)`: told after each batch."""
     import torch
     import torch.nn.functional as F
 
@@ -48,6 +48,8 @@ def evaluate(model, rows: list[dict], collate, batch_size: int = 8, stopping=Non
                     total += float(F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100,
                                                    reduction="sum"))
                 tokens += int((targets != -100).sum())
+                if progress is not None:
+                    progress(min(start + batch_size, len(rows)), len(rows))
     finally:
         model.train(was_training)
     if not tokens:

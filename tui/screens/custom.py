@@ -12,7 +12,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 
-from catalog.states import DeploymentState, ModelKind, ModelState
+from catalog.states import DeploymentState, JobKind, ModelKind, ModelState
 from engine.format import (
     delete_consequence,
     human_bytes,
@@ -54,6 +54,8 @@ class CustomScreen(DeckScreen):
                 tooltip="Merge the selected adapter into its base: a model of its own"),
         Binding("s", "serve_on", "Serve on…", id="custom.serve_on", show=False,
                 tooltip="Load the adapter onto a running deployment of its base, without a restart (or unload it)"),
+        Binding("e", "evaluate", "Evaluate", id="custom.evaluate", show=False,
+                tooltip="Loss and perplexity on a dataset (an adapter: beside its base); the result joins its details"),
         Binding("r", "retry", "Retry", id="custom.retry", show=False,
                 tooltip="Retry a failed download, conversion, fine-tune (resuming) or merge"),
         Binding("x", "cancel_job", "Cancel job", id="custom.cancel", tooltip="Cancel the running download, conversion, fine-tune or merge"),
@@ -167,6 +169,8 @@ class CustomScreen(DeckScreen):
             actions.append(("connect", "Connect (its deployment)  c"))
         if m.state == ModelState.READY:
             actions.append(("deploy", "Deploy  p"))
+            if row.job is None and self._files_here(m):
+                actions.append(("evaluate", "Evaluate on a dataset…  e"))
         if retried := retry_label(m):
             actions.append(("retry", f"Retry {retried}  r"))
         if row.job is not None:
@@ -181,7 +185,7 @@ class CustomScreen(DeckScreen):
         if row is None:  # nothing to act on: what starts a model
             return ["focus_filter", "import_model", "finetune"]
         order = ["menu", "cancel_job", "retry", "merge", "connect", "deploy", "finetune", "logs", "details", "delete",
-                 "serve_on"]
+                 "serve_on", "evaluate"]
         return sorted(["menu"] + [action for action, _label in self._actions(row)], key=order.index)
 
     def action_menu(self) -> None:
@@ -231,7 +235,7 @@ class CustomScreen(DeckScreen):
         """A fine-tuned adapter's details: its facts, loss curve and log, following the job while it runs."""
         from engine import jobs
 
-        job = jobs.latest_for_model(self.db, model_id)  # the run's curve, if it is over
+        job = jobs.latest_for_model(self.db, model_id, JobKind.FINETUNE)  # the run's curve, if it is over
         self.app.call_from_thread(self._show_training_details, model_id, job)
 
     def _show_training_details(self, model_id: int, job) -> None:
@@ -240,13 +244,16 @@ class CustomScreen(DeckScreen):
             return  # deleted meanwhile
         seen = {"row": row, "job": job}
 
+        def training_job(row):  # (an evaluation of the adapter is a job of it too)
+            return row.job if row is not None and row.job is not None and row.job.kind == JobKind.FINETUNE else None
+
         def live():
             row = self.store.models.get(model_id)
             if row is not None:
-                if row.job is None and seen["job"] is not None and not seen["job"].state.is_terminal():
+                if training_job(row) is None and seen["job"] is not None and not seen["job"].state.is_terminal():
                     self.reread_job(seen, seen["job"].id)  # it ended: its last metrics are in the database
                 seen["row"] = row
-                if row.job is not None:
+                if training_job(row) is not None:
                     seen["job"] = row.job
             job = seen["job"]
             curves = job.loads(job.metrics_json, {}).get("curve", {}) if job else {}
@@ -254,8 +261,7 @@ class CustomScreen(DeckScreen):
             return self.details_fields(seen["row"]), curves, job.log_path if job else None
 
         def training() -> bool:
-            row = self.store.models.get(model_id)
-            return row is not None and row.job is not None
+            return training_job(self.store.models.get(model_id)) is not None
 
         self.app.push_screen(dialogs.TrainingDetails(row.model.name, live, copy_value=row.model.path, training=training))
 
@@ -354,6 +360,33 @@ class CustomScreen(DeckScreen):
             self.notify("Merge works on a Ready adapter (a fine-tune's result)", severity="warning")
             return
         self.merge(row.model.name)
+
+    @staticmethod
+    def _files_here(model) -> bool:
+        from engine import targets  # loaded by now; not at import, to keep the first paint fast
+
+        return bool(model.path) and targets.home_of(model).files_here(model)
+
+    def action_evaluate(self) -> None:
+        row = self._row()
+        if row is None:
+            return
+        m = row.model
+        if m.state != ModelState.READY or not self._files_here(m):
+            where = "once it is Ready" if m.state != ModelState.READY else "where its files are"
+            self.notify(f"{m.name} is evaluated {where}", severity="warning", timeout=5)
+            return
+        if row.job is not None:
+            self.notify(f"{m.name} is being evaluated: its row shows how far (x cancels)", severity="warning",
+                        timeout=4)
+            return
+
+        def started(job_id: int | None) -> None:
+            if job_id is not None:
+                self.notify(f"Evaluating {m.name}: its row shows how far; the result joins its details (d)", timeout=5)
+
+        adapter_of = row.base_name if m.kind == ModelKind.ADAPTER else None
+        self.app.push_screen(dialogs.EvaluateDialog(m.id, m.name, adapter_of), started)
 
     def _deployments_of_base(self, adapter) -> list:
         """The live deployments (not external) whose base is this adapter's, other than one of the adapter itself."""
