@@ -112,6 +112,19 @@ def deployment_rows(db):
     return rows(db)
 
 
+def serve_the_adapter(db) -> None:
+    """The seeded Ready deployment serves the seeded adapter beside its base."""
+    from sqlmodel import select
+
+    from catalog.schema import DeploymentAdapter, Model
+
+    [support_bot] = [d for d in deployment_rows(db) if d.name == "support-bot"]
+    with db.write() as session:
+        adapter = session.exec(select(Model).where(Model.name == "support-bot-lora")).one()
+        session.add(DeploymentAdapter(deployment_id=support_bot.id, model_id=adapter.id,
+                                      served_name="support-bot-lora", created_at=T0))
+
+
 def free_ram(monkeypatch, available: int) -> None:
     """The deploy drawer's fit check against a fixed amount of free memory, not this machine's."""
     from collections import namedtuple
@@ -337,17 +350,37 @@ class TestDialogs:
             "2", "e", shown(EvaluateDialog), *"tests/data/support-chat-broken.jsonl", "enter", refused))
 
     def test_a_deployment_serving_an_adapter_and_its_unload_menu(self, snap_compare, db, size):
-        from sqlmodel import select
+        app = app_for(db)
+        serve_the_adapter(db)
+        assert snap_compare(app, terminal_size=size, run_before=keys("3", "u", shown(ActionMenu)))
 
-        from catalog.schema import DeploymentAdapter, Model
+    def test_compare_pane_with_a_reply_and_a_model_that_cannot_answer(self, snap_compare, db, size):
+        from engine.chat import ReplyStats
+        from tui.screens.compare import CompareScreen, TurnView
+
+        async def compared(pilot):
+            pilot.app.open_compare(["support-bot", "qwen-small"])
+            screen = await wait_for(pilot, lambda: isinstance(pilot.app.screen, CompareScreen) and pilot.app.screen)
+            await wait_for(pilot, lambda: len(screen.models) == 2, what="the models")
+            await pilot.pause()
+            columns = screen._columns()
+            for column, (text, stats) in zip(columns, [
+                    (REPLY, ReplyStats(ttft_s=0.042, usage_tokens=61, chunks=58, elapsed_s=1.32, finish="stop")),
+                    ("", ReplyStats(error="deployment 'qwen-small' is pending", finish="error"))]):
+                view = TurnView("How do I reset my password?")
+                await column.query_one("VerticalScroll").mount(view)
+                view.show(text, stats, live=False)
+            screen.query_one("#prompt").cursor_blink = False
+            await pilot.pause(0.2)
+
+        assert snap_compare(app_for(db), terminal_size=size, run_before=keys(compared))
+
+    def test_compare_picker(self, snap_compare, db, size):
+        from tui.screens.compare import ComparePicker
 
         app = app_for(db)
-        [support_bot] = [d for d in deployment_rows(db) if d.name == "support-bot"]
-        with db.write() as session:
-            adapter = session.exec(select(Model).where(Model.name == "support-bot-lora")).one()
-            session.add(DeploymentAdapter(deployment_id=support_bot.id, model_id=adapter.id,
-                                          served_name="support-bot-lora", created_at=T0))
-        assert snap_compare(app, terminal_size=size, run_before=keys("3", "u", shown(ActionMenu)))
+        serve_the_adapter(db)
+        assert snap_compare(app, terminal_size=size, run_before=keys("3", "m", shown(ComparePicker)))
 
     def test_training_details_with_loss_curve_and_log(self, snap_compare, db, size):
         async def log_read(pilot):

@@ -67,14 +67,17 @@ class ModelDeckApp(KeysInOrder, App):
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
-    def __init__(self, db: Database | None = None, follow: bool = True, open_chat: str | None = None):
+    def __init__(self, db: Database | None = None, follow: bool = True, open_chat: str | None = None,
+                 open_compare: list[str] | None = None):
         """`db`: an open database, or None to open the default one after the first paint. `open_chat`: a
-        deployment's name (or id) whose chat opens once the data is loaded (`modeldeck chat NAME`)."""
+        deployment's name (or id) whose chat opens once the data is loaded (`modeldeck chat NAME`);
+        `open_compare`: models to compare then (`modeldeck compare A B`)."""
         super().__init__()
         self.db = db
         self.store = Store()
         self._follow = follow
         self._open_chat = open_chat
+        self._open_compare = open_compare
         self.dataset_folder: str | None = None  # where the fine-tune dialog's file picker starts (the last used)
         self.keymap: dict[str, str] = {}  # the user's keys by binding id (the config file's [keys])
 
@@ -181,6 +184,9 @@ class ModelDeckApp(KeysInOrder, App):
         self.watch_gpus()
         if self._open_chat is not None:
             self._chat_on_start(self._open_chat)
+        if self._open_compare is not None:
+            self.switch_mode("deployments")
+            self.open_compare(self._open_compare)
         self.discover_targets()
 
     # -- load and GPUs: read in workers, kept in the store, shown by whoever shows them ----------------
@@ -360,6 +366,11 @@ class ModelDeckApp(KeysInOrder, App):
         from tui.screens.connect_dialog import ConnectDialog
 
         self.push_screen(ConnectDialog(deployment_id), lambda wish: wish == "chat" and self.open_chat(deployment_id))
+
+    def open_compare(self, names: list[str]) -> None:
+        from tui.screens.compare import CompareScreen
+
+        self.push_screen(CompareScreen(names))
 
     def open_chat(self, deployment_id: int, conversation_id: int | None = None) -> None:
         """The chat pane on a Ready deployment (a model without a chat template is told so)."""

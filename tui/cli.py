@@ -104,10 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("deployment")
     p.add_argument("prompt", nargs="?", help="the message ('-' reads it from stdin); without it, the dashboard opens "
                    "on the deployment's chat")
-    p.add_argument("--system", default="", help="a system prompt")
-    p.add_argument("--temperature", help="0 to 2 (default 0.7)")
-    p.add_argument("--top-p", dest="top_p", help="0 to 1 (default 1)")
-    p.add_argument("--max-tokens", dest="max_tokens", help="the longest reply (default 512)")
+    _sampling_flags(p, "0.7")
+    p = verb("compare", "cmd_compare", "send the same prompt (or each of a file's) to 2 to 4 models at once and show their "
+             "replies side by side, with time to first token, tokens/s and tokens; without a prompt, the dashboard's "
+             "compare pane")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="a deployment, DEPLOYMENT:MODEL (a model it serves: an "
+                   "adapter), or a model one deployment serves")
+    p.add_argument("--prompt", help="the prompt ('-' reads it from stdin)")
+    p.add_argument("--prompts", metavar="FILE", help="a .jsonl file of prompts (strings, or objects with 'prompt', "
+                   "'text', 'instruction' or 'messages'), asked in turn, as one conversation")
+    _sampling_flags(p, "0: greedy, so replies can be compared")
     p = verb("endpoint", "cmd_endpoint", "list an external OpenAI-compatible endpoint (add), or take one off (rm)")
     p.add_argument("action", choices=["add", "rm"])
     p.add_argument("name")
@@ -131,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("cancel", "cmd_cancel", "cancel a running job (by job id, or a model's running job by its name)")
     p.add_argument("job", help="a job id, or a custom model's name")
     return parser
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, temperature: str) -> None:
+    """What a chat request is sent with (engine.chat.ChatParams), as chat and compare take it."""
+    parser.add_argument("--system", default="", help="a system prompt")
+    parser.add_argument("--temperature", help=f"0 to 2 (default {temperature})")
+    parser.add_argument("--top-p", dest="top_p", help="0 to 1 (default 1)")
+    parser.add_argument("--max-tokens", dest="max_tokens", help="the longest reply (default 512)")
 
 
 VALUES_WITH_DASHES = ("--sbatch",)  # their values are options themselves: `--sbatch "--constraint=a100"`
@@ -182,11 +196,14 @@ def _hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
-    if args.command is None or (args.command == "chat" and args.prompt is None):
+    dashboard = args.command == "chat" and args.prompt is None or (
+        args.command == "compare" and args.prompt is None and args.prompts is None)
+    if args.command is None or dashboard:
         from tui.app import ModelDeckApp
 
         # opens the database itself, after painting its first frame
-        app = ModelDeckApp(open_chat=args.deployment if args.command == "chat" else None)
+        app = ModelDeckApp(open_chat=args.deployment if args.command == "chat" else None,
+                           open_compare=args.models if args.command == "compare" else None)
         app.run()
         return app.return_code or 0
     try:

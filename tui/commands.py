@@ -330,6 +330,50 @@ def cmd_chat(args, db) -> int:
     return 0
 
 
+def cmd_compare(args, db) -> int:
+    """Each prompt to every model at once; their replies, each with its numbers, once all have answered (a
+    progress line on stderr meanwhile). Exit status 1 when no model answered at all."""
+    import asyncio
+
+    from engine import compare
+    from engine.chat import ChatParams, new_client
+
+    params, errors = ChatParams.from_strings({"temperature": args.temperature or "0", "top_p": args.top_p or "",
+                                              "max_tokens": args.max_tokens or ""})
+    if errors:
+        raise EngineError("; ".join(errors.values()))
+    if args.prompt is not None and args.prompts is not None:
+        raise EngineError("give --prompt or --prompts, not both")
+    prompts = compare.read_prompts(args.prompts) if args.prompts else [
+        sys.stdin.read() if args.prompt == "-" else args.prompt]
+    if not all(p.strip() for p in prompts):
+        raise EngineError("the prompt is empty")
+    models = compare.contenders(db, args.models)
+    show = sys.stderr.isatty() and not args.json
+    rounds = []
+
+    async def run() -> None:
+        async with new_client() as client:
+            for number, prompt in enumerate(prompts, 1):
+                if show:
+                    sys.stderr.write(f"\r\033[Kprompt {number} of {len(prompts)}…")
+                    sys.stderr.flush()
+                rounds.append((prompt, await compare.ask_all(client, models, prompt, params, args.system)))
+        if show:
+            sys.stderr.write("\r\033[K")
+
+    asyncio.run(run())
+    lines = []
+    for prompt, replies in rounds:
+        lines.append(f"» {prompt}")
+        for reply in replies:
+            said = f"failed: {reply.error}" if reply.error else reply.stats.describe()
+            lines += [f"── {reply.label} · {said}", *([reply.text] if reply.text else []), ""]
+    _emit(args, [{"prompt": prompt, "replies": [r.as_dict() for r in replies]} for prompt, replies in rounds],
+          "\n".join(lines).rstrip())
+    return 0 if any(r.error is None for _, replies in rounds for r in replies) else 1
+
+
 def cmd_endpoint(args, db) -> int:
     from engine import deployments, endpoints
 

@@ -66,6 +66,8 @@ class DeploymentsScreen(DeckScreen):
                 tooltip="Start a stopped or failed deployment again: its settings, name and API key"),
         Binding("u", "unload_adapter", "Unload adapter", id="deployments.unload_adapter", show=False,
                 tooltip="Stop serving one of its adapters (requests using it finish; new ones get a 404)"),
+        Binding("m", "compare", "Compare", id="deployments.compare", show=False,
+                tooltip="The same prompts to 2 to 4 models at once (its adapters, other deployments), side by side"),
         Binding("ctrl+d", "delete", "Delete", id="deployments.delete", tooltip="Delete a stopped or failed deployment (asks first)"),
     ]
     COLUMNS = [
@@ -212,6 +214,8 @@ class DeploymentsScreen(DeckScreen):
             actions.append("stop" if dep.state.is_live() else "restart")
         if self.store.adapters_beside(dep):
             actions.append("unload_adapter")
+        if dep.state == DeploymentState.READY:
+            actions.append("compare")
         if not dep.state.is_live() or dep.backend == "external":
             actions.append("delete")
         return actions
@@ -300,6 +304,43 @@ class DeploymentsScreen(DeckScreen):
         name = self.store.deployments[dep_id].name if dep_id in self.store.deployments else "it"
         deployments.delete(self.db, dep_id)
         self.app.call_from_thread(self.notify, f"Deleted {name}", timeout=3)
+
+    def compare_choices(self) -> list[tuple[str, str]]:
+        """Every model that can be asked now, as compare names it: each Ready deployment's own, its base where it
+        was deployed as an adapter, its adapters; each external endpoint."""
+        from engine.backends import base_served_name
+
+        choices = []
+        for dep in sorted(self.store.deployments.values(), key=lambda d: d.name):
+            if dep.backend == "external":
+                choices.append((dep.name, f"{dep.name}  (external: {dep.served_name or 'its model'})"))
+                continue
+            if dep.state != DeploymentState.READY:
+                continue
+            choices.append((dep.name, f"{dep.name}  ({dep.served_name})"))
+            row = self.store.models.get(dep.model_id) if dep.model_id is not None else None
+            if row is not None and (base := base_served_name(dep.served_name or "", row.model)) != dep.served_name:
+                choices.append((f"{dep.name}:{base}", f"{dep.name}:{base}  (its base)"))
+            for name, _ in self.store.adapters_beside(dep):
+                choices.append((f"{dep.name}:{name}", f"{dep.name}:{name}  (an adapter beside its base)"))
+        return choices
+
+    def action_compare(self) -> None:
+        from tui.screens.compare import ComparePicker
+
+        dep = self._selected()
+        choices = self.compare_choices()
+        if len(choices) < 2:
+            self.notify("Comparing needs two models: a Ready deployment serving an adapter beside its base, two "
+                        "deployments, or an external endpoint (a)", severity="warning", timeout=6)
+            return
+        mine = [name for name, _ in choices if dep is not None and (name == dep.name or name.startswith(f"{dep.name}:"))]
+
+        def chosen(names: list[str] | None) -> None:
+            if names:
+                self.app.open_compare(names)
+
+        self.app.push_screen(ComparePicker(choices, mine[:4]), chosen)
 
     def action_unload_adapter(self) -> None:
         dep = self._selected()
