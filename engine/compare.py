@@ -107,14 +107,18 @@ def _resolve(session, name: str, find_deployment) -> tuple[Deployment, str]:
 
 
 async def ask_all(client, models: list[Contender], prompt: str, params: ChatParams, system: str = "",
-                  on_text: Callable[[int, str, ReplyStats], Awaitable[None] | None] | None = None) -> list[Reply]:
+                  on_text: Callable[[int, str, ReplyStats], Awaitable[None] | None] | None = None,
+                  on_done: Callable[[int, Reply], None] | None = None) -> list[Reply]:
     """Send `prompt` to every model at once, each with its own conversation so far; `on_text(index, text so far,
-    stats)` as each one's reply grows. A model's failure is its reply's error; the others go on. Each model's
-    conversation keeps the prompt and what it answered (a failed reply: nothing of this turn)."""
+    stats)` as each one's reply grows, `on_done(index, reply)` as each one ends. A model's failure is its reply's
+    error; the others go on. Each model's conversation keeps the prompt and what it answered (a failed reply:
+    nothing of this turn)."""
     async def one(index: int, contender: Contender) -> Reply:
         reply = Reply(contender.label)
         if contender.target is None:
             reply.stats.error, reply.stats.finish = contender.problem, "error"
+            if on_done is not None:
+                on_done(index, reply)
             return reply
         messages = ([{"role": "system", "content": system}] if system else []) + contender.history + [
             {"role": "user", "content": prompt}]
@@ -130,6 +134,8 @@ async def ask_all(client, models: list[Contender], prompt: str, params: ChatPara
         reply.text = "".join(parts)
         if reply.error is None:
             contender.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.text}]
+        if on_done is not None:
+            on_done(index, reply)
         return reply
 
     return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(models))))

@@ -9,6 +9,7 @@ from tests.test_tui import loaded, plain, table
 from tests.tui_helpers import wait_for
 from tui.app import ModelDeckApp
 from tui.screens.action_menu import ActionMenu
+from tui.screens.connect_dialog import ConnectDialog
 from tui.screens.custom import CustomScreen
 from tui.screens.deployments import DeploymentsScreen
 
@@ -57,6 +58,13 @@ async def test_adapters_join_a_deployment_from_the_drawer_and_custom_and_leave_i
         ready = deployments.deployment_rows(db)[0]
         client = OpenAI(base_url=ready.endpoint, api_key=ready.api_key, max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny", "alpha", "beta"]
+        # served, it reads deployed; its Connect kit names it, not the base
+        await wait_for(pilot, lambda: plain(table(app).cells(made["beta"].id)[2]) == "Ready · deployed", what="deployed")
+        await pilot.press("c")
+        connect = await wait_for(pilot, lambda: isinstance(app.screen, ConnectDialog) and app.screen, what="Connect")
+        await wait_for(pilot, lambda: connect.key is not None, what="the key")
+        assert connect.model == "beta" and '"model": "beta"' in connect._snippets("k")[0].text
+        await pilot.press("escape")
         await pilot.press("3")
         await wait_for(pilot, lambda: plain(table(app).cells(deployment.id)[0]) == "tiny +2", what="+2")
         await pilot.press("d")

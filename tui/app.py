@@ -357,15 +357,16 @@ class ModelDeckApp(KeysInOrder, App):
             return
         chosen = max(live, key=lambda d: (d.state.value == "ready", d.id))  # Ready first, then the latest
         if chosen.state.value == "ready":
-            self.open_connect(chosen.id)
+            self.open_connect(chosen.id, self.store.served_as(chosen, model_id))
         else:
             self.show_row("deployments", chosen.id)
             self.notify(f"{chosen.name} is still starting; Connect once it is Ready", timeout=4)
 
-    def open_connect(self, deployment_id: int) -> None:
+    def open_connect(self, deployment_id: int, model: str | None = None) -> None:
         from tui.screens.connect_dialog import ConnectDialog
 
-        self.push_screen(ConnectDialog(deployment_id), lambda wish: wish == "chat" and self.open_chat(deployment_id))
+        self.push_screen(ConnectDialog(deployment_id, model),
+                         lambda wish: wish == "chat" and self.open_chat(deployment_id))
 
     def open_compare(self, names: list[str]) -> None:
         from tui.screens.compare import CompareScreen

@@ -71,8 +71,15 @@ class Store:
         return [d for d in self.deployments.values() if d.model_id == model_id]
 
     def live_deployments_of(self, model_id: int) -> list[Deployment]:
-        """Those serving the model now, or about to (Pending or Ready)."""
-        return [d for d in self.deployments_of(model_id) if d.state.is_live()]
+        """Those serving the model now, or about to (Pending or Ready): deployed as it, or with it beside their
+        base (an adapter)."""
+        return [d for d in self.deployments_of(model_id) if d.state.is_live()] + self.serving(model_id)
+
+    def served_as(self, deployment: Deployment, model_id: int) -> str | None:
+        """The name a deployment serves a model beside its base under (None: it is what it was deployed as)."""
+        if deployment.model_id == model_id:
+            return None
+        return next((name for name, served in self.adapters.get(deployment.id, []) if served == model_id), None)
 
     def is_deployed(self, model_id: int) -> bool:
         return bool(self.live_deployments_of(model_id))

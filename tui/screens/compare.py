@@ -235,8 +235,12 @@ class CompareScreen(ReportsWorkerErrors, Screen):
                 last_drawn[index] = time.monotonic()
                 views[index].show(text, reply_stats, live=True)
 
+        def ended(index: int, reply) -> None:  # each column's numbers as soon as its own reply is whole
+            views[index].show(reply.text, reply.stats, live=False)
+
         try:
-            replies = await compare.ask_all(self.client, self.models, prompt, self.params, self.system_prompt, grew)
+            replies = await compare.ask_all(self.client, self.models, prompt, self.params, self.system_prompt, grew,
+                                            ended)
         except asyncio.CancelledError:
             for view, text, reply_stats in zip(views, texts, stats):  # what came stays, marked as stopped
                 reply_stats.finish = reply_stats.finish or "stopped"

@@ -37,9 +37,10 @@ class ConnectDialog(ModalScreen[str | None]):
         Binding("c", "chat", "Chat"),
     ]
 
-    def __init__(self, deployment_id: int):
+    def __init__(self, deployment_id: int, model: str | None = None):
+        """`model`: a model the deployment serves beside its own (an adapter), to connect to instead."""
         super().__init__(classes="dialog")
-        self.deployment_id = deployment_id
+        self.deployment_id, self.model = deployment_id, model
         self.key: str | None = None
         self.revealed = False
         self.problem = ""
@@ -75,7 +76,7 @@ class ConnectDialog(ModalScreen[str | None]):
         from engine.connect import snippets
 
         dep = self.app.store.deployments[self.deployment_id]
-        return snippets(dep.endpoint, dep.served_name or dep.name, key)
+        return snippets(dep.endpoint, self.model or dep.served_name or dep.name, key)
 
     def _tunnel(self) -> tuple[str, str] | None:
         from engine import targets
@@ -86,7 +87,7 @@ class ConnectDialog(ModalScreen[str | None]):
     def show(self) -> None:
         dep = self.app.store.deployments[self.deployment_id]
         key_text = (self.key or "none") if self.revealed else masked_key(self.key)
-        fields = [("Base URL", dep.endpoint), ("Model", dep.served_name or dep.name),
+        fields = [("Base URL", dep.endpoint), ("Model", self.model or dep.served_name or dep.name),
                   ("API key", Text(key_text) if not self.problem else Text(self.problem, style="red"))]
         from engine import targets
 
