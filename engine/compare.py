@@ -1,8 +1,9 @@
 """Comparing models side by side: the same prompt — or each prompt of a file in turn — sent to two to four models
 at once (a deployment's base or one of its adapters, other deployments, external endpoints), their replies
-streamed together with each one's time to first token, tokens/s and token count. A comparison is kept like a
-conversation: each model answers with its own earlier replies in its context. A model that fails says why in its
-own place; the others go on.
+streamed together with each one's time to first token, tokens/s and token count. Prompts typed one after another
+are kept like a conversation: each model answers with its own earlier replies in its context; a file's prompts
+are each asked on their own (a set of test prompts, not a dialogue). A model that fails says why in its own
+place; the others go on.
 
 Light (no torch): the dashboard's compare pane and `modeldeck compare` use it, over engine.chat's client.
 """
@@ -108,11 +109,11 @@ def _resolve(session, name: str, find_deployment) -> tuple[Deployment, str]:
 
 async def ask_all(client, models: list[Contender], prompt: str, params: ChatParams, system: str = "",
                   on_text: Callable[[int, str, ReplyStats], Awaitable[None] | None] | None = None,
-                  on_done: Callable[[int, Reply], None] | None = None) -> list[Reply]:
-    """Send `prompt` to every model at once, each with its own conversation so far; `on_text(index, text so far,
-    stats)` as each one's reply grows, `on_done(index, reply)` as each one ends. A model's failure is its reply's
-    error; the others go on. Each model's conversation keeps the prompt and what it answered (a failed reply:
-    nothing of this turn)."""
+                  on_done: Callable[[int, Reply], None] | None = None, alone: bool = False) -> list[Reply]:
+    """Send `prompt` to every model at once, each with its own conversation so far (`alone`: on its own, the
+    conversation untouched); `on_text(index, text so far, stats)` as each one's reply grows, `on_done(index,
+    reply)` as each one ends. A model's failure is its reply's error; the others go on. Each model's conversation
+    keeps the prompt and what it answered (a failed reply: nothing of this turn)."""
     async def one(index: int, contender: Contender) -> Reply:
         reply = Reply(contender.label)
         if contender.target is None:
@@ -120,8 +121,8 @@ async def ask_all(client, models: list[Contender], prompt: str, params: ChatPara
             if on_done is not None:
                 on_done(index, reply)
             return reply
-        messages = ([{"role": "system", "content": system}] if system else []) + contender.history + [
-            {"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + (
+            [] if alone else contender.history) + [{"role": "user", "content": prompt}]
         parts: list[str] = []
         try:
             async for event in stream_chat(client, contender.target, messages, params, reply.stats):
@@ -132,7 +133,7 @@ async def ask_all(client, models: list[Contender], prompt: str, params: ChatPara
         except ChatError as exc:
             reply.stats.error, reply.stats.finish = str(exc), "error"
         reply.text = "".join(parts)
-        if reply.error is None:
+        if reply.error is None and not alone:
             contender.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.text}]
         if on_done is not None:
             on_done(index, reply)

@@ -127,6 +127,10 @@ def why_not(session: Session, adapter: Model, deployment: Deployment, served_nam
     rank = _rank(adapter)
     if limit and rank > limit:
         return f"{adapter.name!r} has rank {rank}, over the maximum LoRA rank of {deployment.name!r} ({limit})"
+    try:
+        targets.of_deployment(deployment).adapter_path(deployment, adapter)
+    except EngineError as exc:
+        return str(exc)
     return None
 
 
@@ -180,9 +184,14 @@ def serve_adapter(db: Database, adapter_name: str | int, deployment_name: str | 
         now = session.get(Deployment, deployment.id)
         if now is None or now.state != DeploymentState.READY:  # stopped meanwhile: nothing is served any more
             raise EngineError(f"deployment {deployment.name!r} was stopped while {adapter.name!r} was loading")
-        session.add(DeploymentAdapter(deployment_id=deployment.id, model_id=adapter.id, served_name=name))
-        record(session, f"deployment:{deployment.id}", "updated", f"serves the adapter {adapter.name} as {name}",
-               adapter=name)
+        gone = session.get(Model, adapter.id) is None
+        if not gone:
+            session.add(DeploymentAdapter(deployment_id=deployment.id, model_id=adapter.id, served_name=name))
+            record(session, f"deployment:{deployment.id}", "updated", f"serves the adapter {adapter.name} as {name}",
+                   adapter=name)
+    if gone:  # deleted while it loaded: its server lets it go again
+        _ask(deployment, "unload_lora_adapter", {"lora_name": name}, f"unload {name!r}", gone_is_fine=True)
+        raise EngineError(f"{adapter.name!r} was deleted while it loaded; it is not served")
     return ServedAdapter(name, adapter)
 
 

@@ -80,6 +80,8 @@ def test_compare_from_the_shell_prints_each_reply_and_json(db, served, tmp_path)
                             "--json").stdout)
     assert [r["prompt"] for r in rounds] == ["modeldeck downloads", "and then?"]
     assert all(reply["stats"]["tokens"] == 4 and reply["error"] is None for r in rounds for reply in r["replies"])
+    alone = json.loads(run("compare", "tiny", "alpha", "--prompt", "and then?", "--max-tokens", "4", "--json").stdout)
+    assert [r["reply"] for r in alone[0]["replies"]] == [r["reply"] for r in rounds[1]["replies"]]  # not a dialogue
     # every model down: a failure
     down = run("compare", "team", "team:other", "--prompt", "hi", check=False)
     assert down.returncode == 1 and down.stdout.count("failed: cannot reach") == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+import time
 
 import httpx2 as httpx
 import pytest
@@ -28,7 +29,7 @@ def greedy(base, adapter=None, prompt=PROMPT, tokens: int = TOKENS) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ids = torch.tensor([prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]])  # text, or ids
     model = AutoModelForCausalLM.from_pretrained(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
@@ -121,25 +122,30 @@ def test_each_request_gets_the_model_it_names_alone_or_mixed_in_one_batch(server
     assert streamed == expected["beta"]
 
 
-def test_the_same_prompt_to_the_base_and_an_adapter_at_once_shares_no_cache(made, expected, tmp_path):
-    """A prompt longer than a cache block, sent to the base and to an adapter at once: an adapter's keys and
-    values differ from the base's for the same tokens, so blocks must not be shared between them."""
+def test_an_adapter_never_reuses_the_base_models_cached_prompt(made, tmp_path):
+    """A prompt longer than two cache blocks being answered by the base in a batch (its blocks are kept, to be
+    shared with a request that begins alike), an adapter loaded meanwhile, and the same prompt sent to it: an
+    adapter's keys and values differ from the base's for the same tokens, so it must read the prompt itself."""
     from transformers import AutoTokenizer
 
     base, adapters, _ = made
     tokenizer = AutoTokenizer.from_pretrained(base)
-    long_prompt = tokenizer(" ".join(["modeldeck"] * 400))["input_ids"][:600]  # more than two 256-token blocks
-    server = Server(base, tmp_path, adapters={"alpha": adapters["alpha"]})
+    long_prompt = tokenizer(" ".join(["modeldeck"] * 400))["input_ids"][:600]
+    server = Server(base, tmp_path, extra=["--enable-lora"])
     try:
-        def reply(model: str) -> str:
-            return text_of(server.post("/v1/completions", {"model": model, "prompt": long_prompt, "max_tokens": 8,
+        def reply(model: str, tokens: int = 8) -> str:
+            return text_of(server.post("/v1/completions", {"model": model, "prompt": long_prompt, "max_tokens": tokens,
                                                            "temperature": 0}))
 
-        alone = {name: reply(name) for name in ("tiny", "alpha")}
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(reply, ["tiny", "alpha", "tiny", "alpha"]))
-        assert together == [alone["tiny"], alone["alpha"]] * 2
-        assert alone["tiny"] != alone["alpha"]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            base_said = [pool.submit(reply, "tiny", 300) for _ in range(2)]  # a batch, still answering below
+            time.sleep(2)
+            assert server.post("/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": str(adapters["alpha"])}
+                               ).status_code == 200
+            said = reply("alpha")
+            assert not any(f.done() for f in base_said), "the base requests must still run (their blocks kept)"
+            [f.result() for f in base_said]
+        assert said == greedy(base, adapters["alpha"], long_prompt, 8)
     finally:
         server.stop()
 
@@ -268,3 +274,32 @@ def test_a_rank_over_the_servers_maximum_is_refused_and_bad_adapters_at_start_st
                           "--port", str(free_port()), "--adapter", f"x={tmp_path / 'absent'}"],
                          env=child_env() | {"MODELDECK_API_KEY": KEY}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "adapter 'x':" in out.stderr and "no adapter_config.json" in out.stderr
+
+
+async def test_an_unloaded_adapters_weights_go_once_no_request_uses_it(made):
+    """Unloading frees the adapter's weights at the next forward, whatever that forward is for (here the base
+    model's), once no request still uses it."""
+    import asyncio
+
+    from engine.server.api import Sampling
+    from engine.server.generation import Engine
+    from transformers import AutoTokenizer
+
+    base, adapters, _ = made
+    ids = AutoTokenizer.from_pretrained(base)(PROMPT)["input_ids"]
+    engine = Engine(str(base), "auto", None, log=lambda line: None, lora=True)
+
+    async def finished(adapter=None):
+        choice = engine.submit(ids, Sampling(max_tokens=4, temperature=0), adapter=adapter)
+        while not choice.ended:
+            await asyncio.sleep(0.02)
+
+    try:
+        alpha = await asyncio.to_thread(engine.load_adapter, "alpha", str(adapters["alpha"]))
+        await finished(alpha)
+        assert list(engine._stack.adapters.values()) == [alpha]
+        engine.unload_adapter("alpha")
+        await finished()  # a base request: the stack is made anew without it
+        assert engine._stack.adapters == {} and engine.adapters == {}
+    finally:
+        engine.shutdown()

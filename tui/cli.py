@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter), or a model one deployment serves")
     p.add_argument("--prompt", help="the prompt ('-' reads it from stdin)")
     p.add_argument("--prompts", metavar="FILE", help="a .jsonl file of prompts (strings, or objects with 'prompt', "
-                   "'text', 'instruction' or 'messages'), asked in turn, as one conversation")
+                   "'text', 'instruction' or 'messages'), each asked on its own, in turn")
     _sampling_flags(p, "0: greedy, so replies can be compared")
     p = verb("endpoint", "cmd_endpoint", "list an external OpenAI-compatible endpoint (add), or take one off (rm)")
     p.add_argument("action", choices=["add", "rm"])

@@ -358,7 +358,8 @@ def cmd_compare(args, db) -> int:
                 if show:
                     sys.stderr.write(f"\r\033[Kprompt {number} of {len(prompts)}…")
                     sys.stderr.flush()
-                rounds.append((prompt, await compare.ask_all(client, models, prompt, params, args.system)))
+                rounds.append((prompt, await compare.ask_all(client, models, prompt, params, args.system,
+                                                             alone=args.prompts is not None)))
         if show:
             sys.stderr.write("\r\033[K")
 

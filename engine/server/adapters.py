@@ -51,6 +51,7 @@ class Adapter:
     rank: int
     layers: dict[str, tuple[Any, Any]]
     tokenizer: Any = None  # its own, when its folder has one (a chat template saved with it), else the base's
+    eos: frozenset = frozenset()  # its tokenizer's end-of-sequence token, where it has its own
     # unique to this load: an adapter unloaded while requests use it, and another loaded under its name, differ
     key: str = field(default_factory=lambda: f"a{next(_serials)}")
 
@@ -104,6 +105,9 @@ def read_adapter(name: str, path: str, model, max_rank: int = 0) -> Adapter:
             raise AdapterError(f"{name}: this model has no layer {layer} (an adapter of another base model?)") from None
         if not isinstance(module, torch.nn.Linear):
             raise AdapterError(f"{name}: {layer} is a {type(module).__name__} here, not a linear layer")
+        if module is model.get_output_embeddings():  # a batch computes it on a row per request, not per token
+            raise AdapterError(f"{name}: adapts the output layer ({layer}), which the built-in server cannot apply "
+                               "beside other adapters; merge it and deploy the merged model")
         r = a.shape[0]
         if a.shape[1] != module.in_features or b.shape != (module.out_features, r):
             raise AdapterError(
@@ -164,12 +168,10 @@ class Stack:
 @dataclass(eq=False)
 class Routing:
     """Whose each token of the next forward is: `spans` lists (adapter key, or None for the base; token count) in
-    the order the tokens are packed; `logits` the same for the rows the logits are computed on (a batch computes
-    them for each request's last token only). Made by `routing`."""
+    the order the tokens are packed. Made by `routing`."""
 
     stack: Stack
     spans: list[tuple[str | None, int]]
-    logits: list[tuple[str | None, int]] | None = None
     single: str | None = None  # the one adapter every token is for, when it is one
     tokens: int = 0  # packed, in all
     runs: list[tuple[int, int, str]] | None = None  # (start, length, adapter key) where runs beat the mask
@@ -180,13 +182,9 @@ class Routing:
         that leaves this layer alone); None when no token here has an adapter of this layer."""
         key = (stacked.layout, tokens)
         if key not in self._masks:
-            spans = self.spans
-            packed = sum(n for _, n in spans)
-            if self.logits is not None and tokens != packed and tokens == sum(n for _, n in self.logits):
-                spans = self.logits  # a layer after the model keeps only the logits' rows (the LM head)
             slot = {adapter: i for i, (adapter, _) in enumerate(stacked.layout)}
             none = len(stacked.layout)
-            index = [slot.get(adapter, none) for adapter, n in spans for _ in range(n)][:tokens]
+            index = [slot.get(adapter, none) for adapter, n in self.spans for _ in range(n)][:tokens]
             index += [none] * (tokens - len(index))  # padding, if the batch was padded
             if all(i == none for i in index):
                 self._masks[key] = None
@@ -197,8 +195,7 @@ class Routing:
         return self._masks[key]
 
 
-def routing(stack: Stack, spans: list[tuple[str | None, int]],
-            logits: list[tuple[str | None, int]] | None = None) -> Routing | None:
+def routing(stack: Stack, spans: list[tuple[str | None, int]]) -> Routing | None:
     """The routing of a forward whose packed tokens belong to these adapters (by key) in turn; None when every
     token is the base model's."""
     keys = {adapter for adapter, _ in spans}
@@ -211,7 +208,7 @@ def routing(stack: Stack, spans: list[tuple[str | None, int]],
         elif adapter is not None:
             runs.append((start, n, adapter))
         start += n
-    return Routing(stack, spans, logits, next(iter(keys)) if len(keys) == 1 else None, start,
+    return Routing(stack, spans, next(iter(keys)) if len(keys) == 1 else None, start,
                    runs if start >= RUN_TOKENS * len(runs) else None)
 
 

@@ -311,6 +311,8 @@ def create_app(engine: Engine, served_name: str, api_key: str, default_max_token
             limits = [fit(ids, wanted, "messages" if chat else "prompt") for ids in prompts]
             if body.stream_options is not None and not body.stream:
                 raise RequestError("'stream_options' is only for streamed requests", param="stream_options")
+            if adapter is not None:  # unloaded while it was read: a 404, as for any request after the unload
+                adapter = served(body.model)
         except RequestError as exc:
             return error(exc)
         n = body.n or 1

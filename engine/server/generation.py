@@ -124,6 +124,7 @@ class Choice:
     hand_over: bool = False  # set on the event loop: a lone choice on the plain path moves to the batch
     batch: object | None = None  # the batching manager that took it, while it is there
     adapter: Adapter | None = None  # the adapter it is generated with (None: the base model)
+    eos_ids: frozenset[int] = frozenset()  # the tokens that end it: the base's, and its adapter's tokenizer's
 
     def put(self, event: tuple) -> None:
         """From any thread."""
@@ -196,12 +197,13 @@ class Engine:
         choices of its request, submitted with it (a choice with company is never lone). `adapter`: one of
         `adapters` (None: the base model)."""
         choice = Choice(prompt_ids, sampling, TextStream(self.tokenizer_of(adapter), sampling.stop),
-                        asyncio.get_running_loop(), adapter=adapter)
+                        asyncio.get_running_loop(), adapter=adapter,
+                        eos_ids=frozenset(self.eos) | (adapter.eos if adapter is not None else frozenset()))
         alone = self.shared and not self.open and not siblings
         self.open[choice.id] = choice
         self.metrics.running.inc()
         if self.batcher is not None and sampling.batchable and not alone and (adapter is None or self._routable):
-            if self.lone is not None:
+            if self.lone is not None and (self.lone.adapter is None or self._routable):
                 self.lone.hand_over, self.lone = True, None
             self._submit_batched(choice)
         else:
@@ -236,6 +238,9 @@ class Engine:
                 raise AdapterError(f"{name}: its tokenizer has {len(tokenizer)} tokens, more than this model's "
                                    f"{self.vocab_size} (an adapter of another base model?)")
             adapter.tokenizer = tokenizer
+            if tokenizer.eos_token_id is not None:
+                adapter.eos = frozenset([tokenizer.eos_token_id])
+        self._no_prefix_sharing()  # before any request can name it: a prefix is matched when a batch is prepared
         with self._adapters_changing:
             if name in self.adapters:  # another load of the same name, meanwhile
                 raise AdapterError(f"an adapter named {name!r} is served already: unload it first, or choose another "
@@ -263,7 +268,7 @@ class Engine:
         if not self._stack_stale and all(a.key in stack.adapters for a in adapters if a is not None):
             return stack
         self._stack_stale = False
-        needed = {a.key: a for a in self.adapters.values()}
+        needed = {a.key: a for a in list(self.adapters.values())}  # (copied at once: loads and unloads go on)
         for choice in list(self.open.values()):
             if choice.adapter is not None:
                 needed.setdefault(choice.adapter.key, choice.adapter)
@@ -273,15 +278,14 @@ class Engine:
         if needed.keys() != stack.adapters.keys():
             stack = Stack.of(list(needed.values()))
             self._hooks.cover(stack)
-            if stack.adapters:
-                self._no_prefix_sharing()
             self._stack = stack
         return stack
 
     def _no_prefix_sharing(self) -> None:
         """The batching cache shares blocks between requests whose prompts begin alike; an adapter computes other
         keys and values for the same tokens, so from the first adapter on nothing is shared (never again: a block
-        freed while sharing was off may hold an adapter's values under a base prompt's hash)."""
+        freed while sharing was off may hold an adapter's values under a base prompt's hash). Flags read by the
+        model's thread as it prepares a batch; a base request matched against base blocks meanwhile is right."""
         manager = self.batcher
         if manager is None:
             return
@@ -298,8 +302,7 @@ class Engine:
             ios = manager.batch_processor.inputs_and_outputs
             if hasattr(ios, "io_pairs"):  # asynchronous batching: the pair being prepared
                 ios = ios.io_pairs[ios.current_pair].host_io
-            batch = [(f.state.request_id.split("__child#")[0], f.query_length, f.has_new_token)
-                     for f in ios.requests_in_batch]
+            batch = [(f.state.request_id.split("__child#")[0], f.query_length) for f in ios.requests_in_batch]
         except AttributeError as exc:
             if self._routable:
                 self._routable = False
@@ -310,13 +313,12 @@ class Engine:
                     choice.cancelled.set()
                     self.fail(choice, "this server's batching cannot apply adapters; send the request again")
             return None
-        adapters = [getattr(self.open.get(request_id), "adapter", None) for request_id, _, _ in batch]
+        adapters = [getattr(self.open.get(request_id), "adapter", None) for request_id, _ in batch]
         if not any(adapters):
             return None
         stack = self._stack_with(adapters)
         keys = [a.key if a is not None else None for a in adapters]
-        return routing(stack, [(key, n) for key, (_, n, _) in zip(keys, batch)],
-                       [(key, 1) for key, (_, _, new) in zip(keys, batch) if new])
+        return routing(stack, [(key, n) for key, (_, n) in zip(keys, batch)])
 
     def _queue_plain(self, choice: Choice) -> None:
         self.metrics.choices.labels(path="plain").inc()
@@ -375,7 +377,7 @@ class Engine:
     def _token(self, choice: Choice, token: int, logprobs: dict | None = None, last: bool = False) -> bool:
         """One generated token: its text goes out. False once the choice is over (end of sequence, a stop
         string, its length). `last`: the caller ends it (a grammar completed), whatever its length."""
-        if token in self.eos:
+        if token in choice.eos_ids:
             choice.eos = token  # kept for reading tool calls back (a template may close a turn with it)
             self.end(choice, "stop")
             return False
@@ -613,6 +615,8 @@ class Engine:
 
         def routed_step() -> None:
             with self._stepping:
+                if self._stack_stale:
+                    self._stack_with([])  # an unloaded adapter nothing uses any more: its weights go
                 route(self._batched_routing(manager) if self.adapters or self._stack.adapters else None)
                 try:
                     step()
@@ -670,6 +674,8 @@ class Engine:
         """What is queued joins (waiting for it when `wait` and nothing runs), then a token for each plain choice."""
         first = self.plain_jobs.get() if wait and not self._plain else None  # waited for without the lock
         with self._stepping:
+            if self._stack_stale:
+                self._stack_with([])  # an unloaded adapter nothing uses any more: its weights go
             self._plain_step_all(first)
 
     def _plain_step_all(self, first: Choice | None) -> None:
@@ -739,7 +745,7 @@ class Engine:
                     self.fail(choice, f"the reply cannot follow response_format: {matcher.get_error()}")
                     return
                 if matcher.is_stopped():  # the JSON is whole: its stop token, or the end of the grammar
-                    if token not in self.eos:
+                    if token not in choice.eos_ids:
                         self._token(choice, token, self._logprobs(logits, token, s.logprobs)
                                     if s.logprobs is not None else None, last=True)
                     self.end(choice, "stop")

@@ -4,9 +4,10 @@ by side, each with its time to first token, tokens/s and token count, kept like 
 answers with its own earlier replies in its context). A model that fails says why in its column; the others go on.
 
 Side by side where there is room (a column needs about 38 cells), else two a row, else one above the other.
-`enter` sends; `ctrl+o` asks each prompt of a JSONL file in turn; `escape` stops what is streaming, else goes
-back; `ctrl+n` starts afresh; `ctrl+t` sets the system prompt and sampling (greedy by default, so that replies
-differ by their models, not by chance). The HTTP client is engine.chat's, through engine.compare.
+`enter` sends; `ctrl+o` asks each prompt of a JSONL file in turn, each on its own; `escape` stops what is
+streaming, else goes back; `ctrl+n` starts afresh; `ctrl+t` sets the system prompt and sampling (greedy by
+default, so that replies differ by their models, not by chance). The HTTP client is engine.chat's, through
+engine.compare.
 """
 
 from __future__ import annotations
@@ -195,13 +196,14 @@ class CompareScreen(ReportsWorkerErrors, Screen):
         self.ask([prompt])
 
     @work(exclusive=True, group="ask", exit_on_error=False)
-    async def ask(self, prompts: list[str]) -> None:
-        """Each prompt in turn to every model at once; escape stops the round under way and those after it."""
+    async def ask(self, prompts: list[str], alone: bool = False) -> None:
+        """Each prompt in turn to every model at once (`alone`: a file's, each on its own, not joining the
+        conversation); escape stops the round under way and those after it."""
         try:
             for number, prompt in enumerate(prompts, 1):
                 if len(prompts) > 1:
                     self._error(f"prompt {number} of {len(prompts)}")
-                self._task = asyncio.ensure_future(self._round(prompt))
+                self._task = asyncio.ensure_future(self._round(prompt, alone))
                 try:
                     await asyncio.shield(self._task)
                 except asyncio.CancelledError:
@@ -217,7 +219,7 @@ class CompareScreen(ReportsWorkerErrors, Screen):
         finally:
             self._busy = False
 
-    async def _round(self, prompt: str) -> None:
+    async def _round(self, prompt: str, alone: bool = False) -> None:
         from engine import compare
 
         views = []
@@ -240,7 +242,7 @@ class CompareScreen(ReportsWorkerErrors, Screen):
 
         try:
             replies = await compare.ask_all(self.client, self.models, prompt, self.params, self.system_prompt, grew,
-                                            ended)
+                                            ended, alone)
         except asyncio.CancelledError:
             for view, text, reply_stats in zip(views, texts, stats):  # what came stays, marked as stopped
                 reply_stats.finish = reply_stats.finish or "stopped"
@@ -306,7 +308,7 @@ class CompareScreen(ReportsWorkerErrors, Screen):
         if self._busy or not self.models:
             return
         self._busy = True
-        self.ask(prompts)
+        self.ask(prompts, alone=True)
 
 
 class ComparePicker(PrimaryButton, ModalScreen[list[str] | None]):

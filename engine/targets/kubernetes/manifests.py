@@ -173,6 +173,8 @@ def deployment_objects(spec: ClusterDeploy) -> list[dict]:
            {"name": "HF_HOME", "value": CACHE_PATH}]
     if spec.hf_token:
         env.append(_hf_token_env(token_secret))
+    if rank:  # its /v1/unload_lora_adapter (an adapter joins a pod only when it starts: its volume is mounted)
+        env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
     probe = {"httpGet": {"path": "/health", "port": "http"}}
     pod_labels = owner.labels("server")
     container = {

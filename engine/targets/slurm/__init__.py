@@ -348,6 +348,8 @@ class SlurmTarget(Target):
         secret = {k: v for k, v in command.env.items() if k.endswith("API_KEY")}
         launcher = [sys.executable, "-m", "engine.targets.slurm.launch", str(run_dir / "endpoint.json"), *secret,
                     "--", *argv]
+        # vLLM's adapter routes (loading while it serves, and after a requeue), through the same environment
+        secret |= {k: v for k, v in command.env.items() if k == "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
         exports = job_exports(settings.options, downloads=not weights.path)
         if not weights.path and (token := hub.token()):  # the job downloads it (a gated one, with the user's token)
             secret["HF_TOKEN"] = token
