@@ -278,6 +278,8 @@ class Engine:
         if needed.keys() != stack.adapters.keys():
             stack = Stack.of(list(needed.values()))
             self._hooks.cover(stack)
+            if stack.adapters:  # again, on the model's thread: at start the batching cache may not have existed yet
+                self._no_prefix_sharing()
             self._stack = stack
         return stack
 
