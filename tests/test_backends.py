@@ -132,3 +132,46 @@ def test_vllm_serves_a_model_with_the_command_built_for_it(tiny_model_dir, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.mark.gpu
+def test_vllm_serves_adapters_and_loads_one_while_it_serves(tiny_model_dir, tmp_path):
+    """The command line built for adapters, and the runtime routes modeldeck calls, against a real vLLM."""
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (it needs a CUDA build of torch)")
+    import os
+    import time
+
+    import httpx2 as httpx
+
+    from tests.tinymodel import make_tiny_adapter
+
+    alpha = make_tiny_adapter(tiny_model_dir, tmp_path / "alpha", seed=1, rank=8)
+    beta = make_tiny_adapter(tiny_model_dir, tmp_path / "beta", seed=2, rank=8)
+    port = free_port()
+    command = vllm_command(str(tiny_model_dir), DeploySettings(port=port, max_model_len=128), "tiny", "k", gpus="0",
+                           adapters=[("alpha", str(alpha))])
+    log = (tmp_path / "vllm.log").open("w")
+    server = subprocess.Popen(command.argv, env=os.environ | command.env, stdout=log, stderr=subprocess.STDOUT)
+    url, auth = f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer k"}
+    try:
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        listed = {m["id"]: m.get("parent") for m in httpx.get(url + "/models", headers=auth).json()["data"]}
+        assert listed.get("alpha") == "tiny" and "tiny" in listed
+        loaded = httpx.post(url + "/load_lora_adapter", headers=auth, json={"lora_name": "beta", "lora_path": str(beta)})
+        assert loaded.status_code == 200, loaded.text
+        for model in ("tiny", "alpha", "beta"):
+            reply = httpx.post(url + "/completions", headers=auth, timeout=60,
+                               json={"model": model, "prompt": "modeldeck", "max_tokens": 4, "temperature": 0})
+            assert reply.status_code == 200, reply.text
+        assert httpx.post(url + "/unload_lora_adapter", headers=auth, json={"lora_name": "beta"}).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
