@@ -73,7 +73,10 @@ class Running:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        self.client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+        # A kept connection is let go before uvicorn's own 5 s keep-alive ends it: one it had just closed, reused
+        # while another server's turn ran, came back as a reset (seen once in a run)
+        self.client = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+                                   limits=httpx.Limits(keepalive_expiry=2.0))
 
     def body(self, tokens: int) -> dict:
         return {"model": self.model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
-import time
 
 import httpx2 as httpx
 import pytest
@@ -138,21 +137,23 @@ def test_an_adapter_never_reuses_the_base_models_cached_prompt(made, tmp_path):
                                                            "temperature": 0}))
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            base_said = [pool.submit(reply, "tiny", 300) for _ in range(2)]  # a batch, still answering below
-            time.sleep(2)
+            started = [threading.Event(), threading.Event()]
+            base_said = [pool.submit(stream_all, server, "tiny", 420, event, long_prompt) for event in started]
+            assert all(event.wait(60) for event in started)  # a batch, answering: its prompt's blocks are kept
             assert server.post("/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": str(adapters["alpha"])}
                                ).status_code == 200
-            said = reply("alpha")
             assert not any(f.done() for f in base_said), "the base requests must still run (their blocks kept)"
+            said = reply("alpha")
             [f.result() for f in base_said]
         assert said == greedy(base, adapters["alpha"], long_prompt, 8)
     finally:
         server.stop()
 
 
-def stream_all(server, model: str, tokens: int, started: threading.Event | None = None) -> tuple[str, str | None]:
+def stream_all(server, model: str, tokens: int, started: threading.Event | None = None,
+               prompt: str | list[int] = PROMPT) -> tuple[str, str | None]:
     """A streamed completion read to its end: its text, and its finish reason (None: it broke off)."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
     texts, finish = [], None
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
