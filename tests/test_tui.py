@@ -619,6 +619,22 @@ async def test_a_change_written_by_another_process_shows_up_live(db, tiny_model_
                        what="the row to follow the database (bench/live_latency.py measures the latency)")
 
 
+async def test_a_change_that_arrives_as_the_dashboard_quits_is_dropped(db, tiny_model_dir):
+    """Quitting takes the screens' widgets down before the screens; a change read just before is then
+    delivered to screens with no table. It must not end the app with an error."""
+    from tui.messages import DeploymentsChanged, ModelsChanged
+
+    model, _ = models.import_path(db, tiny_model_dir, "late")
+    app = ModelDeckApp(db)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await app.screen.remove_children()  # as the app's shutdown does, screen by screen
+        app.exit()
+        app.on_models_changed(ModelsChanged(models.model_rows(db, {model.id}), set()))
+        app.on_deployments_changed(DeploymentsChanged([], set()))
+    assert app.return_code in (0, None)
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 async def test_every_column_and_the_footer_fit_at_small_and_large_sizes(db, size):
     seed(db)

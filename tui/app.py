@@ -162,16 +162,22 @@ class ModelDeckApp(KeysInOrder, App):
         if changes.community:
             self.post_message(CommunityChanged(models.community_entries(self.db)))
 
+    @staticmethod
+    def _live(screen) -> bool:
+        """A screen that can be drawn on: mounted, and not being taken down as the app exits (a change
+        read just before quitting arrives after the screens' widgets are gone)."""
+        return screen.is_mounted and screen.is_attached
+
     def _tab_screens(self) -> Iterable[DeckScreen]:
         for mode in TAB_MODES:
             screen = self.get_screen(mode)
-            if screen.is_mounted:
+            if self._live(screen):
                 yield screen
 
     def _open_dialogs(self) -> list:
         """Dialogs that show a model's state (and so follow its changes, as the tab screens do)."""
         return [s for s in self.screen_stack
-                if not isinstance(s, DeckScreen) and hasattr(s, "models_changed") and s.is_mounted]
+                if not isinstance(s, DeckScreen) and hasattr(s, "models_changed") and self._live(s)]
 
     def on_data_loaded(self, message: DataLoaded) -> None:
         self.store.community = {c.repo_id: c for c in message.community}
@@ -193,7 +199,7 @@ class ModelDeckApp(KeysInOrder, App):
 
     def _load_and_gpu_viewers(self) -> list:
         return [s for s in dict.fromkeys([*self._tab_screens(), *self.screen_stack])
-                if s.is_mounted and hasattr(s, "load_changed")]
+                if self._live(s) and hasattr(s, "load_changed")]
 
     def poll_load(self) -> None:
         ready = {d.id: d.endpoint for d in self.store.deployments.values()  # an external one's are not ours
