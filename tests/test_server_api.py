@@ -400,20 +400,31 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_connection_goes_on
         assert raw_exchange(port, [good, good]) == [500, 200]
 
 
-@pytest.mark.parametrize("when", ["before its first step", "at a batched step"])
+@pytest.mark.parametrize("when", ["before its first step", "before the server has seen it start",
+                                  "at a batched step"])
 def test_a_batching_loop_that_dies_leaves_every_request_answered_on_the_plain_path(model_dir, monkeypatch, when):
     """Its KV cache cannot be made (out of memory, say), or a batched step fails: what is under way or comes
-    later is served by the plain path on a thread of its own, never left waiting."""
+    later is served by the plain path on a thread of its own, never left waiting. Also when the loop is gone
+    before starting it has returned (a busy machine): it once found no engine to hand back to, and every
+    request hung."""
     from transformers.generation.continuous_batching import continuous_api
 
     from engine.server.generation import Engine
 
     manager_class = continuous_api.ContinuousBatchingManager
-    if when == "before its first step":
+    if when.startswith("before"):
         def broken(self):
             raise RuntimeError("no room for the cache")
 
         monkeypatch.setattr(manager_class, "_create_batch_processor", broken)
+    if when == "before the server has seen it start":
+        start = manager_class.start
+
+        def start_then_die(self):
+            start(self)
+            self._generation_thread.join()
+
+        monkeypatch.setattr(manager_class, "start", start_then_die)
     else:
         def broken(self):
             raise RuntimeError("a step failed")

@@ -185,7 +185,9 @@ class Engine:
         self.log = log
         self._grammar_tokenizer = None  # llguidance's view of the tokenizer, made at the first response_format
         self.lone: Choice | None = None  # the batchable choice on the plain path, while it has the machine alone
-        self.batcher = self._start_batching(log) if batching else None
+        self.batcher = None  # set before its loop starts: a loop that dies at once must find itself here
+        if batching:
+            self._start_batching(log)
         if not self.shared:
             self._start_plain_thread()
 
@@ -484,12 +486,13 @@ class Engine:
 
     # -- batched: transformers' continuous batching -------------------------------------------------------
 
-    def _start_batching(self, log: Callable[[str], None]):
+    def _start_batching(self, log: Callable[[str], None]) -> None:
+        """`batcher` becomes the batching manager, its loop started (left None where batching cannot run)."""
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         if not hasattr(self.model, "init_continuous_batching"):
             log("continuous batching: this model has none; every request runs on the plain path")
-            return None
+            return
         # Per-request temperature and top-p exist only where the shared config creates their warpers: values
         # other than the neutral ones, always overridden by each request's own. No top-k: a sort of the whole
         # vocabulary at every step, for nothing.
@@ -512,18 +515,18 @@ class Engine:
                 self.model.set_attn_implementation(attention)
                 log(f"continuous batching: this model's attention ({attention}) has no batching version here; every "
                     "request runs on the plain path")
-                return None
+                return
             self.shared = self._share_loop(manager)
             if self.lora:
                 self._route_batches(manager)
-            manager.start()
+            log(f"continuous batching on {self.device}" + (f", a KV cache of {settings['num_blocks']} blocks of "
+                                                           f"{PAGE_TOKENS} tokens" if "num_blocks" in settings else ""))
+            self.batcher = manager
+            manager.start()  # its loop may die at once (no room for its cache): _batching_ended hands back
         except Exception as exc:  # noqa: BLE001 - an architecture it cannot page: the plain path serves all
+            self.batcher, self.shared = None, False
             log(f"continuous batching could not start ({type(exc).__name__}: {exc}); every request runs on "
                 "the plain path")
-            return None
-        log(f"continuous batching on {self.device}" + (f", a KV cache of {settings['num_blocks']} blocks of "
-                                                       f"{PAGE_TOKENS} tokens" if "num_blocks" in settings else ""))
-        return manager
 
     def _submit_batched(self, choice: Choice) -> None:
         s, manager = choice.sampling, self.batcher  # read once: the loop's thread sets it to None if it dies
