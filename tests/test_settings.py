@@ -80,7 +80,8 @@ async def test_keys_of_the_config_file_replace_the_defaults_and_help_shows_them(
     app = ModelDeckApp(db)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.store.loaded, what="first load")
-        assert any("custom.nonsense" in str(n.message) for n in app._notifications)  # a typo is said
+        await wait_for(pilot, lambda: any("custom.nonsense" in str(n.message) for n in app._notifications),
+                       what="the typo to be said (after the first paint, which a busy machine may put after the load)")
         await pilot.press("2")
         await wait_for(pilot, lambda: app.screen.query_one("#table").row_count == 1)
         await pilot.press("p")
