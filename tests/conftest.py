@@ -154,8 +154,13 @@ def deployment_now(db, deployment_id):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where NVML lists a CUDA GPU; elsewhere they skip, saying why."""
+    """`gpu` tests run only where NVML lists a CUDA GPU; elsewhere they skip, saying why. The tests on the one
+    SLURM cluster run in one worker when pytest-xdist spreads the rest (two clusters cannot share a node)."""
     from engine.gpus import list_gpus
+
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
     if any(item.get_closest_marker("gpu") for item in items) and not list_gpus():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (NVML lists none on this machine)")

@@ -208,7 +208,7 @@ os.execvpe(sys.executable, [sys.executable, "-m", "engine.server", "--model", {s
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-@pytest.fixture(params=["local", "slurm", "kubernetes"])
+@pytest.fixture(params=["local", pytest.param("slurm", marks=pytest.mark.xdist_group("slurm")), "kubernetes"])
 def driver(request, db, tiny, tiny_model_dir, tmp_path):
     if request.param == "local":
         return Local()
