@@ -155,7 +155,8 @@ def deployment_now(db, deployment_id):
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where NVML lists a CUDA GPU; elsewhere they skip, saying why. The tests on the one
-    SLURM cluster run in one worker when pytest-xdist spreads the rest (two clusters cannot share a node)."""
+    SLURM cluster run in one worker when pytest-xdist spreads the rest: one cluster serves them all
+    (otherwise each worker would start a cluster of its own, both on this one node)."""
     from engine.gpus import list_gpus
 
     for item in items:
