@@ -3,9 +3,12 @@ memory fit check. vLLM itself needs a CUDA GPU: its real launch is marked `gpu` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -103,35 +106,45 @@ def test_the_fit_check_counts_weights_and_kv_cache(tmp_path):
     assert fit_verdict(estimate.total, estimate.total - 1) == "does not fit"
 
 
-@pytest.mark.gpu
-def test_vllm_serves_a_model_with_the_command_built_for_it(tiny_model_dir, tmp_path):
-    if not vllm_available():
-        pytest.skip("vLLM is not installed (it needs a CUDA build of torch)")
+@contextlib.contextmanager
+def vllm_serving(command, port: int, log_path: Path) -> Iterator[None]:
+    """A real vLLM run from `command`, healthy on `port` (its output in `log_path`), stopped afterwards."""
     import os
     import time
 
     import httpx2 as httpx
+
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command.argv, env=os.environ | command.env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            end = time.monotonic() + 600
+            while True:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < end, "vLLM was not healthy within 600 s: " + log_path.read_text()[-3000:]
+                time.sleep(1)
+            yield
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+@pytest.mark.gpu
+def test_vllm_serves_a_model_with_the_command_built_for_it(tiny_model_dir, tmp_path):
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (it needs a CUDA build of torch)")
     from openai import OpenAI
 
     port = free_port()
     command = vllm_command(str(tiny_model_dir), DeploySettings(port=port, max_model_len=128), "tiny", "k", gpus="0")
-    log = (tmp_path / "vllm.log").open("w")
-    server = subprocess.Popen(command.argv, env=os.environ | command.env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        end = time.monotonic() + 600
-        while time.monotonic() < end:
-            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+    with vllm_serving(command, port, tmp_path / "vllm.log"):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         reply = client.completions.create(model="tiny", prompt="modeldeck", max_tokens=4, temperature=0)
         assert reply.usage.completion_tokens >= 1
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 @pytest.mark.gpu
@@ -139,9 +152,6 @@ def test_vllm_serves_adapters_and_loads_one_while_it_serves(tiny_model_dir, tmp_
     """The command line built for adapters, and the runtime routes modeldeck calls, against a real vLLM."""
     if not vllm_available():
         pytest.skip("vLLM is not installed (it needs a CUDA build of torch)")
-    import os
-    import time
-
     import httpx2 as httpx
 
     from tests.tinymodel import make_tiny_adapter
@@ -151,18 +161,8 @@ def test_vllm_serves_adapters_and_loads_one_while_it_serves(tiny_model_dir, tmp_
     port = free_port()
     command = vllm_command(str(tiny_model_dir), DeploySettings(port=port, max_model_len=128), "tiny", "k", gpus="0",
                            adapters=[("alpha", str(alpha))])
-    log = (tmp_path / "vllm.log").open("w")
-    server = subprocess.Popen(command.argv, env=os.environ | command.env, stdout=log, stderr=subprocess.STDOUT)
     url, auth = f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer k"}
-    try:
-        end = time.monotonic() + 600
-        while time.monotonic() < end:
-            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+    with vllm_serving(command, port, tmp_path / "vllm.log"):
         listed = {m["id"]: m.get("parent") for m in httpx.get(url + "/models", headers=auth).json()["data"]}
         assert listed.get("alpha") == "tiny" and "tiny" in listed
         loaded = httpx.post(url + "/load_lora_adapter", headers=auth, json={"lora_name": "beta", "lora_path": str(beta)})
@@ -172,6 +172,3 @@ def test_vllm_serves_adapters_and_loads_one_while_it_serves(tiny_model_dir, tmp_
                                json={"model": model, "prompt": "modeldeck", "max_tokens": 4, "temperature": 0})
             assert reply.status_code == 200, reply.text
         assert httpx.post(url + "/unload_lora_adapter", headers=auth, json={"lora_name": "beta"}).status_code == 200
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
