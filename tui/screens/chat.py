@@ -93,6 +93,18 @@ class PromptView(Vertical):
         yield Static(Text(self.content))  # as typed: no markup
 
 
+def settings_line(system_prompt: str, sampling: str, room: int) -> str:
+    """`system: … · sampling` in `room` cells: the sampling settings whole; the system prompt takes the room left,
+    cut at a word."""
+    rest = f" · {sampling}"
+    system = " ".join(system_prompt.split()) or "none"
+    left = room - len("system: ") - len(rest)
+    if len(system) > left:
+        cut = system[: max(left - 1, 0)]
+        system = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" .,;:") + "…"
+    return f"system: {system}{rest}"
+
+
 class ChatScreen(ReportsWorkerErrors, Screen):
     AUTO_FOCUS = "#prompt"
     BINDINGS = [
@@ -170,15 +182,9 @@ class ChatScreen(ReportsWorkerErrors, Screen):
         self.query_one("#title", InfoLine).update(title)
 
     def _show_settings(self) -> None:
-        """The sampling settings whole; the system prompt takes the room left, cut at a word."""
         p = self.params
-        rest = f" · temperature {p.temperature:g} · top-p {p.top_p:g} · max {p.max_tokens:,} tokens"
-        system = " ".join(self.system_prompt.split()) or "none"
-        room = self._room() - len("system: ") - len(rest)
-        if len(system) > room:
-            cut = system[: max(room - 1, 0)]
-            system = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" .,;:") + "…"
-        self.query_one("#settings-line", InfoLine).update(f"system: {system}{rest}")
+        sampling = f"temperature {p.temperature:g} · top-p {p.top_p:g} · max {p.max_tokens:,} tokens"
+        self.query_one("#settings-line", InfoLine).update(settings_line(self.system_prompt, sampling, self._room()))
 
     def _error(self, message: str) -> None:
         self.query_one("#chat-error", Static).update(Text(message))

@@ -27,6 +27,7 @@ from textual.widgets import Button, Footer, Input, Label, Static
 from engine.chat import ChatParams, ReplyStats
 from engine.errors import EngineError
 from tui.screens.base import PrimaryButton, ReportsWorkerErrors
+from tui.screens.chat import ChatSettingsDialog, settings_line
 from tui.widgets.info import InfoLine
 
 COLUMN_WIDTH = 38  # the narrowest a column is worth reading in
@@ -146,10 +147,8 @@ class CompareScreen(ReportsWorkerErrors, Screen):
     def _show_settings(self) -> None:
         p = self.params
         sampling = "greedy" if p.temperature == 0 else f"temperature {p.temperature:g} · top-p {p.top_p:g}"
-        system = " ".join(self.system_prompt.split()) or "none"
-        line = f"system: {system} · {sampling} · max {p.max_tokens:,} tokens"
-        room = max(20, self.size.width - 2)
-        self.query_one("#settings-line", InfoLine).update(line if len(line) <= room else line[:room - 1] + "…")
+        line = settings_line(self.system_prompt, f"{sampling} · max {p.max_tokens:,} tokens", max(20, self.size.width - 2))
+        self.query_one("#settings-line", InfoLine).update(line)
 
     def _error(self, message: str) -> None:
         self.query_one("#compare-error", Static).update(Text(message))
@@ -269,8 +268,6 @@ class CompareScreen(ReportsWorkerErrors, Screen):
         self._error("")
 
     def action_settings(self) -> None:
-        from tui.screens.chat import ChatSettingsDialog
-
         def chosen(result: tuple[str, ChatParams] | None) -> None:
             if result is not None:
                 self.system_prompt, self.params = result
