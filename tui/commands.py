@@ -288,17 +288,26 @@ def _start_deployment(args, db, checked, replace: bool = False) -> int:
     return 1 if deployment.state.value == "failed" else 0
 
 
+def _sampling_params(args, temperature: str = ""):
+    """The sampling flags chat and compare take (tui.cli), as engine.chat.ChatParams; `temperature`: the default
+    where none is given ("": ChatParams' own). EngineError naming each bad value."""
+    from engine.chat import ChatParams
+
+    params, errors = ChatParams.from_strings({"temperature": args.temperature or temperature, "top_p": args.top_p or "",
+                                              "max_tokens": args.max_tokens or ""})
+    if errors:
+        raise EngineError("; ".join(errors.values()))
+    return params
+
+
 def cmd_chat(args, db) -> int:
     """One streamed reply to stdout; its numbers to stderr."""
     import asyncio
 
     from engine import deployments, endpoints
-    from engine.chat import ChatParams, Delta, Target, new_client, stream_chat
+    from engine.chat import Delta, Target, new_client, stream_chat
 
-    params, errors = ChatParams.from_strings({"temperature": args.temperature or "", "top_p": args.top_p or "",
-                                              "max_tokens": args.max_tokens or ""})
-    if errors:
-        raise EngineError("; ".join(errors.values()))
+    params = _sampling_params(args)
     with db.read() as session:
         dep = deployments.find_deployment(session, args.deployment)
     if dep.state.value != "ready":
@@ -336,12 +345,9 @@ def cmd_compare(args, db) -> int:
     import asyncio
 
     from engine import compare
-    from engine.chat import ChatParams, new_client
+    from engine.chat import new_client
 
-    params, errors = ChatParams.from_strings({"temperature": args.temperature or "0", "top_p": args.top_p or "",
-                                              "max_tokens": args.max_tokens or ""})
-    if errors:
-        raise EngineError("; ".join(errors.values()))
+    params = _sampling_params(args, temperature="0")  # greedy: replies differ by their models, not by chance
     if args.prompt is not None and args.prompts is not None:
         raise EngineError("give --prompt or --prompts, not both")
     prompts = compare.read_prompts(args.prompts) if args.prompts else [
